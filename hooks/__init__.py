@@ -1,0 +1,1 @@
+"""Named capture sites on transformers modules, per architecture."""
