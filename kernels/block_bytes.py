@@ -1,0 +1,78 @@
+"""Byte-level helpers shared by the block formats: fp16 fields, nibble and bit packing, C integer casts.
+
+Everything here is exact integer or bit manipulation (no rounding choices), so it can be shared
+freely between formats without affecting bit-exactness. Tensors are little-endian, as ggml's
+blocks are on every platform it runs on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def fp16_bytes(v: torch.Tensor) -> torch.Tensor:
+    """float32 values -> their IEEE half bytes, rounded like ``GGML_FP32_TO_FP16`` (nearest even).
+
+    Args:
+        v: (n,) float32.
+
+    Returns:
+        (n, 2) uint8, little-endian.
+    """
+    return v.to(torch.float16).reshape(-1, 1).view(torch.uint8)
+
+
+def fp16_field(q: torch.Tensor, offset: int) -> torch.Tensor:
+    """The fp16 field at byte ``offset`` of every block, as float32 (``GGML_FP16_TO_FP32``, exact).
+
+    Args:
+        q: (n_blocks, type_size) uint8.
+        offset: byte offset of the field inside a block.
+
+    Returns:
+        (n_blocks,) float32.
+    """
+    if q.shape[1] % 2 == 0 and offset % 2 == 0 and q.is_contiguous():
+        # A whole-row view avoids copying the field out first.
+        return q.view(torch.float16)[:, offset // 2].to(torch.float32)
+    return q[:, offset:offset + 2].contiguous().view(torch.float16)[:, 0].to(torch.float32)
+
+
+def int8_wrap(v: torch.Tensor) -> torch.Tensor:
+    """C's conversion of an int to ``int8_t`` (two's complement wrap), kept as int32."""
+    return ((v + 128) & 0xFF) - 128
+
+
+def c_float_to_int(v: torch.Tensor) -> torch.Tensor:
+    """C's float -> int conversion (truncation toward zero) for values inside int32's range."""
+    return torch.trunc(v).to(torch.int32)
+
+
+def pack_nibbles(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``lo | hi << 4`` as uint8; ``lo`` and ``hi`` are integer tensors of the same shape, values 0..15."""
+    return (lo | (hi << 4)).to(torch.uint8)
+
+
+def unpack_nibbles(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 bytes -> (low nibbles, high nibbles), both uint8 of b's shape."""
+    return b & 0x0F, b >> 4
+
+
+def bits_to_bytes(bits: torch.Tensor) -> torch.Tensor:
+    """Pack bits little-endian: bit ``k`` of the result's byte ``k // 8`` is ``bits[..., k]``.
+
+    Args:
+        bits: (..., 8 * m) integer tensor of 0/1.
+
+    Returns:
+        (..., m) uint8.
+    """
+    b = bits.to(torch.int32).reshape(*bits.shape[:-1], -1, 8)  # (..., m, 8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32, device=bits.device)
+    return (b * weights).sum(-1).to(torch.uint8)
+
+
+def bytes_to_bits(b: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`bits_to_bytes`: (..., m) uint8 -> (..., 8 * m) uint8 of 0/1."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=b.device)
+    return ((b.unsqueeze(-1) >> shifts) & 1).reshape(*b.shape[:-1], -1)

@@ -1,0 +1,236 @@
+"""ggml's scale searches, vectorized across groups and bit-exact with ``ggml-quants.c``.
+
+Every routine here takes its groups *element-major*: ``x`` is ``(n, G)``, one column per group of
+``n`` elements, so that the per-element steps ggml runs in a loop become contiguous vector ops over
+all ``G`` groups at once. The loops that remain are over the fixed ``n`` elements of a group (ggml
+accumulates its sums in float32 in index order, and float addition does not reassociate) and over
+the fixed search steps.
+
+C expression order is kept term by term: ``w*x[i]*l`` is ``(w*x[i])*l``, float literals such as
+``0.1f`` are float32, integer operands are converted to float32 before the float operation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+GROUP_MAX_EPS = 1e-15  # ggml's GROUP_MAX_EPS (a float literal; compared against float32 tensors)
+_MAGIC = 12582912.0  # 1.5 * 2**23, the constant of ggml's nearest_int
+
+
+def nearest_int(v: torch.Tensor) -> torch.Tensor:
+    """ggml's ``nearest_int``: round half to even via the float32 magic-number trick, as int32.
+
+    Inside ggml's asserted range (``|v| <= 4194303``) this equals ``torch.round``; outside it,
+    it reproduces the same bits ggml's release build computes, so out-of-range corner cases
+    still match after clamping.
+    """
+    return ((v + _MAGIC).view(torch.int32) & 0x007FFFFF) - 0x00400000
+
+
+def roundf(v: torch.Tensor) -> torch.Tensor:
+    """C ``roundf`` (half away from zero) on float32, exact: trunc, then step if the fraction is >= 0.5."""
+    r = torch.trunc(v)
+    frac = v - r  # exact: the fraction of a float is representable
+    return r + torch.where(frac.abs() >= 0.5, torch.sign(v), torch.zeros_like(v))
+
+
+def seq_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``(n, G)`` over ``n`` in index order from ``0.0f`` in float32, like ggml's ``s += t[i]`` loops."""
+    acc = torch.zeros_like(t[0])
+    for i in range(t.shape[0]):
+        acc = acc + t[i]
+    return acc
+
+
+def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed value and magnitude of the first element of largest magnitude per column.
+
+    Mirrors ggml's ``if (ax > amax) { amax = ax; max = x[i]; }`` loop started from zero:
+    ``argmax`` returns the first maximal index, as the strict comparison keeps the first.
+
+    Args:
+        x: (n, G) float32.
+
+    Returns:
+        max: (G,) signed value; amax: (G,) its magnitude.
+    """
+    ax = x.abs()
+    idx = ax.argmax(0, keepdim=True)  # (1, G)
+    return x.gather(0, idx)[0], ax.gather(0, idx)[0]
+
+
+def first_extreme(x: torch.Tensor, largest: bool) -> torch.Tensor:
+    """min (or max) per column, choosing the first of equal values (-0.0 vs 0.0) like ggml's ``v < min`` loop.
+
+    Args:
+        x: (n, G) float32.
+
+    Returns:
+        (G,) float32.
+    """
+    m = x.amax(0, keepdim=True) if largest else x.amin(0, keepdim=True)
+    idx = (x == m).to(torch.uint8).argmax(0, keepdim=True)  # first index equal to the extreme
+    return x.gather(0, idx)[0]
+
+
+def _f32(v: float) -> np.float32:
+    return np.float32(v)
+
+
+def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)``: a signed scale searched over 19 candidates.
+
+    Args:
+        x: (n, G) float32 groups, element-major.
+        nmax: levels run -nmax..nmax-1.
+        qw: (n, G) float32 weights, or None for ggml's default ``x*x``.
+
+    Returns:
+        scale: (G,) float32, the value ggml returns.
+        L: (n, G) int32 codes ``l + nmax`` in 0..2*nmax-1 (all 0 for an all-zero group).
+    """
+    mx, amax = first_absmax(x)
+    zero = amax < GROUP_MAX_EPS  # (G,)
+    w = x * x if qw is None else qw
+    wx = w * x  # the (w*x[i]) of (w*x[i])*l, the same for every candidate
+
+    def trial(iscale):  # (G,) -> l (n, G) int32, sumlx (G,), suml2 (G,)
+        l = nearest_int(iscale * x).clamp_(-nmax, nmax - 1)
+        lf = l.to(torch.float32)
+        return l, seq_sum(wx * lf), seq_sum(w * lf * lf)
+
+    iscale = -float(nmax) / mx  # -nmax/max: an int converted to float, divided in float32
+    L, sumlx, suml2 = trial(iscale)
+    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        c = _f32(nmax) + _f32(0.1) * _f32(step)  # (nmax + 0.1f*is) in float32
+        l, slx, sl2 = trial(-float(c) / mx)
+        better = (sl2 > 0) & (slx * slx > best * sl2)  # strictly better, as in ggml
+        L = torch.where(better, l, L)
+        scale = torch.where(better, slx / sl2, scale)
+        best = torch.where(better, scale * slx, best)
+    L = torch.where(zero, 0, L + nmax)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    return scale, L
+
+
+def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's ``make_q3_quants(n, nmax, x, L, do_rmse=true)``: greedy coordinate refinement, 5 passes.
+
+    Each pass visits the elements in order and keeps a changed code only when it strictly
+    improves ``sumlx^2 / suml2``; the running sums change inside a pass, so the loop over
+    elements stays sequential (vectorized across groups). A pass that changes nothing leaves
+    the state as it was, so groups that ggml stops early are unaffected by further passes.
+
+    Args:
+        x: (n, G) float32 groups, element-major.
+        nmax: levels run -nmax..nmax-1.
+
+    Returns:
+        scale: (G,) float32; L: (n, G) int32 codes ``l + nmax`` (all 0 for an all-zero group).
+    """
+    n = x.shape[0]
+    mx, amax = first_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    iscale = -float(nmax) / mx
+    L = nearest_int(iscale * x).clamp_(-nmax, nmax - 1)  # (n, G) signed codes
+    w = x * x
+    wx = w * x
+    Lf = L.to(torch.float32)
+    sumlx = seq_sum(wx * Lf)
+    suml2 = seq_sum(w * Lf * Lf)
+    for _ in range(5):
+        changed = torch.zeros_like(zero)
+        for i in range(n):
+            li = L[i]
+            lif = li.to(torch.float32)
+            slx = sumlx - wx[i] * lif
+            sl2 = suml2 - w[i] * lif * lif
+            new_l = nearest_int(x[i] * sl2 / slx).clamp_(-nmax, nmax - 1)
+            nlf = new_l.to(torch.float32)
+            slx_new = slx + wx[i] * nlf
+            sl2_new = sl2 + w[i] * nlf * nlf
+            take = (
+                (slx > 0) & (new_l != li) & (sl2_new > 0)
+                & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
+            )
+            L[i] = torch.where(take, new_l, li)
+            sumlx = torch.where(take, slx_new, sumlx)
+            suml2 = torch.where(take, sl2_new, suml2)
+            changed |= take
+        if not bool(changed.any()):
+            break
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
+    L = torch.where(zero, 0, L + nmax)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    return scale, L
+
+
+def make_qkx3_quants(
+    x: torch.Tensor, nmax: int, weights: torch.Tensor, rmin: float, rdelta: float, nstep: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's ``make_qkx3_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep, use_mad=false)``.
+
+    An affine fit ``x ~ scale*L + min`` (min <= 0) by weighted least squares over ``nstep + 1``
+    candidate inverse scales. The running ``min`` is replaced whenever a candidate wins, and
+    later candidates start from it, as in ggml; so the steps stay sequential.
+
+    Args:
+        x: (n, G) float32 groups, element-major.
+        nmax: codes run 0..nmax.
+        weights: (n, G) float32 (ggml's imatrix-derived weights; never NULL on the paths used here).
+        rmin, rdelta, nstep: the search grid (ggml passes -0.9f, 0.05f, 36 everywhere).
+
+    Returns:
+        scale: (G,) float32; the_min: (G,) float32 (``-min``, so >= 0 or -0.0); L: (n, G) int32 in 0..nmax.
+    """
+    w = weights
+    mn = first_extreme(x, largest=False)
+    mx = first_extreme(x, largest=True)
+    sum_w = w[0].clone()
+    sum_x = sum_w * x[0]
+    for i in range(1, x.shape[0]):
+        sum_w = sum_w + w[i]
+        sum_x = sum_x + w[i] * x[i]
+    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
+    flat = mx <= mn  # (G,) ggml returns early: all-zero codes, scale 0, this min
+    flat_min = mn
+
+    iscale = float(nmax) / (mx - mn)
+    scale = 1 / iscale
+    L = nearest_int(iscale * (x - mn)).clamp_(0, nmax)
+    diff = scale * L.to(torch.float32) + mn - x
+    best_mad = seq_sum(w * (diff * diff))
+    for step in range(nstep + 1):
+        c = _f32(rmin) + _f32(rdelta) * _f32(step) + _f32(nmax)  # rmin + rdelta*is + nmax, float32
+        iscale = float(c) / (mx - mn)
+        v = iscale * (x - mn)
+        # min may be the best fit so far, at or near max: v can be inf or NaN, which ggml maps to 0 here.
+        laux = torch.where(v > 0, nearest_int(torch.clamp(v, max=float(nmax))), 0)
+        lf = laux.to(torch.float32)
+        wl = w * lf
+        sum_l = seq_sum(wl)
+        sum_l2 = seq_sum(wl * lf)
+        sum_xl = seq_sum(wl * x)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        pos = this_min > 0
+        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
+        diff = this_scale * lf + this_min - x
+        mad = seq_sum(w * (diff * diff))
+        take = (D > 0) & (mad < best_mad)
+        L = torch.where(take, laux, L)
+        best_mad = torch.where(take, mad, best_mad)
+        scale = torch.where(take, this_scale, scale)
+        mn = torch.where(take, this_min, mn)
+    L = torch.where(flat, 0, L)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    mn = torch.where(flat, flat_min, mn)
+    return scale, -mn, L

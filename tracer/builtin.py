@@ -1,0 +1,301 @@
+"""Built-in synthetic MoE models: deterministic from a seed, generated locally, cached on disk.
+
+A built-in model is a real transformers Qwen3-MoE checkpoint folder (config.json and BF16
+safetensors with transformers 5.x fused expert keys) that moetrace writes itself, so every
+command reads it through the same path as a user's checkpoint. The weights imitate what matters
+for error propagation in real LLMs:
+
+- heavy-tailed entries (Student t, 5 degrees of freedom) rounded to BF16, as checkpoints ship;
+- a few outlier hidden channels, large in the embeddings and fed by the experts' down
+  projections, as the "massive activations" of real residual streams;
+- routers whose logits have a spread of about 2.5, so top-k margins are not all near zero;
+- optionally a planted fault: one expert matrix with a few extreme values, which crush the
+  rest of their quantization blocks (what the cosine-0.78 matrix of the original investigation did).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moetrace.errors import MoetraceError
+from moetrace.tracer.naming import EXPERT_PROJS
+
+GENERATOR_VERSION = 1  # bump when generation changes, so cached folders are regenerated
+
+
+@dataclass(frozen=True)
+class BuiltinShape:
+    """The widths of a built-in model (all MoE layers, byte-level vocabulary)."""
+
+    description: str
+    layers: int
+    hidden: int
+    experts: int
+    top_k: int
+    expert_width: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int = 256
+    seed: int = 0
+
+
+PRESETS: dict[str, BuiltinShape] = {
+    "mini": BuiltinShape(
+        "default: 16 MoE layers, 32 experts top-4, widths 256 (K-quants apply)",
+        layers=16, hidden=256, experts=32, top_k=4, expert_width=256, heads=4, kv_heads=2, head_dim=64,
+    ),
+    "tiny": BuiltinShape(
+        "for tests: 4 MoE layers, 8 experts top-2, widths 256",
+        layers=4, hidden=256, experts=8, top_k=2, expert_width=256, heads=4, kv_heads=2, head_dim=64,
+    ),
+    "qwen3-30b-a3b": BuiltinShape(
+        "Qwen3-30B-A3B's real widths (hidden 2048, 32/4 heads of 128, 128 experts top-8, expert width 768); "
+        "choose layers with :layers=N (default 2)",
+        layers=2, hidden=2048, experts=128, top_k=8, expert_width=768, heads=32, kv_heads=4, head_dim=128,
+    ),
+}
+DEFAULT_PRESET = "mini"
+OVERRIDABLE = ("layers", "seed")
+
+# The planted fault: PLANT_COUNT entries of the planted matrix set to +-PLANT_SCALE times its
+# standard deviation, each in its own row.
+PLANT_COUNT = 24
+PLANT_SCALE = 60.0
+
+
+@dataclass(frozen=True)
+class Plant:
+    """A planted fault in expert ``expert`` of layer ``layer``, projection ``proj`` (gate, up or down)."""
+
+    layer: int
+    expert: int
+    proj: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Plant":
+        parts = text.split(":")
+        if len(parts) != 3 or parts[2] not in EXPERT_PROJS:
+            raise MoetraceError(
+                f"invalid --plant {text!r}; expected LAYER:EXPERT:PROJ with PROJ one of {', '.join(EXPERT_PROJS)}"
+            )
+        try:
+            layer, expert = int(parts[0]), int(parts[1])
+        except ValueError:
+            raise MoetraceError(f"invalid --plant {text!r}; LAYER and EXPERT must be integers") from None
+        return cls(layer, expert, parts[2])
+
+    def __str__(self) -> str:
+        return f"{self.layer}:{self.expert}:{self.proj}"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A resolved built-in model: preset name, its shape (with overrides) and an optional plant."""
+
+    preset: str
+    shape: BuiltinShape
+    plant: Plant | None = None
+
+    @property
+    def model_id(self) -> str:
+        base = PRESETS[self.preset]
+        over = [f"{k}={getattr(self.shape, k)}" for k in OVERRIDABLE if getattr(self.shape, k) != getattr(base, k)]
+        text = f"builtin:{self.preset}" + (":" + ",".join(over) if over else "")
+        return text + (f"+plant={self.plant}" if self.plant else "")
+
+    @property
+    def content_hash(self) -> str:
+        blob = json.dumps(
+            {"v": GENERATOR_VERSION, "shape": dataclasses.asdict(self.shape), "plant": str(self.plant or "")},
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def parse_builtin(spec: str, plant: str | Plant | None = None) -> BuiltinModel:
+    """Resolve ``builtin:NAME[:key=value,...]`` (``builtin:`` alone is the default model).
+
+    Raises:
+        MoetraceError: an unknown preset or override, or a plant outside the model.
+    """
+    body = spec[len("builtin:"):] if spec.startswith("builtin:") else spec
+    name, _, over = body.partition(":")
+    name = name or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise MoetraceError(f"unknown built-in model {spec!r}; valid: {', '.join('builtin:' + n for n in PRESETS)}")
+    shape = PRESETS[name]
+    if over:
+        changes = {}
+        for item in over.split(","):
+            key, eq, value = item.partition("=")
+            if key not in OVERRIDABLE or not eq:
+                raise MoetraceError(
+                    f"invalid override {item!r} in {spec!r}; valid: {', '.join(k + '=N' for k in OVERRIDABLE)}"
+                )
+            try:
+                changes[key] = int(value)
+            except ValueError:
+                raise MoetraceError(f"invalid override {item!r} in {spec!r}; {key} must be an integer") from None
+        if changes.get("layers", 1) < 1:
+            raise MoetraceError(f"invalid override in {spec!r}: layers must be at least 1")
+        shape = dataclasses.replace(shape, **changes)
+    if isinstance(plant, str):
+        plant = Plant.parse(plant)
+    if plant is not None:
+        if not (0 <= plant.layer < shape.layers and 0 <= plant.expert < shape.experts):
+            raise MoetraceError(
+                f"--plant {plant} is outside builtin:{name}: layers 0..{shape.layers - 1}, "
+                f"experts 0..{shape.experts - 1}"
+            )
+    return BuiltinModel(name, shape, plant)
+
+
+def cache_root() -> Path:
+    """Where generated models live: $MOETRACE_CACHE, else ~/.cache/moetrace."""
+    return Path(os.environ.get("MOETRACE_CACHE", Path.home() / ".cache" / "moetrace"))
+
+
+def materialize(model: BuiltinModel, progress=None) -> Path:
+    """Write the model's checkpoint folder once and return it (a cache hit returns at once)."""
+    folder = cache_root() / "builtin" / f"{model.preset}-{model.content_hash}"
+    if (folder / "model.safetensors").exists() and (folder / "moetrace-builtin.json").exists():
+        return folder
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    _write_checkpoint(model, tmp, progress)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process finished first: its copy is identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def hf_config_dict(shape: BuiltinShape) -> dict:
+    """The config.json of a built-in model (transformers' Qwen3MoeConfig fields)."""
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "vocab_size": shape.vocab,
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.expert_width * 3,
+        "moe_intermediate_size": shape.expert_width,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,
+        "num_experts": shape.experts,
+        "num_experts_per_tok": shape.top_k,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+        "dtype": "bfloat16",
+    }
+
+
+def _rng(shape: BuiltinShape, name: str) -> np.random.Generator:
+    # One independent stream per tensor name, so any tensor can be generated on its own.
+    digest = hashlib.sha256(f"{shape.seed}:{name}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _t(rng: np.random.Generator, size, scale: float) -> np.ndarray:
+    # Student t with 5 degrees of freedom has variance 5/3; normalize to std `scale`.
+    return (rng.standard_t(5, size=size) * (scale / np.sqrt(5.0 / 3.0))).astype(np.float32)
+
+
+def outlier_channels(shape: BuiltinShape) -> np.ndarray:
+    """The hidden channels that carry massive activations (about 1 in 128)."""
+    n = max(2, shape.hidden // 128)
+    return np.sort(_rng(shape, "outlier_channels").choice(shape.hidden, n, replace=False))
+
+
+def generate_tensors(shape: BuiltinShape, plant: Plant | None = None):
+    """Yield (hf_name, float32 array) for every tensor of the model, one at a time."""
+    h, e, f, L = shape.hidden, shape.experts, shape.expert_width, shape.layers
+    out_ch = outlier_channels(shape)
+    depth = 1.0 / np.sqrt(2.0 * L)  # residual branches scaled down so the stream grows slowly
+
+    emb = _t(_rng(shape, "embed"), (shape.vocab, h), 1.0)
+    emb[:, out_ch] *= 12.0
+    yield "model.embed_tokens.weight", emb
+    for i in range(L):
+        p = f"model.layers.{i}."
+        r = lambda n: _rng(shape, p + n)  # noqa: E731
+        yield p + "input_layernorm.weight", (1.0 + 0.1 * r("ln1").standard_normal(h)).astype(np.float32)
+        yield p + "post_attention_layernorm.weight", (1.0 + 0.1 * r("ln2").standard_normal(h)).astype(np.float32)
+        yield p + "self_attn.q_proj.weight", _t(r("q"), (shape.heads * shape.head_dim, h), 1.0 / np.sqrt(h))
+        yield p + "self_attn.k_proj.weight", _t(r("k"), (shape.kv_heads * shape.head_dim, h), 1.0 / np.sqrt(h))
+        yield p + "self_attn.v_proj.weight", _t(r("v"), (shape.kv_heads * shape.head_dim, h), 1.0 / np.sqrt(h))
+        yield p + "self_attn.o_proj.weight", _t(
+            r("o"), (h, shape.heads * shape.head_dim), depth / np.sqrt(shape.heads * shape.head_dim)
+        )
+        yield p + "self_attn.q_norm.weight", (1.0 + 0.1 * r("qn").standard_normal(shape.head_dim)).astype(np.float32)
+        yield p + "self_attn.k_norm.weight", (1.0 + 0.1 * r("kn").standard_normal(shape.head_dim)).astype(np.float32)
+        # Router: logit spread about 2.5 on RMS-normalized inputs, plus a per-expert preference.
+        yield p + "mlp.gate.weight", _t(r("router"), (e, h), 2.5 / np.sqrt(h))
+        gate_up = _t(r("gate_up"), (e, 2 * f, h), 1.0 / np.sqrt(h))  # (E, 2F, H)
+        down = _t(r("down"), (e, h, f), depth / np.sqrt(f))  # (E, H, F)
+        down[:, out_ch, :] *= 4.0  # experts feed the outlier channels
+        if plant is not None and plant.layer == i:
+            _plant(shape, plant, gate_up, down)
+        yield p + "mlp.experts.gate_up_proj", gate_up
+        yield p + "mlp.experts.down_proj", down
+    yield "model.norm.weight", (1.0 + 0.1 * _rng(shape, "norm").standard_normal(h)).astype(np.float32)
+    yield "lm_head.weight", _t(_rng(shape, "lm_head"), (shape.vocab, h), 4.0 / np.sqrt(h))
+
+
+def _plant(shape: BuiltinShape, plant: Plant, gate_up: np.ndarray, down: np.ndarray) -> None:
+    f = shape.expert_width
+    mat = {"gate": gate_up[plant.expert, :f], "up": gate_up[plant.expert, f:], "down": down[plant.expert]}[plant.proj]
+    rng = _rng(shape, f"plant:{plant}")
+    rows = rng.choice(mat.shape[0], PLANT_COUNT, replace=False)
+    cols = rng.integers(0, mat.shape[1], PLANT_COUNT)
+    signs = rng.choice([-1.0, 1.0], PLANT_COUNT)
+    mat[rows, cols] = (signs * PLANT_SCALE * mat.std()).astype(np.float32)  # writes through the view
+
+
+def planted_positions(model: BuiltinModel) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the planted values inside the planted matrix (for tests and reports)."""
+    if model.plant is None:
+        raise MoetraceError(f"{model.model_id} has no planted fault")
+    rng = _rng(model.shape, f"plant:{model.plant}")
+    rows_n = model.shape.hidden if model.plant.proj == "down" else model.shape.expert_width
+    cols_n = model.shape.expert_width if model.plant.proj == "down" else model.shape.hidden
+    rows = rng.choice(rows_n, PLANT_COUNT, replace=False)
+    cols = rng.integers(0, cols_n, PLANT_COUNT)
+    return rows, cols
+
+
+def _write_checkpoint(model: BuiltinModel, folder: Path, progress=None) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, arr in generate_tensors(model.shape, model.plant):
+        tensors[name] = torch.from_numpy(arr).to(torch.bfloat16)  # checkpoints ship BF16
+        if progress:
+            progress(name)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(hf_config_dict(model.shape), indent=2))
+    (folder / "moetrace-builtin.json").write_text(
+        json.dumps({"model_id": model.model_id, "hash": model.content_hash, "plant": str(model.plant or "")})
+    )

@@ -1,0 +1,159 @@
+"""Model sources: where the reference weights and the architecture come from.
+
+A source gives the transformers config and reads tensors lazily by name, one decoder layer at
+a time, from memory-mapped safetensors, so a model far larger than memory can be traced.
+``builtin:NAME`` sources are checkpoint folders that moetrace generates and caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from moetrace.errors import MoetraceError
+from moetrace.tracer import builtin
+from moetrace.tracer.naming import layer_prefix
+
+SUPPORTED_MODEL_TYPES = ("qwen3_moe",)
+
+
+class ByteTokenizer:
+    """Byte-level tokenizer of the built-in models: token id = byte value, any text is a prompt."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def token_text(self, token_id: int) -> str:
+        b = bytes([token_id])
+        return b.decode("utf-8") if token_id < 128 else f"<0x{token_id:02X}>"
+
+
+class HFTokenizer:
+    """A checkpoint's own tokenizer, from its local files only."""
+
+    def __init__(self, folder: Path):
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def token_text(self, token_id: int) -> str:
+        return self._tok.decode([token_id])
+
+
+class CheckpointSource:
+    """A transformers checkpoint folder (config.json + safetensors, one file or sharded with an index)."""
+
+    def __init__(self, folder: str | Path, model_id: str | None = None, model_hash: str | None = None):
+        from transformers import AutoConfig
+
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise MoetraceError(f"model folder {str(self.folder)!r} does not exist")
+        if not (self.folder / "config.json").is_file():
+            raise MoetraceError(f"{str(self.folder)!r} has no config.json; a model is a transformers checkpoint folder")
+        raw = json.loads((self.folder / "config.json").read_text())
+        if raw.get("model_type") not in SUPPORTED_MODEL_TYPES:
+            raise MoetraceError(
+                f"model type {raw.get('model_type')!r} of {str(self.folder)!r} is not supported yet; "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        self.config = AutoConfig.from_pretrained(str(self.folder), local_files_only=True)
+        self.model_id = model_id or str(self.folder.resolve())
+        self._index = self._read_index()
+        self.model_hash = model_hash or self._hash()
+        self._handles: dict[str, object] = {}
+        self.tokenizer = self._tokenizer()
+
+    # -- tensors -------------------------------------------------------------------------
+    def _read_index(self) -> dict[str, str]:
+        """tensor name -> safetensors file name."""
+        from safetensors import safe_open
+
+        idx_file = self.folder / "model.safetensors.index.json"
+        if idx_file.is_file():
+            weight_map = json.loads(idx_file.read_text())["weight_map"]
+            for shard in sorted(set(weight_map.values())):
+                if not (self.folder / shard).is_file():
+                    raise MoetraceError(f"shard {shard!r} named in {idx_file} is missing")
+            return dict(weight_map)
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise MoetraceError(f"{str(self.folder)!r} holds no .safetensors files")
+        index = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    index[k] = f.name
+        return index
+
+    def _hash(self) -> str:
+        # Config plus every shard's header and size: cheap, and changes whenever a tensor does
+        # in practice (a byte-level hash of 61 GB would take minutes).
+        h = hashlib.sha256((self.folder / "config.json").read_bytes())
+        for shard in sorted(set(self._index.values())):
+            p = self.folder / shard
+            with open(p, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                h.update(fh.read(n))
+            h.update(str(p.stat().st_size).encode())
+        return h.hexdigest()[:16]
+
+    def _handle(self, shard: str):
+        from safetensors import safe_open
+
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.folder / shard), framework="pt")
+        return self._handles[shard]
+
+    def has(self, name: str) -> bool:
+        return name in self._index
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor by its HF name, in its stored dtype (memory-mapped until used)."""
+        if name not in self._index:
+            raise MoetraceError(f"tensor {name!r} not found in {str(self.folder)!r}")
+        return self._handle(self._index[name]).get_tensor(name)
+
+    def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
+        """Every tensor of decoder layer ``layer``, keyed by its name inside the layer."""
+        prefix = layer_prefix(layer)
+        return {k[len(prefix):]: self.tensor(k) for k in self._index if k.startswith(prefix)}
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    def _tokenizer(self):
+        if any((self.folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+            return HFTokenizer(self.folder)
+        if getattr(self.config, "vocab_size", None) == 256:
+            return ByteTokenizer()
+        return None
+
+
+def open_source(spec: str, plant: str | None = None, progress=None) -> CheckpointSource:
+    """Open ``builtin:NAME`` or a checkpoint folder.
+
+    Raises:
+        MoetraceError: an unknown built-in name, a missing folder, an unsupported architecture,
+            or ``--plant`` given for a model that is not built in.
+    """
+    if spec.startswith("builtin:") or spec in builtin.PRESETS:
+        model = builtin.parse_builtin(spec, plant)
+        folder = builtin.materialize(model, progress)
+        src = CheckpointSource(folder, model_id=model.model_id, model_hash=model.content_hash)
+        src.builtin = model
+        return src
+    if plant:
+        raise MoetraceError("--plant applies to built-in models only (builtin:NAME)")
+    src = CheckpointSource(spec)
+    src.builtin = None
+    return src
