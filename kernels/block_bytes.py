@@ -76,3 +76,44 @@ def bytes_to_bits(b: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`bits_to_bytes`: (..., m) uint8 -> (..., 8 * m) uint8 of 0/1."""
     shifts = torch.arange(8, dtype=torch.uint8, device=b.device)
     return ((b.unsqueeze(-1) >> shifts) & 1).reshape(*b.shape[:-1], -1)
+
+
+# Elements per chunk on the CPU: intermediates of ~256 KiB stay in cache and come from the
+# allocator's reused memory instead of fresh pages; fewer, larger launches suit GPUs.
+CPU_CHUNK_ELEMS = 1 << 16
+GPU_CHUNK_ELEMS = 1 << 26
+
+
+def chunk_blocks(q: torch.Tensor, block_size: int, cpu_elems: int = CPU_CHUNK_ELEMS) -> int:
+    """How many blocks of ``block_size`` elements to process at a time on ``q``'s device."""
+    elems = cpu_elems if q.device.type == "cpu" else GPU_CHUNK_ELEMS
+    return max(1, elems // block_size)
+
+
+def dequantize_chunked(fill, q: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Run ``fill(q_chunk, out_chunk)`` over chunks of blocks, writing one preallocated float32 output.
+
+    Args:
+        fill: writes the (b, block_size) float32 values of (b, type_size) uint8 blocks into its second argument.
+        q: (n_blocks, type_size) uint8.
+
+    Returns:
+        (n_blocks, block_size) float32.
+    """
+    q = q.contiguous()
+    out = torch.empty(q.shape[0], block_size, dtype=torch.float32, device=q.device)
+    step = chunk_blocks(q, block_size)
+    for i in range(0, q.shape[0], step):
+        fill(q[i:i + step], out[i:i + step])
+    return out
+
+
+def quantize_chunked(fn, x: torch.Tensor, qw: torch.Tensor | None, type_size: int, cpu_elems: int = CPU_CHUNK_ELEMS):
+    """Run ``fn(x_chunk, qw_chunk) -> bytes`` over chunks of blocks into one (n_blocks, type_size) uint8 output."""
+    step = chunk_blocks(x, x.shape[1], cpu_elems)
+    if x.shape[0] <= step:
+        return fn(x, qw)
+    out = torch.empty(x.shape[0], type_size, dtype=torch.uint8, device=x.device)
+    for i in range(0, x.shape[0], step):
+        out[i:i + step] = fn(x[i:i + step], None if qw is None else qw[i:i + step])
+    return out

@@ -16,22 +16,20 @@ from __future__ import annotations
 import torch
 
 from moetrace.kernels.base import QK_K, BlockFormat
-from moetrace.kernels.block_bytes import fp16_bytes, fp16_field, int8_wrap
-from moetrace.kernels.qx_search import GROUP_MAX_EPS, first_absmax, make_q3_quants, make_qx_quants, nearest_int, seq_sum
+from moetrace.kernels.block_bytes import dequantize_chunked, fp16_bytes, int8_wrap, quantize_chunked
+from moetrace.kernels.qx_search import (
+    GROUP_MAX_EPS,
+    fdiv,
+    first_absmax,
+    make_q3_quants,
+    make_qx_quants,
+    nearest_int,
+    seq_sum,
+    sqrtf,
+)
 
-# Blocks per chunk: keeps the search's (16, G) intermediates near the caches and memory bounded.
-CHUNK_BLOCKS = 2048
-
-
-def _chunked(fn, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
-    """Apply a (blocks, 256) -> (blocks, bytes) quantizer chunk by chunk (each chunk is vectorized)."""
-    if x.shape[0] <= CHUNK_BLOCKS:
-        return fn(x, qw)
-    parts = [
-        fn(x[i:i + CHUNK_BLOCKS], None if qw is None else qw[i:i + CHUNK_BLOCKS])
-        for i in range(0, x.shape[0], CHUNK_BLOCKS)
-    ]
-    return torch.cat(parts)
+# Elements per chunk for the searches: hundreds of small ops per chunk, intermediates near the caches.
+SEARCH_CHUNK_ELEMS = 1 << 18
 
 
 def _groups(t: torch.Tensor) -> torch.Tensor:
@@ -81,7 +79,7 @@ class Q3_K(BlockFormat):
 
     # Mirrors quantize_row_q3_K_ref (quant_weights None) and quantize_row_q3_K_impl (with weights).
     def quantize_blocks(self, x: torch.Tensor, quant_weights: torch.Tensor | None) -> torch.Tensor:
-        return _chunked(self._quantize, x, quant_weights)
+        return quantize_chunked(self._quantize, x, quant_weights, self.type_size, SEARCH_CHUNK_ELEMS)
 
     def _quantize(self, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         B = x.shape[0]
@@ -91,15 +89,15 @@ class Q3_K(BlockFormat):
             sc = scales.reshape(B, 16)
             max_scale, _ = first_absmax(sc.T)  # (B,) the signed scale of largest magnitude, first one
             has = max_scale != 0
-            iscale = -32.0 / max_scale
+            iscale = fdiv(-32, max_scale)
             # int8_t l = nearest_int(...); then clamped to -32..31 and offset.
             ls = int8_wrap(nearest_int(iscale[:, None] * sc)).clamp_(-32, 31) + 32  # (B, 16)
             ls = torch.where(has[:, None], ls, 0)
-            d = torch.where(has, 1 / iscale, torch.zeros_like(iscale))
+            d = torch.where(has, fdiv(1, iscale), torch.zeros_like(iscale))
         else:
             sumx2 = seq_sum((x * x).T)  # (B,) over all 256 elements, in order
             sigma2 = 2 * sumx2 / QK_K
-            weight = _groups(qw) * torch.sqrt(sigma2.repeat_interleave(16) + xg * xg)  # (16, G)
+            weight = _groups(qw) * sqrtf(sigma2.repeat_interleave(16) + xg * xg)  # (16, G)
             sw = seq_sum(weight)  # (G,)
             scales, L = make_qx_quants(xg, 4, weight)
             d, ls = make_qx_quants(scales.reshape(B, 16).T, 32, sw.reshape(B, 16).T)  # (B,), (16, B) in 0..63
@@ -115,22 +113,24 @@ class Q3_K(BlockFormat):
         scl = torch.cat([(ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4), _shift_or((ls >> 4).reshape(B, 4, 4), 1, 2)], 1)
         return torch.cat([hmask.to(torch.uint8), qs.to(torch.uint8), scl.to(torch.uint8), d16], 1)
 
-    # Mirrors dequantize_row_q3_K.
+    # Mirrors dequantize_row_q3_K: (d * (scale - 32)) * (code - 4).
     def dequantize_blocks(self, q: torch.Tensor) -> torch.Tensor:
-        q = q.contiguous()
-        B = q.shape[0]
-        d = fp16_field(q, 108)  # (B,)
-        hm, qs, sb = q[:, :32], q[:, 32:96], q[:, 96:108]
+        return dequantize_chunked(self._fill, q, QK_K)
+
+    @staticmethod
+    def _fill(q: torch.Tensor, out: torch.Tensor) -> None:
+        b = q.shape[0]
         dev = q.device
-        low = torch.cat([sb[:, :8] & 0xF, sb[:, :8] >> 4], 1)  # (B, 16)
+        d = q[:, 108:110].view(torch.float16).to(torch.float32)  # (b, 1)
+        hm, qs, sb = q[:, :32], q[:, 32:96], q[:, 96:108]
         sh2 = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=dev)
-        high = ((sb[:, None, 8:] >> sh2[:, None]) & 3).reshape(B, 16)  # group 4t+k from byte 8+k, bits 2t
-        sc = (low | (high << 4)).to(torch.int8) - 32  # (B, 16)
-        dl = d[:, None] * sc.to(torch.float32)  # (B, 16)
-        ql = (qs.reshape(B, 2, 1, 32) >> sh2[:, None]) & 3  # (B, 2, 4, 32)
-        hb = (hm[:, None, :] >> torch.arange(8, dtype=torch.uint8, device=dev)[:, None]) & 1  # (B, 8, 32)
-        v = ql.reshape(B, QK_K).to(torch.int8) - ((hb.reshape(B, QK_K) ^ 1) << 2).to(torch.int8)
-        return (dl[:, :, None] * v.reshape(B, 16, 16).to(torch.float32)).reshape(B, QK_K)
+        low = torch.cat([sb[:, :8] & 0xF, sb[:, :8] >> 4], 1)  # (b, 16)
+        high = ((sb[:, None, 8:] >> sh2[:, None]) & 3).reshape(b, 16)  # group 4t+k: byte 8+k, bits 2t
+        dl = d * ((low | (high << 4)).view(torch.int8) - 32).to(torch.float32)  # (b, 16)
+        code = (qs.reshape(b, 2, 1, 32) >> sh2[:, None]) & 3  # (b, 2, 4, 32): half, shift, l
+        hb = (hm[:, None, :] >> torch.arange(8, dtype=torch.uint8, device=dev)[:, None]) & 1  # (b, 8, 32)
+        code = code.reshape(b, 16, 16) | (hb.reshape(b, 16, 16) << 2)  # 0..7 = value + 4
+        torch.mul(dl[:, :, None], code.sub_(4).view(torch.int8), out=out.view(b, 16, 16))
 
 
 class Q6_K(BlockFormat):
@@ -141,7 +141,7 @@ class Q6_K(BlockFormat):
 
     # Mirrors quantize_row_q6_K_ref (quant_weights None) and quantize_row_q6_K_impl (with weights).
     def quantize_blocks(self, x: torch.Tensor, quant_weights: torch.Tensor | None) -> torch.Tensor:
-        return _chunked(self._quantize, x, quant_weights)
+        return quantize_chunked(self._quantize, x, quant_weights, self.type_size, SEARCH_CHUNK_ELEMS)
 
     def _quantize(self, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         B = x.shape[0]
@@ -150,8 +150,8 @@ class Q6_K(BlockFormat):
         sc = scales.reshape(B, 16)
         max_scale, max_abs = first_absmax(sc.T)  # (B,)
         empty = max_abs < GROUP_MAX_EPS  # ggml zeroes the whole block
-        iscale = -128.0 / max_scale
-        d16 = fp16_bytes(1 / iscale)
+        iscale = fdiv(-128, max_scale)
+        d16 = fp16_bytes(fdiv(1, iscale))
         dq = d16.view(torch.float16)[:, 0].to(torch.float32)
         ls = int8_wrap(torch.clamp(nearest_int(iscale[:, None] * sc), max=127))  # (B, 16) int8 values
         codes = _requantize(x, _ungroup(L), dq, ls, -32, 31)  # (B, 256) in 0..63
@@ -163,17 +163,19 @@ class Q6_K(BlockFormat):
         out = torch.cat([ql.to(torch.uint8), qh.to(torch.uint8), (ls & 0xFF).to(torch.uint8), d16], 1)
         return torch.where(empty[:, None], torch.zeros_like(out), out)
 
-    # Mirrors dequantize_row_q6_K.
+    # Mirrors dequantize_row_q6_K: (d * scale) * (code - 32).
     def dequantize_blocks(self, q: torch.Tensor) -> torch.Tensor:
-        q = q.contiguous()
-        B = q.shape[0]
-        d = fp16_field(q, 208)
-        ql, qh = q[:, :128], q[:, 128:192]
-        sc = q[:, 192:208].view(torch.int8).to(torch.float32)  # (B, 16)
+        return dequantize_chunked(self._fill, q, QK_K)
+
+    @staticmethod
+    def _fill(q: torch.Tensor, out: torch.Tensor) -> None:
+        b = q.shape[0]
         dev = q.device
-        qlv = ql.reshape(B, 2, 1, 2, 32) >> torch.tensor([0, 4], dtype=torch.uint8, device=dev)[:, None, None]
-        lo = (qlv & 0xF).reshape(B, 2, 4, 32)  # quarter k = 2*(nibble) + (k&1)
-        hi = (qh.reshape(B, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=dev)[:, None]) & 3
-        v = (lo | (hi << 4)).to(torch.int8) - 32  # (B, 2, 4, 32)
-        ds = d[:, None] * sc  # (B, 16): (d * sc) first, then * q, as ggml
-        return (ds[:, :, None] * v.reshape(B, 16, 16).to(torch.float32)).reshape(B, QK_K)
+        d = q[:, 208:210].view(torch.float16).to(torch.float32)  # (b, 1)
+        ql, qh = q[:, :128], q[:, 128:192]
+        ds = d * q[:, 192:208].view(torch.int8).to(torch.float32)  # (b, 16): (d * sc) first, as ggml
+        nib = ql.reshape(b, 2, 1, 2, 32) >> torch.tensor([0, 4], dtype=torch.uint8, device=dev)[:, None, None]
+        lo = (nib & 0xF).reshape(b, 16, 16)  # quarter k = 2*(nibble) + (k&1)
+        hi = (qh.reshape(b, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=dev)[:, None]) & 3
+        code = lo | (hi.reshape(b, 16, 16) << 4)  # 0..63 = value + 32
+        torch.mul(ds[:, :, None], code.sub_(32).view(torch.int8), out=out.view(b, 16, 16))

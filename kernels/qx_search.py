@@ -29,6 +29,27 @@ def nearest_int(v: torch.Tensor) -> torch.Tensor:
     return ((v + _MAGIC).view(torch.int32) & 0x007FFFFF) - 0x00400000
 
 
+def fdiv(num: float, den: torch.Tensor) -> torch.Tensor:
+    """C's ``num / den`` for a float32 constant ``num``: a true float32 division.
+
+    ``python_scalar / tensor`` in torch is ``tensor.reciprocal() * scalar``, which rounds twice and
+    differs from the C quotient in about a quarter of cases (e.g. ``15.0 / t``); a 0-d tensor
+    numerator takes the correctly rounded division kernel.
+    """
+    return torch.tensor(num, dtype=torch.float32, device=den.device) / den
+
+
+def sqrtf(v: torch.Tensor) -> torch.Tensor:
+    """C ``sqrtf``: the correctly rounded float32 square root.
+
+    ``torch.sqrt`` on float32 CPU tensors is not correctly rounded (about one result in six is
+    off by an ulp on AVX-512 builds), which flips ggml's exact-tie comparisons downstream. The
+    float64 root, correctly rounded and then rounded to float32, equals the correctly rounded
+    float32 root (53 >= 2*24 + 2 bits, so the double rounding is innocuous).
+    """
+    return torch.sqrt(v.to(torch.float64)).to(torch.float32)
+
+
 def roundf(v: torch.Tensor) -> torch.Tensor:
     """C ``roundf`` (half away from zero) on float32, exact: trunc, then step if the fraction is >= 0.5."""
     r = torch.trunc(v)
@@ -44,35 +65,38 @@ def seq_sum(t: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The signed value and magnitude of the first element of largest magnitude per column.
+def first_absmax(x: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed value and magnitude of the first element of largest magnitude along ``dim``.
 
     Mirrors ggml's ``if (ax > amax) { amax = ax; max = x[i]; }`` loop started from zero:
-    ``argmax`` returns the first maximal index, as the strict comparison keeps the first.
+    ``argmax`` returns the first maximal index, as the strict comparison keeps the first,
+    and an all-zero column keeps the initial ``+0.0``.
 
     Args:
-        x: (n, G) float32.
+        x: (n, G) float32 (or (G, n) with ``dim=1``).
 
     Returns:
         max: (G,) signed value; amax: (G,) its magnitude.
     """
     ax = x.abs()
-    idx = ax.argmax(0, keepdim=True)  # (1, G)
-    return x.gather(0, idx)[0], ax.gather(0, idx)[0]
+    idx = ax.argmax(dim, keepdim=True)
+    mx, amax = x.gather(dim, idx).squeeze(dim), ax.gather(dim, idx).squeeze(dim)
+    # ggml never updates max when every |x| is 0: it stays +0.0 even if the first element is -0.0.
+    return torch.where(amax > 0, mx, torch.zeros_like(mx)), amax
 
 
-def first_extreme(x: torch.Tensor, largest: bool) -> torch.Tensor:
-    """min (or max) per column, choosing the first of equal values (-0.0 vs 0.0) like ggml's ``v < min`` loop.
+def first_extreme(x: torch.Tensor, largest: bool, dim: int = 0) -> torch.Tensor:
+    """min (or max) along ``dim``, choosing the first of equal values (-0.0 vs 0.0) like ggml's ``v < min`` loop.
 
     Args:
-        x: (n, G) float32.
+        x: (n, G) float32 (or (G, n) with ``dim=1``).
 
     Returns:
         (G,) float32.
     """
-    m = x.amax(0, keepdim=True) if largest else x.amin(0, keepdim=True)
-    idx = (x == m).to(torch.uint8).argmax(0, keepdim=True)  # first index equal to the extreme
-    return x.gather(0, idx)[0]
+    m = x.amax(dim, keepdim=True) if largest else x.amin(dim, keepdim=True)
+    idx = (x == m).to(torch.uint8).argmax(dim, keepdim=True)  # first index equal to the extreme
+    return x.gather(dim, idx).squeeze(dim)
 
 
 def _f32(v: float) -> np.float32:
@@ -101,7 +125,7 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple
         lf = l.to(torch.float32)
         return l, seq_sum(wx * lf), seq_sum(w * lf * lf)
 
-    iscale = -float(nmax) / mx  # -nmax/max: an int converted to float, divided in float32
+    iscale = fdiv(-nmax, mx)  # -nmax/max: an int converted to float, divided in float32
     L, sumlx, suml2 = trial(iscale)
     scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
     best = scale * sumlx
@@ -109,7 +133,7 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple
         if step == 0:
             continue
         c = _f32(nmax) + _f32(0.1) * _f32(step)  # (nmax + 0.1f*is) in float32
-        l, slx, sl2 = trial(-float(c) / mx)
+        l, slx, sl2 = trial(fdiv(-c, mx))
         better = (sl2 > 0) & (slx * slx > best * sl2)  # strictly better, as in ggml
         L = torch.where(better, l, L)
         scale = torch.where(better, slx / sl2, scale)
@@ -137,7 +161,7 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     n = x.shape[0]
     mx, amax = first_absmax(x)
     zero = amax < GROUP_MAX_EPS
-    iscale = -float(nmax) / mx
+    iscale = fdiv(-nmax, mx)
     L = nearest_int(iscale * x).clamp_(-nmax, nmax - 1)  # (n, G) signed codes
     w = x * x
     wx = w * x
@@ -201,14 +225,14 @@ def make_qkx3_quants(
     flat = mx <= mn  # (G,) ggml returns early: all-zero codes, scale 0, this min
     flat_min = mn
 
-    iscale = float(nmax) / (mx - mn)
-    scale = 1 / iscale
+    iscale = fdiv(nmax, mx - mn)
+    scale = fdiv(1, iscale)
     L = nearest_int(iscale * (x - mn)).clamp_(0, nmax)
     diff = scale * L.to(torch.float32) + mn - x
     best_mad = seq_sum(w * (diff * diff))
     for step in range(nstep + 1):
         c = _f32(rmin) + _f32(rdelta) * _f32(step) + _f32(nmax)  # rmin + rdelta*is + nmax, float32
-        iscale = float(c) / (mx - mn)
+        iscale = fdiv(c, mx - mn)
         v = iscale * (x - mn)
         # min may be the best fit so far, at or near max: v can be inf or NaN, which ggml maps to 0 here.
         laux = torch.where(v > 0, nearest_int(torch.clamp(v, max=float(nmax))), 0)

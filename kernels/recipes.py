@@ -43,6 +43,8 @@ FILE_TYPES: tuple[str, ...] = tuple(_MIXES) + tuple(f"pure_{t.lower()}" for t in
 """Every valid file-type name, lower case: the llama.cpp mixtures, then ``pure_TYPE``."""
 
 # tensor_type_fallback: a K type whose block does not divide the row falls back to a 32-block type.
+# (llama.cpp before the fallback moved into tensor_type_fallback sent Q2_K/Q3_K to IQ4_NL instead of Q4_0;
+# the legacy types and Q8_0 have no fallback in either version.)
 _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 # Substrings that keep a tensor out of quantization (tensor_allows_quantization), besides the

@@ -18,3 +18,32 @@ def ggml_vectors() -> Path:
     if not GGML_VECTORS.is_dir():
         pytest.skip(f"ggml golden vectors not found at {GGML_VECTORS} (an outside checkout without ../shared)")
     return GGML_VECTORS
+
+
+TINY = "builtin:tiny"
+SHORT_TEXT = "Experts route tokens; quantization error grows layer by layer."
+
+
+@pytest.fixture(scope="session")
+def tiny_source():
+    from moetrace.tracer.source import open_source
+
+    return open_source(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokens(tiny_source):
+    from moetrace.tracer.prompts import tokenize
+
+    return tokenize([SHORT_TEXT, "A second, shorter prompt."], tiny_source.tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_source, tiny_tokens):
+    """One traced run of builtin:tiny: reference orig-fp32 and orig-bf16 in all three modes."""
+    from moetrace.tracer.executor import RunConfig, run_trace
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = RunConfig(model=TINY, variants=["orig-bf16"], modes=["free", "teacher", "routing"])
+    stores = run_trace(tiny_source, cfg, tiny_tokens, run_dir)
+    return run_dir, stores

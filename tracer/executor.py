@@ -20,7 +20,6 @@ transformers forward of the same model (tests/tracer/test_executor.py checks it 
 from __future__ import annotations
 
 import copy
-import gc
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -212,8 +211,7 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
                     del layer
                 for w in writers.values():
                     w.mark_layers_done(L + 1)
-                del ref_state
-                gc.collect()
+                del ref_state  # freed by reference counting; no gc pass needed per layer
                 emit("layer_done", layer=L, layers=n_layers)
 
             # Final norm and output head.

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -129,16 +130,33 @@ class TraceWriter:
                 fill = -1 if dtype == "int16" else np.nan
                 g.create_array(
                     name, shape=(m, L, T, n), chunks=(1, 1, T, n), dtype=dtype, fill_value=fill,
-                    dimension_names=("mode", "layer", "token", last),
+                    dimension_names=("mode", "layer", "token", last), compressors=_compressors(dtype),
                 )
             if "logits" in self.sites:
                 g.create_array(
                     "logits", shape=(m, T, sizes["vocab"]), chunks=(1, T, sizes["vocab"]), dtype="float32",
-                    fill_value=np.nan, dimension_names=("mode", "token", "vocab"),
+                    fill_value=np.nan, dimension_names=("mode", "token", "vocab"), compressors=None,
                 )
         finally:
             ctx.__exit__(None, None, None)
         self._group = g
+        # One background thread writes, in submission order, while the next layer computes;
+        # layers_done is set by that same thread after the layer's chunks, so it never runs ahead.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moetrace-store")
+        self._pending: list = []  # writes of the layer being traced
+        self._older: list = []  # writes of the layer before
+
+    def _submit(self, fn, *args):
+        for f in self._pending + self._older:
+            if f.done() and f.exception() is not None:
+                raise f.exception()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def flush(self) -> None:
+        """Wait for every submitted write; re-raise the first write error."""
+        pending, self._older, self._pending = self._older + self._pending, [], []
+        for f in pending:
+            f.result()
 
     def _take_lock(self):
         self.path.mkdir(parents=True, exist_ok=True)
@@ -158,6 +176,11 @@ class TraceWriter:
         os.close(fd)
 
     def release(self):
+        """Stop writing (after the writes already submitted) and drop the writer lock."""
+        try:
+            self._pool.shutdown(wait=True)
+        except AttributeError:  # failed before the pool existed
+            pass
         (self.path / LOCK_NAME).unlink(missing_ok=True)
 
     def write_layer(self, mode: str, layer: int, record: dict) -> None:
@@ -165,21 +188,27 @@ class TraceWriter:
         mi = self.modes.index(mode)
         for name in LAYER_VARS:
             if name in self.sites and name in record:
-                arr = record[name].detach().to("cpu")
-                arr = arr.to(dtype=_torch_dtype(LAYER_VARS[name][1])).numpy()
-                self._group[name][mi, layer] = arr
+                arr = record[name].detach().to("cpu", dtype=_torch_dtype(LAYER_VARS[name][1])).numpy()
+                self._submit(self._group[name].__setitem__, (mi, layer), arr)
 
     def write_logits(self, mode: str, logits) -> None:
         if "logits" in self.sites:
-            self._group["logits"][self.modes.index(mode)] = logits.detach().float().cpu().numpy()
+            arr = logits.detach().float().cpu().numpy()
+            self._submit(self._group["logits"].__setitem__, self.modes.index(mode), arr)
 
     def mark_layers_done(self, n: int) -> None:
-        """Record that layers 0..n-1 are fully written (every mode)."""
-        self._group.attrs["layers_done"] = int(n)
+        """Record that layers 0..n-1 are fully written (every mode), once their writes have landed."""
+        self._submit(self._group.attrs.__setitem__, "layers_done", int(n))
+        # Bound memory: at most two layers' writes in flight.
+        older, self._older, self._pending = self._older, self._pending, []
+        for f in older:
+            f.result()
 
     def finish(self) -> None:
         import zarr
 
+        self.flush()
+        self._pool.shutdown()
         self._group.attrs["complete"] = True
         ctx = _quiet()
         try:
@@ -197,6 +226,12 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _compressors(dtype: str):
+    # Float activations barely compress (noise in the low mantissa bits) and compressing them
+    # cost as much as the forward pass; integer expert ids compress well.
+    return None if dtype == "float32" else "auto"
 
 
 def _torch_dtype(name: str):

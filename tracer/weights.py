@@ -110,7 +110,9 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
     out = {}
     for key, w in ref.items():
         g = names.get(key)
-        if isinstance(g, tuple):  # fused gate/up: (E, 2F, H) = gate (E, F, H) ++ up (E, F, H)
+        if isinstance(g, tuple) and types.get(g[0], "F32") == types.get(g[1], "F32"):
+            v = apply_type(w, types.get(g[0]))  # same type for both halves: row-wise, no split needed
+        elif isinstance(g, tuple):  # fused gate/up: (E, 2F, H) = gate (E, F, H) ++ up (E, F, H)
             half = w.shape[1] // 2
             gate = apply_type(w[:, :half], types.get(g[0]))
             up = apply_type(w[:, half:], types.get(g[1]))

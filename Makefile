@@ -1,0 +1,28 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   creates .venv, installs moetrace, traces the default built-in model, prints the result
+#   make test   creates .venv, installs moetrace with its test tools, runs the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build by default; set TORCH_SPEC (e.g. "torch>=2.4") for a CUDA machine.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_ARGS ?= --variant orig-bf16 --variant pure_q8_0-bf16 --variant pure_q4_0-bf16 --plant 5:3:down
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test,gpu]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/moetrace run $(DEMO_ARGS) --run demo
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV) traces/*/ *.egg-info

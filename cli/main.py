@@ -1,0 +1,179 @@
+"""The ``moetrace`` command: a thin click layer over the library.
+
+Heavy imports (torch, transformers, zarr) happen inside the commands, so ``moetrace --help``
+answers at once. Errors a user can cause print as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+
+import click
+
+
+def friendly_errors(fn):
+    """Turn moetrace's user errors into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from moetrace.errors import MoetraceError
+
+        try:
+            return fn(*args, **kwargs)
+        except MoetraceError as e:
+            click.echo(f"moetrace: error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("moetrace: interrupted; stores being written are left marked incomplete", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="moetrace")
+def main():
+    """moetrace: trace numerical error layer by layer through Mixture-of-Experts models.
+
+    Run a reference and numeric variants of a model over the same tokens, record every layer,
+    and see where the error comes from and where it grows.
+
+    \b
+    Start with:
+      moetrace run --variant pure_q8_0-bf16      # default built-in model and text
+      moetrace variants                          # every valid variant name
+      moetrace models                            # the built-in models
+    """
+
+
+def _progress_printer(quiet: bool):
+    state = {"t0": time.perf_counter(), "tl": None}
+
+    def progress(event, **info):
+        if quiet:
+            return
+        if event == "layer_start":
+            state["tl"] = time.perf_counter()
+        elif event == "layer_done":
+            dt = time.perf_counter() - state["tl"]
+            click.echo(
+                f"  layer {info['layer'] + 1}/{info['layers']} traced ({dt:.2f} s, "
+                f"{time.perf_counter() - state['t0']:.1f} s total)", err=True,
+            )
+
+    return progress
+
+
+@main.command()
+@click.option("--model", "model", default="builtin:", show_default=True,
+              help="builtin:NAME (see `moetrace models`) or a transformers checkpoint folder.")
+@click.option("--variant", "variants", multiple=True, required=True,
+              help="A variant WEIGHTS-COMPUTE, e.g. pure_q8_0-bf16; repeat for several (see `moetrace variants`).")
+@click.option("--reference", default="orig-fp32", show_default=True, help="The variant every other is compared with.")
+@click.option("--mode", "modes", multiple=True, default=("free",), show_default=True,
+              type=click.Choice(["free", "teacher", "routing"]),
+              help="free: variants on their own outputs; teacher: each layer fed the reference's input; "
+                   "routing: the reference's expert choices. Repeat for several.")
+@click.option("--text", default=None, help="The text to trace (default: a built-in demo text).")
+@click.option("--prompts", "prompts_file", type=click.Path(), default=None,
+              help="A file with one prompt per line, or JSONL with a 'text' field.")
+@click.option("--max-tokens", type=int, default=None, help="Cut each prompt to this many tokens.")
+@click.option("--plant", default=None, help="Built-in models: plant a fault in LAYER:EXPERT:PROJ (gate, up or down).")
+@click.option("--sites", default=None, help="Comma-separated sites to record (default: all).")
+@click.option("--out", "out_dir", default="traces", show_default=True, type=click.Path(), help="Folder of runs.")
+@click.option("--run", "run_name", default=None, help="Run name: stores go to OUT/RUN/VARIANT.zarr (default: from the model).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed recorded with the run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@friendly_errors
+def run(model, variants, reference, modes, text, prompts_file, max_tokens, plant, sites, out_dir, run_name, seed,
+        as_json, quiet):
+    """Trace the reference and one or more variants, then print the divergence summary.
+
+    The reference is recorded once per run folder (again only if its model or tokens changed);
+    each variant's store is OUT/RUN/VARIANT.zarr, readable with xarray.open_zarr.
+    """
+    from moetrace.tracer import api
+
+    result = api.run(
+        model=model, variants=list(variants), reference=reference, modes=list(modes), text=text,
+        prompts_file=prompts_file, max_tokens=max_tokens, plant=plant,
+        sites=sites.split(",") if sites else None, out_dir=out_dir, run_name=run_name, seed=seed,
+        progress=_progress_printer(quiet or as_json),
+        log=(lambda msg: None) if (quiet or as_json) else (lambda msg: click.echo(msg, err=True)),
+    )
+    if as_json:
+        click.echo(json.dumps(result.summary_json(), indent=2))
+    else:
+        click.echo(result.summary_text())
+
+
+@main.command()
+@click.argument("reference", type=click.Path())
+@click.argument("variant", type=click.Path())
+@click.option("--mode", default="free", show_default=True, type=click.Choice(["free", "teacher", "routing"]))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@friendly_errors
+def diff(reference, variant, mode, as_json):
+    """Per-layer divergence of VARIANT's trace store against REFERENCE's.
+
+    Per layer: relative L2 error and cosine similarity of the residual stream (mean and worst
+    tokens), top-k overlap and top-1 flip rate of the routing; at the end KL(ref || variant)
+    of the output distribution and top-1 agreement.
+    """
+    from moetrace.tracer import api
+
+    d = api.diff_stores(reference, variant, mode)
+    if as_json:
+        from moetrace.tracer.compare import diff_to_dict
+
+        click.echo(json.dumps(diff_to_dict(d), indent=2))
+    else:
+        click.echo(api.format_diff(d))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def variants(as_json):
+    """The variant grammar and every valid variant name."""
+    from moetrace.tracer import variants as V
+
+    names = V.all_variant_names()
+    if as_json:
+        click.echo(json.dumps({"weights": V.valid_weights(), "compute": list(V.COMPUTE_DTYPES), "variants": names},
+                              indent=2))
+        return
+    click.echo(V.GRAMMAR.strip())
+    click.echo("")
+    click.echo("Valid weights: " + ", ".join(V.valid_weights()))
+    click.echo("Valid compute: " + ", ".join(V.COMPUTE_DTYPES))
+    click.echo(f"Valid variants ({len(names)}):")
+    for w in V.valid_weights():
+        click.echo("  " + "  ".join(f"{w}-{c}" for c in V.COMPUTE_DTYPES))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models(as_json):
+    """The built-in synthetic models (nothing is downloaded; generated on first use and cached)."""
+    from dataclasses import asdict
+
+    from moetrace.tracer.builtin import DEFAULT_PRESET, PRESETS, cache_root
+
+    if as_json:
+        click.echo(json.dumps({f"builtin:{k}": asdict(v) for k, v in PRESETS.items()}, indent=2))
+        return
+    for name, s in PRESETS.items():
+        mark = " (default, builtin:)" if name == DEFAULT_PRESET else ""
+        click.echo(f"builtin:{name}{mark}")
+        click.echo(f"    {s.description}")
+        click.echo(f"    layers {s.layers}, hidden {s.hidden}, experts {s.experts} top-{s.top_k}, "
+                   f"expert width {s.expert_width}, heads {s.heads}/{s.kv_heads} of {s.head_dim}, vocab {s.vocab}")
+    click.echo(f"\nOverrides: builtin:NAME:layers=N,seed=S.  Cache: {cache_root()}")
+
+
+if __name__ == "__main__":
+    main()

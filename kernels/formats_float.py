@@ -1,0 +1,74 @@
+"""The plain float formats F32, F16 and BF16 (one element per "block"), bit-exact with ggml.
+
+- F32: the float32 bytes.
+- F16: ``GGML_FP32_TO_FP16``, IEEE round to nearest even (overflow to inf), as ``Tensor.to(float16)``.
+- BF16: ``ggml_compute_fp32_to_bf16`` (ggml-impl.h): round to nearest even on the bit pattern, and a NaN
+  keeps its top bits with the quiet bit forced (``(u >> 16) | 64``), unlike ``Tensor.to(bfloat16)``
+  which writes a canonical NaN. Subnormals are kept (current ggml does not flush them).
+
+None of them has an importance-matrix path; ``quant_weights`` is ignored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moetrace.kernels.base import BlockFormat
+
+
+class F32(BlockFormat):
+    """IEEE single precision."""
+
+    name = "F32"
+    vec_dot_type = "F32"
+
+    def quantize_blocks(self, x: torch.Tensor, quant_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, 1) float32 -> (n, 4) uint8."""
+        return x.to(torch.float32).contiguous().view(torch.uint8)
+
+    def dequantize_blocks(self, q: torch.Tensor) -> torch.Tensor:
+        """(n, 4) uint8 -> (n, 1) float32."""
+        return q.contiguous().view(torch.float32)
+
+
+class F16(BlockFormat):
+    """IEEE half precision."""
+
+    name = "F16"
+    vec_dot_type = "F16"
+
+    # Mirrors ggml_fp32_to_fp16_row (GGML_FP32_TO_FP16 per element).
+    def quantize_blocks(self, x: torch.Tensor, quant_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, 1) float32 -> (n, 2) uint8."""
+        return x.to(torch.float16).contiguous().view(torch.uint8)
+
+    # Mirrors ggml_fp16_to_fp32_row (exact).
+    def dequantize_blocks(self, q: torch.Tensor) -> torch.Tensor:
+        """(n, 2) uint8 -> (n, 1) float32."""
+        return q.contiguous().view(torch.float16).to(torch.float32)
+
+
+def fp32_to_bf16_bits(x: torch.Tensor) -> torch.Tensor:
+    """ggml's ``ggml_compute_fp32_to_bf16`` on the bit patterns: float32 -> int16 bf16 bits of the same shape."""
+    u = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # as uint32
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+    bits = torch.where(nan, (u >> 16) | 64, rounded) & 0xFFFF
+    return torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16)  # two's complement view
+
+
+class BF16(BlockFormat):
+    """bfloat16."""
+
+    name = "BF16"
+    vec_dot_type = "BF16"
+
+    # Mirrors ggml_fp32_to_bf16_row_ref (ggml_compute_fp32_to_bf16 per element).
+    def quantize_blocks(self, x: torch.Tensor, quant_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, 1) float32 -> (n, 2) uint8."""
+        return fp32_to_bf16_bits(x).view(torch.uint8)
+
+    # Mirrors ggml_bf16_to_fp32_row: the bits shifted into the high half (exact).
+    def dequantize_blocks(self, q: torch.Tensor) -> torch.Tensor:
+        """(n, 2) uint8 -> (n, 1) float32."""
+        return (q.contiguous().view(torch.int16).to(torch.int32) << 16).view(torch.float32)

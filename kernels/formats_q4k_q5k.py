@@ -1,0 +1,195 @@
+"""Q4_K and Q5_K: 256-element super-blocks of eight 32-element sub-blocks with 6-bit scales and mins.
+
+Block layouts (bytes)::
+
+    Q4_K (144): d fp16 | dmin fp16 | scales[12] | qs[128]             value = d*sc*q - dmin*m
+    Q5_K (176): d fp16 | dmin fp16 | scales[12] | qh[32] | qs[128]    q = low nibble + 16*high bit
+
+``scales`` packs eight 6-bit scales and eight 6-bit mins (ggml's ``get_scale_min_k4``).
+Both quantizers are bit-exact with ggml: ``quantize_row_q{4,5}_K_ref`` without an importance
+matrix, ``quantize_row_q{4,5}_K_impl`` with one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moetrace.kernels.base import QK_K, BlockFormat
+from moetrace.kernels.kquant_search import (
+    fp16_bytes,
+    fp16_from_bytes,
+    fp16_round,
+    make_qkx_quants,
+    make_qp_quants,
+    nearest_int,
+    rdiv,
+    running_max_from_zero,
+    seq_sum,
+    sqrt_f32,
+)
+
+N_SUB = QK_K // 32  # sub-blocks per super-block
+
+
+def pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """Pack 6-bit scales and mins into ggml's 12 bytes.
+
+    Mirrors the packing loop of ``quantize_row_q4_K_ref``, including its uint8 wrap-around for
+    codes above 63 (which only ggml's imatrix Q4_K path can produce, from degenerate input).
+
+    Args:
+        ls, lm: (blocks, 8) int32 scale and min codes in 0..255.
+
+    Returns:
+        (blocks, 12) uint8.
+    """
+    lo_s, hi_s = ls[:, :4], ls[:, 4:]
+    lo_m, hi_m = lm[:, :4], lm[:, 4:]
+    b0 = lo_s | ((hi_s >> 4) << 6)  # bytes 0-3: scales 0-3, top bits of scales 4-7
+    b1 = lo_m | ((hi_m >> 4) << 6)  # bytes 4-7: mins 0-3, top bits of mins 4-7
+    b2 = (hi_s & 0xF) | ((hi_m & 0xF) << 4)  # bytes 8-11: low nibbles of scales and mins 4-7
+    return (torch.cat([b0, b1, b2], dim=1) & 0xFF).to(torch.uint8)
+
+
+def unpack_scales_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's ``get_scale_min_k4`` for all eight sub-blocks: (blocks, 12) uint8 -> two (blocks, 8) uint8."""
+    q = scales
+    d_lo, m_lo, mix = q[:, 0:4], q[:, 4:8], q[:, 8:12]
+    sc = torch.cat([d_lo & 63, (mix & 0xF) | ((d_lo >> 6) << 4)], dim=1)
+    mn = torch.cat([m_lo & 63, (mix >> 4) | ((m_lo >> 6) << 4)], dim=1)
+    return sc, mn
+
+
+def _ref_scales(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
+    """The no-imatrix scale search of quantize_row_q{4,5}_K_ref.
+
+    Returns the sub-block codes (blocks, 8) int32 ``ls``, ``lm``, the fp32 values of ``d`` and
+    ``dmin`` before fp16, and the search codes L (blocks, 256) uint8.
+    """
+    nb = x.shape[0]
+    xs = x.reshape(nb * N_SUB, 32)
+    # Weights: rms of the sub-block plus |x|, as ggml.
+    av_x = sqrt_f32(seq_sum(xs * xs) / 32)
+    w = av_x[:, None] + xs.abs()
+    scales, mins, L = make_qkx_quants(xs, w, nmax, rmin, 0.1, nstep, use_mad=False)
+    scales = scales.view(nb, N_SUB)
+    mins = mins.view(nb, N_SUB)
+    max_scale = running_max_from_zero(scales)
+    max_min = running_max_from_zero(mins)
+    zero = torch.zeros_like(max_scale)
+    inv_scale = torch.where(max_scale > 0, rdiv(63.0, max_scale), zero)
+    inv_min = torch.where(max_min > 0, rdiv(63.0, max_min), zero)
+    # `uint8_t ls = nearest_int(...); ls = MIN(63, ls);`
+    ls = (nearest_int(inv_scale[:, None] * scales) & 0xFF).clamp(max=63)
+    lm = (nearest_int(inv_min[:, None] * mins) & 0xFF).clamp(max=63)
+    return ls, lm, max_scale / 63, max_min / 63, L.reshape(nb, QK_K)
+
+
+def _imatrix_scales(x: torch.Tensor, qw: torch.Tensor, nmax: int):
+    """The imatrix scale search of quantize_row_q{4,5}_K_impl; returns as :func:`_ref_scales`."""
+    nb = x.shape[0]
+    sigma2 = 2 * seq_sum(x * x) / QK_K  # (blocks,)
+    w = qw * sqrt_f32(sigma2[:, None] + x * x)  # (blocks, 256)
+    xs = x.reshape(nb * N_SUB, 32)
+    ws = w.reshape(nb * N_SUB, 32)
+    sw = seq_sum(ws).view(nb, N_SUB)
+    scales, mins, L = make_qkx_quants(xs, ws, nmax, -0.9, 0.05, 36, use_mad=False)
+    d_block, ls = make_qp_quants(scales.view(nb, N_SUB), sw, 63)
+    m_block, lm = make_qp_quants(mins.view(nb, N_SUB), sw, 63)
+    return ls, lm, d_block, m_block, L.reshape(nb, QK_K)
+
+
+def _quantize_k4(x: torch.Tensor, qw: torch.Tensor | None, nmax: int, rmin: float, nstep: int, clamp_imatrix: bool):
+    """Shared body of the Q4_K and Q5_K quantizers.
+
+    Returns the header bytes (blocks, 16) uint8 (d, dmin, scales) and the codes (blocks, 256)
+    int32 in 0..nmax.
+    """
+    nb = x.shape[0]
+    if qw is None:
+        ls, lm, d, dmin, L = _ref_scales(x, nmax, rmin, nstep)
+    else:
+        ls, lm, d, dmin, L = _imatrix_scales(x, qw, nmax)
+        if clamp_imatrix:  # Q5_K's impl clamps to 63 here, Q4_K's does not
+            ls = ls.clamp(max=63)
+            lm = lm.clamp(max=63)
+    packed = pack_scales_k4(ls, lm)
+    header = torch.cat([fp16_bytes(d), fp16_bytes(dmin), packed], dim=1)
+
+    # Requantize with the scales as stored (fp16 super-scales times 6-bit codes). Sub-blocks
+    # whose stored scale is 0 keep the search's codes, as ggml's `if (!d) continue;`.
+    sc, m = unpack_scales_k4(packed)
+    dd = fp16_round(d)[:, None] * sc.to(torch.float32)  # (blocks, 8)
+    dm = fp16_round(dmin)[:, None] * m.to(torch.float32)
+    xb = x.view(nb, N_SUB, 32)
+    l = nearest_int((xb + dm[:, :, None]) / dd[:, :, None]).clamp_(0, nmax)  # (blocks, 8, 32)
+    keep = (dd == 0)[:, :, None]
+    L = torch.where(keep, L.view(nb, N_SUB, 32).to(torch.int32), l)
+    return header, L.view(nb, QK_K)
+
+
+def _dequantize_k4(q: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """d*sc * code - dmin*m per sub-block: q (blocks, bytes) uint8, codes (blocks, 8, 32) uint8 -> (blocks, 256)."""
+    nb = q.shape[0]
+    d = fp16_from_bytes(q[:, 0:2])
+    dmin = fp16_from_bytes(q[:, 2:4])
+    sc, m = unpack_scales_k4(q[:, 4:16])
+    d1 = (d[:, None] * sc.to(torch.float32))[:, :, None]  # (blocks, 8, 1)
+    m1 = (dmin[:, None] * m.to(torch.float32))[:, :, None]
+    out = codes.to(torch.float32).mul_(d1).sub_(m1)  # two roundings, as ggml's C
+    return out.view(nb, QK_K)
+
+
+class Q4K(BlockFormat):
+    """Q4_K: 4-bit codes, 144 bytes per 256 values (4.5 bits per weight)."""
+
+    name = "Q4_K"
+    vec_dot_type = "Q8_K"
+
+    # Mirrors quantize_row_q4_K_ref (no imatrix) and quantize_row_q4_K_impl (imatrix).
+    def quantize_blocks(self, x: torch.Tensor, quant_weights: torch.Tensor | None) -> torch.Tensor:
+        """(blocks, 256) float32 [+ (blocks, 256) importance] -> (blocks, 144) uint8."""
+        nb = x.shape[0]
+        header, L = _quantize_k4(x, quant_weights, 15, -1.0, 20, clamp_imatrix=False)
+        L = L.view(nb, 4, 2, 32)
+        qs = (L[:, :, 0] | (L[:, :, 1] << 4)).to(torch.uint8).view(nb, 128)
+        return torch.cat([header, qs], dim=1)
+
+    # Mirrors dequantize_row_q4_K.
+    def dequantize_blocks(self, q: torch.Tensor) -> torch.Tensor:
+        """(blocks, 144) uint8 -> (blocks, 256) float32."""
+        nb = q.shape[0]
+        qs = q[:, 16:144].reshape(nb, 4, 1, 32)
+        codes = torch.cat([qs & 0xF, qs >> 4], dim=2).view(nb, N_SUB, 32)  # sub-block 2k: low nibbles
+        return _dequantize_k4(q, codes)
+
+
+class Q5K(BlockFormat):
+    """Q5_K: 5-bit codes, 176 bytes per 256 values (5.5 bits per weight)."""
+
+    name = "Q5_K"
+    vec_dot_type = "Q8_K"
+
+    # Mirrors quantize_row_q5_K_ref (no imatrix) and quantize_row_q5_K_impl (imatrix).
+    def quantize_blocks(self, x: torch.Tensor, quant_weights: torch.Tensor | None) -> torch.Tensor:
+        """(blocks, 256) float32 [+ (blocks, 256) importance] -> (blocks, 176) uint8."""
+        nb = x.shape[0]
+        header, L = _quantize_k4(x, quant_weights, 31, -0.5, 15, clamp_imatrix=True)
+        L = L.view(nb, 8, 32)  # sub-block 2k + t holds element 64k + 32t + j
+        hi = L >> 4  # 0 or 1
+        lo = (L & 0xF).view(nb, 4, 2, 32)
+        ql = (lo[:, :, 0] | (lo[:, :, 1] << 4)).view(nb, 128)
+        shifts = torch.arange(8, device=x.device, dtype=torch.int32)[None, :, None]
+        qh = (hi << shifts).sum(dim=1)  # (blocks, 32): bit 2k+t of qh[j]; disjoint bits, so sum == or
+        return torch.cat([header, qh.to(torch.uint8), ql.to(torch.uint8)], dim=1)
+
+    # Mirrors dequantize_row_q5_K.
+    def dequantize_blocks(self, q: torch.Tensor) -> torch.Tensor:
+        """(blocks, 176) uint8 -> (blocks, 256) float32."""
+        nb = q.shape[0]
+        qh = q[:, 16:48].reshape(nb, 1, 32)
+        qs = q[:, 48:176].reshape(nb, 4, 1, 32)
+        lo = torch.cat([qs & 0xF, qs >> 4], dim=2).view(nb, N_SUB, 32)
+        shifts = torch.arange(8, device=q.device, dtype=torch.uint8)[None, :, None]
+        hi = ((qh >> shifts) & 1) << 4  # (blocks, 8, 32)
+        return _dequantize_k4(q, lo | hi)

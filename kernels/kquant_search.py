@@ -1,0 +1,341 @@
+"""Scale searches shared by the K-quant formats, bit-exact with ggml-quants.c.
+
+ggml chooses each sub-block's scale and min by a small search (``make_qkx2_quants``,
+``make_qkx3_quants``) and, on the importance-matrix path, quantizes the super-block's
+sub-block scales with ``make_qp_quants``. The functions here run those searches for many
+sub-blocks at once. Every float operation is a float32 operation in the order ggml's C does
+it (sums accumulate sequentially in element order, no fused multiply-add), so the chosen
+candidates and all derived bytes match ggml bit for bit.
+
+Layout: the per-element loops walk the fixed 16 or 32 elements of a sub-block in Python and
+work on whole rows of sub-blocks (and of search steps) at once, so a sub-block's elements
+are stored element-major, ``(n, sub_blocks)``, and each loop step touches contiguous memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# ggml's GROUP_MAX_EPS: make_qp_quants treats a group whose largest value is below it as zero.
+GROUP_MAX_EPS = 1e-15
+
+# float32(1.5 * 2**23): ggml's nearest_int adds it and reads the low mantissa bits.
+_MAGIC = 12582912.0
+
+# The search runs on chunks of about this many elements: large enough that each torch op
+# amortizes its dispatch, small enough that a step's working set stays in the CPU caches.
+_CHUNK_ELEMS = 1 << 18
+
+
+def nearest_int(f: torch.Tensor) -> torch.Tensor:
+    """ggml's ``nearest_int``, reproduced bit for bit, as int32.
+
+    For |f| < 2**22 it is round-half-to-even. Beyond that range, and for Inf and NaN, ggml's
+    magic-number trick returns what its mantissa bits say (NaN and Inf give 0 or -2**22);
+    ggml's release builds do not check the range, so neither does this.
+
+    Args:
+        f: float32 tensor of any shape.
+
+    Returns:
+        int32 tensor of the same shape.
+    """
+    v = (f + _MAGIC).view(torch.int32)
+    return (v & 0x007FFFFF) - 0x00400000
+
+
+def nearest_int_clamped(f: torch.Tensor, lo: int | None, hi: int) -> torch.Tensor:
+    """``MAX(lo, MIN(hi, nearest_int(f)))`` as float32 (``lo=None``: only the MIN)."""
+    l = nearest_int(f)
+    l = l.clamp(min=lo, max=hi) if lo is not None else l.clamp(max=hi)
+    return l.to(torch.float32)
+
+
+def rdiv(num: float, t: torch.Tensor) -> torch.Tensor:
+    """``num / t`` as one IEEE float32 division (torch's ``number / tensor`` multiplies by a
+    reciprocal, which rounds twice)."""
+    return torch.div(torch.tensor(num, dtype=torch.float32, device=t.device), t)
+
+
+def sqrt_f32(t: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 ``sqrtf``.
+
+    torch's float32 sqrt on some CPUs (AVX-512 builds) is off by an ulp for a sixth of inputs.
+    The square root of a float32 lies at least 2**-50 relative from any float32 rounding
+    midpoint, so a float64 root accurate to a few ulps rounds to the correct float32.
+    """
+    return torch.sqrt(t.to(torch.float64)).to(torch.float32)
+
+
+def fp16_round(f: torch.Tensor) -> torch.Tensor:
+    """``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(f))``: round to nearest-even fp16, overflow to Inf."""
+    return f.to(torch.float16).to(torch.float32)
+
+
+def fp16_bytes(f: torch.Tensor) -> torch.Tensor:
+    """(n,) float32 -> (n, 2) uint8: the little-endian fp16 bytes ggml stores."""
+    return f.to(torch.float16).contiguous().view(torch.uint8).reshape(-1, 2)
+
+
+def fp16_from_bytes(b: torch.Tensor) -> torch.Tensor:
+    """(n, 2) uint8 -> (n,) float32: ``GGML_FP16_TO_FP32`` of stored fp16 bytes."""
+    return b.contiguous().view(torch.float16).reshape(-1).to(torch.float32)
+
+
+def running_max_from_zero(v: torch.Tensor) -> torch.Tensor:
+    """``m = 0; for j: if (v[j] > m) m = v[j];`` over the last dim: (..., n) -> (...)."""
+    m = torch.zeros(v.shape[:-1], dtype=torch.float32, device=v.device)
+    for j in range(v.shape[-1]):
+        vj = v[..., j]
+        m = torch.where(vj > m, vj, m)
+    return m
+
+
+def seq_sum(v: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim in index order in float32, as a C ``for`` loop does: (..., n) -> (...)."""
+    acc = v[..., 0].clone()
+    for j in range(1, v.shape[-1]):
+        acc += v[..., j]
+    return acc
+
+
+def _search_multipliers(nmax: int, rmin: float, rdelta: float, nstep: int) -> np.ndarray:
+    # ggml evaluates `rmin + rdelta*is + nmax` in float32, left to right.
+    steps = np.arange(nstep + 1, dtype=np.float32)
+    return (np.float32(rmin) + np.float32(rdelta) * steps) + np.float32(nmax)
+
+
+def make_qkx_quants(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    use_mad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted scale-and-min search of many sub-blocks.
+
+    Mirrors ggml's ``make_qkx2_quants`` and ``make_qkx3_quants`` (with weights), which differ
+    only in the all-equal test (``max == min`` vs ``max <= min``, the same once ``min`` is
+    clamped to <= 0). Start from iscale = nmax / (max - min), then for is = 0..nstep try
+    iscale = (rmin + rdelta*is + nmax) / (max - min), fit scale and min by weighted least
+    squares, and keep a candidate only when its error is strictly smaller. As in ggml, a kept
+    candidate's fitted min replaces ``min`` for the steps after it, so the steps run in order.
+
+    Args:
+        x: (sub_blocks, n) float32 values.
+        w: (sub_blocks, n) float32 weights.
+        nmax: largest code (3, 15 or 31).
+        rmin, rdelta, nstep: the search grid, as ggml's arguments.
+        use_mad: weigh |error| instead of error**2.
+
+    Returns:
+        scale: (sub_blocks,) float32, the function's return value.
+        the_min: (sub_blocks,) float32, ggml's ``*the_min`` (minus the fitted offset).
+        L: (sub_blocks, n) uint8 codes of the chosen candidate.
+    """
+    n_sub, n = x.shape
+    xt = x.t().contiguous()  # (n, sub_blocks): element-major, see the module docstring
+    wt = w.t().contiguous()  # (n, sub_blocks)
+    mults = [float(c) for c in _search_multipliers(nmax, rmin, rdelta, nstep)]
+    chunk = max(1, _CHUNK_ELEMS // n)
+    scale = torch.empty(n_sub, dtype=torch.float32, device=x.device)
+    the_min = torch.empty_like(scale)
+    L = torch.empty((n, n_sub), dtype=torch.uint8, device=x.device)
+    # Chunks of thousands of sub-blocks bound memory and keep the working set in cache;
+    # within a chunk everything is vectorized.
+    for a in range(0, n_sub, chunk):
+        b = min(n_sub, a + chunk)
+        s, m, l = _qkx_chunk(xt[:, a:b], wt[:, a:b], nmax, mults, use_mad)
+        scale[a:b] = s
+        the_min[a:b] = m
+        L[:, a:b] = l
+    return scale, the_min, L.t()
+
+
+class _Codes:
+    """Codes MAX(0, MIN(nmax, nearest_int(iscale*(x - min)))) of one chunk, with scratch space.
+
+    A plain float round equals ggml's nearest_int while |iscale*(x - min)| < 2**22; a cheap
+    per-sub-block bound decides, each time, whether the exact integer emulation is needed.
+    """
+
+    def __init__(self, xt: torch.Tensor, nmax: int):
+        self.xt = xt  # (n, b)
+        self.nmax = nmax
+        self.xlo = xt.amin(0)
+        self.xhi = xt.amax(0)
+        self.buf = torch.empty_like(xt)
+
+    def __call__(self, iscale: torch.Tensor, mn: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.buf if out is None else out
+        torch.sub(self.xt, mn, out=out)
+        out.mul_(iscale)
+        spread = torch.maximum((self.xhi - mn).abs(), (self.xlo - mn).abs())
+        if bool(((iscale.abs() * spread) < 4.0e6).all()):
+            return out.round_().clamp_(0, self.nmax)
+        out.copy_(nearest_int(out).clamp_(0, self.nmax))
+        return out
+
+
+def _qkx_chunk(xt, wt, nmax, mults, use_mad):
+    """make_qkx_quants on one chunk; xt, wt are (n, b). Returns scale (b,), the_min (b,), L (n, b) uint8."""
+    n, nb = xt.shape
+    dev = xt.device
+    codes = _Codes(xt, nmax)
+
+    mx = codes.xhi
+    mn = codes.xlo
+    sum_w = wt[0].clone()
+    sum_x = sum_w * xt[0]
+    for i in range(1, n):
+        sum_w += wt[i]
+        sum_x += wt[i] * xt[i]
+    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)  # the sign of a zero min never reaches the output
+    flat = mx <= mn  # every value equal: scale 0, L 0, the_min = -min
+
+    # The initial candidate: L from nmax/(max - min), scale = its inverse, the clamped min.
+    iscale = rdiv(nmax, mx - mn)
+    scale = rdiv(1.0, iscale)
+    l = codes(iscale, mn)
+    best = _weighted_error(l, scale, mn, xt, wt, use_mad)
+    gen_iscale, gen_min = iscale, mn  # what regenerates the chosen codes at the end
+
+    acc = torch.empty((3, nb), dtype=torch.float32, device=dev)
+    terms = torch.empty((3, n, nb), dtype=torch.float32, device=dev)
+    err = torch.empty(nb, dtype=torch.float32, device=dev)
+    for c in mults:
+        iscale = rdiv(c, mx - mn)
+        l = codes(iscale, mn)
+        torch.mul(l, wt, out=terms[0])  # w*l
+        torch.mul(terms[0], l, out=terms[1])  # (w*l)*l
+        torch.mul(terms[0], xt, out=terms[2])  # (w*l)*x
+        acc.copy_(terms[:, 0])
+        for i in range(1, n):
+            acc += terms[:, i]
+        sum_l, sum_l2, sum_xl = acc[0], acc[1], acc[2]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        pos = this_min > 0
+        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
+
+        e = terms[0]
+        torch.mul(l, this_scale, out=e)
+        e += this_min
+        e -= xt
+        if use_mad:
+            e.abs_()
+        else:
+            e.mul_(e)
+        e *= wt
+        err.copy_(e[0])
+        for i in range(1, n):
+            err += e[i]
+
+        # Kept only when D > 0 and strictly better (NaN never wins); the kept min is used
+        # by the following steps.
+        better = (D > 0) & (err < best)
+        best = torch.where(better, err, best)
+        gen_iscale = torch.where(better, iscale, gen_iscale)
+        gen_min = torch.where(better, mn, gen_min)
+        scale = torch.where(better, this_scale, scale)
+        mn = torch.where(better, this_min, mn)
+
+    L = codes(gen_iscale, gen_min)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    L = torch.where(flat, torch.zeros_like(L), L)
+    return scale, -mn, L.to(torch.uint8)
+
+
+def _weighted_error(l, scale, mn, xt, wt, use_mad):
+    """sum_i w*f(scale*l + min - x) in element order: l, xt, wt (n, b); scale, mn (b,)."""
+    e = l * scale
+    e += mn
+    e -= xt
+    e = e.abs_() if use_mad else e.mul_(e)
+    e *= wt
+    err = e[0].clone()
+    for i in range(1, e.shape[0]):
+        err += e[i]
+    return err
+
+
+def make_qp_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize the non-negative sub-block scales of many super-blocks to codes 0..nmax.
+
+    Mirrors ggml's ``make_qp_quants``: a scale search over iscale = (0.1*is + nmax)/max for
+    is = -4..4, then up to five passes that move single codes while that raises
+    sumlx**2/suml2. Codes are kept as ggml's uint8 array keeps them (wrapped to 8 bits).
+
+    Args:
+        x: (groups, n) float32 values to quantize (sub-block scales or mins).
+        w: (groups, n) float32 weights.
+        nmax: largest code.
+
+    Returns:
+        scale: (groups,) float32 super-block scale (``sumlx / suml2``).
+        L: (groups, n) int32 codes in 0..255.
+    """
+    ng, n = x.shape
+    mx = torch.zeros(ng, dtype=torch.float32, device=x.device)
+    for i in range(n):  # MAX(max, x[i]) from 0, in order
+        mx = torch.where(mx > x[:, i], mx, x[:, i])
+    zero = mx < GROUP_MAX_EPS
+    iscale = rdiv(nmax, mx)  # (groups,)
+    iscale_col = iscale[:, None]
+    L = nearest_int(iscale_col * x) & 0xFF
+    scale = rdiv(1.0, iscale)
+    best = _qp_error(x, w, scale[:, None], L.to(torch.float32))
+    for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+        c = float(np.float32(0.1) * np.float32(step) + np.float32(nmax))
+        iscale_is = rdiv(c, mx)
+        scale_is = rdiv(1.0, iscale_is)
+        l = nearest_int_clamped(iscale_is[:, None] * x, None, nmax)
+        mse = _qp_error(x, w, scale_is[:, None], l)
+        better = mse < best
+        best = torch.where(better, mse, best)
+        iscale = torch.where(better, iscale_is, iscale)
+
+    li = nearest_int(iscale[:, None] * x).clamp(max=nmax)  # (groups, n) int32, may be negative
+    lf = li.to(torch.float32)
+    L = li & 0xFF
+    sumlx = seq_sum(w * x * lf)
+    suml2 = seq_sum(w * lf * lf)
+    wx = w * x
+    for _ in range(5):
+        changed = torch.zeros(ng, dtype=torch.bool, device=x.device)
+        for i in range(n):
+            Li = L[:, i]
+            Lf = Li.to(torch.float32)
+            wi = w[:, i]
+            slx = sumlx - wx[:, i] * Lf
+            sl2 = suml2 - wi * Lf * Lf
+            ok = (slx > 0) & (sl2 > 0)
+            new_l = nearest_int(x[:, i] * sl2 / slx).clamp(max=nmax)
+            ok &= new_l != Li
+            nf = new_l.to(torch.float32)
+            slx = slx + wx[:, i] * nf
+            sl2 = sl2 + wi * nf * nf
+            ok &= slx * slx * suml2 > sumlx * sumlx * sl2
+            L[:, i] = torch.where(ok, new_l & 0xFF, Li)
+            sumlx = torch.where(ok, slx, sumlx)
+            suml2 = torch.where(ok, sl2, suml2)
+            changed |= ok
+        # A group with no change in a pass would repeat it exactly, so ggml's per-group
+        # early exit changes nothing; stop once no group changes.
+        if not bool(changed.any()):
+            break
+    out = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
+    out = torch.where(zero, torch.zeros_like(out), out)
+    L = torch.where(zero[:, None], torch.zeros_like(L), L)
+    return out, L
+
+
+def _qp_error(x, w, scale, l):
+    """sum_i w*diff*diff with diff = x - scale*l, in element order: (groups, n) -> (groups,)."""
+    diff = x - scale * l
+    return seq_sum(w * diff * diff)

@@ -1,0 +1,3 @@
+from moetrace.cli.main import main
+
+main()

@@ -1,0 +1,99 @@
+"""Built-in models: deterministic, the structure the issue asks for, planted faults that land."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moetrace.errors import MoetraceError
+from moetrace.tracer import builtin
+from moetrace.tracer.builtin import PLANT_COUNT, PLANT_SCALE, Plant, generate_tensors, parse_builtin
+
+
+def test_default_model_shape_meets_requirements():
+    s = parse_builtin("builtin:").shape
+    assert parse_builtin("builtin:").preset == "mini"
+    assert s.layers >= 16 and s.experts >= 32 and s.top_k >= 4
+    assert s.hidden % 256 == 0 and s.expert_width % 256 == 0  # K-quants apply
+    assert s.vocab == 256  # byte level
+
+
+def test_qwen3_30b_preset_has_real_widths():
+    m = parse_builtin("builtin:qwen3-30b-a3b:layers=4")
+    s = m.shape
+    assert (s.hidden, s.heads, s.kv_heads, s.head_dim, s.experts, s.top_k, s.expert_width, s.layers) == (
+        2048, 32, 4, 128, 128, 8, 768, 4)
+    assert m.model_id == "builtin:qwen3-30b-a3b:layers=4"
+
+
+def test_generation_is_deterministic_and_seeded():
+    shape = builtin.PRESETS["tiny"]
+    a = dict(generate_tensors(shape))
+    b = dict(generate_tensors(shape))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    other = dict(generate_tensors(parse_builtin("builtin:tiny:seed=1").shape))
+    assert not np.array_equal(a["lm_head.weight"], other["lm_head.weight"])
+
+
+def test_weights_are_heavy_tailed_with_outlier_channels():
+    shape = builtin.PRESETS["tiny"]
+    t = dict(generate_tensors(shape))
+    w = t["model.layers.0.mlp.experts.gate_up_proj"].ravel().astype(np.float64)
+    kurtosis = ((w - w.mean()) ** 4).mean() / w.var() ** 2
+    assert kurtosis > 4.0, f"excess tails expected (Gaussian kurtosis is 3), got {kurtosis:.2f}"
+    emb = t["model.embed_tokens.weight"]
+    ch = np.sqrt((emb ** 2).mean(0))  # (hidden,)
+    out = builtin.outlier_channels(shape)
+    assert ch[out].min() > 5 * np.median(ch)
+
+
+def test_checkpoint_loads_in_transformers(tiny_source):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_source.folder))
+    assert type(model).__name__ == "Qwen3MoeForCausalLM"
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+
+
+def test_router_margins_are_not_a_coin_toss(tiny_run):
+    import moetrace
+
+    _, stores = tiny_run
+    ref = moetrace.open_trace(stores["orig-fp32"])
+    lg = np.sort(ref.router_logits.sel(mode="free").values, -1)[..., ::-1]
+    k = ref.sizes["k"]
+    margin = lg[..., k - 1] - lg[..., k]  # (layer, token)
+    assert np.median(margin) > 0.1
+    assert (margin < 0.01).mean() < 0.1
+
+
+def test_plant_sets_extreme_values():
+    m = parse_builtin("builtin:tiny", plant="2:5:down")
+    t = dict(generate_tensors(m.shape, m.plant))
+    clean = dict(generate_tensors(m.shape))
+    mat = t["model.layers.2.mlp.experts.down_proj"][5]
+    rows, cols = builtin.planted_positions(m)
+    ref_std = clean["model.layers.2.mlp.experts.down_proj"][5].std()
+    assert np.allclose(np.abs(mat[rows, cols]), PLANT_SCALE * ref_std, rtol=1e-6)
+    changed = t["model.layers.2.mlp.experts.down_proj"] != clean["model.layers.2.mlp.experts.down_proj"]
+    assert changed.sum() == PLANT_COUNT and changed[5].sum() == PLANT_COUNT
+    assert m.content_hash != parse_builtin("builtin:tiny").content_hash
+
+
+@pytest.mark.parametrize("plant,msg", [("99:0:down", "outside"), ("0:99:up", "outside"), ("1:2:mid", "PROJ"),
+                                       ("a:b:up", "integers"), ("1:2", "LAYER:EXPERT:PROJ")])
+def test_bad_plant_is_rejected(plant, msg):
+    with pytest.raises(MoetraceError, match=msg):
+        parse_builtin("builtin:tiny", plant=plant)
+
+
+@pytest.mark.parametrize("spec,msg", [("builtin:nope", "unknown built-in"), ("builtin:tiny:layers=0", "at least 1"),
+                                      ("builtin:tiny:width=3", "invalid override")])
+def test_bad_builtin_spec(spec, msg):
+    with pytest.raises(MoetraceError, match=msg):
+        parse_builtin(spec)
+
+
+def test_plant_parse_roundtrip():
+    assert str(Plant.parse("5:3:down")) == "5:3:down"
