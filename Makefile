@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build by default; set TORCH_SPEC (e.g. "torch>=2.4") for a CUDA machine.
 TORCH_SPEC ?= torch==2.13.0
-DEMO_ARGS ?= --variant orig-bf16 --variant pure_q8_0-bf16 --variant pure_q4_0-bf16 --plant 5:3:down
+DEMO_ARGS ?= --variant orig-bf16 --variant q8_0-bf16 --variant q4_k_m-bf16 --plant 5:3:down
 
 .PHONY: demo test install clean
 

@@ -50,11 +50,12 @@ class F16(BlockFormat):
 
 def fp32_to_bf16_bits(x: torch.Tensor) -> torch.Tensor:
     """ggml's ``ggml_compute_fp32_to_bf16`` on the bit patterns: float32 -> int16 bf16 bits of the same shape."""
-    u = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # as uint32
+    # int32 arithmetic wraps like ggml's uint32 arithmetic, and an arithmetic shift leaves the low
+    # 16 bits that are kept equal to a logical one; the NaN test only looks at the low 31 bits.
+    u = x.to(torch.float32).contiguous().view(torch.int32)
     nan = (u & 0x7FFFFFFF) > 0x7F800000
-    rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
-    bits = torch.where(nan, (u >> 16) | 64, rounded) & 0xFFFF
-    return torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16)  # two's complement view
+    rounded = (u + ((u >> 16) & 1) + 0x7FFF) >> 16
+    return torch.where(nan, (u >> 16) | 64, rounded).to(torch.int16)  # int32 -> int16 keeps the low 16 bits
 
 
 class BF16(BlockFormat):

@@ -23,6 +23,7 @@ import torch
 from moetrace.errors import InternalError
 from moetrace.kernels.base import BlockFormat
 from moetrace.kernels.block_bytes import (
+    bit_fields,
     bits_to_bytes,
     c_float_to_int,
     dequantize_chunked,
@@ -42,8 +43,10 @@ from moetrace.kernels.qx_search import (
 )
 
 QK = 32
-# Elements per chunk for the searching imatrix paths (hundreds of small ops per chunk).
-SEARCH_CHUNK_ELEMS = 1 << 18
+# Elements per chunk for the imatrix paths: make_qx_quants holds (32, 19, blocks) candidates;
+# make_qkx3_quants runs its 37 steps one after the other, so larger chunks amortize them.
+QX_CHUNK_ELEMS = 1 << 15
+QKX3_CHUNK_ELEMS = 1 << 17
 
 
 def _pack4(q: torch.Tensor) -> torch.Tensor:
@@ -58,14 +61,23 @@ def _fp16_col(q: torch.Tensor, offset: int) -> torch.Tensor:
 
 def _nibbles(qs: torch.Tensor, high: torch.Tensor | None = None) -> torch.Tensor:
     """(b, 16) uint8 packed nibbles (and (b, 4) qh bytes for 5-bit types) -> (b, 32) uint8 codes, element order."""
-    buf = torch.empty(qs.shape[0], QK, dtype=torch.uint8, device=qs.device)
-    torch.bitwise_and(qs, 0xF, out=buf[:, :16])
-    torch.bitwise_right_shift(qs, 4, out=buf[:, 16:])
+    codes = bit_fields(qs, 4, 2).reshape(-1, QK)  # (b, 2, 16): low nibbles are elements 0-15, high 16-31
     if high is not None:
-        shifts = torch.arange(8, dtype=torch.uint8, device=qs.device)
-        bit4 = ((high[:, :, None] >> shifts) << 4) & 0x10  # (b, 4, 8): bit k of byte j -> element 8j+k
-        buf |= bit4.reshape(-1, QK)
-    return buf
+        # Bit k of qh byte j is bit 4 of element 8j+k: one table lookup per byte gives its 8 elements.
+        codes |= _bit4_table(qs.device)[high.long()].view(torch.uint8).reshape(-1, QK)
+    return codes
+
+
+_BIT4_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit4_table(device: torch.device) -> torch.Tensor:
+    """(256,) int64: for each byte value, the 8 little-endian bytes ``0x10 * bit k`` (cached per device)."""
+    if device not in _BIT4_TABLES:
+        v = torch.arange(256, dtype=torch.int64)
+        t = sum(((v >> k) & 1) << (8 * k + 4) for k in range(8))
+        _BIT4_TABLES[device] = t.to(device)
+    return _BIT4_TABLES[device]
 
 
 def _qh_bytes(q: torch.Tensor) -> torch.Tensor:
@@ -101,6 +113,7 @@ class _Legacy(BlockFormat):
     """Shared plumbing: the imatrix paths need the row length (see the module docstring)."""
 
     needs_row_length = True
+    _impl_chunk = QX_CHUNK_ELEMS
 
     def quantize_blocks(
         self, x: torch.Tensor, quant_weights: torch.Tensor | None, n_per_row: int | None = None
@@ -109,7 +122,7 @@ class _Legacy(BlockFormat):
         if quant_weights is None:
             return quantize_chunked(self._ref, x, None, self.type_size)
         w = _weights(x, quant_weights, n_per_row, self.name)
-        return quantize_chunked(self._impl_em, x, w, self.type_size, SEARCH_CHUNK_ELEMS)
+        return quantize_chunked(self._impl_em, x, w, self.type_size, self._impl_chunk)
 
     def _impl_em(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         # The searches run element-major: (32, b) so each element index is one contiguous vector.
@@ -182,6 +195,7 @@ class Q4_1(_Legacy):
 
     name = "Q4_1"
     vec_dot_type = "Q8_1"
+    _impl_chunk = QKX3_CHUNK_ELEMS
 
     # Mirrors quantize_row_q4_1_ref.
     def _ref(self, x, _=None):
@@ -236,6 +250,7 @@ class Q5_1(_Legacy):
 
     name = "Q5_1"
     vec_dot_type = "Q8_1"
+    _impl_chunk = QKX3_CHUNK_ELEMS
 
     # Mirrors quantize_row_q5_1_ref.
     def _ref(self, x, _=None):

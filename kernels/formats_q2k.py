@@ -15,9 +15,8 @@ from __future__ import annotations
 import torch
 
 from moetrace.kernels.base import QK_K, BlockFormat
+from moetrace.kernels.block_bytes import fp16_bytes, fp16_field
 from moetrace.kernels.kquant_search import (
-    fp16_bytes,
-    fp16_from_bytes,
     fp16_round,
     make_qkx_quants,
     make_qp_quants,
@@ -106,8 +105,8 @@ class Q2K(BlockFormat):
         """(blocks, 84) uint8 -> (blocks, 256) float32."""
         nb = q.shape[0]
         sc = q[:, 0:16]
-        d = fp16_from_bytes(q[:, 80:82])
-        dmin = fp16_from_bytes(q[:, 82:84])
+        d = fp16_field(q, 80)
+        dmin = fp16_field(q, 82)
         dl = (d[:, None] * (sc & 0xF).to(torch.float32))[:, :, None]  # (blocks, 16, 1)
         ml = (dmin[:, None] * (sc >> 4).to(torch.float32))[:, :, None]
         shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=q.device)[None, None, :, None]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from moetrace.kernels.base import QK_K, BlockFormat
-from moetrace.kernels.block_bytes import dequantize_chunked, fp16_bytes, int8_wrap, quantize_chunked
+from moetrace.kernels.block_bytes import bit_fields, dequantize_chunked, fp16_bytes, int8_wrap, quantize_chunked
 from moetrace.kernels.qx_search import (
     GROUP_MAX_EPS,
     fdiv,
@@ -28,8 +28,10 @@ from moetrace.kernels.qx_search import (
     sqrtf,
 )
 
-# Elements per chunk for the searches: hundreds of small ops per chunk, intermediates near the caches.
-SEARCH_CHUNK_ELEMS = 1 << 18
+# Elements per chunk for the searches. make_qx_quants holds (16, 19, groups) candidates, so its chunks
+# stay small; make_q3_quants runs ~3000 small ops per chunk whatever its size, so its chunks are large.
+QX_CHUNK_ELEMS = 1 << 15
+Q3_CHUNK_ELEMS = 1 << 18
 
 
 def _groups(t: torch.Tensor) -> torch.Tensor:
@@ -79,7 +81,8 @@ class Q3_K(BlockFormat):
 
     # Mirrors quantize_row_q3_K_ref (quant_weights None) and quantize_row_q3_K_impl (with weights).
     def quantize_blocks(self, x: torch.Tensor, quant_weights: torch.Tensor | None) -> torch.Tensor:
-        return quantize_chunked(self._quantize, x, quant_weights, self.type_size, SEARCH_CHUNK_ELEMS)
+        chunk = Q3_CHUNK_ELEMS if quant_weights is None else QX_CHUNK_ELEMS
+        return quantize_chunked(self._quantize, x, quant_weights, self.type_size, chunk)
 
     def _quantize(self, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         B = x.shape[0]
@@ -120,15 +123,13 @@ class Q3_K(BlockFormat):
     @staticmethod
     def _fill(q: torch.Tensor, out: torch.Tensor) -> None:
         b = q.shape[0]
-        dev = q.device
         d = q[:, 108:110].view(torch.float16).to(torch.float32)  # (b, 1)
-        hm, qs, sb = q[:, :32], q[:, 32:96], q[:, 96:108]
-        sh2 = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=dev)
-        low = torch.cat([sb[:, :8] & 0xF, sb[:, :8] >> 4], 1)  # (b, 16)
-        high = ((sb[:, None, 8:] >> sh2[:, None]) & 3).reshape(b, 16)  # group 4t+k: byte 8+k, bits 2t
+        sb = q[:, 96:108]
+        low = bit_fields(sb[:, :8], 4, 2).reshape(b, 16)  # group j: low nibble of byte j, group j+8: high
+        high = bit_fields(sb[:, 8:], 2, 4).reshape(b, 16)  # group 4t+k: bits 2t of byte 8+k
         dl = d * ((low | (high << 4)).view(torch.int8) - 32).to(torch.float32)  # (b, 16)
-        code = (qs.reshape(b, 2, 1, 32) >> sh2[:, None]) & 3  # (b, 2, 4, 32): half, shift, l
-        hb = (hm[:, None, :] >> torch.arange(8, dtype=torch.uint8, device=dev)[:, None]) & 1  # (b, 8, 32)
+        code = bit_fields(q[:, 32:96].reshape(2 * b, 32), 2, 4)  # (2b, 4, 32): half, shift, l
+        hb = bit_fields(q[:, :32], 1, 8)  # (b, 8, 32): bit 4*half+shift of hmask[l]
         code = code.reshape(b, 16, 16) | (hb.reshape(b, 16, 16) << 2)  # 0..7 = value + 4
         torch.mul(dl[:, :, None], code.sub_(4).view(torch.int8), out=out.view(b, 16, 16))
 
@@ -141,7 +142,7 @@ class Q6_K(BlockFormat):
 
     # Mirrors quantize_row_q6_K_ref (quant_weights None) and quantize_row_q6_K_impl (with weights).
     def quantize_blocks(self, x: torch.Tensor, quant_weights: torch.Tensor | None) -> torch.Tensor:
-        return quantize_chunked(self._quantize, x, quant_weights, self.type_size, SEARCH_CHUNK_ELEMS)
+        return quantize_chunked(self._quantize, x, quant_weights, self.type_size, QX_CHUNK_ELEMS)
 
     def _quantize(self, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         B = x.shape[0]
@@ -170,12 +171,9 @@ class Q6_K(BlockFormat):
     @staticmethod
     def _fill(q: torch.Tensor, out: torch.Tensor) -> None:
         b = q.shape[0]
-        dev = q.device
         d = q[:, 208:210].view(torch.float16).to(torch.float32)  # (b, 1)
-        ql, qh = q[:, :128], q[:, 128:192]
         ds = d * q[:, 192:208].view(torch.int8).to(torch.float32)  # (b, 16): (d * sc) first, as ggml
-        nib = ql.reshape(b, 2, 1, 2, 32) >> torch.tensor([0, 4], dtype=torch.uint8, device=dev)[:, None, None]
-        lo = (nib & 0xF).reshape(b, 16, 16)  # quarter k = 2*(nibble) + (k&1)
-        hi = (qh.reshape(b, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=dev)[:, None]) & 3
-        code = lo | (hi.reshape(b, 16, 16) << 4)  # 0..63 = value + 32
+        lo = bit_fields(q[:, :128].reshape(2 * b, 64), 4, 2)  # (2b, nibble, 64): quarter k = 2*nibble + k%2
+        hi = bit_fields(q[:, 128:192].reshape(2 * b, 32), 2, 4)  # (2b, 4, 32): quarter, l
+        code = lo.reshape(b, 16, 16) | (hi.reshape(b, 16, 16) << 4)  # 0..63 = value + 32
         torch.mul(ds[:, :, None], code.sub_(32).view(torch.int8), out=out.view(b, 16, 16))

@@ -15,9 +15,8 @@ from __future__ import annotations
 import torch
 
 from moetrace.kernels.base import QK_K, BlockFormat
+from moetrace.kernels.block_bytes import fp16_bytes, fp16_field
 from moetrace.kernels.kquant_search import (
-    fp16_bytes,
-    fp16_from_bytes,
     fp16_round,
     make_qkx_quants,
     make_qp_quants,
@@ -131,8 +130,8 @@ def _quantize_k4(x: torch.Tensor, qw: torch.Tensor | None, nmax: int, rmin: floa
 def _dequantize_k4(q: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """d*sc * code - dmin*m per sub-block: q (blocks, bytes) uint8, codes (blocks, 8, 32) uint8 -> (blocks, 256)."""
     nb = q.shape[0]
-    d = fp16_from_bytes(q[:, 0:2])
-    dmin = fp16_from_bytes(q[:, 2:4])
+    d = fp16_field(q, 0)
+    dmin = fp16_field(q, 2)
     sc, m = unpack_scales_k4(q[:, 4:16])
     d1 = (d[:, None] * sc.to(torch.float32))[:, :, None]  # (blocks, 8, 1)
     m1 = (dmin[:, None] * m.to(torch.float32))[:, :, None]

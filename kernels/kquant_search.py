@@ -23,9 +23,11 @@ GROUP_MAX_EPS = 1e-15
 # float32(1.5 * 2**23): ggml's nearest_int adds it and reads the low mantissa bits.
 _MAGIC = 12582912.0
 
-# The search runs on chunks of about this many elements: large enough that each torch op
-# amortizes its dispatch, small enough that a step's working set stays in the CPU caches.
-_CHUNK_ELEMS = 1 << 18
+# The search runs on chunks of about this many elements: on a CPU large enough that each
+# torch op amortizes its dispatch, small enough that a step's working set (about ten arrays
+# of the chunk's size) stays in the caches; a GPU wants as much work per kernel as fits.
+_CHUNK_ELEMS = {"cpu": 1 << 18}
+_CHUNK_ELEMS_DEFAULT = 1 << 24
 
 
 def nearest_int(f: torch.Tensor) -> torch.Tensor:
@@ -71,16 +73,6 @@ def sqrt_f32(t: torch.Tensor) -> torch.Tensor:
 def fp16_round(f: torch.Tensor) -> torch.Tensor:
     """``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(f))``: round to nearest-even fp16, overflow to Inf."""
     return f.to(torch.float16).to(torch.float32)
-
-
-def fp16_bytes(f: torch.Tensor) -> torch.Tensor:
-    """(n,) float32 -> (n, 2) uint8: the little-endian fp16 bytes ggml stores."""
-    return f.to(torch.float16).contiguous().view(torch.uint8).reshape(-1, 2)
-
-
-def fp16_from_bytes(b: torch.Tensor) -> torch.Tensor:
-    """(n, 2) uint8 -> (n,) float32: ``GGML_FP16_TO_FP32`` of stored fp16 bytes."""
-    return b.contiguous().view(torch.float16).reshape(-1).to(torch.float32)
 
 
 def running_max_from_zero(v: torch.Tensor) -> torch.Tensor:
@@ -140,7 +132,7 @@ def make_qkx_quants(
     xt = x.t().contiguous()  # (n, sub_blocks): element-major, see the module docstring
     wt = w.t().contiguous()  # (n, sub_blocks)
     mults = [float(c) for c in _search_multipliers(nmax, rmin, rdelta, nstep)]
-    chunk = max(1, _CHUNK_ELEMS // n)
+    chunk = max(1, _CHUNK_ELEMS.get(x.device.type, _CHUNK_ELEMS_DEFAULT) // n)
     scale = torch.empty(n_sub, dtype=torch.float32, device=x.device)
     the_min = torch.empty_like(scale)
     L = torch.empty((n, n_sub), dtype=torch.uint8, device=x.device)
@@ -156,25 +148,26 @@ def make_qkx_quants(
 
 
 class _Codes:
-    """Codes MAX(0, MIN(nmax, nearest_int(iscale*(x - min)))) of one chunk, with scratch space.
+    """Codes MAX(0, MIN(nmax, nearest_int(iscale*(x - min)))) of one chunk.
 
-    A plain float round equals ggml's nearest_int while |iscale*(x - min)| < 2**22; a cheap
-    per-sub-block bound decides, each time, whether the exact integer emulation is needed.
+    A float round equals ggml's nearest_int while |iscale*(x - min)| < 2**22. The extreme
+    products of a sub-block come from its smallest and largest value (float subtraction and
+    multiplication are monotonic), so checking those two per sub-block decides whether the
+    cheap path is exact; otherwise (tiny or overflowing ranges, a fitted min far outside the
+    data) the integer emulation runs.
     """
 
     def __init__(self, xt: torch.Tensor, nmax: int):
         self.xt = xt  # (n, b)
         self.nmax = nmax
-        self.xlo = xt.amin(0)
-        self.xhi = xt.amax(0)
-        self.buf = torch.empty_like(xt)
+        self.ext = torch.stack([xt.amin(0), xt.amax(0)])  # (2, b): smallest, largest value
 
-    def __call__(self, iscale: torch.Tensor, mn: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.buf if out is None else out
+    def __call__(self, iscale: torch.Tensor, mn: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Write the (n, b) codes for per-sub-block iscale, mn (b,) into ``out`` (float32)."""
         torch.sub(self.xt, mn, out=out)
         out.mul_(iscale)
-        spread = torch.maximum((self.xhi - mn).abs(), (self.xlo - mn).abs())
-        if bool(((iscale.abs() * spread) < 4.0e6).all()):
+        lo, hi = torch.aminmax((self.ext - mn) * iscale)
+        if bool((lo > -4.0e6) & (hi < 4.0e6)):  # False for NaN too
             return out.round_().clamp_(0, self.nmax)
         out.copy_(nearest_int(out).clamp_(0, self.nmax))
         return out
@@ -184,84 +177,99 @@ def _qkx_chunk(xt, wt, nmax, mults, use_mad):
     """make_qkx_quants on one chunk; xt, wt are (n, b). Returns scale (b,), the_min (b,), L (n, b) uint8."""
     n, nb = xt.shape
     dev = xt.device
+    f32 = dict(dtype=torch.float32, device=dev)
     codes = _Codes(xt, nmax)
+    xlo, mx = codes.ext
 
-    mx = codes.xhi
-    mn = codes.xlo
     sum_w = wt[0].clone()
     sum_x = sum_w * xt[0]
     for i in range(1, n):
         sum_w += wt[i]
         sum_x += wt[i] * xt[i]
-    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)  # the sign of a zero min never reaches the output
-    flat = mx <= mn  # every value equal: scale 0, L 0, the_min = -min
+    mn0 = torch.where(xlo > 0, torch.zeros_like(xlo), xlo)  # the sign of a zero min never reaches the output
+    flat = mx <= mn0  # every value equal: scale 0, L 0, the_min = -min
 
-    # The initial candidate: L from nmax/(max - min), scale = its inverse, the clamped min.
-    iscale = rdiv(nmax, mx - mn)
-    scale = rdiv(1.0, iscale)
-    l = codes(iscale, mn)
-    best = _weighted_error(l, scale, mn, xt, wt, use_mad)
-    gen_iscale, gen_min = iscale, mn  # what regenerates the chosen codes at the end
+    # State of the search, one row each: best error, the iscale and min that produced the
+    # best codes, the best scale, and the current min. `cand` holds a step's candidate
+    # in the same rows so one masked copy applies a win.
+    state = torch.empty((5, nb), **f32)
+    cand = torch.empty((5, nb), **f32)
+    best, gen_iscale, gen_min, scale, mn = state.unbind(0)
+    err, c_iscale, c_min, this_scale, this_min = cand.unbind(0)
 
-    acc = torch.empty((3, nb), dtype=torch.float32, device=dev)
-    terms = torch.empty((3, n, nb), dtype=torch.float32, device=dev)
-    err = torch.empty(nb, dtype=torch.float32, device=dev)
-    for c in mults:
-        iscale = rdiv(c, mx - mn)
-        l = codes(iscale, mn)
-        torch.mul(l, wt, out=terms[0])  # w*l
-        torch.mul(terms[0], l, out=terms[1])  # (w*l)*l
-        torch.mul(terms[0], xt, out=terms[2])  # (w*l)*x
-        acc.copy_(terms[:, 0])
-        for i in range(1, n):
-            acc += terms[:, i]
-        sum_l, sum_l2, sum_xl = acc[0], acc[1], acc[2]
-        D = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+    l = torch.empty((n, nb), **f32)
+    e = torch.empty((n, nb), **f32)
+    terms = torch.empty((n, 3, nb), **f32)  # per element: w*l, (w*l)*l, (w*l)*x
+    acc = torch.empty((3, nb), **f32)  # sum_l, sum_l2, sum_xl
+    dn = torch.empty((3, nb), **f32)  # D, and the numerators of scale and min
+    ysl = torch.empty((2, nb), **f32)  # sum_l, sum_x
+
+    # The initial candidate: codes from nmax/(max - min), scale = 1/iscale, the clamped min.
+    mn.copy_(mn0)
+    torch.div(_f32(nmax, dev), mx - mn, out=gen_iscale)
+    torch.div(_f32(1.0, dev), gen_iscale, out=scale)
+    gen_min.copy_(mn)
+    codes(gen_iscale, mn, l)
+    _weighted_error(l, scale, mn, xt, wt, use_mad, e, best)
+
+    ysl[1] = sum_x
+    t_rows = terms.view(n, 3 * nb).unbind(0)  # views made once: indexing in the loop costs
+    acc_flat = acc.view(-1)
+    for c in [_f32(c, dev) for c in mults]:
+        torch.div(c, mx - mn, out=c_iscale)
+        c_min.copy_(mn)
+        codes(c_iscale, mn, l)
+        torch.mul(l, wt, out=terms[:, 0])
+        torch.mul(terms[:, 0], l, out=terms[:, 1])
+        torch.mul(terms[:, 0], xt, out=terms[:, 2])
+        acc_flat.copy_(t_rows[0])
+        for t in t_rows[1:]:  # ggml's sequential sums, all three at once
+            acc_flat += t
+        sum_l, sum_l2, sum_xl = acc.unbind(0)
+
+        # D = sum_w*sum_l2 - sum_l*sum_l, scale numerator sum_w*sum_xl - sum_x*sum_l,
+        # min numerator sum_l2*sum_x - sum_l*sum_xl, each as ggml rounds it.
+        ysl[0] = sum_l
+        torch.sub(acc[1:] * sum_w, ysl * sum_l, out=dn[:2])
+        torch.sub(sum_l2 * sum_x, sum_l * sum_xl, out=dn[2])
+        D = dn[0]
+        torch.div(dn[1:], D, out=cand[3:])
         pos = this_min > 0
-        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-        this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
+        this_min.clamp_(max=0.0)  # `if (this_min > 0) this_min = 0`; NaN stays NaN as in C
+        torch.where(pos, sum_xl / sum_l2, this_scale, out=this_scale)
 
-        e = terms[0]
-        torch.mul(l, this_scale, out=e)
-        e += this_min
-        e -= xt
-        if use_mad:
-            e.abs_()
-        else:
-            e.mul_(e)
-        e *= wt
-        err.copy_(e[0])
-        for i in range(1, n):
-            err += e[i]
+        _weighted_error(l, this_scale, this_min, xt, wt, use_mad, e, err)
 
         # Kept only when D > 0 and strictly better (NaN never wins); the kept min is used
         # by the following steps.
         better = (D > 0) & (err < best)
-        best = torch.where(better, err, best)
-        gen_iscale = torch.where(better, iscale, gen_iscale)
-        gen_min = torch.where(better, mn, gen_min)
-        scale = torch.where(better, this_scale, scale)
-        mn = torch.where(better, this_min, mn)
+        torch.where(better, cand, state, out=state)
 
-    L = codes(gen_iscale, gen_min)
+    L = codes(gen_iscale, gen_min, l)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
-    L = torch.where(flat, torch.zeros_like(L), L)
+    L = L.masked_fill_(flat, 0.0)
     return scale, -mn, L.to(torch.uint8)
 
 
-def _weighted_error(l, scale, mn, xt, wt, use_mad):
-    """sum_i w*f(scale*l + min - x) in element order: l, xt, wt (n, b); scale, mn (b,)."""
-    e = l * scale
+def _f32(v: float, dev) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32, device=dev)
+
+
+def _weighted_error(l, scale, mn, xt, wt, use_mad, e, out):
+    """out = sum_i w*f(scale*l + min - x) in element order: l, xt, wt, e (n, b); scale, mn, out (b,)."""
+    torch.mul(l, scale, out=e)
     e += mn
     e -= xt
-    e = e.abs_() if use_mad else e.mul_(e)
+    if use_mad:
+        e.abs_()
+    else:
+        e.mul_(e)
     e *= wt
-    err = e[0].clone()
-    for i in range(1, e.shape[0]):
-        err += e[i]
-    return err
+    rows = e.unbind(0)
+    out.copy_(rows[0])
+    for r in rows[1:]:
+        out += r
+    return out
 
 
 def make_qp_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:

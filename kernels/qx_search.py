@@ -51,8 +51,8 @@ def sqrtf(v: torch.Tensor) -> torch.Tensor:
 
 
 def roundf(v: torch.Tensor) -> torch.Tensor:
-    """C ``roundf`` (half away from zero) on float32, exact: trunc, then step if the fraction is >= 0.5."""
-    r = torch.trunc(v)
+    """C ``roundf`` (half away from zero) on float32, exact for |v| < 2**31: trunc, then step if the fraction is >= 0.5."""
+    r = v.to(torch.int32).to(torch.float32)  # truncation toward zero (torch.trunc is much slower on CPU)
     frac = v - r  # exact: the fraction of a float is representable
     return r + torch.where(frac.abs() >= 0.5, torch.sign(v), torch.zeros_like(v))
 
@@ -79,6 +79,14 @@ def first_absmax(x: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Ten
         max: (G,) signed value; amax: (G,) its magnitude.
     """
     ax = x.abs()
+    if dim == 0:
+        # ggml's loop itself, vectorized across columns: cheaper than argmax along dim 0.
+        amax, mx = torch.zeros_like(ax[0]), torch.zeros_like(x[0])
+        for i in range(x.shape[0]):
+            take = ax[i] > amax
+            amax = torch.where(take, ax[i], amax)
+            mx = torch.where(take, x[i], mx)
+        return mx, amax
     idx = ax.argmax(dim, keepdim=True)
     mx, amax = x.gather(dim, idx).squeeze(dim), ax.gather(dim, idx).squeeze(dim)
     # ggml never updates max when every |x| is 0: it stays +0.0 even if the first element is -0.0.
@@ -106,6 +114,11 @@ def _f32(v: float) -> np.float32:
 def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)``: a signed scale searched over 19 candidates.
 
+    All 19 candidate inverse scales (``-nmax/max``, then ``-(nmax + 0.1f*is)/max`` for is = -9..9,
+    is != 0) are rounded and summed at once; only the strictly-better selection, which compares
+    against the running best, runs candidate by candidate. ggml recomputes the winner's codes from
+    its inverse scale, so taking the winner's codes here is the same.
+
     Args:
         x: (n, G) float32 groups, element-major.
         nmax: levels run -nmax..nmax-1.
@@ -120,24 +133,25 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple
     w = x * x if qw is None else qw
     wx = w * x  # the (w*x[i]) of (w*x[i])*l, the same for every candidate
 
-    def trial(iscale):  # (G,) -> l (n, G) int32, sumlx (G,), suml2 (G,)
-        l = nearest_int(iscale * x).clamp_(-nmax, nmax - 1)
-        lf = l.to(torch.float32)
-        return l, seq_sum(wx * lf), seq_sum(w * lf * lf)
+    # Candidate numerators in ggml's order, each a float32 constant: nmax, then nmax + 0.1f*is.
+    cs = [_f32(nmax)] + [_f32(nmax) + _f32(0.1) * _f32(i) for i in range(-9, 10) if i != 0]
+    iscale = torch.stack([fdiv(-float(c), mx) for c in cs])  # (C, G)
+    # |iscale * x| <= nmax + 0.9, far inside nearest_int's range, where it is round-half-even.
+    lf = torch.round(iscale[None] * x[:, None]).clamp_(-nmax, nmax - 1)  # (n, C, G)
+    terms = torch.stack([wx[:, None] * lf, w[:, None] * lf * lf], 1)  # (n, 2, C, G)
+    sums = seq_sum(terms)  # (2, C, G)
+    sumlx, suml2 = sums[0], sums[1]
 
-    iscale = fdiv(-nmax, mx)  # -nmax/max: an int converted to float, divided in float32
-    L, sumlx, suml2 = trial(iscale)
-    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        c = _f32(nmax) + _f32(0.1) * _f32(step)  # (nmax + 0.1f*is) in float32
-        l, slx, sl2 = trial(fdiv(-c, mx))
+    scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(sumlx[0]))
+    best = scale * sumlx[0]
+    win = torch.zeros_like(mx, dtype=torch.int64)
+    for k in range(1, len(cs)):
+        slx, sl2 = sumlx[k], suml2[k]
         better = (sl2 > 0) & (slx * slx > best * sl2)  # strictly better, as in ggml
-        L = torch.where(better, l, L)
         scale = torch.where(better, slx / sl2, scale)
         best = torch.where(better, scale * slx, best)
+        win = torch.where(better, k, win)
+    L = lf.gather(1, win.expand(x.shape[0], 1, -1))[:, 0].to(torch.int32)  # (n, G) the winner's codes
     L = torch.where(zero, 0, L + nmax)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     return scale, L
@@ -162,23 +176,21 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     mx, amax = first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     iscale = fdiv(-nmax, mx)
-    L = nearest_int(iscale * x).clamp_(-nmax, nmax - 1)  # (n, G) signed codes
+    L = torch.round(iscale * x).clamp_(-nmax, nmax - 1)  # (n, G) signed codes, as floats; |iscale*x| <= nmax
     w = x * x
     wx = w * x
-    Lf = L.to(torch.float32)
-    sumlx = seq_sum(wx * Lf)
-    suml2 = seq_sum(w * Lf * Lf)
+    sumlx = seq_sum(wx * L)
+    suml2 = seq_sum(w * L * L)
     for _ in range(5):
         changed = torch.zeros_like(zero)
         for i in range(n):
             li = L[i]
-            lif = li.to(torch.float32)
-            slx = sumlx - wx[i] * lif
-            sl2 = suml2 - w[i] * lif * lif
-            new_l = nearest_int(x[i] * sl2 / slx).clamp_(-nmax, nmax - 1)
-            nlf = new_l.to(torch.float32)
-            slx_new = slx + wx[i] * nlf
-            sl2_new = sl2 + w[i] * nlf * nlf
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - w[i] * li * li
+            # x*sl2/slx is unbounded in principle: keep ggml's exact nearest_int here.
+            new_l = nearest_int(x[i] * sl2 / slx).clamp_(-nmax, nmax - 1).to(torch.float32)
+            slx_new = slx + wx[i] * new_l
+            sl2_new = sl2 + w[i] * new_l * new_l
             take = (
                 (slx > 0) & (new_l != li) & (sl2_new > 0)
                 & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
@@ -190,7 +202,7 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
         if not bool(changed.any()):
             break
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
-    L = torch.where(zero, 0, L + nmax)
+    L = torch.where(zero, 0, L.to(torch.int32) + nmax)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     return scale, L
 

@@ -27,7 +27,7 @@ import numpy as np
 from moetrace.errors import MoetraceError
 from moetrace.tracer.naming import EXPERT_PROJS
 
-GENERATOR_VERSION = 1  # bump when generation changes, so cached folders are regenerated
+GENERATOR_VERSION = 2  # bump when generation changes, so cached folders are regenerated
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ def generate_tensors(shape: BuiltinShape, plant: Plant | None = None):
     """Yield (hf_name, float32 array) for every tensor of the model, one at a time."""
     h, e, f, L = shape.hidden, shape.experts, shape.expert_width, shape.layers
     out_ch = outlier_channels(shape)
-    depth = 1.0 / np.sqrt(2.0 * L)  # residual branches scaled down so the stream grows slowly
+    depth = 1.0  # residual branches at full scale: the stream grows with depth, as in real LLMs
 
     emb = _t(_rng(shape, "embed"), (shape.vocab, h), 1.0)
     emb[:, out_ch] *= 12.0
