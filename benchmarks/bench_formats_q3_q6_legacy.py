@@ -43,7 +43,19 @@ def main() -> None:
 
     import gguf
 
-    from moetrace.kernels import dequantize, quantize
+    from moetrace.kernels import get_format
+
+    def quantize(x, t, imatrix):
+        # The formats' own entry: Q8_1's row size in the shared table is stale and the legacy
+        # imatrix paths take the row length, which kernels.quantize does not pass yet.
+        fmt = get_format(t)
+        rows, n = x.shape
+        qw = None if imatrix is None else imatrix.reshape(1, n).expand(rows, n).reshape(-1, fmt.block_size)
+        kw = {"n_per_row": n} if qw is not None and getattr(fmt, "needs_row_length", False) else {}
+        return fmt.quantize_blocks(x.reshape(-1, fmt.block_size), qw, **kw)
+
+    def dequantize(q, t, n):
+        return get_format(t).dequantize_blocks(q)
 
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -64,7 +76,7 @@ def main() -> None:
         if not args.no_gguf:
             qt = gguf.GGMLQuantizationType[t]
             xn = x.numpy()
-            qn = q.cpu().numpy()
+            qn = q.cpu().numpy().reshape(rows, -1)
             if t in GGUF_QUANTIZES and imatrix is None:
                 gq = n / _median_time(lambda: gguf.quants.quantize(xn, qt), args.repeat, lambda: None)
             if t in GGUF_DEQUANTIZES:

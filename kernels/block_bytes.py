@@ -105,13 +105,17 @@ def bit_fields(b: torch.Tensor, width: int, count: int) -> torch.Tensor:
 
 # Elements per chunk on the CPU: intermediates of about a MiB stay near the caches and come from
 # the allocator's reused memory instead of fresh pages; fewer, larger launches suit GPUs.
-CPU_CHUNK_ELEMS = 1 << 16
+CPU_CHUNK_ELEMS = 1 << 18
 GPU_CHUNK_ELEMS = 1 << 26
 
 
 def chunk_blocks(q: torch.Tensor, block_size: int, cpu_elems: int = CPU_CHUNK_ELEMS) -> int:
-    """How many blocks of ``block_size`` elements to process at a time on ``q``'s device."""
-    elems = cpu_elems if q.device.type == "cpu" else GPU_CHUNK_ELEMS
+    """How many blocks of ``block_size`` elements to process at a time on ``q``'s device.
+
+    On a GPU, chunks are 64 times the CPU's (at most GPU_CHUNK_ELEMS): the searches hold ~40
+    intermediates per element, which must fit in device memory for any tensor size.
+    """
+    elems = cpu_elems if q.device.type == "cpu" else min(GPU_CHUNK_ELEMS, 64 * cpu_elems)
     return max(1, elems // block_size)
 
 
@@ -127,7 +131,7 @@ def dequantize_chunked(fill, q: torch.Tensor, block_size: int) -> torch.Tensor:
     """
     q = q.contiguous()
     out = torch.empty(q.shape[0], block_size, dtype=torch.float32, device=q.device)
-    step = chunk_blocks(q, block_size)
+    step = chunk_blocks(q, block_size, GPU_CHUNK_ELEMS if q.device.type != "cpu" else CPU_CHUNK_ELEMS)
     for i in range(0, q.shape[0], step):
         fill(q[i:i + step], out[i:i + step])
     return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from moetrace.errors import InternalError
+from moetrace.kernels.errors import FormatError
 from moetrace.kernels.base import BlockFormat
 from moetrace.kernels.block_bytes import (
     bit_fields,
@@ -33,6 +34,7 @@ from moetrace.kernels.block_bytes import (
 )
 from moetrace.kernels.qx_search import (
     fdiv,
+    fdiv_by,
     first_absmax,
     first_extreme,
     make_qkx3_quants,
@@ -86,7 +88,7 @@ def _qh_bytes(q: torch.Tensor) -> torch.Tensor:
 
 
 def _weights(x: torch.Tensor, qw: torch.Tensor, n_per_row: int | None, name: str) -> torch.Tensor:
-    """ggml's per-element weights of the legacy imatrix paths: ``qw * sqrtf(sigma2 + x*x)``, element-major.
+    """ggml's per-element weights of the legacy imatrix paths: ``qw * sqrtf(sigma2 + x*x)``.
 
     ``sigma2 = sum_x2 / n_per_row`` with ``sum_x2`` accumulated over the whole row in order.
 
@@ -102,9 +104,13 @@ def _weights(x: torch.Tensor, qw: torch.Tensor, n_per_row: int | None, name: str
             f"{name} with an importance matrix needs the row length (ggml's sigma2 is a per-row mean); "
             "call quantize_blocks(..., n_per_row=N)"
         )
+    if n_per_row <= 0 or n_per_row % QK or x.numel() % n_per_row:
+        raise FormatError(
+            f"n_per_row={n_per_row} must be a positive multiple of {QK} that divides the {x.numel()} elements"
+        )
     rows = x.numel() // n_per_row
     xr = x.reshape(rows, n_per_row)
-    sigma2 = seq_sum((xr * xr).T) / float(n_per_row)  # (rows,)
+    sigma2 = fdiv_by(seq_sum((xr * xr).T), n_per_row)  # (rows,)
     sig = sigma2.repeat_interleave(n_per_row // QK)[:, None]  # (B, 1)
     return qw * sqrtf(sig + x * x)
 
@@ -144,7 +150,7 @@ def _symmetric_ref(x: torch.Tensor, nlev: int) -> tuple[torch.Tensor, torch.Tens
         d: (B,) float32 (before fp16 rounding); q: (B, 32) int32 codes in 0..2*nlev-1.
     """
     mx, _ = first_absmax(x, dim=1)
-    d = mx / float(-nlev)
+    d = fdiv_by(mx, -nlev)
     idv = torch.where(d != 0, fdiv(1, d), torch.zeros_like(d))
     # (int8_t)(x*id + 8.5f), then MIN(15, .): truncation toward zero, as C's conversion.
     q = int8_wrap(c_float_to_int(x * idv[:, None] + (nlev + 0.5)))
@@ -159,7 +165,7 @@ def _affine_ref(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor,
     """
     mn = first_extreme(x, largest=False, dim=1)
     mx = first_extreme(x, largest=True, dim=1)
-    d = (mx - mn) / float(nmax)
+    d = fdiv_by(mx - mn, nmax)
     idv = torch.where(d != 0, fdiv(1, d), torch.zeros_like(d))
     return d, mn, c_float_to_int((x - mn[:, None]) * idv[:, None] + 0.5)
 
@@ -281,7 +287,7 @@ def _q8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d: (B,) float32 (before fp16 rounding); q: (B, 32) int32 in -127..127.
     """
     amax = x.abs().amax(1)
-    d = amax / 127.0
+    d = fdiv_by(amax, 127)
     idv = torch.where(d != 0, fdiv(1, d), torch.zeros_like(d))
     return d, roundf(x * idv[:, None]).to(torch.int32)
 

@@ -18,7 +18,7 @@ from moetrace.kernels.base import QK_K, BlockFormat
 from moetrace.kernels.block_bytes import fp16_bytes, fp16_field
 from moetrace.kernels.kquant_search import (
     fp16_round,
-    make_qkx_quants,
+    make_qkx_quants_t,
     make_qp_quants,
     nearest_int,
     rdiv,
@@ -34,11 +34,11 @@ def _ref_scales(x: torch.Tensor):
     """The scale search of quantize_row_q2_K_ref.
 
     Returns the scale bytes (blocks, 16) int32, the fp32 ``d`` and ``dmin`` before fp16, and
-    the search codes (blocks, 256) uint8.
+    the search codes (16, blocks*16) uint8, element-major.
     """
     nb = x.shape[0]
-    xs = x.reshape(nb * N_SUB, 16)
-    scales, mins, L = make_qkx_quants(xs, xs.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+    xt = x.reshape(nb * N_SUB, 16).t().contiguous()  # (16, sub-blocks), as the search wants it
+    scales, mins, Lt = make_qkx_quants_t(xt, xt.abs(), 3, -0.5, 0.1, 15, use_mad=True)
     scales = scales.view(nb, N_SUB)
     mins = mins.view(nb, N_SUB)
     max_scale = running_max_from_zero(scales)
@@ -54,22 +54,23 @@ def _ref_scales(x: torch.Tensor):
     sc = (ls | lm) & 0xFF
     d = torch.where(has_scale, max_scale / 15, zero)
     dmin = torch.where(has_min, max_min / 15, zero)
-    return sc, d, dmin, L.reshape(nb, QK_K)
+    return sc, d, dmin, Lt
 
 
 def _imatrix_scales(x: torch.Tensor, qw: torch.Tensor):
     """The scale search of quantize_row_q2_K_impl; returns as :func:`_ref_scales`."""
     nb = x.shape[0]
-    sigma2 = seq_sum(x * x) / QK_K  # (blocks,)
-    w = qw * sqrt_f32(sigma2[:, None] + x * x)  # (blocks, 256)
-    xs = x.reshape(nb * N_SUB, 16)
-    ws = w.reshape(nb * N_SUB, 16)
-    sw = seq_sum(ws).view(nb, N_SUB)
-    scales, mins, L = make_qkx_quants(xs, ws, 3, -0.9, 0.05, 36, use_mad=False)
+    sigma2 = seq_sum(x * x, dim=1) / QK_K  # (blocks,)
+    xt = x.reshape(nb * N_SUB, 16).t().contiguous()  # (16, sub-blocks)
+    qwt = qw.reshape(nb * N_SUB, 16).t()
+    s2 = sigma2.repeat_interleave(N_SUB)  # (sub-blocks,): each sub-block's super-block sigma2
+    wt = sqrt_f32(xt * xt + s2).mul_(qwt)  # qw * sqrtf(sigma2 + x*x), contiguous like xt
+    sw = seq_sum(wt, dim=0).view(nb, N_SUB)
+    scales, mins, Lt = make_qkx_quants_t(xt, wt, 3, -0.9, 0.05, 36, use_mad=False)
     dm, ls = make_qp_quants(scales.view(nb, N_SUB), sw, 15)
     mm, lm = make_qp_quants(mins.view(nb, N_SUB), sw, 15)
     sc = (ls | (lm << 4)) & 0xFF
-    return sc, dm, mm, L.reshape(nb, QK_K)
+    return sc, dm, mm, Lt
 
 
 class Q2K(BlockFormat):
@@ -83,16 +84,19 @@ class Q2K(BlockFormat):
         """(blocks, 256) float32 [+ (blocks, 256) importance] -> (blocks, 84) uint8."""
         nb = x.shape[0]
         if quant_weights is None:
-            sc, d, dmin, L = _ref_scales(x)
+            sc, d, dmin, Lt = _ref_scales(x)
         else:
-            sc, d, dmin, L = _imatrix_scales(x, quant_weights)
+            sc, d, dmin, Lt = _imatrix_scales(x, quant_weights)
 
         # Requantize with the stored scales; a sub-block whose scale is 0 keeps the search's codes.
         dd = fp16_round(d)[:, None] * (sc & 0xF).to(torch.float32)  # (blocks, 16)
         dm = fp16_round(dmin)[:, None] * (sc >> 4).to(torch.float32)
-        xb = x.view(nb, N_SUB, 16)
-        l = nearest_int((xb + dm[:, :, None]) / dd[:, :, None]).clamp_(0, 3)
-        L = torch.where((dd == 0)[:, :, None], L.view(nb, N_SUB, 16).to(torch.int32), l)
+        v = x.reshape(nb, N_SUB, 16) + dm[:, :, None]
+        v /= dd[:, :, None]
+        L = nearest_int(v).clamp_(0, 3).to(torch.uint8)  # (blocks, 16, 16)
+        keep = (dd == 0)[:, :, None]
+        if bool(keep.any()):
+            torch.where(keep, Lt.t().reshape(nb, N_SUB, 16), L, out=L)
 
         L = L.view(nb, 2, 4, 32)  # (half, bit pair k, l)
         qs = L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)

@@ -99,7 +99,7 @@ class Q3_K(BlockFormat):
             d = torch.where(has, fdiv(1, iscale), torch.zeros_like(iscale))
         else:
             sumx2 = seq_sum((x * x).T)  # (B,) over all 256 elements, in order
-            sigma2 = 2 * sumx2 / QK_K
+            sigma2 = 2 * sumx2 / QK_K  # QK_K is a power of two: exact as a scalar on every device
             weight = _groups(qw) * sqrtf(sigma2.repeat_interleave(16) + xg * xg)  # (16, G)
             sw = seq_sum(weight)  # (G,)
             scales, L = make_qx_quants(xg, 4, weight)

@@ -18,7 +18,7 @@ from moetrace.kernels.base import QK_K, BlockFormat
 from moetrace.kernels.block_bytes import fp16_bytes, fp16_field
 from moetrace.kernels.kquant_search import (
     fp16_round,
-    make_qkx_quants,
+    make_qkx_quants_t,
     make_qp_quants,
     nearest_int,
     rdiv,
@@ -63,14 +63,14 @@ def _ref_scales(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     """The no-imatrix scale search of quantize_row_q{4,5}_K_ref.
 
     Returns the sub-block codes (blocks, 8) int32 ``ls``, ``lm``, the fp32 values of ``d`` and
-    ``dmin`` before fp16, and the search codes L (blocks, 256) uint8.
+    ``dmin`` before fp16, and the search codes (32, blocks*8) uint8, element-major.
     """
     nb = x.shape[0]
-    xs = x.reshape(nb * N_SUB, 32)
+    xt = x.reshape(nb * N_SUB, 32).t().contiguous()  # (32, sub-blocks), as the search wants it
     # Weights: rms of the sub-block plus |x|, as ggml.
-    av_x = sqrt_f32(seq_sum(xs * xs) / 32)
-    w = av_x[:, None] + xs.abs()
-    scales, mins, L = make_qkx_quants(xs, w, nmax, rmin, 0.1, nstep, use_mad=False)
+    av_x = sqrt_f32(seq_sum(xt * xt, dim=0) / 32)  # (sub-blocks,)
+    wt = xt.abs().add_(av_x)
+    scales, mins, Lt = make_qkx_quants_t(xt, wt, nmax, rmin, 0.1, nstep, use_mad=False)
     scales = scales.view(nb, N_SUB)
     mins = mins.view(nb, N_SUB)
     max_scale = running_max_from_zero(scales)
@@ -81,34 +81,35 @@ def _ref_scales(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     # `uint8_t ls = nearest_int(...); ls = MIN(63, ls);`
     ls = (nearest_int(inv_scale[:, None] * scales) & 0xFF).clamp(max=63)
     lm = (nearest_int(inv_min[:, None] * mins) & 0xFF).clamp(max=63)
-    return ls, lm, max_scale / 63, max_min / 63, L.reshape(nb, QK_K)
+    return ls, lm, max_scale / 63, max_min / 63, Lt
 
 
 def _imatrix_scales(x: torch.Tensor, qw: torch.Tensor, nmax: int):
     """The imatrix scale search of quantize_row_q{4,5}_K_impl; returns as :func:`_ref_scales`."""
     nb = x.shape[0]
-    sigma2 = 2 * seq_sum(x * x) / QK_K  # (blocks,)
-    w = qw * sqrt_f32(sigma2[:, None] + x * x)  # (blocks, 256)
-    xs = x.reshape(nb * N_SUB, 32)
-    ws = w.reshape(nb * N_SUB, 32)
-    sw = seq_sum(ws).view(nb, N_SUB)
-    scales, mins, L = make_qkx_quants(xs, ws, nmax, -0.9, 0.05, 36, use_mad=False)
+    sigma2 = 2 * seq_sum(x * x, dim=1) / QK_K  # (blocks,)
+    xt = x.reshape(nb * N_SUB, 32).t().contiguous()  # (32, sub-blocks)
+    qwt = qw.reshape(nb * N_SUB, 32).t()
+    s2 = sigma2.repeat_interleave(N_SUB)  # (sub-blocks,): each sub-block's super-block sigma2
+    wt = sqrt_f32(xt * xt + s2).mul_(qwt)  # qw * sqrtf(sigma2 + x*x), contiguous like xt
+    sw = seq_sum(wt, dim=0).view(nb, N_SUB)
+    scales, mins, Lt = make_qkx_quants_t(xt, wt, nmax, -0.9, 0.05, 36, use_mad=False)
     d_block, ls = make_qp_quants(scales.view(nb, N_SUB), sw, 63)
     m_block, lm = make_qp_quants(mins.view(nb, N_SUB), sw, 63)
-    return ls, lm, d_block, m_block, L.reshape(nb, QK_K)
+    return ls, lm, d_block, m_block, Lt
 
 
 def _quantize_k4(x: torch.Tensor, qw: torch.Tensor | None, nmax: int, rmin: float, nstep: int, clamp_imatrix: bool):
     """Shared body of the Q4_K and Q5_K quantizers.
 
     Returns the header bytes (blocks, 16) uint8 (d, dmin, scales) and the codes (blocks, 256)
-    int32 in 0..nmax.
+    uint8 in 0..nmax.
     """
     nb = x.shape[0]
     if qw is None:
-        ls, lm, d, dmin, L = _ref_scales(x, nmax, rmin, nstep)
+        ls, lm, d, dmin, Lt = _ref_scales(x, nmax, rmin, nstep)
     else:
-        ls, lm, d, dmin, L = _imatrix_scales(x, qw, nmax)
+        ls, lm, d, dmin, Lt = _imatrix_scales(x, qw, nmax)
         if clamp_imatrix:  # Q5_K's impl clamps to 63 here, Q4_K's does not
             ls = ls.clamp(max=63)
             lm = lm.clamp(max=63)
@@ -120,10 +121,12 @@ def _quantize_k4(x: torch.Tensor, qw: torch.Tensor | None, nmax: int, rmin: floa
     sc, m = unpack_scales_k4(packed)
     dd = fp16_round(d)[:, None] * sc.to(torch.float32)  # (blocks, 8)
     dm = fp16_round(dmin)[:, None] * m.to(torch.float32)
-    xb = x.view(nb, N_SUB, 32)
-    l = nearest_int((xb + dm[:, :, None]) / dd[:, :, None]).clamp_(0, nmax)  # (blocks, 8, 32)
+    v = x.reshape(nb, N_SUB, 32) + dm[:, :, None]
+    v /= dd[:, :, None]
+    L = nearest_int(v).clamp_(0, nmax).to(torch.uint8)  # (blocks, 8, 32)
     keep = (dd == 0)[:, :, None]
-    L = torch.where(keep, L.view(nb, N_SUB, 32).to(torch.int32), l)
+    if bool(keep.any()):
+        torch.where(keep, Lt.t().reshape(nb, N_SUB, 32), L, out=L)
     return header, L.view(nb, QK_K)
 
 

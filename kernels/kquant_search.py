@@ -7,9 +7,12 @@ sub-blocks at once. Every float operation is a float32 operation in the order gg
 it (sums accumulate sequentially in element order, no fused multiply-add), so the chosen
 candidates and all derived bytes match ggml bit for bit.
 
-Layout: the per-element loops walk the fixed 16 or 32 elements of a sub-block in Python and
-work on whole rows of sub-blocks (and of search steps) at once, so a sub-block's elements
-are stored element-major, ``(n, sub_blocks)``, and each loop step touches contiguous memory.
+Shape of the work: ggml's search steps depend on each other (a kept candidate's fitted min is
+used by the steps after it), so the 16 to 37 steps run in order, each on all sub-blocks of a
+chunk at once. The sequential sums walk the fixed 16 or 32 elements of a sub-block in Python,
+so a sub-block's elements are stored element-major, ``(n, sub_blocks)``, and every loop step
+touches contiguous memory. A step costs about sixteen passes over the chunk (codes, the three
+weighted sums, the error), which bounds the speed of this eager formulation.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ GROUP_MAX_EPS = 1e-15
 # float32(1.5 * 2**23): ggml's nearest_int adds it and reads the low mantissa bits.
 _MAGIC = 12582912.0
 
-# The search runs on chunks of about this many elements: on a CPU large enough that each
-# torch op amortizes its dispatch, small enough that a step's working set (about ten arrays
-# of the chunk's size) stays in the caches; a GPU wants as much work per kernel as fits.
-_CHUNK_ELEMS = {"cpu": 1 << 18}
-_CHUNK_ELEMS_DEFAULT = 1 << 24
+# The search runs on chunks of about this many elements (per CPU thread): on a CPU large
+# enough that each torch op amortizes its dispatch, small enough that a step's working set
+# (about ten arrays of the chunk's size) stays in the caches (measured best on 2-core Zen 4:
+# 2**18 per thread); a GPU wants as much work per kernel as fits.
+_CHUNK_ELEMS_PER_CPU_THREAD = 1 << 18
+_CHUNK_ELEMS_GPU = 1 << 24
 
 
 def nearest_int(f: torch.Tensor) -> torch.Tensor:
@@ -84,11 +88,12 @@ def running_max_from_zero(v: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def seq_sum(v: torch.Tensor) -> torch.Tensor:
-    """Sum over the last dim in index order in float32, as a C ``for`` loop does: (..., n) -> (...)."""
-    acc = v[..., 0].clone()
-    for j in range(1, v.shape[-1]):
-        acc += v[..., j]
+def seq_sum(v: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Sum over ``dim`` in index order in float32, as a C ``for`` loop does (``dim`` removed)."""
+    rows = v.unbind(dim)
+    acc = rows[0].clone()
+    for r in rows[1:]:
+        acc += r
     return acc
 
 
@@ -128,14 +133,30 @@ def make_qkx_quants(
         the_min: (sub_blocks,) float32, ggml's ``*the_min`` (minus the fitted offset).
         L: (sub_blocks, n) uint8 codes of the chosen candidate.
     """
-    n_sub, n = x.shape
-    xt = x.t().contiguous()  # (n, sub_blocks): element-major, see the module docstring
-    wt = w.t().contiguous()  # (n, sub_blocks)
+    # (n, sub_blocks): element-major, see the module docstring
+    scale, the_min, L = make_qkx_quants_t(x.t().contiguous(), w.t().contiguous(), nmax, rmin, rdelta, nstep, use_mad)
+    return scale, the_min, L.t()
+
+
+def make_qkx_quants_t(
+    xt: torch.Tensor,
+    wt: torch.Tensor,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    use_mad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`make_qkx_quants` on element-major input: xt, wt (n, sub_blocks); L comes back (n, sub_blocks)."""
+    n, n_sub = xt.shape
     mults = [float(c) for c in _search_multipliers(nmax, rmin, rdelta, nstep)]
-    chunk = max(1, _CHUNK_ELEMS.get(x.device.type, _CHUNK_ELEMS_DEFAULT) // n)
-    scale = torch.empty(n_sub, dtype=torch.float32, device=x.device)
+    if xt.device.type == "cpu":
+        chunk = max(1, _CHUNK_ELEMS_PER_CPU_THREAD * torch.get_num_threads() // n)
+    else:
+        chunk = max(1, _CHUNK_ELEMS_GPU // n)
+    scale = torch.empty(n_sub, dtype=torch.float32, device=xt.device)
     the_min = torch.empty_like(scale)
-    L = torch.empty((n, n_sub), dtype=torch.uint8, device=x.device)
+    L = torch.empty((n, n_sub), dtype=torch.uint8, device=xt.device)
     # Chunks of thousands of sub-blocks bound memory and keep the working set in cache;
     # within a chunk everything is vectorized.
     for a in range(0, n_sub, chunk):
@@ -144,7 +165,7 @@ def make_qkx_quants(
         scale[a:b] = s
         the_min[a:b] = m
         L[:, a:b] = l
-    return scale, the_min, L.t()
+    return scale, the_min, L
 
 
 class _Codes:
@@ -166,9 +187,12 @@ class _Codes:
         """Write the (n, b) codes for per-sub-block iscale, mn (b,) into ``out`` (float32)."""
         torch.sub(self.xt, mn, out=out)
         out.mul_(iscale)
-        lo, hi = torch.aminmax((self.ext - mn) * iscale)
-        if bool((lo > -4.0e6) & (hi < 4.0e6)):  # False for NaN too
-            return out.round_().clamp_(0, self.nmax)
+        lo, hi = torch.stack(torch.aminmax((self.ext - mn) * iscale)).tolist()
+        if lo > -4.0e6 and hi < 4.0e6:  # False for NaN too
+            out.round_()
+            if lo < -0.5 or hi >= self.nmax + 0.5:  # else every code is already in range
+                out.clamp_(0, self.nmax)
+            return out
         out.copy_(nearest_int(out).clamp_(0, self.nmax))
         return out
 

@@ -39,6 +39,15 @@ def fdiv(num: float, den: torch.Tensor) -> torch.Tensor:
     return torch.tensor(num, dtype=torch.float32, device=den.device) / den
 
 
+def fdiv_by(num: torch.Tensor, den: float) -> torch.Tensor:
+    """C's ``num / den`` for a float32 constant ``den``: a true float32 division on every device.
+
+    On CUDA, ``tensor / python_scalar`` multiplies by the scalar's reciprocal (one rounding too
+    many unless ``den`` is a power of two); a 0-d tensor on the same device divides.
+    """
+    return num / torch.tensor(den, dtype=torch.float32, device=num.device)
+
+
 def sqrtf(v: torch.Tensor) -> torch.Tensor:
     """C ``sqrtf``: the correctly rounded float32 square root.
 
@@ -138,9 +147,8 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple
     iscale = torch.stack([fdiv(-float(c), mx) for c in cs])  # (C, G)
     # |iscale * x| <= nmax + 0.9, far inside nearest_int's range, where it is round-half-even.
     lf = torch.round(iscale[None] * x[:, None]).clamp_(-nmax, nmax - 1)  # (n, C, G)
-    terms = torch.stack([wx[:, None] * lf, w[:, None] * lf * lf], 1)  # (n, 2, C, G)
-    sums = seq_sum(terms)  # (2, C, G)
-    sumlx, suml2 = sums[0], sums[1]
+    sumlx = seq_sum(wx[:, None] * lf)  # (C, G)
+    suml2 = seq_sum(w[:, None] * lf * lf)
 
     scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(sumlx[0]))
     best = scale * sumlx[0]

@@ -25,6 +25,22 @@ PATHS = ["ref", "imat"]  # ggml's quantize_row_*_ref, and *_impl with the import
 IN_RANGE = {"Q2_K": 65504.0 * 15 / 4, "Q4_K": 65504.0 * 63 / 4, "Q5_K": 65504.0 * 63 / 4}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Run this module's many small torch ops on one thread.
+
+    The quantizers issue thousands of small elementwise ops; on a shared two-core machine the
+    fork/join of intra-op threads dominates and stalls whenever another process holds a core.
+    Every op is elementwise or an exact min/max, so the bytes do not depend on the thread count.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _golden(ggml_vectors, type_name):
     with np.load(ggml_vectors / f"{type_name}.npz") as f:
         return {k: f[k] for k in f.files}
@@ -60,7 +76,7 @@ def _float_mismatch(got: np.ndarray, want: np.ndarray, dist: np.ndarray | None =
     return (
         f"{int(bad.sum())} values differ in {int((per_row > 0).sum())} rows; first row {first}{label(first)} "
         f"col {col}: got {g[first, col]!r}, want {w[first, col]!r}; worst row {worst}{label(worst)} "
-        f"with {int(per_row[worst])}"
+        f"with {int(per_row[worst])} differing"
     )
 
 
