@@ -23,6 +23,9 @@ BLOCK_SIZES: dict[str, tuple[int, int]] = {
                  "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K")
 }
 
+# gguf-py's table still has Q8_1's old float layout (40 bytes); ggml's block_q8_1 is two fp16 + 32 int8.
+BLOCK_SIZES["Q8_1"] = (32, 36)
+
 FORMATS: dict[str, "BlockFormat"] = {}
 
 
@@ -36,6 +39,9 @@ class BlockFormat:
 
     name: str = ""
     vec_dot_type: str = ""
+    # True where ggml's imatrix path needs the whole row (the legacy types' sigma2 is per row);
+    # quantize() then passes n_per_row= to quantize_blocks.
+    needs_row_length: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -118,7 +124,10 @@ def quantize(x: torch.Tensor, type_name: str, imatrix: torch.Tensor | None = Non
         if imatrix.numel() != n:
             raise FormatError(f"imatrix has {imatrix.numel()} entries, the rows have {n}")
         qw = imatrix.expand(rows, n).reshape(-1, fmt.block_size)
-    q = fmt.quantize_blocks(blocks, qw)
+    if qw is not None and fmt.needs_row_length:
+        q = fmt.quantize_blocks(blocks, qw, n_per_row=n)
+    else:
+        q = fmt.quantize_blocks(blocks, qw)
     return q.reshape(rows, nb)
 
 

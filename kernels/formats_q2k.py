@@ -20,10 +20,12 @@ from moetrace.kernels.kquant_search import (
     fp16_round,
     make_qkx_quants_t,
     make_qp_quants,
+    div_by,
     nearest_int,
     rdiv,
     running_max_from_zero,
     seq_sum,
+    split_over_threads,
     sqrt_f32,
 )
 
@@ -52,15 +54,15 @@ def _ref_scales(x: torch.Tensor):
     lm = nearest_int(rdiv(15.0, max_min)[:, None] * mins)
     lm = torch.where(has_min[:, None], lm << 4, torch.zeros_like(lm))
     sc = (ls | lm) & 0xFF
-    d = torch.where(has_scale, max_scale / 15, zero)
-    dmin = torch.where(has_min, max_min / 15, zero)
+    d = torch.where(has_scale, div_by(max_scale, 15), zero)
+    dmin = torch.where(has_min, div_by(max_min, 15), zero)
     return sc, d, dmin, Lt
 
 
 def _imatrix_scales(x: torch.Tensor, qw: torch.Tensor):
     """The scale search of quantize_row_q2_K_impl; returns as :func:`_ref_scales`."""
     nb = x.shape[0]
-    sigma2 = seq_sum(x * x, dim=1) / QK_K  # (blocks,)
+    sigma2 = div_by(seq_sum(x * x, dim=1), QK_K)  # (blocks,)
     xt = x.reshape(nb * N_SUB, 16).t().contiguous()  # (16, sub-blocks)
     qwt = qw.reshape(nb * N_SUB, 16).t()
     s2 = sigma2.repeat_interleave(N_SUB)  # (sub-blocks,): each sub-block's super-block sigma2
@@ -73,6 +75,45 @@ def _imatrix_scales(x: torch.Tensor, qw: torch.Tensor):
     return sc, dm, mm, Lt
 
 
+def _quantize_q2_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    """quantize_row_q2_K_ref / _impl on (blocks, 256) -> (blocks, 84) uint8."""
+    nb = x.shape[0]
+    if qw is None:
+        sc, d, dmin, Lt = _ref_scales(x)
+    else:
+        sc, d, dmin, Lt = _imatrix_scales(x, qw)
+
+    # Requantize with the stored scales; a sub-block whose scale is 0 keeps the search's codes.
+    dd = fp16_round(d)[:, None] * (sc & 0xF).to(torch.float32)  # (blocks, 16)
+    dm = fp16_round(dmin)[:, None] * (sc >> 4).to(torch.float32)
+    v = x.reshape(nb, N_SUB, 16) + dm[:, :, None]
+    v /= dd[:, :, None]
+    L = nearest_int(v).clamp_(0, 3).to(torch.uint8)  # (blocks, 16, 16)
+    keep = (dd == 0)[:, :, None]
+    if bool(keep.any()):
+        torch.where(keep, Lt.t().reshape(nb, N_SUB, 16), L, out=L)
+
+    L = L.view(nb, 2, 4, 32)  # (half, bit pair k, l)
+    qs = L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)
+    return torch.cat(
+        [sc.to(torch.uint8), qs.view(nb, 64).to(torch.uint8), fp16_bytes(d), fp16_bytes(dmin)], dim=1
+    )
+
+
+def _dequantize_q2_k(q: torch.Tensor) -> torch.Tensor:
+    """dequantize_row_q2_K: (blocks, 84) uint8 -> (blocks, 256) float32."""
+    nb = q.shape[0]
+    sc = q[:, 0:16]
+    d = fp16_field(q, 80)
+    dmin = fp16_field(q, 82)
+    dl = (d[:, None] * (sc & 0xF).to(torch.float32))[:, :, None]  # (blocks, 16, 1)
+    ml = (dmin[:, None] * (sc >> 4).to(torch.float32))[:, :, None]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=q.device)[None, None, :, None]
+    codes = (q[:, 16:80].reshape(nb, 2, 1, 32) >> shifts) & 3  # (blocks, 2, 4, 32)
+    out = codes.view(nb, N_SUB, 16).to(torch.float32).mul_(dl).sub_(ml)  # two roundings, as ggml's C
+    return out.view(nb, QK_K)
+
+
 class Q2K(BlockFormat):
     """Q2_K: 2-bit codes, 84 bytes per 256 values (2.625 bits per weight)."""
 
@@ -82,38 +123,9 @@ class Q2K(BlockFormat):
     # Mirrors quantize_row_q2_K_ref (no imatrix) and quantize_row_q2_K_impl (imatrix).
     def quantize_blocks(self, x: torch.Tensor, quant_weights: torch.Tensor | None) -> torch.Tensor:
         """(blocks, 256) float32 [+ (blocks, 256) importance] -> (blocks, 84) uint8."""
-        nb = x.shape[0]
-        if quant_weights is None:
-            sc, d, dmin, Lt = _ref_scales(x)
-        else:
-            sc, d, dmin, Lt = _imatrix_scales(x, quant_weights)
-
-        # Requantize with the stored scales; a sub-block whose scale is 0 keeps the search's codes.
-        dd = fp16_round(d)[:, None] * (sc & 0xF).to(torch.float32)  # (blocks, 16)
-        dm = fp16_round(dmin)[:, None] * (sc >> 4).to(torch.float32)
-        v = x.reshape(nb, N_SUB, 16) + dm[:, :, None]
-        v /= dd[:, :, None]
-        L = nearest_int(v).clamp_(0, 3).to(torch.uint8)  # (blocks, 16, 16)
-        keep = (dd == 0)[:, :, None]
-        if bool(keep.any()):
-            torch.where(keep, Lt.t().reshape(nb, N_SUB, 16), L, out=L)
-
-        L = L.view(nb, 2, 4, 32)  # (half, bit pair k, l)
-        qs = L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)
-        return torch.cat(
-            [sc.to(torch.uint8), qs.view(nb, 64).to(torch.uint8), fp16_bytes(d), fp16_bytes(dmin)], dim=1
-        )
+        return split_over_threads(_quantize_q2_k, x, quant_weights)
 
     # Mirrors dequantize_row_q2_K.
     def dequantize_blocks(self, q: torch.Tensor) -> torch.Tensor:
         """(blocks, 84) uint8 -> (blocks, 256) float32."""
-        nb = q.shape[0]
-        sc = q[:, 0:16]
-        d = fp16_field(q, 80)
-        dmin = fp16_field(q, 82)
-        dl = (d[:, None] * (sc & 0xF).to(torch.float32))[:, :, None]  # (blocks, 16, 1)
-        ml = (dmin[:, None] * (sc >> 4).to(torch.float32))[:, :, None]
-        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=q.device)[None, None, :, None]
-        codes = (q[:, 16:80].reshape(nb, 2, 1, 32) >> shifts) & 3  # (blocks, 2, 4, 32)
-        out = codes.view(nb, N_SUB, 16).to(torch.float32).mul_(dl).sub_(ml)  # two roundings, as ggml's C
-        return out.view(nb, QK_K)
+        return split_over_threads(_dequantize_q2_k, q, split=False)

@@ -20,10 +20,12 @@ from moetrace.kernels.kquant_search import (
     fp16_round,
     make_qkx_quants_t,
     make_qp_quants,
+    div_by,
     nearest_int,
     rdiv,
     running_max_from_zero,
     seq_sum,
+    split_over_threads,
     sqrt_f32,
 )
 
@@ -68,7 +70,7 @@ def _ref_scales(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     nb = x.shape[0]
     xt = x.reshape(nb * N_SUB, 32).t().contiguous()  # (32, sub-blocks), as the search wants it
     # Weights: rms of the sub-block plus |x|, as ggml.
-    av_x = sqrt_f32(seq_sum(xt * xt, dim=0) / 32)  # (sub-blocks,)
+    av_x = sqrt_f32(div_by(seq_sum(xt * xt, dim=0), 32))  # (sub-blocks,)
     wt = xt.abs().add_(av_x)
     scales, mins, Lt = make_qkx_quants_t(xt, wt, nmax, rmin, 0.1, nstep, use_mad=False)
     scales = scales.view(nb, N_SUB)
@@ -81,13 +83,13 @@ def _ref_scales(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     # `uint8_t ls = nearest_int(...); ls = MIN(63, ls);`
     ls = (nearest_int(inv_scale[:, None] * scales) & 0xFF).clamp(max=63)
     lm = (nearest_int(inv_min[:, None] * mins) & 0xFF).clamp(max=63)
-    return ls, lm, max_scale / 63, max_min / 63, Lt
+    return ls, lm, div_by(max_scale, 63), div_by(max_min, 63), Lt
 
 
 def _imatrix_scales(x: torch.Tensor, qw: torch.Tensor, nmax: int):
     """The imatrix scale search of quantize_row_q{4,5}_K_impl; returns as :func:`_ref_scales`."""
     nb = x.shape[0]
-    sigma2 = 2 * seq_sum(x * x, dim=1) / QK_K  # (blocks,)
+    sigma2 = div_by(2 * seq_sum(x * x, dim=1), QK_K)  # (blocks,)
     xt = x.reshape(nb * N_SUB, 32).t().contiguous()  # (32, sub-blocks)
     qwt = qw.reshape(nb * N_SUB, 32).t()
     s2 = sigma2.repeat_interleave(N_SUB)  # (sub-blocks,): each sub-block's super-block sigma2
@@ -142,6 +144,47 @@ def _dequantize_k4(q: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return out.view(nb, QK_K)
 
 
+def _quantize_q4_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    """quantize_row_q4_K_ref / _impl on (blocks, 256) -> (blocks, 144) uint8."""
+    nb = x.shape[0]
+    header, L = _quantize_k4(x, qw, 15, -1.0, 20, clamp_imatrix=False)
+    L = L.view(nb, 4, 2, 32)  # element 64k + 32t + j: low (t=0) or high (t=1) nibble of qs[32k + j]
+    qs = (L[:, :, 0] | (L[:, :, 1] << 4)).view(nb, 128)
+    return torch.cat([header, qs], dim=1)
+
+
+def _quantize_q5_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    """quantize_row_q5_K_ref / _impl on (blocks, 256) -> (blocks, 176) uint8."""
+    nb = x.shape[0]
+    header, L = _quantize_k4(x, qw, 31, -0.5, 15, clamp_imatrix=True)
+    L = L.view(nb, 8, 32)  # sub-block 2k + t holds element 64k + 32t + j
+    hi = L >> 4  # 0 or 1
+    lo = (L & 0xF).view(nb, 4, 2, 32)
+    ql = (lo[:, :, 0] | (lo[:, :, 1] << 4)).view(nb, 128)
+    shifts = torch.arange(8, device=x.device, dtype=torch.int32)[None, :, None]
+    qh = (hi << shifts).sum(dim=1)  # (blocks, 32): bit 2k+t of qh[j]; disjoint bits, so sum == or
+    return torch.cat([header, qh.to(torch.uint8), ql], dim=1)
+
+
+def _dequantize_q4_k(q: torch.Tensor) -> torch.Tensor:
+    """dequantize_row_q4_K: (blocks, 144) uint8 -> (blocks, 256) float32."""
+    nb = q.shape[0]
+    qs = q[:, 16:144].reshape(nb, 4, 1, 32)
+    codes = torch.cat([qs & 0xF, qs >> 4], dim=2).view(nb, N_SUB, 32)  # sub-block 2k: low nibbles
+    return _dequantize_k4(q, codes)
+
+
+def _dequantize_q5_k(q: torch.Tensor) -> torch.Tensor:
+    """dequantize_row_q5_K: (blocks, 176) uint8 -> (blocks, 256) float32."""
+    nb = q.shape[0]
+    qh = q[:, 16:48].reshape(nb, 1, 32)
+    qs = q[:, 48:176].reshape(nb, 4, 1, 32)
+    lo = torch.cat([qs & 0xF, qs >> 4], dim=2).view(nb, N_SUB, 32)
+    shifts = torch.arange(8, device=q.device, dtype=torch.uint8)[None, :, None]
+    hi = ((qh >> shifts) & 1) << 4  # (blocks, 8, 32): bit 2k+t of qh[j] adds 16 to sub-block 2k+t
+    return _dequantize_k4(q, lo | hi)
+
+
 class Q4K(BlockFormat):
     """Q4_K: 4-bit codes, 144 bytes per 256 values (4.5 bits per weight)."""
 
@@ -151,19 +194,12 @@ class Q4K(BlockFormat):
     # Mirrors quantize_row_q4_K_ref (no imatrix) and quantize_row_q4_K_impl (imatrix).
     def quantize_blocks(self, x: torch.Tensor, quant_weights: torch.Tensor | None) -> torch.Tensor:
         """(blocks, 256) float32 [+ (blocks, 256) importance] -> (blocks, 144) uint8."""
-        nb = x.shape[0]
-        header, L = _quantize_k4(x, quant_weights, 15, -1.0, 20, clamp_imatrix=False)
-        L = L.view(nb, 4, 2, 32)
-        qs = (L[:, :, 0] | (L[:, :, 1] << 4)).to(torch.uint8).view(nb, 128)
-        return torch.cat([header, qs], dim=1)
+        return split_over_threads(_quantize_q4_k, x, quant_weights)
 
     # Mirrors dequantize_row_q4_K.
     def dequantize_blocks(self, q: torch.Tensor) -> torch.Tensor:
         """(blocks, 144) uint8 -> (blocks, 256) float32."""
-        nb = q.shape[0]
-        qs = q[:, 16:144].reshape(nb, 4, 1, 32)
-        codes = torch.cat([qs & 0xF, qs >> 4], dim=2).view(nb, N_SUB, 32)  # sub-block 2k: low nibbles
-        return _dequantize_k4(q, codes)
+        return split_over_threads(_dequantize_q4_k, q, split=False)
 
 
 class Q5K(BlockFormat):
@@ -175,23 +211,9 @@ class Q5K(BlockFormat):
     # Mirrors quantize_row_q5_K_ref (no imatrix) and quantize_row_q5_K_impl (imatrix).
     def quantize_blocks(self, x: torch.Tensor, quant_weights: torch.Tensor | None) -> torch.Tensor:
         """(blocks, 256) float32 [+ (blocks, 256) importance] -> (blocks, 176) uint8."""
-        nb = x.shape[0]
-        header, L = _quantize_k4(x, quant_weights, 31, -0.5, 15, clamp_imatrix=True)
-        L = L.view(nb, 8, 32)  # sub-block 2k + t holds element 64k + 32t + j
-        hi = L >> 4  # 0 or 1
-        lo = (L & 0xF).view(nb, 4, 2, 32)
-        ql = (lo[:, :, 0] | (lo[:, :, 1] << 4)).view(nb, 128)
-        shifts = torch.arange(8, device=x.device, dtype=torch.int32)[None, :, None]
-        qh = (hi << shifts).sum(dim=1)  # (blocks, 32): bit 2k+t of qh[j]; disjoint bits, so sum == or
-        return torch.cat([header, qh.to(torch.uint8), ql.to(torch.uint8)], dim=1)
+        return split_over_threads(_quantize_q5_k, x, quant_weights)
 
     # Mirrors dequantize_row_q5_K.
     def dequantize_blocks(self, q: torch.Tensor) -> torch.Tensor:
         """(blocks, 176) uint8 -> (blocks, 256) float32."""
-        nb = q.shape[0]
-        qh = q[:, 16:48].reshape(nb, 1, 32)
-        qs = q[:, 48:176].reshape(nb, 4, 1, 32)
-        lo = torch.cat([qs & 0xF, qs >> 4], dim=2).view(nb, N_SUB, 32)
-        shifts = torch.arange(8, device=q.device, dtype=torch.uint8)[None, :, None]
-        hi = ((qh >> shifts) & 1) << 4  # (blocks, 8, 32)
-        return _dequantize_k4(q, lo | hi)
+        return split_over_threads(_dequantize_q5_k, q, split=False)

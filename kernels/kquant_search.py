@@ -1,11 +1,13 @@
-"""Scale searches shared by the K-quant formats, bit-exact with ggml-quants.c.
+"""Scale searches shared by the K-quant formats (Q2_K, Q4_K, Q5_K), bit-exact with ggml-quants.c.
 
 ggml chooses each sub-block's scale and min by a small search (``make_qkx2_quants``,
 ``make_qkx3_quants``) and, on the importance-matrix path, quantizes the super-block's
 sub-block scales with ``make_qp_quants``. The functions here run those searches for many
 sub-blocks at once. Every float operation is a float32 operation in the order ggml's C does
 it (sums accumulate sequentially in element order, no fused multiply-add), so the chosen
-candidates and all derived bytes match ggml bit for bit.
+candidates and all derived bytes match ggml bit for bit. The small helpers (``nearest_int``,
+``rdiv``, ``div_by``, ``sqrt_f32``, ``seq_sum``) are the C expressions where torch's own
+operators would round differently; ``split_over_threads`` spreads blocks over CPU threads.
 
 Shape of the work: ggml's search steps depend on each other (a kept candidate's fitted min is
 used by the steps after it), so the 16 to 37 steps run in order, each on all sub-blocks of a
@@ -16,6 +18,9 @@ weighted sums, the error), which bounds the speed of this eager formulation.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -32,6 +37,55 @@ _MAGIC = 12582912.0
 # 2**18 per thread); a GPU wants as much work per kernel as fits.
 _CHUNK_ELEMS_PER_CPU_THREAD = 1 << 18
 _CHUNK_ELEMS_GPU = 1 << 24
+
+# Below this many super-blocks per part, splitting the work costs more than it saves.
+MIN_BLOCKS_PER_PART = 1024
+
+
+def split_over_threads(
+    fn: Callable[..., torch.Tensor], *blocks: torch.Tensor | None, split: bool = True
+) -> torch.Tensor:
+    """Run a block function over ranges of blocks in parallel CPU threads, one torch thread each.
+
+    The searches are long chains of small torch ops. Intra-op threading forks and joins at
+    every op, which scales poorly and stalls outright whenever another process holds a core;
+    independent block ranges in worker threads (torch releases the GIL inside ops) do not.
+    Each worker sets its own torch thread count to 1 (a per-thread OpenMP setting); the
+    caller's count is set again afterwards, which also restores the default new threads get.
+
+    Args:
+        fn: called as ``fn(*parts)`` on row ranges of ``blocks`` (None stays None); returns a
+            tensor with one row per block.
+        blocks: tensors with the same number of rows (blocks), or None.
+        split: False runs everything as one part (still on one torch thread): for memory-bound
+            work such as dequantization, where a second thread and the final concatenation
+            cost more than they gain.
+
+    Returns:
+        The parts' results concatenated in order: the same as ``fn(*blocks)``, since every
+        block is processed independently.
+    """
+    first = blocks[0]
+    threads = torch.get_num_threads()
+    nb = first.shape[0]
+    if first.device.type != "cpu" or threads < 2:
+        return fn(*blocks)
+    # A few parts per thread so a thread slowed by another process does not hold up the rest;
+    # a small input is one part, still run on one torch thread.
+    parts = max(1, min(4 * threads, nb // MIN_BLOCKS_PER_PART)) if split else 1
+    bounds = [nb * i // parts for i in range(parts + 1)]
+
+    def work(i: int) -> torch.Tensor:
+        torch.set_num_threads(1)
+        a, b = bounds[i], bounds[i + 1]
+        return fn(*(None if t is None else t[a:b] for t in blocks))
+
+    try:
+        with ThreadPoolExecutor(max_workers=min(threads, parts)) as pool:
+            outs = list(pool.map(work, range(parts)))
+    finally:
+        torch.set_num_threads(threads)
+    return outs[0] if parts == 1 else torch.cat(outs)
 
 
 def nearest_int(f: torch.Tensor) -> torch.Tensor:
@@ -62,6 +116,12 @@ def rdiv(num: float, t: torch.Tensor) -> torch.Tensor:
     """``num / t`` as one IEEE float32 division (torch's ``number / tensor`` multiplies by a
     reciprocal, which rounds twice)."""
     return torch.div(torch.tensor(num, dtype=torch.float32, device=t.device), t)
+
+
+def div_by(t: torch.Tensor, den: float) -> torch.Tensor:
+    """``t / den`` for a float32 constant as one IEEE division on every device (torch's CUDA
+    kernel multiplies by the reciprocal of a Python-number divisor)."""
+    return torch.div(t, torch.tensor(den, dtype=torch.float32, device=t.device))
 
 
 def sqrt_f32(t: torch.Tensor) -> torch.Tensor:
@@ -161,7 +221,7 @@ def make_qkx_quants_t(
     # within a chunk everything is vectorized.
     for a in range(0, n_sub, chunk):
         b = min(n_sub, a + chunk)
-        s, m, l = _qkx_chunk(xt[:, a:b], wt[:, a:b], nmax, mults, use_mad)
+        s, m, l = _qkx_chunk(xt[:, a:b].contiguous(), wt[:, a:b].contiguous(), nmax, mults, use_mad)
         scale[a:b] = s
         the_min[a:b] = m
         L[:, a:b] = l

@@ -96,10 +96,11 @@ def test_q8_1_matches_reference():
     assert torch.equal(y, get_format("Q8_0").dequantize_blocks(q0))
 
 
-@pytest.mark.xfail(reason="gguf-py's GGML_QUANT_SIZES gives Q8_1 40 bytes (its old float layout); ggml's block is 36")
 def test_q8_1_public_api():
-    x = torch.from_numpy(_blocks(3, 4, 32).reshape(2, 64))
-    assert quantize(x, "Q8_1").shape == (2, 72)
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((2, 64)).astype(F32))
+    q = quantize(x, "Q8_1")
+    assert q.shape == (2, 72)  # two 36-byte blocks per row, ggml's block_q8_1
+    assert torch.equal(q.reshape(-1, 36), get_format("Q8_1").quantize_blocks(x.reshape(-1, 32), None))
 
 
 SPECIAL = np.array(

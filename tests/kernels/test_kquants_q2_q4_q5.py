@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moetrace.kernels import BLOCK_SIZES, dequantize, get_format, quantize
-from moetrace.kernels.kquant_search import nearest_int, rdiv, sqrt_f32
+from moetrace.kernels.kquant_search import MIN_BLOCKS_PER_PART, nearest_int, rdiv, sqrt_f32
 from tolerances import LEVELS, nmse, worst_excess
 
 TYPES = ["Q2_K", "Q4_K", "Q5_K"]
@@ -23,22 +23,6 @@ PATHS = ["ref", "imat"]  # ggml's quantize_row_*_ref, and *_impl with the import
 
 # Data whose fp16 super-block scales cannot overflow: dmin = max_min / 15 (Q2_K) or / 63.
 IN_RANGE = {"Q2_K": 65504.0 * 15 / 4, "Q4_K": 65504.0 * 63 / 4, "Q5_K": 65504.0 * 63 / 4}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Run this module's many small torch ops on one thread.
-
-    The quantizers issue thousands of small elementwise ops; on a shared two-core machine the
-    fork/join of intra-op threads dominates and stalls whenever another process holds a core.
-    Every op is elementwise or an exact min/max, so the bytes do not depend on the thread count.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _golden(ggml_vectors, type_name):
@@ -56,7 +40,7 @@ def _byte_mismatch(got: np.ndarray, want: np.ndarray, type_size: int, dist: np.n
     col = int(np.flatnonzero(got[first] != want[first])[0])
     return (
         f"{int(bad_blocks.sum())} of {bad_blocks.size} blocks differ in {int((bad_bytes > 0).sum())} rows; "
-        f"first row {first} ({dist[first]}) at byte {col}: got {got[first, col]}, ggml {want[first, col]}; "
+        f"first row {first} ({dist[first]}) at byte {col}: got {got[first, col]}, want {want[first, col]}; "
         f"worst row {worst} ({dist[worst]}) with {int(bad_bytes[worst])} bytes differing"
     )
 
@@ -192,6 +176,24 @@ def test_round_trip_properties(type_name, case):
             f"{type_name} {kind} ({'imatrix' if imatrix is not None else 'ref'}): element {i} "
             f"x={x.reshape(-1)[i].item()!r} y={y.reshape(-1)[i].item()!r} is {excess:.3g} past the level"
         )
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_split_over_threads_gives_the_same_bytes(type_name):
+    """Large inputs are quantized in parts on worker threads; the bytes must not depend on it."""
+    x = torch.randn(2 * MIN_BLOCKS_PER_PART + 3, 256, generator=torch.Generator().manual_seed(3))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # one part, run directly
+        want = quantize(x, type_name)
+        torch.set_num_threads(2)  # several parts on two worker threads
+        got = quantize(x, type_name)
+        assert torch.get_num_threads() == 2, "the caller's torch thread count was not restored"
+        assert torch.equal(dequantize(got, type_name, 256), dequantize(want, type_name, 256))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, want), _byte_mismatch(got.numpy(), want.numpy(), BLOCK_SIZES[type_name][1],
+                                                  np.array(["randn"] * x.shape[0]))
 
 
 # ---- the exact-arithmetic helpers ---------------------------------------------------------------
