@@ -175,5 +175,9 @@ def models(as_json):
     click.echo(f"\nOverrides: builtin:NAME:layers=N,seed=S.  Cache: {cache_root()}")
 
 
+# Commands defined in their own modules register themselves on `main` when imported; each
+# keeps its heavy imports inside the command bodies so `moetrace --help` stays fast.
+from moetrace.cli import analysis_cmds, weights_cmds  # noqa: E402,F401
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,1 @@
+"""Analysis commands (routing diff, report): registered on the main `moetrace` group."""

@@ -1,0 +1,1 @@
+"""Weight commands (recipe, quantize, imatrix, audit): registered on the main `moetrace` group."""
