@@ -23,11 +23,10 @@ SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[Healt
 
 
 def round_trip(x: torch.Tensor, type_name: str, imatrix: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bytes, values) of x through the format; by blocks where the public entry cannot be used yet.
+    """(bytes, values) of x through the format: through ``quantize()`` where it applies, else by blocks.
 
-    Q8_1's size in the shared table is gguf-py's stale 40 bytes, and the legacy imatrix paths need the
-    row length, which only `quantize()` passes; calling the format directly keeps both checks
-    independent of the public entry point.
+    Q8_1 (an activation type) and the legacy imatrix paths (which need ``n_per_row``) are called on the
+    format directly, so these properties hold for the block methods themselves.
     """
     fmt = get_format(type_name)
     rows, n = x.shape
