@@ -9,8 +9,10 @@ for error propagation in real LLMs:
 - a few outlier hidden channels, large in the embeddings and fed by the experts' down
   projections, as the "massive activations" of real residual streams;
 - routers whose logits have a spread of about 2.5, so top-k margins are not all near zero;
-- optionally a planted fault: one expert matrix with a few extreme values, which crush the
-  rest of their quantization blocks (what the cosine-0.78 matrix of the original investigation did).
+- optionally a planted fault in one expert matrix (see :func:`_plant`): its weights shrink to
+  magnitudes where GGUF's fp16 block scales lose their precision, while its partner projection
+  grows by the inverse factor, so the reference computes the same function and only the
+  quantized model breaks (like the cosine-0.78 matrix of the original investigation).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 from moetrace.errors import MoetraceError
 from moetrace.tracer.naming import EXPERT_PROJS
 
-GENERATOR_VERSION = 2  # bump when generation changes, so cached folders are regenerated
+GENERATOR_VERSION = 3  # bump when generation changes, so cached folders are regenerated
 
 
 @dataclass(frozen=True)
@@ -65,11 +67,14 @@ PRESETS: dict[str, BuiltinShape] = {
 DEFAULT_PRESET = "mini"
 OVERRIDABLE = ("layers", "seed")
 
-# The planted fault: PLANT_COUNT entries of the planted matrix set to +-PLANT_SCALE times its
-# standard deviation, each in its own row.
-PLANT_COUNT = 24
-PLANT_SCALE = 60.0
-
+# The planted fault: the planted matrix is rescaled to this standard deviation. Q4_K's
+# super-block scale d = max_scale/63 then lands among fp16's subnormals (spacing 2**-24 = 6e-8),
+# where rounding moves it by tens of percent per block; Q8_0's d = amax/127 is 4x larger and
+# keeps a few bits, Q4_0's d = max/-8 is normal. Measured cosines of the planted matrix on
+# builtin:mini: Q4_K 0.42-0.55, Q5_K under 0.1, Q6_K 0 (its d rounds to zero), Q8_0 0.985,
+# Q4_0 0.994. With q4_k_m-bf16 the planted layer then has the highest teacher-forced (local)
+# error of builtin:mini's 16 layers, mean and p99 over tokens.
+PLANT_STD = 4.7e-6
 
 @dataclass(frozen=True)
 class Plant:
@@ -114,7 +119,8 @@ class BuiltinModel:
     @property
     def content_hash(self) -> str:
         blob = json.dumps(
-            {"v": GENERATOR_VERSION, "shape": dataclasses.asdict(self.shape), "plant": str(self.plant or "")},
+            {"v": GENERATOR_VERSION, "shape": dataclasses.asdict(self.shape), "plant": str(self.plant or ""),
+             "plant_std": PLANT_STD if self.plant else None},
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -264,25 +270,25 @@ def generate_tensors(shape: BuiltinShape, plant: Plant | None = None):
 
 
 def _plant(shape: BuiltinShape, plant: Plant, gate_up: np.ndarray, down: np.ndarray) -> None:
-    f = shape.expert_width
-    mat = {"gate": gate_up[plant.expert, :f], "up": gate_up[plant.expert, f:], "down": down[plant.expert]}[plant.proj]
-    rng = _rng(shape, f"plant:{plant}")
-    rows = rng.choice(mat.shape[0], PLANT_COUNT, replace=False)
-    cols = rng.integers(0, mat.shape[1], PLANT_COUNT)
-    signs = rng.choice([-1.0, 1.0], PLANT_COUNT)
-    mat[rows, cols] = (signs * PLANT_SCALE * mat.std()).astype(np.float32)  # writes through the view
+    """Shrink the planted matrix to PLANT_STD and grow its partner by the same factor, in place.
 
+    Why not "a few extreme values": whatever outliers do to the rest of their blocks, they hold
+    most of the matrix's energy and any faithful quantizer reproduces them, so the matrix's
+    cosine stays above 0.99. A matrix whose every block scale is lost in fp16's rounding is what
+    a weight audit sees at cosine 0.78, and it is a real hazard: a rescaling that leaves the
+    model's function unchanged (as merges and equalization do) can push weights there.
 
-def planted_positions(model: BuiltinModel) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, cols) of the planted values inside the planted matrix (for tests and reports)."""
-    if model.plant is None:
-        raise MoetraceError(f"{model.model_id} has no planted fault")
-    rng = _rng(model.shape, f"plant:{model.plant}")
-    rows_n = model.shape.hidden if model.plant.proj == "down" else model.shape.expert_width
-    cols_n = model.shape.expert_width if model.plant.proj == "down" else model.shape.hidden
-    rows = rng.choice(rows_n, PLANT_COUNT, replace=False)
-    cols = rng.integers(0, cols_n, PLANT_COUNT)
-    return rows, cols
+    down is paired with up (``down(silu(gate) * up)`` is unchanged when up grows by s and down
+    shrinks by s); up with down likewise; gate with up, which keeps the expert's output
+    magnitude where silu is near-linear but not its exact function.
+    """
+    f, e = shape.expert_width, plant.expert
+    views = {"gate": gate_up[e, :f], "up": gate_up[e, f:], "down": down[e]}
+    partner = {"gate": "up", "up": "down", "down": "up"}[plant.proj]
+    mat = views[plant.proj]
+    factor = np.float32(PLANT_STD / mat.std())
+    mat *= factor  # writes through the views
+    views[partner] /= factor
 
 
 def _write_checkpoint(model: BuiltinModel, folder: Path, progress=None) -> None:

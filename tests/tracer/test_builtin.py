@@ -8,7 +8,7 @@ import torch
 
 from moetrace.errors import MoetraceError
 from moetrace.tracer import builtin
-from moetrace.tracer.builtin import PLANT_COUNT, PLANT_SCALE, Plant, generate_tensors, parse_builtin
+from moetrace.tracer.builtin import PLANT_STD, Plant, generate_tensors, parse_builtin
 
 
 def test_default_model_shape_meets_requirements():
@@ -68,17 +68,43 @@ def test_router_margins_are_not_a_coin_toss(tiny_run):
     assert (margin < 0.01).mean() < 0.1
 
 
-def test_plant_sets_extreme_values():
+def _expert(t, layer, e, x):
+    f = t[f"model.layers.{layer}.mlp.experts.down_proj"].shape[2]
+    gu = torch.from_numpy(t[f"model.layers.{layer}.mlp.experts.gate_up_proj"][e]).double()
+    down = torch.from_numpy(t[f"model.layers.{layer}.mlp.experts.down_proj"][e]).double()
+    h = torch.nn.functional.silu(x @ gu[:f].T) * (x @ gu[f:].T)  # (token, F)
+    return h @ down.T  # (token, H)
+
+
+def _cos(a, b):
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def test_plant_rescales_one_expert_keeping_its_function():
     m = parse_builtin("builtin:tiny", plant="2:5:down")
-    t = dict(generate_tensors(m.shape, m.plant))
-    clean = dict(generate_tensors(m.shape))
-    mat = t["model.layers.2.mlp.experts.down_proj"][5]
-    rows, cols = builtin.planted_positions(m)
-    ref_std = clean["model.layers.2.mlp.experts.down_proj"][5].std()
-    assert np.allclose(np.abs(mat[rows, cols]), PLANT_SCALE * ref_std, rtol=1e-6)
-    changed = t["model.layers.2.mlp.experts.down_proj"] != clean["model.layers.2.mlp.experts.down_proj"]
-    assert changed.sum() == PLANT_COUNT and changed[5].sum() == PLANT_COUNT
+    t = {k: torch.from_numpy(v).to(torch.bfloat16).float().numpy() for k, v in generate_tensors(m.shape, m.plant)}
+    clean = {k: torch.from_numpy(v).to(torch.bfloat16).float().numpy() for k, v in generate_tensors(m.shape)}
+    down, down0 = t["model.layers.2.mlp.experts.down_proj"], clean["model.layers.2.mlp.experts.down_proj"]
+    assert down[5].std() == pytest.approx(PLANT_STD, rel=0.01)
+    changed = [(e, name) for name in ("down_proj", "gate_up_proj") for e in range(m.shape.experts)
+               if not np.array_equal(t[f"model.layers.2.mlp.experts.{name}"][e],
+                                     clean[f"model.layers.2.mlp.experts.{name}"][e])]
+    assert changed == [(5, "down_proj"), (5, "gate_up_proj")]  # one expert, the matrix and its partner
+    x = torch.randn(16, m.shape.hidden, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    # The same function up to the BF16 rounding of both rescaled matrices (2**-9 relative each).
+    assert _cos(_expert(t, 2, 5, x), _expert(clean, 2, 5, x)) > 0.9999
     assert m.content_hash != parse_builtin("builtin:tiny").content_hash
+
+
+def test_plant_breaks_q4_k_but_not_q8_0():
+    """The planted matrix's fp16 block scales lose precision in Q4_K (cosine far below the audit's 0.98)."""
+    from moetrace.kernels import dequantize, quantize
+
+    m = parse_builtin("builtin:tiny", plant="2:5:down")
+    w = torch.from_numpy(dict(generate_tensors(m.shape, m.plant))["model.layers.2.mlp.experts.down_proj"][5])
+    w = w.to(torch.bfloat16).float()
+    cos = {t: _cos(w.double(), dequantize(quantize(w, t), t, w.shape[1]).double()) for t in ("Q4_K", "Q8_0")}
+    assert cos["Q4_K"] < 0.9 and cos["Q8_0"] > 0.98, cos
 
 
 @pytest.mark.parametrize("plant,msg", [("99:0:down", "outside"), ("0:99:up", "outside"), ("1:2:mid", "PROJ"),
