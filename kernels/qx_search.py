@@ -220,6 +220,11 @@ def make_qkx3_quants(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ggml's ``make_qkx3_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep, use_mad=false)``.
 
+    kquant_search.make_qkx_quants_t runs the same search faster for Q2_K/Q4_K/Q5_K, whose fitted
+    mins are requantized to 6-bit codes; Q4_1 and Q5_1 store the min itself as fp16, so the sign
+    of a zero min reaches the bytes, and only this version keeps it as ggml does (swapping in the
+    fast one changes 3 of 1408 golden-vector blocks of each type).
+
     An affine fit ``x ~ scale*L + min`` (min <= 0) by weighted least squares over ``nstep + 1``
     candidate inverse scales. The running ``min`` is replaced whenever a candidate wins, and
     later candidates start from it, as in ggml; so the steps stay sequential.
