@@ -1,1 +1,129 @@
-"""Analysis commands (routing diff, report): registered on the main `moetrace` group."""
+"""Analysis commands (decompose, routing diff, report): registered on the main `moetrace` group.
+
+A thin layer: each command opens stores, calls one library function and prints its table
+(or ``--json``). Heavy imports stay inside the command bodies so ``moetrace --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from moetrace.cli.main import friendly_errors, main
+
+MODES = click.Choice(["free", "teacher", "routing"])
+
+
+def _open_pair(reference, variant):
+    from moetrace.errors import MoetraceError
+    from moetrace.tracer.store import open_trace
+
+    for p in (reference, variant):
+        if not Path(p).exists():
+            raise MoetraceError(f"trace store {str(p)!r} does not exist")
+    return open_trace(reference), open_trace(variant)
+
+
+@main.command()
+@click.argument("reference", type=click.Path())
+@click.argument("variant", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--floor/--no-floor", default=True, show_default=True,
+              help="Show multiples of the noise floor (orig-bf16 beside VARIANT, against an orig-fp32 reference).")
+@friendly_errors
+def decompose(reference, variant, as_json, floor):
+    """Where VARIANT's error grows: local error, propagated error and gain per layer.
+
+    \b
+    local:      the layer's error on the reference's exact input (teacher mode): what it injects;
+    propagated: the free-running error after the layer (what users see);
+    inherited:  free minus teacher output: the upstream error as the layer passes it on;
+    gain:       inherited / propagated error of the layer before (>1: the layer amplifies).
+    Needs a VARIANT store with free and teacher modes (`moetrace run --mode free --mode teacher`).
+    """
+    from moetrace.tracer.analysis import open_floor
+    from moetrace.tracer.decompose import decompose as run_decompose
+    from moetrace.tracer.decompose import decomposition_to_dict, format_decomposition
+
+    ref, var = _open_pair(reference, variant)
+    dec = run_decompose(ref, var)
+    fl_ds = open_floor(ref, variant, "teacher") if floor else None
+    fl = run_decompose(ref, fl_ds) if fl_ds is not None else None
+    if as_json:
+        click.echo(json.dumps(decomposition_to_dict(dec, fl), indent=2))
+    else:
+        click.echo(format_decomposition(dec, fl))
+
+
+@main.command()
+@click.argument("reference", type=click.Path())
+@click.argument("variant", type=click.Path())
+@click.option("--mode", default="free", show_default=True, type=MODES, help="The variant's mode to compare.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--floor/--no-floor", default=True, show_default=True,
+              help="Show multiples of the noise floor (orig-bf16 beside VARIANT, against an orig-fp32 reference).")
+@friendly_errors
+def routing(reference, variant, mode, as_json, floor):
+    """Routing diff of VARIANT's trace store against REFERENCE's.
+
+    Per layer: top-k overlap, top-1 flip rate, set-flip rate (any chosen expert changed), routing
+    mass moved (total variation between the softmax distributions over all experts), and in free
+    mode with a teacher mode recorded, which set flips the layer makes itself (own) and which
+    come from upstream drift. Then the set-flip rate by the reference's k/(k+1) logit margin, the
+    experts that gained and lost the most tokens, the first flipped layer per token and how many
+    layers flipped per token.
+    """
+    from moetrace.tracer.analysis import open_floor
+    from moetrace.tracer.routing import format_routing, routing_diff, routing_to_dict
+
+    ref, var = _open_pair(reference, variant)
+    rd = routing_diff(ref, var, mode)
+    fl_ds = open_floor(ref, variant, mode) if floor else None
+    fl = routing_diff(ref, fl_ds, mode) if fl_ds is not None else None
+    if as_json:
+        click.echo(json.dumps(routing_to_dict(rd, fl), indent=2))
+    else:
+        click.echo(format_routing(rd, fl))
+
+
+@main.command()
+@click.argument("run_dir", metavar="RUN", type=click.Path())
+@click.option("--out", "out_dir", default=None, type=click.Path(), help="Report folder (default: RUN/report).")
+@click.option("--reference", default=None, help="The reference variant (default: the one the stores name).")
+@click.option("--resamples", default=1000, show_default=True, type=click.IntRange(1),
+              help="Bootstrap resamples for the confidence intervals.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap.")
+@click.option("--json", "as_json", is_flag=True, help="Print the headline figures as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@friendly_errors
+def report(run_dir, out_dir, reference, resamples, seed, as_json, quiet):
+    """Write a report folder for the run folder RUN: PNG plots and an index.html with every table.
+
+    Plots: divergence curves of all variants, local/propagated error and gain per variant,
+    routing flip rates per layer and by margin, expert-load heat maps, a KL histogram. Prints
+    the headline figures (95% bootstrap intervals; multiples of the noise floor when the run has
+    an orig-bf16 store) and where each variant's error grows.
+    """
+    from moetrace.tracer.analysis import format_headlines, headlines_to_dict
+    from moetrace.tracer.decompose import decomposition_to_dict, summary_lines
+    from moetrace.tracer.report import pair_lines, write_report
+
+    log = (lambda msg: None) if (quiet or as_json) else (lambda msg: click.echo(msg, err=True))
+    rep = write_report(run_dir, out_dir, reference, resamples, seed, log=log)
+    if as_json:
+        out = headlines_to_dict(rep.run)
+        out["decomposition"] = {n: decomposition_to_dict(a.decomposition)
+                                for n, a in rep.run.variants.items() if a.decomposition is not None}
+        out["dequant_pairs"] = rep.pairs
+        out["report"] = str(rep.index)
+        click.echo(json.dumps(out, indent=2))
+        return
+    lines = [format_headlines(rep.run)]
+    for name, a in rep.run.variants.items():
+        if a.decomposition is not None:
+            lines.append(f"{name}:\n" + "\n".join(f"  {s}" for s in summary_lines(a.decomposition)))
+    lines += pair_lines(rep.pairs)
+    lines.append(f"Report: {rep.index} ({sum(1 for f in rep.files if f.suffix == '.png')} plots)")
+    click.echo("\n".join(lines))

@@ -69,7 +69,7 @@ def _progress_printer(quiet: bool):
 
 @main.command()
 @click.option("--model", "model", default="builtin:", show_default=True,
-              help="builtin:NAME (see `moetrace models`) or a transformers checkpoint folder.")
+              help="builtin:NAME (see `moetrace models`), a transformers checkpoint folder, or a .gguf file.")
 @click.option("--variant", "variants", multiple=True, required=True,
               help="A variant WEIGHTS-COMPUTE, e.g. pure_q8_0-bf16; repeat for several (see `moetrace variants`).")
 @click.option("--reference", default="orig-fp32", show_default=True, help="The variant every other is compared with.")
@@ -86,11 +86,16 @@ def _progress_printer(quiet: bool):
 @click.option("--out", "out_dir", default="traces", show_default=True, type=click.Path(), help="Folder of runs.")
 @click.option("--run", "run_name", default=None, help="Run name: stores go to OUT/RUN/VARIANT.zarr (default: from the model).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed recorded with the run.")
+@click.option("--gguf", "gguf", type=click.Path(), default=None,
+              help="A GGUF file whose own tensors are the weights of the gguf-* variants (e.g. --variant gguf-bf16); "
+                   "its tensor names and shapes must match the reference model's.")
+@click.option("--resume", is_flag=True,
+              help="Continue a stopped run (same options) from the last layer its stores finished.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @friendly_errors
 def run(model, variants, reference, modes, text, prompts_file, max_tokens, plant, sites, out_dir, run_name, seed,
-        as_json, quiet):
+        gguf, resume, as_json, quiet):
     """Trace the reference and one or more variants, then print the divergence summary.
 
     The reference is recorded once per run folder (again only if its model or tokens changed);
@@ -101,7 +106,8 @@ def run(model, variants, reference, modes, text, prompts_file, max_tokens, plant
     result = api.run(
         model=model, variants=list(variants), reference=reference, modes=list(modes), text=text,
         prompts_file=prompts_file, max_tokens=max_tokens, plant=plant,
-        sites=sites.split(",") if sites else None, out_dir=out_dir, run_name=run_name, seed=seed,
+        sites=sites.split(",") if sites else None, out_dir=out_dir, run_name=run_name, seed=seed, gguf=gguf,
+        resume=resume,
         progress=_progress_printer(quiet or as_json),
         log=(lambda msg: None) if (quiet or as_json) else (lambda msg: click.echo(msg, err=True)),
     )

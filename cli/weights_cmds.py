@@ -1,1 +1,171 @@
-"""Weight commands (recipe, quantize, imatrix, audit): registered on the main `moetrace` group."""
+"""Weight commands (recipe, quantize, audit): registered on the main `moetrace` group.
+
+A thin layer: each command parses its options and calls moetrace.tracer.weights, gguf_writer or
+audit. Heavy imports stay inside the command bodies so `moetrace --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from moetrace.cli.main import friendly_errors, main
+
+_MODEL_HELP = "builtin:NAME (see `moetrace models`) or a transformers checkpoint folder."
+
+
+def _default_name(model_id: str) -> str:
+    from moetrace.tracer.api import default_run_name
+
+    return default_run_name(model_id)
+
+
+@main.command()
+@click.argument("file_type")
+@click.option("--model", "model", default="builtin:", show_default=True, help=_MODEL_HELP)
+@click.option("--imatrix", "with_imatrix", is_flag=True,
+              help="Type tensors as llama-quantize does when given an importance matrix (changes Q4_0/Q5_0 ffn_down).")
+@click.option("--summary", is_flag=True, help="Only the per-type and total lines, not one line per tensor.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly_errors
+def recipe(file_type, model, with_imatrix, summary, as_json):
+    """The GGML type llama.cpp's FILE_TYPE gives each tensor of a model, with sizes.
+
+    FILE_TYPE is a llama.cpp file type in lower case (q4_k_m, q8_0, q3_k_s, ...) or pure_TYPE.
+    Per tensor: GGUF name, shape, type, bytes and bits per weight; then totals per type and for
+    the model (tensor data only, as llama-quantize reports it). Built-in models are described
+    from their preset: nothing is generated.
+    """
+    from moetrace.tracer import weights as W
+
+    source = W.config_source(model)
+    s = W.recipe_summary(source, file_type, has_imatrix=with_imatrix)
+    by_type = {}
+    for t in s.tensors:
+        b = by_type.setdefault(t.type_name, {"tensors": 0, "n_elements": 0, "n_bytes": 0})
+        b["tensors"] += 1
+        b["n_elements"] += t.n_elements
+        b["n_bytes"] += t.n_bytes
+    by_type = dict(sorted(by_type.items(), key=lambda kv: -kv[1]["n_bytes"]))
+    if as_json:
+        click.echo(json.dumps({
+            "model": source.model_id, "file_type": s.file_type,
+            "tensors": [] if summary else [
+                {"name": t.name, "shape": list(t.shape), "type": t.type_name, "n_elements": t.n_elements,
+                 "n_bytes": t.n_bytes, "bits_per_weight": 8.0 * t.n_bytes / t.n_elements} for t in s.tensors],
+            "by_type": {k: {**v, "bits_per_weight": 8.0 * v["n_bytes"] / v["n_elements"]} for k, v in by_type.items()},
+            "total_bytes": s.total_bytes, "total_elements": s.total_elements, "bits_per_weight": s.bits_per_weight,
+        }, indent=2))
+        return
+    click.echo(f"{s.file_type} on {source.model_id}")
+    if not summary:
+        click.echo(f"{'tensor':34} {'shape':>18} {'type':>5} {'bytes':>14} {'bpw':>6}")
+        for t in s.tensors:
+            click.echo(f"{t.name:34} {'x'.join(map(str, t.shape)):>18} {t.type_name:>5} {t.n_bytes:>14,} "
+                       f"{8.0 * t.n_bytes / t.n_elements:6.3f}")
+    for k, v in by_type.items():
+        click.echo(f"  {k:>5}: {v['tensors']:>5} tensors {v['n_elements']:>15,} weights {v['n_bytes']:>16,} bytes "
+                   f"{8.0 * v['n_bytes'] / v['n_elements']:6.3f} bpw")
+    click.echo(f"total: {len(s.tensors)} tensors, {s.total_elements:,} weights, {s.total_bytes:,} bytes "
+               f"({s.total_bytes / 2**30:.3f} GiB), {s.bits_per_weight:.3f} bits per weight")
+
+
+@main.command()
+@click.argument("file_type")
+@click.option("-o", "--output", "output", required=True, type=click.Path(), help="The .gguf file to write.")
+@click.option("--model", "model", default="builtin:", show_default=True, help=_MODEL_HELP)
+@click.option("--imatrix", "imatrix_file", type=click.Path(), default=None,
+              help="llama.cpp importance-matrix file (GGUF or legacy .dat) to quantize with.")
+@click.option("--plant", default=None, help="Built-in models: plant a fault in LAYER:EXPERT:PROJ (gate, up or down).")
+@click.option("--no-cache", is_flag=True, help="Quantize every tensor, ignoring the quantized-weight cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@friendly_errors
+def quantize(file_type, output, model, imatrix_file, plant, no_cache, as_json, quiet):
+    """Write a GGUF file of the model quantized to FILE_TYPE, as llama-quantize would.
+
+    llama.cpp's tensor names, shapes and per-tensor types (see `moetrace recipe`), block bytes
+    bit-exact with ggml, and qwen3moe metadata. Tensors are quantized one at a time (experts a
+    few at a time) and streamed to the file; quantized bytes are kept in the cache, so
+    quantizing what a run or audit already quantized only copies them.
+    """
+    from moetrace.kernels import recipes
+    from moetrace.tracer.gguf_writer import write_gguf
+    from moetrace.tracer.source import open_source
+
+    recipes.parse_file_type(file_type)  # an unknown file type fails before the model is opened
+    say = (lambda msg: None) if (quiet or as_json) else (lambda msg: click.echo(msg, err=True))
+    say(f"Opening model {model} ...")
+    source = open_source(model, plant=plant)
+    t0 = time.perf_counter()
+    last = [t0]
+
+    def progress(done, total, name):
+        now = time.perf_counter()
+        say(f"  [{done}/{total}] {name} ({now - last[0]:.2f} s, {now - t0:.1f} s total)")
+        last[0] = now
+
+    r = write_gguf(source, file_type, output, imatrix_file=imatrix_file, cache=not no_cache, progress=progress)
+    dt = time.perf_counter() - t0
+    if as_json:
+        click.echo(json.dumps({
+            "path": str(r.path), "model": source.model_id, "file_type": r.file_type, "tensors": len(r.types),
+            "tensor_bytes": r.tensor_bytes, "file_bytes": r.file_bytes, "bits_per_weight": r.bits_per_weight,
+            "quantized": r.quantized, "from_cache": r.from_cache, "seconds": dt, "types": r.types,
+        }, indent=2))
+        return
+    click.echo(f"Wrote {r.path}: {source.model_id} as {r.file_type}, {len(r.types)} tensors, {r.file_bytes:,} bytes, "
+               f"{r.bits_per_weight:.3f} bits per weight; {r.quantized} tensors quantized, {r.from_cache} from the "
+               f"cache, {dt:.1f} s")
+
+
+@main.command()
+@click.option("--variant", "variant", required=True,
+              help="A file type (q4_k_m, q8_0, pure_q4_k, ...), optionally with a compute dtype (q4_k_m-bf16) "
+                   "to round the dequantized weights to it.")
+@click.option("--model", "model", default="builtin:", show_default=True, help=_MODEL_HELP)
+@click.option("--threshold", type=float, default=0.98, show_default=True,
+              help="Flag matrices whose cosine similarity to the reference is below this.")
+@click.option("--plant", default=None, help="Built-in models: plant a fault in LAYER:EXPERT:PROJ (gate, up or down).")
+@click.option("--imatrix", "imatrix_file", type=click.Path(), default=None,
+              help="llama.cpp importance-matrix file to quantize with.")
+@click.option("--out", "out", type=click.Path(), default=None,
+              help="The Zarr store for the full table (default traces/audit/MODEL-VARIANT.zarr).")
+@click.option("--top", type=int, default=10, show_default=True, help="How many of the worst matrices to show.")
+@click.option("--no-cache", is_flag=True, help="Quantize every tensor, ignoring the quantized-weight cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@friendly_errors
+def audit(variant, model, threshold, plant, imatrix_file, out, top, no_cache, as_json, quiet):
+    """Compare every weight matrix with what a file type dequantizes it to; worst first.
+
+    Per matrix, and for the MoE experts per expert and projection: cosine similarity, relative
+    error, SQNR (dB) and max abs error against the reference. Streams one layer at a time;
+    matrices below --threshold are flagged. The full table goes to a Zarr store (dims layer,
+    expert, proj, plus a `tensor` table for the other matrices); the screen shows the worst.
+    """
+    from pathlib import Path
+
+    from moetrace.tracer import audit as A
+    from moetrace.tracer.source import open_source
+
+    ftype, compute = A.parse_weights(variant)  # bad names fail before the model is opened
+    say = (lambda msg: None) if (quiet or as_json) else (lambda msg: click.echo(msg, err=True))
+    say(f"Opening model {model} ...")
+    source = open_source(model, plant=plant)
+    t0 = time.perf_counter()
+
+    def progress(done, total):
+        say(f"  layer {done}/{total} audited ({time.perf_counter() - t0:.1f} s)")
+
+    ds = A.audit(source, variant, threshold=threshold, imatrix_file=imatrix_file, cache=not no_cache,
+                 progress=progress)
+    name = ftype + (f"-{compute}" if compute else "")
+    path = Path(out) if out else Path("traces") / "audit" / f"{_default_name(source.model_id)}-{name}.zarr"
+    A.save_audit(ds, path)
+    if as_json:
+        click.echo(json.dumps(A.summary_json(ds, path, top=top), indent=2))
+    else:
+        click.echo(A.format_audit(ds, path, top=top))

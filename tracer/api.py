@@ -56,8 +56,12 @@ def _reusable_reference(path: Path, model_hash: str, token_ids: np.ndarray, site
 
 def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), text=None, prompts_file=None,
         max_tokens=None, plant=None, sites=None, out_dir="traces", run_name=None, seed=0, progress=None,
-        log=None) -> RunResult:
-    """Trace ``variants`` of ``model`` against ``reference`` and diff them; see ``moetrace run --help``."""
+        log=None, gguf=None, resume=False) -> RunResult:
+    """Trace ``variants`` of ``model`` against ``reference`` and diff them; see ``moetrace run --help``.
+
+    ``gguf`` is the GGUF file of the ``gguf-*`` variants; ``resume`` continues the stores a stopped
+    run with the same options left incomplete in the run folder.
+    """
     from moetrace.tracer.source import open_source
 
     log = log or (lambda msg: None)
@@ -68,8 +72,10 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
     if text is not None and not text.strip():
         raise MoetraceError("--text is empty; give text with at least one token")
     sites = list(sites) if sites else list(ALL_SITES)
+    if gguf is not None and not Path(gguf).is_file():
+        raise MoetraceError(f"GGUF file {str(gguf)!r} given with --gguf does not exist")
     config = RunConfig(model=model, variants=list(variants), reference=reference, modes=list(modes), sites=sites,
-                       seed=seed, plant=plant)
+                       seed=seed, plant=plant, gguf=str(Path(gguf).resolve()) if gguf is not None else None)
     log(f"Opening model {model} ...")
     source = open_source(model, plant=plant)
     texts = read_prompts(prompts_file) if prompts_file else [text if text is not None else DEMO_TEXT]
@@ -79,7 +85,20 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
     reuse = _reusable_reference(run_dir / f"{ref_name}.zarr", source.model_hash, tokens.ids, sites)
     log(f"Tracing {source.model_id}: {source.num_layers} layers, {tokens.n} tokens in {len(texts)} sequence(s); "
         f"reference {ref_name}{' (already recorded)' if reuse else ''}, variants {', '.join(config.variants)}")
-    stores = run_trace(source, config, tokens, run_dir, progress=progress, write_reference=not reuse)
+    if resume and not any(run_dir.glob("*.zarr")):
+        raise MoetraceError(f"nothing to resume: {str(run_dir)!r} holds no trace stores; run without --resume")
+
+    def on_progress(event, **info):
+        if event == "resume":
+            left = f"continuing at layer {info['layer']} of {info['layers']}" if info["layer"] < info["layers"] \
+                else "every layer is written; finishing"
+            log(f"Resuming {run_dir}: {left}" + (f" (complete already: {', '.join(info['complete'])})"
+                                                  if info["complete"] else ""))
+        if progress:
+            progress(event, **info)
+
+    stores = run_trace(source, config, tokens, run_dir, progress=on_progress, write_reference=not reuse,
+                       resume=resume)
     ref_ds = open_trace(run_dir / f"{ref_name}.zarr")
     diffs = {}
     for v in config.variants:

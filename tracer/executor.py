@@ -13,6 +13,12 @@ Modes, all in the same pass:
 - ``routing``: the variant runs on its own outputs but with the reference's expert choices,
   which separates "wrong experts chosen" from "right experts, noisy weights".
 
+A ``gguf-*`` variant takes its weights from the GGUF file of ``RunConfig.gguf`` (the file's own
+quantized tensors, dequantized), checked against the reference's names and shapes before any
+store is written. A stopped run continues with ``resume=True`` from the last layer all its
+stores finished (moetrace.tracer.resume); a store write that fails (a full disk) stops the run
+with a message saying the stores are left incomplete.
+
 The decoder layers are transformers' own modules, so the reference's output equals the
 transformers forward of the same model (tests/tracer/test_executor.py checks it bit for bit).
 """
@@ -28,6 +34,7 @@ import torch
 from moetrace.errors import MoetraceError
 from moetrace.hooks.qwen3_moe import adapter_for
 from moetrace.hooks.sites import ALL_SITES, LAYER_SITES, capture
+from moetrace.tracer.naming import GLOBAL_TENSORS
 from moetrace.tracer.store import Tokens, TraceWriter
 from moetrace.tracer.variants import REFERENCE, Variant
 from moetrace.tracer.weights import tensor_types, variant_global, variant_layer_state
@@ -46,6 +53,8 @@ class RunConfig:
     sites: list[str] = field(default_factory=lambda: list(ALL_SITES))
     seed: int = 0
     plant: str | None = None
+    gguf: str | None = None  # the GGUF file of the gguf-* variants
+
 
     def __post_init__(self):
         bad = [m for m in self.modes if m not in MODES]
@@ -55,9 +64,14 @@ class RunConfig:
         if bad:
             raise MoetraceError(f"unknown site {bad[0]!r}; valid sites: {', '.join(ALL_SITES)}")
         self.modes = [m for m in MODES if m in self.modes]  # canonical order
-        Variant.parse(self.reference)
-        for v in self.variants:
-            Variant.parse(v)
+        parsed = [Variant.parse(v) for v in [self.reference, *self.variants]]
+        uses_gguf = [v.name for v in parsed if v.weights == "gguf"]
+        if uses_gguf and not self.gguf:
+            raise MoetraceError(f"variant {uses_gguf[0]} takes its weights from a GGUF file; give --gguf FILE")
+        if self.gguf and not uses_gguf:
+            raise MoetraceError(
+                f"--gguf {self.gguf} is given but no variant uses it; add a gguf variant, e.g. --variant gguf-bf16"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,10 +119,99 @@ class _Model:
 
 
 def _cat(records: list[dict]) -> dict:
+    if len(records) == 1:  # one sequence: no copy
+        return records[0]
     return {k: torch.cat([r[k] for r in records], dim=0) for k in records[0]}
 
 
-def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None, write_reference: bool = True):
+class _VariantWeights:
+    """Where one variant's weights come from: derived from the reference's, or a GGUF file's own (``gguf``)."""
+
+    def __init__(self, source, variant: Variant, gguf_src=None):
+        self.variant = variant
+        self.gguf = gguf_src if variant.weights == "gguf" else None
+        if self.gguf is not None:
+            self.types = self.gguf.ggml_types()
+            self.globals = {hf: self.gguf.tensor(hf).to(variant.dtype) for hf in GLOBAL_TENSORS if self.gguf.has(hf)}
+        else:
+            self.types = tensor_types(source, variant)
+            self.globals = variant_global(source, variant, self.types)
+
+    def layer(self, L: int, ref_state, gguf_state) -> dict[str, torch.Tensor]:
+        """Layer L's weights in the variant's compute dtype (``ref_state``/``gguf_state``: callables, read once)."""
+        if self.gguf is not None:
+            return {k: t.to(self.variant.dtype) for k, t in gguf_state().items()}
+        return variant_layer_state(ref_state(), L, self.variant, self.types)
+
+
+class _WriteFailed(Exception):
+    def __init__(self, path, err: OSError):
+        super().__init__(str(err))
+        self.path, self.err = path, err
+
+
+class _Guarded:
+    """A store writer whose OS errors (a full disk, a lost mount) surface as :class:`_WriteFailed`."""
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    def __getattr__(self, name):
+        attr = getattr(self.writer, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except OSError as e:
+                raise _WriteFailed(self.writer.path, e) from e
+
+        return call
+
+
+def _open_writers(run_dir: Path, ref: Variant, variants: list[Variant], config: RunConfig, tokens: Tokens,
+                  sizes: dict, base_attrs: dict, write_reference: bool, resume: bool, model_hash: str):
+    """Create (or, resuming, reopen) the stores of a run.
+
+    Returns:
+        (writers, start, done): writers by variant name for the stores still to write, the
+        first layer to compute, and the names of stores already complete (left alone).
+    """
+    from moetrace.tracer import resume as R
+
+    def new(v: Variant, modes):
+        return TraceWriter(run_dir / f"{v.name}.zarr", sizes, tokens, modes, config.sites,
+                           {**base_attrs, "variant": v.name, "modes": list(modes)})
+
+    wanted = ([ref] if write_reference else []) + variants
+    if not resume:
+        return {v.name: new(v, ["free"] if v is ref else config.modes) for v in wanted}, 0, []
+    writers, done, starts = {}, [], []
+    try:
+        for v in wanted:
+            path = run_dir / f"{v.name}.zarr"
+            attrs = R.store_state(path)
+            if attrs is None:
+                writers[v.name] = new(v, ["free"] if v is ref else config.modes)
+                starts.append(0)
+                continue
+            R.check_resumable(path, attrs, model_hash, config.to_dict(), tokens)
+            if attrs.get("complete"):
+                done.append(v.name)
+                continue
+            w = R.ResumedWriter(path)
+            writers[v.name] = w
+            starts.append(w.layers_done if "resid" in config.sites else 0)
+    except BaseException:
+        for w in writers.values():
+            w.release()
+        raise
+    return writers, min(starts, default=sizes["layers"]), done
+
+
+def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None, write_reference: bool = True,
+              resume: bool = False):
     """Trace the reference and the variants of ``config`` over ``tokens`` into ``run_dir``.
 
     Args:
@@ -118,9 +221,16 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
         run_dir: the run folder; stores are ``run_dir/VARIANT.zarr``.
         progress: optional callable ``progress(event: str, **info)``.
         write_reference: False to run the reference without storing it (its store exists).
+        resume: continue the stores a stopped run left incomplete, from the last layer every one
+            of them finished (see moetrace.tracer.resume); stores already complete are left alone.
 
     Returns:
-        dict variant name -> store path, for every store written.
+        dict variant name -> store path, for every store of the run (the reference's too when
+        it was reused rather than written).
+
+    Raises:
+        MoetraceError: bad input, a GGUF file that does not match the reference, or a write
+            that failed (the stores are then left marked incomplete, and the message says so).
     """
     run_dir = Path(run_dir)
     try:
@@ -149,21 +259,27 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
         if progress:
             progress(event, **info)
 
-    types = {v.name: tensor_types(source, v) for v in [ref] + variants}
-    writers: dict[str, TraceWriter] = {}
-    if write_reference:
-        writers[ref.name] = TraceWriter(run_dir / f"{ref.name}.zarr", sizes, tokens, ["free"], config.sites,
-                                        {**base_attrs, "variant": ref.name, "modes": ["free"]})
-    for v in variants:
-        writers[v.name] = TraceWriter(run_dir / f"{v.name}.zarr", sizes, tokens, config.modes, config.sites,
-                                      {**base_attrs, "variant": v.name})
+    gguf_src = None
+    if config.gguf:
+        from moetrace.tracer.gguf_source import GGUFSource
+
+        gguf_src = GGUFSource(config.gguf)
+        gguf_src.check_matches(source)  # before any store is touched
+    all_paths = {v.name: run_dir / f"{v.name}.zarr" for v in [ref] + variants}
+    writers, start, done = _open_writers(run_dir, ref, variants, config, tokens, sizes, base_attrs,
+                                         write_reference, resume, source.model_hash)
+    variants = [v for v in variants if v.name not in done]  # complete stores need no work
+    if resume:
+        emit("resume", layer=start, layers=n_layers, complete=done)
+    writers = {name: _Guarded(w) for name, w in writers.items()}
+    layer_now = start
     try:
         seqs = [torch.from_numpy(s) for s in tokens.sequences()]
         positions = [torch.from_numpy(tokens.pos[tokens.seq == s]).long() for s in sorted(set(tokens.seq.tolist()))]
-        globals_ = {v.name: variant_global(source, v, types[v.name]) for v in [ref] + variants}
+        weights = {v.name: _VariantWeights(source, v, gguf_src) for v in [ref] + variants}
 
         def embed(v: Variant, ids):
-            return torch.nn.functional.embedding(ids, globals_[v.name]["model.embed_tokens.weight"]).unsqueeze(0)
+            return torch.nn.functional.embedding(ids, weights[v.name].globals["model.embed_tokens.weight"]).unsqueeze(0)
 
         ref_h = [embed(ref, ids) for ids in seqs]  # per sequence (1, T_s, H)
         ctx = {ref.dtype: [model.context(h, p) for h, p in zip(ref_h, positions)]}
@@ -174,13 +290,31 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
             for m in config.modes:
                 if m != "teacher":
                     streams[(v.name, m)] = [embed(v, ids) for ids in seqs]
+        if start > 0:  # resuming: every stream's input to layer `start` is its stored output of layer start-1
+            from moetrace.tracer.resume import read_streams
+
+            ref_h = read_streams(all_paths[ref.name], "free", start - 1, tokens, ref.dtype)
+            for (name, m) in streams:
+                streams[(name, m)] = read_streams(all_paths[name], m, start - 1, tokens, Variant.parse(name).dtype)
 
         with torch.inference_mode():
-            for L in range(n_layers):
+            for L in range(start, n_layers):
+                layer_now = L
                 emit("layer_start", layer=L, layers=n_layers)
-                ref_state = source.layer_state(L)
+                cache: dict[str, dict] = {}
+
+                def ref_state():
+                    if "ref" not in cache:
+                        cache["ref"] = source.layer_state(L)
+                    return cache["ref"]
+
+                def gguf_state():
+                    if "gguf" not in cache:
+                        cache["gguf"] = gguf_src.layer_state(L)
+                    return cache["gguf"]
+
                 # Reference.
-                layer = model.layer(L, variant_layer_state(ref_state, L, ref, types[ref.name]))
+                layer = model.layer(L, weights[ref.name].layer(L, ref_state, gguf_state))
                 recs, ref_in = [], ref_h
                 ref_h = []
                 for s, h in enumerate(ref_in):
@@ -195,7 +329,7 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
                 del layer
                 # Variants, each in every mode.
                 for v in variants:
-                    layer = model.layer(L, variant_layer_state(ref_state, L, v, types[v.name]))
+                    layer = model.layer(L, weights[v.name].layer(L, ref_state, gguf_state))
                     for m in config.modes:
                         recs = []
                         for s in range(len(seqs)):
@@ -211,12 +345,13 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
                     del layer
                 for w in writers.values():
                     w.mark_layers_done(L + 1)
-                del ref_state  # freed by reference counting; no gc pass needed per layer
+                cache.clear()  # the layer's weights, freed by reference counting
                 emit("layer_done", layer=L, layers=n_layers)
+            layer_now = n_layers
 
             # Final norm and output head.
             def head(v: Variant, hs: list[torch.Tensor]) -> torch.Tensor:
-                g = globals_[v.name]
+                g = weights[v.name].globals
                 norm = model.norm(g["model.norm.weight"])
                 w = g.get("lm_head.weight", g["model.embed_tokens.weight"])  # tied embeddings
                 return torch.cat([torch.nn.functional.linear(norm(h), w)[0] for h in hs], dim=0)  # (token, vocab)
@@ -229,8 +364,17 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
                     writers[v.name].write_logits(m, head(v, hs))
         for w in writers.values():
             w.finish()
+    except _WriteFailed as e:
+        for w in writers.values():
+            w.writer.release()
+        where = f"layer {layer_now}" if layer_now < n_layers else "the output logits"
+        raise MoetraceError(
+            f"writing the trace store {e.path} failed at {where} ({e.err.strerror or e.err}); "
+            f"the run stopped and its stores in {run_dir} are left marked incomplete (layers_done says how far "
+            f"they got); free space or fix the cause, then continue with the same command and --resume"
+        ) from e.err
     except BaseException:
         for w in writers.values():
-            w.release()  # the store stays marked incomplete
+            w.writer.release()  # the store stays marked incomplete
         raise
-    return {name: w.path for name, w in writers.items()}
+    return all_paths

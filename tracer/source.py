@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,6 +20,8 @@ from moetrace.tracer import builtin
 from moetrace.tracer.naming import layer_prefix
 
 SUPPORTED_MODEL_TYPES = ("qwen3_moe",)
+# Per-expert keys inside a decoder layer, as checkpoints before transformers 5 store them.
+_PER_EXPERT = re.compile(r"mlp\.experts\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.weight")
 
 
 class ByteTokenizer:
@@ -69,7 +73,6 @@ class CheckpointSource:
         self.model_id = model_id or str(self.folder.resolve())
         self._index = self._read_index()
         self.model_hash = model_hash or self._hash()
-        self._handles: dict[str, object] = {}
         self.tokenizer = self._tokenizer()
 
     # -- tensors -------------------------------------------------------------------------
@@ -106,26 +109,102 @@ class CheckpointSource:
             h.update(str(p.stat().st_size).encode())
         return h.hexdigest()[:16]
 
-    def _handle(self, shard: str):
+    @contextmanager
+    def _reader(self):
+        """A function reading tensors by HF name, with each shard opened once for the block.
+
+        Shards are memory-mapped only inside the block: tensors are copied out and the maps
+        dropped on exit, so the pages of layers already traced do not stay resident.
+        """
         from safetensors import safe_open
 
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.folder / shard), framework="pt")
-        return self._handles[shard]
+        handles: dict[str, object] = {}
+
+        def read(name: str) -> torch.Tensor:
+            if name not in self._index:
+                raise MoetraceError(f"tensor {name!r} not found in {str(self.folder)!r}")
+            shard = self._index[name]
+            if shard not in handles:
+                handles[shard] = safe_open(str(self.folder / shard), framework="pt").__enter__()
+            return handles[shard].get_tensor(name)
+
+        try:
+            yield read
+        finally:
+            for h in handles.values():
+                h.__exit__(None, None, None)
+            handles.clear()
 
     def has(self, name: str) -> bool:
         return name in self._index
 
     def tensor(self, name: str) -> torch.Tensor:
-        """One tensor by its HF name, in its stored dtype (memory-mapped until used)."""
-        if name not in self._index:
-            raise MoetraceError(f"tensor {name!r} not found in {str(self.folder)!r}")
-        return self._handle(self._index[name]).get_tensor(name)
+        """One tensor by its HF name, in its stored dtype."""
+        with self._reader() as read:
+            return read(name)
 
     def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
-        """Every tensor of decoder layer ``layer``, keyed by its name inside the layer."""
+        """Every tensor of decoder layer ``layer``, keyed by its name inside the layer.
+
+        Per-expert keys (``mlp.experts.E.{gate,up,down}_proj.weight``, as Qwen3-30B-A3B ships) are
+        fused on read into transformers 5.x's ``mlp.experts.gate_up_proj`` (E, 2I, H), gate in
+        [:, :I] and up in [:, I:], and ``mlp.experts.down_proj`` (E, H, I), as transformers'
+        own conversion mapping fuses them in ``from_pretrained``.
+        """
         prefix = layer_prefix(layer)
-        return {k[len(prefix):]: self.tensor(k) for k in self._index if k.startswith(prefix)}
+        state: dict[str, torch.Tensor] = {}
+        experts: dict[tuple[str, int], str] = {}  # (proj, expert) -> HF name
+        with self._reader() as read:
+            for k in self._index:
+                if not k.startswith(prefix):
+                    continue
+                m = _PER_EXPERT.fullmatch(k[len(prefix):])
+                if m:
+                    experts[(m["proj"], int(m["expert"]))] = k
+                else:
+                    state[k[len(prefix):]] = read(k)
+            if experts:
+                if "mlp.experts.gate_up_proj" in state or "mlp.experts.down_proj" in state:
+                    raise MoetraceError(
+                        f"layer {layer} of {str(self.folder)!r} holds both fused and per-expert expert weights; "
+                        f"a checkpoint has one or the other"
+                    )
+                state.update(self._fuse_experts(layer, experts, read))
+        return state
+
+    def _fuse_experts(self, layer: int, keys: dict[tuple[str, int], str], read) -> dict[str, torch.Tensor]:
+        n = int(self.config.num_experts)
+        for e in range(n):
+            for proj in ("gate", "up", "down"):
+                if (proj, e) not in keys:
+                    raise MoetraceError(
+                        f"{str(self.folder)!r} lacks {layer_prefix(layer)}mlp.experts.{e}.{proj}_proj.weight; "
+                        f"a per-expert checkpoint needs gate, up and down for experts 0..{n - 1}"
+                    )
+        extra = sorted(e for _, e in keys if e >= n)
+        if extra:
+            raise MoetraceError(
+                f"layer {layer} of {str(self.folder)!r} has expert {extra[0]}, but config.json says num_experts={n}"
+            )
+        gate_up = down = None
+        # Expert by expert into preallocated fused tensors: peak memory is the fused layer plus one expert.
+        for e in range(n):
+            g, u, d = (read(keys[(p, e)]) for p in ("gate", "up", "down"))  # (I, H), (I, H), (H, I)
+            if gate_up is None:
+                gate_up = torch.empty((n, 2 * g.shape[0], g.shape[1]), dtype=g.dtype)  # (E, 2I, H)
+                down = torch.empty((n, *d.shape), dtype=d.dtype)  # (E, H, I)
+            half = gate_up.shape[1] // 2
+            for proj, t, want in (("gate", g, (half, gate_up.shape[2])), ("up", u, (half, gate_up.shape[2])),
+                                  ("down", d, tuple(down.shape[1:]))):
+                if tuple(t.shape) != want or t.dtype != gate_up.dtype:
+                    raise MoetraceError(
+                        f"{keys[(proj, e)]} in {str(self.folder)!r} is {t.dtype} {tuple(t.shape)}; "
+                        f"expert 0 makes it {gate_up.dtype} {want}"
+                    )
+            gate_up[e, :half] = g
+            gate_up[e, half:] = u
+            down[e] = d
+        return {"mlp.experts.gate_up_proj": gate_up, "mlp.experts.down_proj": down}
 
     @property
     def num_layers(self) -> int:
@@ -139,8 +218,8 @@ class CheckpointSource:
         return None
 
 
-def open_source(spec: str, plant: str | None = None, progress=None) -> CheckpointSource:
-    """Open ``builtin:NAME`` or a checkpoint folder.
+def open_source(spec: str, plant: str | None = None, progress=None):
+    """Open ``builtin:NAME``, a checkpoint folder or a ``.gguf`` file.
 
     Raises:
         MoetraceError: an unknown built-in name, a missing folder, an unsupported architecture,
@@ -154,6 +233,10 @@ def open_source(spec: str, plant: str | None = None, progress=None) -> Checkpoin
         return src
     if plant:
         raise MoetraceError("--plant applies to built-in models only (builtin:NAME)")
+    if spec.lower().endswith(".gguf"):
+        from moetrace.tracer.gguf_source import GGUFSource
+
+        return GGUFSource(spec)
     src = CheckpointSource(spec)
     src.builtin = None
     return src

@@ -198,7 +198,17 @@ class TraceWriter:
 
     def mark_layers_done(self, n: int) -> None:
         """Record that layers 0..n-1 are fully written (every mode), once their writes have landed."""
-        self._submit(self._group.attrs.__setitem__, "layers_done", int(n))
+        writes = self._older + self._pending  # this layer's writes, the layer before's and its mark
+
+        def mark():
+            # The pool runs one task at a time, in order: these are finished. A write that failed
+            # after the main thread last looked must not be covered by layers_done (resume trusts it).
+            for f in writes:
+                if f.exception() is not None:
+                    raise f.exception()
+            self._group.attrs["layers_done"] = int(n)
+
+        self._submit(mark)
         # Bound memory: at most two layers' writes in flight.
         older, self._older, self._pending = self._older, self._pending, []
         for f in older:

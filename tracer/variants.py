@@ -5,7 +5,9 @@
 - ``orig``: the checkpoint as it is;
 - a llama.cpp file type in lower case (``q8_0``, ``q4_k_m``, ...): each tensor gets the GGML type
   llama.cpp's quantizer would give it, is quantized bit-exactly as ggml does, and dequantized;
-- ``pure_TYPE`` (``pure_q4_0``): every quantizable tensor in TYPE (llama.cpp's ``--pure``).
+- ``pure_TYPE`` (``pure_q4_0``): every quantizable tensor in TYPE (llama.cpp's ``--pure``);
+- ``gguf``: the tensors of the GGUF file given with ``--gguf FILE``, dequantized (bit-exact with
+  ggml); the file must have the reference's tensor names and shapes.
 
 ``COMPUTE`` says the arithmetic: ``fp32``, ``bf16`` or ``fp16`` (weights dequantized to that dtype,
 activations and matmuls in it). Routers and norms are never quantized (llama.cpp keeps them F32).
@@ -52,7 +54,7 @@ def file_types() -> list[str]:
 
 
 def valid_weights() -> list[str]:
-    return ["orig"] + file_types() + [f"pure_{t.lower()}" for t in quantizable_types()]
+    return ["orig"] + file_types() + [f"pure_{t.lower()}" for t in quantizable_types()] + ["gguf"]
 
 
 @dataclass(frozen=True)

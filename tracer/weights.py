@@ -2,17 +2,44 @@
 
 The quantization is ggml's, bit for bit (moetrace.kernels); dequantized values are computed in
 float32 and then cast to the variant's compute dtype, as an engine that dequantizes to BF16 does.
+
+Every quantized tensor goes through :func:`quantized_stream`, which quantizes a bounded number
+of rows at a time (3-D expert tensors one expert, or a few, at a time), names the tensor in every
+error (NaN or Inf, a row length the type cannot take), and keeps the block bytes in the
+quantized-weight cache (:mod:`moetrace.tracer.qcache`) when a :class:`~moetrace.tracer.qcache.QuantContext`
+is given. :func:`tensor_types` attaches the source's context to the types it returns, so
+:func:`variant_layer_state` and :func:`variant_global` use the cache without new arguments.
 """
 
 from __future__ import annotations
 
+import re
+from types import SimpleNamespace
+
+import numpy as np
 import torch
 
 from moetrace.errors import MoetraceError
-from moetrace.tracer.naming import GLOBAL_TENSORS, gguf_layer_names
+from moetrace.tracer.naming import GLOBAL_TENSORS, LAYER_TENSORS, gguf_layer_names
 from moetrace.tracer.variants import Variant
 
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+# Rows are quantized in chunks of about this many elements: bounds the float32 temporaries of
+# the K-quant searches (a few times the chunk) whatever the tensor's size.
+CHUNK_ELEMENTS = 1 << 22
+
+_BLK = re.compile(r"blk\.(\d+)\.(.+)\.weight$")
+
+
+class TensorTypes(dict):
+    """GGUF tensor name -> GGML type name, plus the :class:`QuantContext` to derive weights with.
+
+    A plain dict to every caller; ``context`` (None for no cache) travels with it, so the
+    executor's ``variant_layer_state(ref, layer, variant, types)`` finds the cache on its own.
+    """
+
+    context = None
 
 
 def never_quantized(gguf_name: str, ndim: int) -> bool:
@@ -20,8 +47,27 @@ def never_quantized(gguf_name: str, ndim: int) -> bool:
     return ndim < 2 or "_norm.weight" in gguf_name or "ffn_gate_inp.weight" in gguf_name
 
 
-def tensor_types(source, variant: Variant) -> dict[str, str]:
-    """GGUF tensor name -> GGML type name for every weight of the model under ``variant``."""
+def tensor_types(source, variant: Variant, *, has_imatrix: bool = False, context=True) -> TensorTypes:
+    """GGUF tensor name -> GGML type name for every weight of the model under ``variant``.
+
+    Args:
+        source: a model source.
+        variant: the variant (or its weights part is all that matters).
+        has_imatrix: type as llama-quantize does when given an importance matrix (changes
+            ffn_down of the Q4_0 and Q5_0 file types).
+        context: the quantization context attached to the result: True for the source's
+            default (the quantized-weight cache), None/False for none, or a QuantContext.
+    """
+    out = TensorTypes(_types(source, variant, has_imatrix))
+    if context is True:
+        from moetrace.tracer.qcache import context_for
+
+        context = context_for(source) if out else None
+    out.context = context or None
+    return out
+
+
+def _types(source, variant: Variant, has_imatrix: bool) -> dict[str, str]:
     specs = gguf_specs(source)
     if variant.weights == "orig":
         return {}
@@ -43,8 +89,21 @@ def tensor_types(source, variant: Variant) -> dict[str, str]:
     from moetrace.kernels import recipes
 
     return recipes.assign_types(
-        [recipes.TensorSpec(n, s) for n, s in specs.items()], variant.weights, model_shape(source)
+        [recipes.TensorSpec(n, s) for n, s in specs.items()], variant.weights, model_shape(source),
+        has_imatrix=has_imatrix,
     )
+
+
+def file_type_types(source, file_type: str, *, has_imatrix: bool = False, context=True) -> TensorTypes:
+    """:func:`tensor_types` for a llama.cpp file-type name (``q4_k_m``, ``pure_q8_0``).
+
+    Raises:
+        MoetraceError: an unknown file type; the message lists the valid ones.
+    """
+    from moetrace.kernels import recipes
+
+    ft = recipes.parse_file_type(file_type)
+    return tensor_types(source, Variant(ft.name, "fp32"), has_imatrix=has_imatrix, context=context)
 
 
 def model_shape(source):
@@ -53,7 +112,7 @@ def model_shape(source):
     c = source.config
     return recipes.ModelShape(
         n_layer=c.num_hidden_layers, n_expert=c.num_experts, n_head=c.num_attention_heads,
-        n_head_kv=c.num_key_value_heads,
+        n_head_kv=c.num_key_value_heads, arch="qwen3moe",
     )
 
 
@@ -79,55 +138,272 @@ def gguf_specs(source) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def apply_type(w: torch.Tensor, type_name: str | None, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+def tensor_order(names) -> list[str]:
+    """GGUF names in llama.cpp's processing order: tensors outside the layers, then by layer, then by name."""
+    def key(n):
+        m = _BLK.match(n)
+        return (int(m.group(1)) if m else -1, n)
+
+    return sorted(names, key=key)
+
+
+def recipe_summary(source, file_type: str, *, has_imatrix: bool = False):
+    """llama.cpp's types for ``file_type`` on this model with sizes: a :class:`moetrace.kernels.recipes.RecipeSummary`."""
+    from moetrace.kernels import recipes
+
+    specs = [recipes.TensorSpec(n, s) for n, s in gguf_specs(source).items()]
+    return recipes.summarize(specs, file_type, model_shape(source), has_imatrix=has_imatrix)
+
+
+def config_source(model: str, plant: str | None = None):
+    """A stand-in source with only ``config``, ``model_id`` and ``model_hash``, for work that needs shapes only.
+
+    Built-in models are described from their preset without generating their weights (so
+    ``moetrace recipe builtin:qwen3-30b-a3b:layers=48`` writes nothing); a folder or GGUF file is
+    opened as usual.
+    """
+    from moetrace.tracer import builtin
+
+    if model.startswith("builtin:") or model in builtin.PRESETS:
+        m = builtin.parse_builtin(model, plant)
+        return SimpleNamespace(config=SimpleNamespace(**builtin.hf_config_dict(m.shape)), model_id=m.model_id,
+                               model_hash=m.content_hash)
+    from moetrace.tracer.source import open_source
+
+    return open_source(model, plant=plant)
+
+
+# -- quantizing and dequantizing one tensor ------------------------------------------------
+
+def _mats(w: torch.Tensor) -> torch.Tensor:
+    """(..., rows, cols) -> (n_mat, rows, cols); a 2-D tensor is one matrix."""
+    if w.ndim < 2:
+        raise MoetraceError(f"cannot quantize a {w.ndim}-D tensor; GGML block types take matrices")
+    return w.reshape(-1, w.shape[-2], w.shape[-1])
+
+
+def _named(err: Exception, name: str, where: str = "") -> MoetraceError:
+    from moetrace.kernels.errors import FormatError
+
+    return FormatError(f"tensor {name}{where}: {err}")
+
+
+def _check_finite(x: torch.Tensor, name: str, type_name: str, row0: int, rows_per_mat: int, n_mat: int) -> None:
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        from moetrace.kernels.errors import FormatError
+
+        n_bad = int(bad.sum())
+        r, c = (int(v) for v in torch.nonzero(bad)[0])
+        row = row0 + r
+        where = f"expert {row // rows_per_mat}, row {row % rows_per_mat}" if n_mat > 1 else f"row {row}"
+        raise FormatError(
+            f"tensor {name} holds {n_bad} NaN/Inf value(s) in this chunk (first at {where}, column {c}: "
+            f"{float(x[r, c])}); refusing to quantize it to {type_name}"
+        )
+
+
+def _imatrix_rows(imatrix, n_mat: int, cols: int, name: str) -> torch.Tensor | None:
+    """The importance matrix as (n_mat, cols) float32, or None."""
+    if imatrix is None:
+        return None
+    im = torch.as_tensor(np.asarray(imatrix, dtype=np.float32))
+    if im.ndim == 1 and im.numel() == cols:
+        return im.expand(n_mat, cols)
+    if im.ndim == 2 and im.shape == (n_mat, cols):
+        return im
+    raise MoetraceError(
+        f"imatrix entry of tensor {name} has shape {tuple(im.shape)}; expected ({cols},) or ({n_mat}, {cols})"
+    )
+
+
+def quantized_shape(w_shape: tuple[int, ...], name: str, type_name: str) -> tuple[int, int, int]:
+    """(n_mat, rows, bytes_per_row) of a tensor's block bytes; names the tensor if its rows do not fit the type."""
+    from moetrace.kernels import row_bytes
+    from moetrace.kernels.errors import FormatError
+
+    if len(w_shape) < 2:
+        raise MoetraceError(f"tensor {name} is {len(w_shape)}-D; GGML block types take matrices")
+    rows, cols = w_shape[-2], w_shape[-1]
+    n_mat = int(np.prod(w_shape[:-2])) if len(w_shape) > 2 else 1
+    try:
+        return n_mat, rows, row_bytes(type_name, cols)
+    except FormatError as e:
+        raise _named(e, name) from None
+
+
+def _quantize_rows(flat: torch.Tensor, name: str, type_name: str, imat: torch.Tensor | None, rows_per_mat: int,
+                   n_mat: int):
+    """Yield (first flat row, uint8 numpy (n, bytes_per_row)) for ``flat`` (n_mat * rows, cols), chunk by chunk."""
+    from moetrace.kernels import quantize
+    from moetrace.kernels.errors import FormatError
+
+    total, cols = flat.shape
+    step = max(1, CHUNK_ELEMENTS // cols)
+    # Without an imatrix every row is alike; with one, each expert has its own, so chunks stay inside one matrix.
+    spans = [(0, total)] if imat is None else [(m * rows_per_mat, (m + 1) * rows_per_mat) for m in range(n_mat)]
+    for start, end in spans:
+        qv = None if imat is None else imat[start // rows_per_mat]
+        for r0 in range(start, end, step):
+            r1 = min(end, r0 + step)
+            x = flat[r0:r1].to(torch.float32)  # (n, cols)
+            _check_finite(x, name, type_name, r0, rows_per_mat, n_mat)
+            try:
+                q = quantize(x, type_name, imatrix=qv)
+            except FormatError as e:
+                raise _named(e, name) from None
+            yield r0, q.numpy()
+
+
+def quantized_stream(w: torch.Tensor, name: str, type_name: str, context=None, imatrix=None):
+    """The block bytes of ``w`` as ``type_name``, chunk by chunk, from the cache or freshly quantized.
+
+    Args:
+        w: (rows, cols) or (E, rows, cols) reference weights (any float dtype).
+        name: the GGUF tensor name (cache key and error messages).
+        type_name: a quantized GGML type.
+        context: a QuantContext (cache and imatrix), or None.
+        imatrix: importance values, (cols,) or (E, cols); default: the context's entry for ``name``.
+
+    Yields:
+        (first row, uint8 array (n, bytes_per_row)) in order; rows count across experts.
+    """
+    cache = context.cache if context is not None else None
+    if imatrix is None and context is not None:
+        imatrix = context.imatrix_for(name)
+    shape = quantized_shape(tuple(w.shape), name, type_name)
+    n_mat, rows, nb = shape
+    key = context.key(name, type_name) if cache is not None else None
+    if key is not None:
+        hit = cache.get(key, shape)
+        if hit is not None:
+            flat = hit.reshape(-1, nb)
+            step = max(1, (CHUNK_ELEMENTS // 4) // nb)
+            for r0 in range(0, flat.shape[0], step):
+                yield r0, np.array(flat[r0:r0 + step])
+            return
+    mats = _mats(w)  # (n_mat, rows, cols)
+    flat = mats.reshape(-1, mats.shape[-1])
+    imat = _imatrix_rows(imatrix, n_mat, mats.shape[-1], name)
+    if key is None:
+        yield from _quantize_rows(flat, name, type_name, imat, rows, n_mat)
+        return
+    with cache.writer(key, shape) as out:
+        for r0, q in _quantize_rows(flat, name, type_name, imat, rows, n_mat):
+            out.write(r0, q)
+            yield r0, q
+
+
+def quantized_bytes(w: torch.Tensor, name: str, type_name: str, context=None, imatrix=None) -> np.ndarray:
+    """All block bytes of ``w`` as ``type_name``: uint8 (n_mat, rows, bytes_per_row); see :func:`quantized_stream`."""
+    shape = quantized_shape(tuple(w.shape), name, type_name)
+    out = np.empty(shape, dtype=np.uint8)
+    flat = out.reshape(-1, shape[-1])
+    for r0, q in quantized_stream(w, name, type_name, context, imatrix):
+        flat[r0:r0 + q.shape[0]] = q
+    return out
+
+
+def dequantized(w: torch.Tensor, name: str, type_name: str | None, context=None, imatrix=None) -> torch.Tensor:
+    """What ``w`` stored as ``type_name`` in a GGUF file dequantizes to, in float32, shaped like ``w``.
+
+    F32 (or None) is ``w`` itself; F16/BF16 are a rounding; quantized types go through
+    :func:`quantized_stream` (so through the cache when ``context`` has one).
+    """
+    from moetrace.kernels import dequantize
+
+    if type_name is None or type_name == "F32":
+        return w.to(torch.float32)
+    if type_name in FLOAT_TYPES:
+        return w.to(FLOAT_TYPES[type_name]).to(torch.float32)
+    cols = w.shape[-1]
+    out = torch.empty(w.shape, dtype=torch.float32)
+    flat = out.view(-1, cols)
+    for r0, q in quantized_stream(w, name, type_name, context, imatrix):
+        flat[r0:r0 + q.shape[0]] = dequantize(torch.from_numpy(q), type_name, cols)
+    return out
+
+
+def apply_type(w: torch.Tensor, type_name: str | None, imatrix: torch.Tensor | None = None, *,
+               name: str | None = None, context=None) -> torch.Tensor:
     """What a tensor stored as ``type_name`` dequantizes to, in float32.
 
     Args:
-        w: (..., n_per_row) reference weights; 3-D expert tensors are quantized one row at a
-            time, which is the same as one expert at a time.
+        w: (..., n_per_row) reference weights; 3-D expert tensors are quantized a bounded
+            number of rows at a time, which is the same as one expert at a time.
         type_name: GGML type, or None/F32 for the tensor as it is.
+        imatrix: optional importance values, (n_per_row,) or (E, n_per_row) for an expert tensor.
+        name: the GGUF name, for error messages and the cache key.
+        context: a QuantContext; its cache is used only when ``name`` is given.
     """
-    from moetrace.kernels import dequantize, quantize
-
-    w32 = w.to(torch.float32)
-    if type_name is None or type_name == "F32":
-        return w32
-    if type_name in FLOAT_TYPES:
-        return w32.to(FLOAT_TYPES[type_name]).to(torch.float32)
-    rows = w32.reshape(-1, w32.shape[-1])  # (rows, n_per_row)
-    q = quantize(rows, type_name, imatrix=imatrix)
-    return dequantize(q, type_name, rows.shape[1]).reshape(w32.shape)
+    return dequantized(w, name or "(unnamed)", type_name, context if name else None, imatrix)
 
 
-def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Variant, types: dict[str, str]):
+def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Variant, types: dict[str, str], *,
+                        context=None):
     """A decoder layer's weights under ``variant``, in its compute dtype.
 
     Args:
         ref: the reference layer state, keyed by name inside the layer.
         types: GGUF name -> GGML type (empty for ``orig``).
+        context: a QuantContext (cache, imatrix); default: the one ``types`` carries.
     """
+    ctx = context if context is not None else getattr(types, "context", None)
     names = gguf_layer_names(layer)
     out = {}
     for key, w in ref.items():
         g = names.get(key)
-        if isinstance(g, tuple) and types.get(g[0], "F32") == types.get(g[1], "F32"):
-            v = apply_type(w, types.get(g[0]))  # same type for both halves: row-wise, no split needed
-        elif isinstance(g, tuple):  # fused gate/up: (E, 2F, H) = gate (E, F, H) ++ up (E, F, H)
-            half = w.shape[1] // 2
-            gate = apply_type(w[:, :half], types.get(g[0]))
-            up = apply_type(w[:, half:], types.get(g[1]))
-            v = torch.cat([gate, up], dim=1)
+        if isinstance(g, tuple):  # fused gate/up: (E, 2F, H) = gate (E, F, H) ++ up (E, F, H)
+            tg, tu = types.get(g[0], "F32"), types.get(g[1], "F32")
+            if tg == tu == "F32":
+                v = w.to(torch.float32)
+            else:
+                half = w.shape[1] // 2
+                v = torch.cat([dequantized(w[:, :half], g[0], tg, ctx), dequantized(w[:, half:], g[1], tu, ctx)], dim=1)
         else:
-            v = apply_type(w, types.get(g) if g else None)
+            v = dequantized(w, g or key, types.get(g) if g else None, ctx)
         out[key] = v.to(variant.dtype)
     return out
 
 
-def variant_global(source, variant: Variant, types: dict[str, str]) -> dict[str, torch.Tensor]:
+def variant_global(source, variant: Variant, types: dict[str, str], *, context=None) -> dict[str, torch.Tensor]:
     """Embedding, final norm and output head under ``variant`` (HF names)."""
+    ctx = context if context is not None else getattr(types, "context", None)
     out = {}
     for hf, g in GLOBAL_TENSORS.items():
         if not source.has(hf):
             continue
-        out[hf] = apply_type(source.tensor(hf), types.get(g)).to(variant.dtype)
+        out[hf] = dequantized(source.tensor(hf), g, types.get(g), ctx).to(variant.dtype)
     return out
+
+
+# -- reference tensors under GGUF names ---------------------------------------------------
+
+_STEM_TO_HF = {stem: hf for hf, stem in LAYER_TENSORS.items() if isinstance(stem, str)}
+_GLOBAL_TO_HF = {g: hf for hf, g in GLOBAL_TENSORS.items()}
+
+
+def gguf_tensors_of_layer(layer_state: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    """A layer's reference tensors under GGUF names, gate_up split into ffn_gate_exps and ffn_up_exps (views)."""
+    out = {}
+    for key, g in gguf_layer_names(layer).items():
+        if key not in layer_state:
+            continue
+        w = layer_state[key]
+        if isinstance(g, tuple):
+            half = w.shape[1] // 2
+            out[g[0]], out[g[1]] = w[:, :half], w[:, half:]
+        else:
+            out[g] = w
+    return out
+
+
+def global_tensor(source, gguf_name: str) -> torch.Tensor:
+    """A tensor outside the decoder layers (``token_embd``, ``output_norm``, ``output``) by GGUF name."""
+    return source.tensor(_GLOBAL_TO_HF[gguf_name])
+
+
+def layer_of(gguf_name: str) -> int:
+    """The layer number in ``blk.N.*`` names; -1 for tensors outside the layers."""
+    m = _BLK.match(gguf_name)
+    return int(m.group(1)) if m else -1
