@@ -1,0 +1,163 @@
+"""Output metrics: how far a variant's next-token distributions are from the reference's.
+
+Per token ``t`` with logits ``(vocab,)``, ``p = softmax(ref)`` and ``q = softmax(variant)``:
+
+- ``kl``: KL(p || q) in nats, the information lost using the variant in place of the reference;
+- ``top1_agree``: 1 where both put the most probability on the same token;
+- ``p_next_ref``, ``p_next_var``: the probability each gives to the token that actually follows
+  ``t`` in its sequence (found through the ``seq`` and ``pos`` coordinates; NaN for the last
+  token of a sequence); ``dp_next = p_next_var - p_next_ref``; ``dnll_next`` the change of its
+  negative log-likelihood (positive: the variant predicts the real text worse).
+
+Token summaries carry percentile-bootstrap confidence intervals (:mod:`moetrace.tracer.stats`).
+The log-softmax runs through :func:`xarray.apply_ufunc`, so Dask-backed logits stay lazy until the
+per-token figures are taken.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from moetrace.errors import MoetraceError
+from moetrace.tracer import stats
+from moetrace.tracer.compare import check_comparable, log_softmax
+
+CI_FIGURES = {"kl_mean": ("kl", "mean"), "top1_agreement": ("top1_agree", "mean"),
+              "dp_next_mean": ("dp_next", "mean"), "dnll_next_mean": ("dnll_next", "mean")}
+
+
+def next_token_index(ds: xr.Dataset) -> np.ndarray:
+    """(token,) index of the token that follows each token in its sequence; -1 for a sequence's last."""
+    seq = ds["seq"].values.astype(np.int64)
+    pos = ds["pos"].values.astype(np.int64)
+    key = seq * (int(pos.max()) + 2) + pos  # unique per (seq, pos)
+    order = np.argsort(key, kind="stable")
+    target = key + 1
+    j = np.searchsorted(key[order], target)
+    j = np.minimum(j, key.size - 1)
+    found = key[order][j] == target
+    return np.where(found, order[j], -1)
+
+
+def _kl_np(rl: np.ndarray, vl: np.ndarray) -> np.ndarray:
+    lp, lq = log_softmax(rl), log_softmax(vl)  # (..., vocab) float64
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+def _logp_at_np(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    lp = log_softmax(logits)  # (..., vocab)
+    got = np.take_along_axis(lp, np.maximum(ids, 0)[..., None], axis=-1)[..., 0]
+    return np.where(ids >= 0, got, np.nan)
+
+
+def _argmax_np(logits: np.ndarray) -> np.ndarray:
+    return logits.argmax(-1)
+
+
+def _apply(fn, *args, core):
+    return xr.apply_ufunc(fn, *args, input_core_dims=core, dask="parallelized", output_dtypes=[np.float64],
+                          dask_gufunc_kwargs={"allow_rechunk": True})
+
+
+def output_tokens(ref: xr.Dataset, var: xr.Dataset, mode: str = "free") -> xr.Dataset:
+    """Per-token output figures of ``var`` in ``mode`` against ``ref``.
+
+    Returns:
+        A computed Dataset of (token,) float64 arrays: ``kl``, ``top1_agree``, ``p_next_ref``,
+        ``p_next_var``, ``dp_next``, ``dnll_next`` (NaN where a token has no next token).
+    """
+    check_comparable(ref, var)
+    if mode not in var["mode"].values:
+        raise MoetraceError(f"{var.attrs.get('variant')} has no {mode!r} mode; it has {list(var['mode'].values)}")
+    if "logits" not in ref or "logits" not in var:
+        raise MoetraceError("output metrics need the 'logits' site in both traces; record it with --sites")
+    rl = ref["logits"]
+    rl = rl.sel(mode="free", drop=True) if "mode" in rl.dims else rl  # (token, vocab)
+    vl = var["logits"].sel(mode=mode, drop=True)
+    nxt = next_token_index(ref)
+    next_id = xr.DataArray(np.where(nxt >= 0, ref["token_id"].values[np.maximum(nxt, 0)], -1), dims="token")
+    out = xr.Dataset({
+        "kl": _apply(_kl_np, rl, vl, core=[["vocab"], ["vocab"]]),
+        "top1_agree": (_apply(_argmax_np, rl, core=[["vocab"]]) == _apply(_argmax_np, vl, core=[["vocab"]])),
+        "lp_ref": _apply(_logp_at_np, rl, next_id, core=[["vocab"], []]),
+        "lp_var": _apply(_logp_at_np, vl, next_id, core=[["vocab"], []]),
+    }).compute()
+    out["top1_agree"] = out["top1_agree"].astype(np.float64)
+    out["p_next_ref"] = np.exp(out["lp_ref"])
+    out["p_next_var"] = np.exp(out["lp_var"])
+    out["dp_next"] = out["p_next_var"] - out["p_next_ref"]
+    out["dnll_next"] = out["lp_ref"] - out["lp_var"]
+    return out.drop_vars(["lp_ref", "lp_var"])
+
+
+def output_metrics(ref: xr.Dataset, var: xr.Dataset, mode: str = "free", n_resamples: int = stats.N_RESAMPLES,
+                   seed: int = 0, level: float = stats.LEVEL) -> xr.Dataset:
+    """Token summaries of :func:`output_tokens`, with bootstrap intervals on the headline figures.
+
+    Returns:
+        A Dataset of scalars: ``kl_mean``, ``kl_median``, ``kl_p99``, ``kl_max`` (nats),
+        ``top1_agreement``, ``dp_next_mean``, ``abs_dp_next_mean``, ``dnll_next_mean``,
+        ``p_next_ref_mean``, ``tokens``, ``tokens_with_next``; and for each of ``kl_mean``,
+        ``top1_agreement``, ``dp_next_mean``, ``dnll_next_mean`` a ``NAME_ci`` of dim (bound,)
+        = (lo, hi) at coverage ``level``, ``n_resamples`` resamples seeded by ``seed``.
+    """
+    tok = output_tokens(ref, var, mode)
+    kl = tok["kl"].values
+    out = xr.Dataset(attrs={"reference": ref.attrs.get("variant"), "variant": var.attrs.get("variant"),
+                            "mode": mode, "model": var.attrs.get("model"), "ci_level": level,
+                            "n_resamples": n_resamples, "seed": seed})
+    out["kl_mean"] = kl.mean()
+    out["kl_median"] = np.median(kl)
+    out["kl_p99"] = np.quantile(kl, 0.99)
+    out["kl_max"] = kl.max()
+    out["top1_agreement"] = tok["top1_agree"].values.mean()
+    dp = tok["dp_next"].values
+    out["dp_next_mean"] = np.nanmean(dp) if np.isfinite(dp).any() else np.nan
+    out["abs_dp_next_mean"] = np.nanmean(np.abs(dp)) if np.isfinite(dp).any() else np.nan
+    out["dnll_next_mean"] = np.nanmean(tok["dnll_next"].values) if np.isfinite(dp).any() else np.nan
+    out["p_next_ref_mean"] = np.nanmean(tok["p_next_ref"].values) if np.isfinite(dp).any() else np.nan
+    out["tokens"] = kl.size
+    out["tokens_with_next"] = int(np.isfinite(dp).sum())
+    for name, (col, stat) in CI_FIGURES.items():
+        lo, hi = stats.bootstrap_ci(tok[col].values, stat, n_resamples, seed, level)
+        out[f"{name}_ci"] = ("bound", [lo, hi])
+    return out.assign_coords(bound=["lo", "hi"])
+
+
+def format_output(om: xr.Dataset, floor: xr.Dataset | None = None) -> str:
+    """Lines of :func:`output_metrics`; with ``floor`` (orig-bf16's) the KL as a multiple of it."""
+    pct = int(round(100 * om.attrs["ci_level"]))
+
+    def ci(name, scale=1.0, fmt="{:.3e}"):
+        lo, hi = (scale * x for x in om[f"{name}_ci"].values)
+        return f"[{fmt.format(lo)}, {fmt.format(hi)}]"
+
+    x = ""
+    if floor is not None and float(floor["kl_mean"]) > 0:
+        x = f" = {float(om['kl_mean']) / float(floor['kl_mean']):.1f}x the noise floor"
+    return "\n".join([
+        f"{om.attrs['variant']} vs {om.attrs['reference']} output ({om.attrs['mode']} mode), "
+        f"{int(om['tokens'])} tokens, {pct}% bootstrap intervals:",
+        f"  KL(ref || variant) nats: mean {float(om['kl_mean']):.3e} {ci('kl_mean')}{x}, "
+        f"median {float(om['kl_median']):.3e}, p99 {float(om['kl_p99']):.3e}, max {float(om['kl_max']):.3e}",
+        f"  top-1 agreement {100 * float(om['top1_agreement']):.1f}% {ci('top1_agreement', 100, '{:.1f}')}",
+        f"  next token ({int(om['tokens_with_next'])} tokens): p change {float(om['dp_next_mean']):+.2e} "
+        f"{ci('dp_next_mean', 1, '{:+.2e}')} (mean |change| {float(om['abs_dp_next_mean']):.2e}, reference p "
+        f"{float(om['p_next_ref_mean']):.2e}), NLL change {float(om['dnll_next_mean']):+.2e} nats "
+        f"{ci('dnll_next_mean', 1, '{:+.2e}')}",
+    ])
+
+
+def output_to_dict(om: xr.Dataset) -> dict:
+    """A JSON-ready dict of :func:`output_metrics`."""
+    out = dict(om.attrs)
+    for v in om.data_vars:
+        vals = om[v].values
+        out[v] = [_num(x) for x in vals] if vals.ndim else _num(vals)
+    return out
+
+
+def _num(x) -> float | None:
+    x = float(x)
+    return None if np.isnan(x) else x
