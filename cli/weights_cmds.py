@@ -13,7 +13,7 @@ import click
 
 from moetrace.cli.main import friendly_errors, main
 
-_MODEL_HELP = "builtin:NAME (see `moetrace models`) or a transformers checkpoint folder."
+_MODEL_HELP = "builtin:NAME (see `moetrace models`), a transformers checkpoint folder or a GGUF file."
 
 
 def _default_name(model_id: str) -> str:
@@ -25,7 +25,7 @@ def _default_name(model_id: str) -> str:
 @main.command()
 @click.argument("file_type")
 @click.option("--model", "model", default="builtin:", show_default=True, help=_MODEL_HELP)
-@click.option("--imatrix", "with_imatrix", is_flag=True,
+@click.option("--with-imatrix", "with_imatrix", is_flag=True,
               help="Type tensors as llama-quantize does when given an importance matrix (changes Q4_0/Q5_0 ffn_down).")
 @click.option("--summary", is_flag=True, help="Only the per-type and total lines, not one line per tensor.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

@@ -68,9 +68,9 @@ def tensor_types(source, variant: Variant, *, has_imatrix: bool = False, context
 
 
 def _types(source, variant: Variant, has_imatrix: bool) -> dict[str, str]:
-    specs = gguf_specs(source)
-    if variant.weights == "orig":
+    if variant.weights in ("orig", "gguf"):  # gguf: the file's own types, not derived here
         return {}
+    specs = gguf_specs(source)
     if variant.pure_type is not None:
         from moetrace.kernels.base import BLOCK_SIZES
 
@@ -148,7 +148,7 @@ def tensor_order(names) -> list[str]:
 
 
 def recipe_summary(source, file_type: str, *, has_imatrix: bool = False):
-    """llama.cpp's types for ``file_type`` on this model with sizes: a :class:`moetrace.kernels.recipes.RecipeSummary`."""
+    """llama.cpp's types for ``file_type`` on this model, with sizes (a ``recipes.RecipeSummary``)."""
     from moetrace.kernels import recipes
 
     specs = [recipes.TensorSpec(n, s) for n, s in gguf_specs(source).items()]
@@ -273,7 +273,12 @@ def quantized_stream(w: torch.Tensor, name: str, type_name: str, context=None, i
         imatrix = context.imatrix_for(name)
     shape = quantized_shape(tuple(w.shape), name, type_name)
     n_mat, rows, nb = shape
-    key = context.key(name, type_name) if cache is not None else None
+    mats = _mats(w)  # (n_mat, rows, cols)
+    key = None
+    if cache is not None:
+        from moetrace.tracer.qcache import tensor_hash
+
+        key = context.key(name, type_name, tensor_hash(mats))
     if key is not None:
         hit = cache.get(key, shape)
         if hit is not None:
@@ -282,7 +287,6 @@ def quantized_stream(w: torch.Tensor, name: str, type_name: str, context=None, i
             for r0 in range(0, flat.shape[0], step):
                 yield r0, np.array(flat[r0:r0 + step])
             return
-    mats = _mats(w)  # (n_mat, rows, cols)
     flat = mats.reshape(-1, mats.shape[-1])
     imat = _imatrix_rows(imatrix, n_mat, mats.shape[-1], name)
     if key is None:

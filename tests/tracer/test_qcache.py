@@ -1,0 +1,150 @@
+"""The quantized-weight cache and the error reporting of weight derivation (tracer/qcache.py, tracer/weights.py)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import moetrace.kernels as K
+from moetrace.errors import MoetraceError
+from moetrace.kernels.errors import FormatError
+from moetrace.tracer import qcache
+from moetrace.tracer import weights as W
+from moetrace.tracer.variants import Variant
+
+
+@pytest.fixture
+def ctx(tmp_path, tiny_source):
+    return qcache.context_for(tiny_source, cache=qcache.QuantCache(tmp_path / "quant"))
+
+
+def _quantized_names(types, layer):
+    return [n for n, t in types.items() if n.startswith(f"blk.{layer}.") and t not in ("F32", "F16", "BF16")]
+
+
+def test_second_derivation_reads_the_cache_and_never_quantizes(ctx, tiny_source, monkeypatch):
+    v = Variant.parse("q4_k_m-bf16")
+    types = W.tensor_types(tiny_source, v, context=ctx)
+    assert types.context is ctx
+    ref = tiny_source.layer_state(0)  # Q4_K and Q8_0 tensors: quick to quantize
+    first = W.variant_layer_state(ref, 0, v, types)
+    n_q = len(_quantized_names(types, 0))
+    assert (ctx.cache.hits, ctx.cache.misses) == (0, n_q)
+
+    def refuse(*a, **k):
+        raise AssertionError("quantized again despite a warm cache")
+
+    monkeypatch.setattr(K, "quantize", refuse)
+    second = W.variant_layer_state(ref, 0, v, types)
+    assert ctx.cache.hits == n_q
+    for k in first:
+        assert torch.equal(first[k], second[k]), k
+
+
+def test_cached_bytes_are_the_kernels_bytes_expert_by_expert(ctx, tiny_source):
+    w = tiny_source.layer_state(1)["mlp.experts.down_proj"][:2]  # (2, H, F)
+    name = "blk.1.ffn_down_exps.weight"
+    got = W.quantized_bytes(w, name, "Q6_K", ctx)
+    want = np.stack([K.quantize(w[e].float(), "Q6_K").numpy() for e in range(w.shape[0])])
+    assert np.array_equal(got, want)
+    on_disk = np.load(ctx.cache.path(ctx.key(name, "Q6_K", qcache.tensor_hash(w))))
+    assert np.array_equal(on_disk, want)
+
+
+def test_keys_address_model_tensor_type_imatrix_and_kernels(tiny_source):
+    a = qcache.QuantContext("m1")
+    base = a.key("blk.0.attn_q.weight", "Q4_K")
+    assert base == qcache.QuantContext("m1").key("blk.0.attn_q.weight", "q4_k")  # type names are case-free
+    others = {
+        qcache.QuantContext("m2").key("blk.0.attn_q.weight", "Q4_K"),
+        a.key("blk.1.attn_q.weight", "Q4_K"),
+        a.key("blk.0.attn_q.weight", "Q5_K"),
+        qcache.QuantContext("m1", imatrix={"blk.0.attn_q.weight": np.ones(256, np.float32)}).key(
+            "blk.0.attn_q.weight", "Q4_K"),
+        a.key("blk.0.attn_q.weight", "Q4_K", content="abc"),
+    }
+    assert base not in others and len(others) == 5
+    assert len(qcache.kernels_fingerprint()) == 16
+
+
+def test_an_edited_tensor_of_the_same_model_is_not_served_from_the_cache(ctx, tiny_source):
+    # Finetunes share config and safetensors headers, hence the model hash: the key holds the bytes' hash too.
+    w = tiny_source.layer_state(0)["mlp.experts.gate_up_proj"][:, :256]  # (E, F, H) gate half, a view
+    name = "blk.0.ffn_gate_exps.weight"
+    before = W.quantized_bytes(w, name, "Q4_K", ctx)
+    edited = w.clone()
+    edited[4, 10, 20] = 0.5
+    misses = ctx.cache.misses
+    after = W.quantized_bytes(edited, name, "Q4_K", ctx)
+    assert ctx.cache.misses == misses + 1
+    changed = [e for e in range(w.shape[0]) if not np.array_equal(before[e], after[e])]
+    assert changed == [4]
+    assert qcache.tensor_hash(w) == qcache.tensor_hash(w.contiguous())  # a view hashes as its values
+
+
+def test_damaged_entry_is_recomputed(ctx, tiny_source):
+    w = tiny_source.layer_state(0)["self_attn.q_proj.weight"]
+    name = "blk.0.attn_q.weight"
+    good = W.quantized_bytes(w, name, "Q4_K", ctx)
+    p = ctx.cache.path(ctx.key(name, "Q4_K", qcache.tensor_hash(w[None])))
+    p.write_bytes(p.read_bytes()[:100])  # truncated by a crash or a full disk
+    again = W.quantized_bytes(w, name, "Q4_K", ctx)
+    assert np.array_equal(good, again)
+    assert np.array_equal(np.load(p), good)
+
+
+def test_per_expert_imatrix(ctx, tiny_source):
+    w = tiny_source.layer_state(0)["mlp.experts.down_proj"][:3]  # (3, H, F)
+    im = np.random.default_rng(0).uniform(0.1, 4.0, size=(3, w.shape[-1])).astype(np.float32)
+    name = "blk.0.ffn_down_exps.weight"
+    got = W.quantized_bytes(w, name, "Q4_K", ctx, imatrix=im)
+    want = np.stack([K.quantize(w[e].float(), "Q4_K", imatrix=torch.from_numpy(im[e])).numpy() for e in range(3)])
+    assert np.array_equal(got, want)
+    assert not np.array_equal(got, W.quantized_bytes(w, name, "Q4_K", None))
+    with pytest.raises(MoetraceError, match=r"imatrix entry of tensor blk\.0\.ffn_down_exps\.weight"):
+        W.quantized_bytes(w, name, "Q4_K", None, imatrix=im[:, :10])
+
+
+def test_nan_is_reported_with_the_tensor_name_and_expert(tiny_source):
+    w = tiny_source.layer_state(0)["mlp.experts.down_proj"].float().clone()
+    w[5, 7, 11] = float("nan")
+    with pytest.raises(FormatError, match=r"tensor blk\.0\.ffn_down_exps\.weight .*expert 5, row 7, column 11"):
+        W.quantized_bytes(w, "blk.0.ffn_down_exps.weight", "Q4_K")
+    w2 = torch.zeros(4, 256)
+    w2[2, 3] = float("inf")
+    with pytest.raises(FormatError, match=r"tensor blk\.3\.attn_q\.weight .*row 2, column 3"):
+        W.apply_type(w2, "Q8_0", name="blk.3.attn_q.weight")
+
+
+def _fake_source(hidden):
+    cfg = SimpleNamespace(hidden_size=hidden, moe_intermediate_size=64, num_experts=4, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=32, vocab_size=100, num_hidden_layers=2,
+                          tie_word_embeddings=False)
+    return SimpleNamespace(config=cfg, model_hash="fake", model_id="fake")
+
+
+def test_row_length_no_type_can_take_names_the_tensor():
+    src = _fake_source(hidden=40)  # rows of 40: no 32-block type divides them
+    with pytest.raises(MoetraceError, match=r"tensor .output\.weight.: rows of 40"):
+        W.file_type_types(src, "q8_0")
+    with pytest.raises(MoetraceError, match=r"tensor token_embd\.weight has rows of 40"):
+        W.file_type_types(src, "pure_q4_k")
+    with pytest.raises(FormatError, match=r"tensor blk\.0\.attn_q\.weight: .*40"):
+        W.quantized_bytes(torch.zeros(8, 40), "blk.0.attn_q.weight", "Q4_K")
+
+
+def test_unknown_file_type_lists_valid_ones(tiny_source):
+    with pytest.raises(MoetraceError, match=r"unknown llama\.cpp file type 'q4km'; valid file types: .*q4_k_m"):
+        W.file_type_types(tiny_source, "q4km")
+
+
+def test_default_context_uses_the_cache_root(monkeypatch, tmp_path, tiny_source):
+    monkeypatch.setenv("MOETRACE_CACHE", str(tmp_path))
+    types = W.tensor_types(tiny_source, Variant.parse("q8_0-fp32"))
+    assert types.context.cache.root == tmp_path / "quant"
+    assert W.tensor_types(tiny_source, Variant.parse("orig-fp32")).context is None
+    monkeypatch.setenv("MOETRACE_QCACHE", "0")
+    assert W.tensor_types(tiny_source, Variant.parse("q8_0-fp32")).context.cache is None
