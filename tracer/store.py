@@ -140,6 +140,12 @@ class TraceWriter:
         finally:
             ctx.__exit__(None, None, None)
         self._group = g
+        # Arrays whose chunks are plain little-endian bytes: their (mode, layer) chunks are
+        # written straight to the chunk file the Zarr v3 spec names, which costs a third of
+        # going through zarr's codec pipeline and its event loop for every slab.
+        # Array handles opened once: each group lookup reads metadata through zarr's event loop.
+        self._arrays = {name: g[name] for name in list(LAYER_VARS) + ["logits"] if name in self.sites}
+        self._raw_chunks = {name for name in LAYER_VARS if name in self._arrays and _plain_chunks(self._arrays[name])}
         # One background thread writes, in submission order, while the next layer computes;
         # layers_done is set by that same thread after the layer's chunks, so it never runs ahead.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moetrace-store")
@@ -189,12 +195,15 @@ class TraceWriter:
         for name in LAYER_VARS:
             if name in self.sites and name in record:
                 arr = record[name].detach().to("cpu", dtype=_torch_dtype(LAYER_VARS[name][1])).numpy()
-                self._submit(self._group[name].__setitem__, (mi, layer), arr)
+                if name in self._raw_chunks:
+                    self._submit(_write_chunk, self.path / name / "c" / str(mi) / str(layer) / "0" / "0", arr)
+                else:
+                    self._submit(self._arrays[name].__setitem__, (mi, layer), arr)
 
     def write_logits(self, mode: str, logits) -> None:
         if "logits" in self.sites:
             arr = logits.detach().float().cpu().numpy()
-            self._submit(self._group["logits"].__setitem__, self.modes.index(mode), arr)
+            self._submit(self._arrays["logits"].__setitem__, self.modes.index(mode), arr)
 
     def mark_layers_done(self, n: int) -> None:
         """Record that layers 0..n-1 are fully written (every mode), once their writes have landed."""
@@ -236,6 +245,25 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _plain_chunks(arr) -> bool:
+    """True if the array stores each chunk as its raw little-endian bytes under c/i/j/k/l."""
+    meta = arr.metadata.to_dict()
+    return (
+        meta.get("codecs") == [{"name": "bytes", "configuration": {"endian": "little"}}]
+        and meta.get("chunk_key_encoding") == {"name": "default", "configuration": {"separator": "/"}}
+        and not meta.get("storage_transformers")
+    )
+
+
+def _write_chunk(path: Path, arr: np.ndarray) -> None:
+    """Write one full chunk's bytes atomically (a reader sees the old chunk or the new one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes())
+    os.replace(tmp, path)
 
 
 def _compressors(dtype: str):
