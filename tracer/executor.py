@@ -367,9 +367,9 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
     except _WriteFailed as e:
         for w in writers.values():
             w.writer.release()
-        where = f"layer {layer_now}" if layer_now < n_layers else "the output logits"
+        where = f"at layer {layer_now}" if layer_now < n_layers else "writing the output logits"
         raise MoetraceError(
-            f"writing the trace store {e.path} failed at {where} ({e.err.strerror or e.err}); "
+            f"writing the trace store {e.path} failed ({e.err.strerror or e.err}; noticed {where}); "
             f"the run stopped and its stores in {run_dir} are left marked incomplete (layers_done says how far "
             f"they got); free space or fix the cause, then continue with the same command and --resume"
         ) from e.err

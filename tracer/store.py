@@ -139,12 +139,16 @@ class TraceWriter:
                 )
         finally:
             ctx.__exit__(None, None, None)
+        self._attach(g)
+
+    def _attach(self, g) -> None:
+        """Set up writing into the opened group ``g`` (also used to reopen a store, tracer/resume.py)."""
         self._group = g
+        # Array handles opened once: each group lookup reads metadata through zarr's event loop.
+        self._arrays = {name: g[name] for name in list(LAYER_VARS) + ["logits"] if name in self.sites and name in g}
         # Arrays whose chunks are plain little-endian bytes: their (mode, layer) chunks are
         # written straight to the chunk file the Zarr v3 spec names, which costs a third of
         # going through zarr's codec pipeline and its event loop for every slab.
-        # Array handles opened once: each group lookup reads metadata through zarr's event loop.
-        self._arrays = {name: g[name] for name in list(LAYER_VARS) + ["logits"] if name in self.sites}
         self._raw_chunks = {name for name in LAYER_VARS if name in self._arrays and _plain_chunks(self._arrays[name])}
         # One background thread writes, in submission order, while the next layer computes;
         # layers_done is set by that same thread after the layer's chunks, so it never runs ahead.

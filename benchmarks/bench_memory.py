@@ -1,0 +1,203 @@
+"""Peak resident memory and seconds per layer of `moetrace run`, against the number of layers.
+
+Writes the Qwen3-30B-A3B-width built-in preset (hidden 2048, 32/4 heads of 128, 128 experts of
+width 768, top-8; about 623 M parameters and 1.25 GB of BF16 per layer) to disk as a safetensors
+checkpoint folder with per-expert keys, one shard per layer (as Qwen3-30B-A3B ships them), then
+runs `moetrace run` on it in a subprocess for each layer count and reads the subprocess's peak
+RSS from the kernel (os.wait4's ru_maxrss). Bounded memory means the peak is flat in the layer
+count: about one layer's weights per variant plus activations.
+
+The layers are written once for the largest count; the smaller models are folders of symlinks
+to the first N layer shards, with their own config.json and index.
+
+    python benchmarks/bench_memory.py [--layers 2,4,8] [--variants orig-bf16] [--tokens 256]
+                                      [--dir SCRATCH] [--keep] [--gguf-file-type q8_0 --variants gguf-bf16]
+
+Quantized variants are quantized in every run (MOETRACE_QCACHE=0 unless set otherwise), as in a
+first run on a model.
+
+Disk: 1.25 GB per layer of the largest count (deleted at the end unless --keep). Memory: a few
+GB per run (one layer in BF16 as read, fp32 for the reference, one copy per variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def write_layers(folder: Path, n_layers: int) -> None:
+    """Write the preset's tensors with per-expert keys: one shard per layer plus one for the rest."""
+    import torch
+    from safetensors.torch import save_file
+
+    from moetrace.tracer import builtin
+
+    shape = builtin.parse_builtin(f"builtin:qwen3-30b-a3b:layers={n_layers}").shape
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "done.json").is_file() and json.loads((folder / "done.json").read_text())["layers"] >= n_layers:
+        return
+    glob, layer, current = {}, {}, None
+    t0 = time.perf_counter()
+
+    def flush():
+        if current is not None:
+            save_file(layer, str(folder / f"layer-{current:05d}.safetensors"), metadata={"format": "pt"})
+            print(f"  wrote layer {current} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+            layer.clear()
+
+    for name, arr in builtin.generate_tensors(shape):
+        m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+        if not m:
+            glob[name] = torch.from_numpy(arr).to(torch.bfloat16)
+            continue
+        i, rel = int(m[1]), m[2]
+        if i != current:
+            flush()
+            current = i
+        p = f"model.layers.{i}."
+        t = torch.from_numpy(arr)
+        if rel == "mlp.experts.gate_up_proj":  # (E, 2I, H) -> per expert gate (I, H), up (I, H)
+            half = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                layer[f"{p}mlp.experts.{e}.gate_proj.weight"] = t[e, :half].to(torch.bfloat16)
+                layer[f"{p}mlp.experts.{e}.up_proj.weight"] = t[e, half:].to(torch.bfloat16)
+        elif rel == "mlp.experts.down_proj":  # (E, H, I) -> per expert (H, I)
+            for e in range(t.shape[0]):
+                layer[f"{p}mlp.experts.{e}.down_proj.weight"] = t[e].to(torch.bfloat16)
+        else:
+            layer[name] = t.to(torch.bfloat16)
+        del arr, t
+    flush()
+    save_file(glob, str(folder / "globals.safetensors"), metadata={"format": "pt"})
+    (folder / "shape.json").write_text(json.dumps(dataclasses.asdict(shape)))
+    (folder / "done.json").write_text(json.dumps({"layers": n_layers}))
+
+
+def model_folder(layers_dir: Path, out: Path, n: int) -> Path:
+    """A checkpoint folder of the first ``n`` layers: config.json, index, symlinked shards."""
+    from safetensors import safe_open
+
+    from moetrace.tracer import builtin
+
+    shape = builtin.BuiltinShape(**json.loads((layers_dir / "shape.json").read_text()))
+    folder = out / f"qwen3-30b-a3b-{n}layers"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    shards = ["globals.safetensors"] + [f"layer-{i:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for s in shards:
+        (folder / s).symlink_to((layers_dir / s).resolve())
+        with safe_open(str(folder / s), framework="pt") as h:
+            weight_map.update({k: s for k in h.keys()})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = builtin.hf_config_dict(dataclasses.replace(shape, layers=n))
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+def write_gguf_file(folder: Path, file_type: str) -> Path:
+    """The checkpoint as a GGUF file of ``file_type``, written by `moetrace quantize`'s library call."""
+    from moetrace.tracer.gguf_writer import write_gguf
+    from moetrace.tracer.source import open_source
+
+    path = folder.with_suffix(f".{file_type}.gguf")
+    t = time.perf_counter()
+    write_gguf(open_source(str(folder)), file_type, path, cache=False)
+    print(f"  wrote {path.name} ({path.stat().st_size / 2**30:.2f} GiB, {time.perf_counter() - t:.0f} s)",
+          file=sys.stderr, flush=True)
+    return path
+
+
+def run_once(folder: Path, variants: list[str], tokens: int, out: Path, gguf: Path | None = None) -> dict:
+    """One `moetrace run` in a subprocess: peak RSS (bytes), wall time, per-layer seconds."""
+    from moetrace.tracer.prompts import DEMO_TEXT
+
+    text = ((DEMO_TEXT + " ") * (tokens // len(DEMO_TEXT) + 2))[:tokens]  # byte-level vocabulary: 1 char = 1 token
+    cmd = [sys.executable, "-m", "moetrace", "run", "--model", str(folder), "--text", text,
+           "--max-tokens", str(tokens), "--out", str(out), "--run", folder.name]
+    for v in variants:
+        cmd += ["--variant", v]
+    if gguf is not None:
+        cmd += ["--gguf", str(gguf)]
+    t = time.perf_counter()
+    # Without the quantized-weight cache, so every run quantizes (as a first run on a model does).
+    env = {**os.environ, "MOETRACE_QCACHE": os.environ.get("MOETRACE_QCACHE", "0")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"moetrace run failed ({proc.returncode}):\n{''.join(lines[-20:])}")
+    per_layer = [float(m[1]) for m in (re.search(r"traced \(([\d.]+) s", ln) for ln in lines) if m]
+    return {"peak_rss": usage.ru_maxrss * 1024, "wall": wall, "per_layer": per_layer}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", default="2,4,8", help="comma-separated layer counts")
+    ap.add_argument("--variants", default="orig-bf16", help="comma-separated variants (reference orig-fp32 always)")
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--dir", default=None, help="scratch folder (default: a new temporary one; deleted unless --keep)")
+    ap.add_argument("--keep", action="store_true", help="keep the written layers for another run")
+    ap.add_argument("--gguf-file-type", default=None,
+                    help="also write each model as a GGUF file of this llama.cpp file type (e.g. q8_0) and trace "
+                         "its gguf-* variants (give them in --variants, e.g. gguf-bf16)")
+    args = ap.parse_args()
+
+    counts = sorted(int(x) for x in args.layers.split(","))
+    variants = [v for v in args.variants.split(",") if v]
+    root = Path(args.dir or tempfile.mkdtemp(prefix="bench-memory-"))
+    layers_dir = root / "layers"
+    print(f"Writing {counts[-1]} Qwen3-30B-A3B-width layers with per-expert keys to {layers_dir} ...", file=sys.stderr)
+    write_layers(layers_dir, counts[-1])
+    layer_bytes = (layers_dir / "layer-00000.safetensors").stat().st_size
+    results = {}
+    try:
+        for n in counts:
+            folder = model_folder(layers_dir, root / "models", n)
+            gguf = write_gguf_file(folder, args.gguf_file_type) if args.gguf_file_type else None
+            print(f"moetrace run: {n} layers, variants {', '.join(variants)}, {args.tokens} tokens ...",
+                  file=sys.stderr, flush=True)
+            results[n] = r = run_once(folder, variants, args.tokens, root / "traces", gguf)
+            if gguf is not None:
+                gguf.unlink()
+            shutil.rmtree(root / "traces", ignore_errors=True)
+            print(f"  peak RSS {r['peak_rss'] / 2**30:.2f} GiB, {r['wall']:.1f} s, per layer "
+                  + " ".join(f"{x:.1f}" for x in r["per_layer"]), file=sys.stderr, flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+    print(f"\nQwen3-30B-A3B widths, one layer = {layer_bytes / 2**30:.2f} GiB of BF16 on disk; reference orig-fp32, "
+          f"variants {', '.join(variants)}, {args.tokens} tokens, all sites, torch threads from the default")
+    print(f"{'layers':>6} {'peak RSS GiB':>13} {'wall s':>8} {'s/layer (median)':>17}")
+    medians = []
+    for n, r in results.items():
+        pl = sorted(r["per_layer"])
+        med = pl[len(pl) // 2] if pl else float("nan")
+        medians += r["per_layer"]
+        print(f"{n:>6} {r['peak_rss'] / 2**30:>13.2f} {r['wall']:>8.1f} {med:>17.2f}")
+    peaks = [r["peak_rss"] for r in results.values()]
+    medians.sort()
+    per = medians[len(medians) // 2]
+    print(f"peak RSS spread over layer counts: {(max(peaks) - min(peaks)) / 2**30:.2f} GiB "
+          f"({(max(peaks) / min(peaks) - 1) * 100:.1f}%)")
+    print(f"estimate for 48 layers: {48 * per:.0f} s ({48 * per / 60:.1f} min) of layers at {per:.2f} s/layer, "
+          f"peak RSS about {max(peaks) / 2**30:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Resuming a run that stopped: reopen its stores and read back the hidden states to start from.
+
+A store's ``layers_done`` attribute is set by the store's writer thread only after every chunk
+of those layers has landed (tracer/store.py), so layers ``0..layers_done-1`` are complete and
+can be trusted; everything from ``layers_done`` on is computed again and overwritten. The
+executor needs, at the resume layer L, the input of layer L for every stream: that is the
+``resid`` of layer L-1, stored in float32, which holds bf16/fp16 streams exactly, so the resumed
+run computes bit for bit what the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moetrace.errors import MoetraceError
+from moetrace.tracer import store as S
+from moetrace.tracer.store import Tokens, TraceWriter, _quiet
+
+
+class ResumedWriter(TraceWriter):
+    """A :class:`TraceWriter` on an existing, incomplete store (opened read-write, not recreated).
+
+    It takes the store's writer lock like a new writer, so a second run on the same store
+    refuses with the same message.
+    """
+
+    def __init__(self, path):  # noqa: D107 -- deliberately not calling TraceWriter.__init__ (which recreates)
+        import zarr
+
+        self.path = Path(path)
+        self._take_lock()
+        ctx = _quiet()
+        try:
+            g = zarr.open_group(self.path, mode="r+")
+        except BaseException:
+            (self.path / S.LOCK_NAME).unlink(missing_ok=True)
+            raise
+        finally:
+            ctx.__exit__(None, None, None)
+        self.modes = list(g.attrs["modes"])
+        self.sites = list(g.attrs["sites"])
+        present = [n for n in S.LAYER_VARS if n in self.sites and n in g]
+        self.sizes = {"layers": g[present[0]].shape[1]} if present else {}
+        self._attach(g)
+
+    @property
+    def layers_done(self) -> int:
+        return int(self._group.attrs.get("layers_done", 0))
+
+
+def store_state(path) -> dict | None:
+    """The attributes of the store at ``path`` (None where there is none)."""
+    import zarr
+
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        return None
+    ctx = _quiet()
+    try:
+        return dict(zarr.open_group(path, mode="r").attrs)
+    except Exception as e:  # a store too damaged to open cannot be resumed
+        raise MoetraceError(f"cannot resume {str(path)!r}: the store does not open ({e})") from None
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def check_resumable(path, attrs: dict, model_hash: str, config: dict | None, tokens: Tokens) -> None:
+    """Refuse to resume a store written for another model, configuration or tokens.
+
+    Args:
+        config: the run configuration to compare with the stored one (None to skip, for a
+            complete reference store reused from another run).
+    """
+    import zarr
+
+    if attrs.get("model_hash") != model_hash:
+        raise MoetraceError(
+            f"cannot resume {str(path)!r}: it traces model {attrs.get('model')} (hash {attrs.get('model_hash')}), "
+            f"this run has hash {model_hash}"
+        )
+    if config is not None:
+        stored = attrs.get("config", {})
+        for key in config:
+            if stored.get(key) != config[key]:
+                raise MoetraceError(
+                    f"cannot resume {str(path)!r}: it was written with {key}={stored.get(key)!r}, this run asks "
+                    f"for {key}={config[key]!r}; give the stopped run's options again, or start a new run"
+                )
+    ctx = _quiet()
+    try:
+        g = zarr.open_group(path, mode="r")
+        same = all(np.array_equal(np.asarray(g[name][...]), want)
+                   for name, want in (("token_id", tokens.ids), ("seq", tokens.seq), ("pos", tokens.pos)))
+    finally:
+        ctx.__exit__(None, None, None)
+    if not same:
+        raise MoetraceError(
+            f"cannot resume {str(path)!r}: its tokens differ from this run's; give the stopped run's text or prompts"
+        )
+
+
+def read_streams(path, mode: str, layer: int, tokens: Tokens, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The ``resid`` of ``layer`` in ``mode``, split per sequence: a list of (1, T_s, H) in ``dtype``."""
+    import zarr
+
+    ctx = _quiet()
+    try:
+        g = zarr.open_group(path, mode="r")
+        modes = list(g.attrs["modes"])
+        if "resid" not in g:
+            raise MoetraceError(f"cannot resume from {str(path)!r}: it does not record the resid site")
+        flat = np.asarray(g["resid"][modes.index(mode), layer])  # (token, hidden) float32
+    finally:
+        ctx.__exit__(None, None, None)
+    if not np.isfinite(flat).all():
+        raise MoetraceError(
+            f"cannot resume from {str(path)!r}: resid of layer {layer} ({mode}) is not fully written, "
+            f"though layers_done says it is"
+        )
+    out = []
+    for s in np.unique(tokens.seq):
+        h = torch.from_numpy(flat[tokens.seq == s].copy()).unsqueeze(0)  # (1, T_s, H)
+        if h.to(dtype).to(torch.float32).ne(h).any():
+            raise MoetraceError(f"cannot resume from {str(path)!r}: its resid is not exactly {dtype}")
+        out.append(h.to(dtype))
+    return out
+
