@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,13 +10,7 @@ import pytest
 import moetrace as mt
 
 
-def moetrace(*args, check=True):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.run([sys.executable, "-m", "moetrace", *args], capture_output=True, text=True, env=env,
-                       timeout=300)
-    if check and p.returncode != 0:
-        raise AssertionError(f"moetrace {' '.join(args)} exited {p.returncode}:\n{p.stderr}")
-    return p
+from cli_runner import moetrace  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def moetrace(*args, check=True):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.run([sys.executable, "-m", "moetrace", *args], capture_output=True, text=True, env=env,
-                       timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"moetrace {' '.join(args)} exited {p.returncode}:\n{p.stderr}")
-    return p
+from cli_runner import moetrace  # noqa: E402
 
 
 @pytest.fixture(scope="module")

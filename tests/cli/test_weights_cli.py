@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import gguf
 import numpy as np
 import pytest
+from cli_runner import moetrace as run_moetrace
 
 PLANT = "1:3:down"
 
@@ -22,11 +21,7 @@ def env(tmp_path_factory):
 
 
 def moetrace(env, *args, check=True):
-    p = subprocess.run([sys.executable, "-m", "moetrace", *args], capture_output=True, text=True, env=env[0],
-                       timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"moetrace {' '.join(args)} exited {p.returncode}:\n{p.stderr}")
-    return p
+    return run_moetrace(*args, check=check, env=env[0])
 
 
 def test_recipe_json_agrees_with_the_library_and_the_table_has_totals(env):

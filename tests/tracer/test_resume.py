@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import zarr
 
 import moetrace
+from cli_runner import kill_run_after
 from moetrace.errors import MoetraceError
 from moetrace.tracer import api
 from moetrace.tracer.executor import RunConfig, run_trace
@@ -40,21 +36,9 @@ def assert_same_store(a, b):
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "moetrace", "run", "--model", MODEL, "--out", str(tmp_path), "--run", "killed",
-           "--text", TEXT] + sum((["--variant", v] for v in RUN_ARGS["variants"]), []) \
-        + sum((["--mode", m] for m in RUN_ARGS["modes"]), [])
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, text=True)
-    deadline = time.time() + 240
-    try:
-        for line in proc.stderr:
-            if "layer 3/12 traced" in line:
-                proc.send_signal(signal.SIGKILL)
-                break
-            assert time.time() < deadline, "the run did not reach layer 3"
-    finally:
-        proc.kill()
-        proc.wait()
+    args = ["run", "--model", MODEL, "--out", str(tmp_path), "--run", "killed", "--text", TEXT] \
+        + sum((["--variant", v] for v in RUN_ARGS["variants"]), []) + sum((["--mode", m] for m in RUN_ARGS["modes"]), [])
+    kill_run_after(args, "layer 3/12 traced")
     run_dir = tmp_path / "killed"
     done = [store_state(p)["layers_done"] for p in sorted(run_dir.glob("*.zarr"))]
     assert len(done) == 3 and all(0 < n < 12 for n in done), done
@@ -65,7 +49,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
 
     from moetrace.cli.main import main
 
-    result = CliRunner().invoke(main, cmd[3:] + ["--resume"])  # the same command, in this process
+    result = CliRunner().invoke(main, args + ["--resume"])  # the same command, in this process
     assert result.exit_code == 0, result.output
     assert f"continuing at layer {min(done)} of 12" in result.stderr
     full = api.run(**RUN_ARGS, out_dir=str(tmp_path), run_name="full")

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import xarray as xr
 
 import moetrace
+from cli_runner import kill_run_after
 from moetrace.errors import MoetraceError
 from moetrace.tracer.store import LOCK_NAME
 
@@ -50,20 +47,8 @@ def test_open_trace_rejects_non_store(tmp_path):
 
 def test_killed_run_leaves_store_marked_incomplete(tmp_path):
     """SIGKILL mid-run: the store exists, reads as incomplete, and open_trace refuses it."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "moetrace", "run", "--model", "builtin:tiny:layers=24", "--variant", "orig-bf16",
-           "--out", str(tmp_path), "--run", "killed", "--text", "a run that will be killed"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, text=True)
-    deadline = time.time() + 240
-    try:
-        for line in proc.stderr:
-            if "layer 4/24 traced" in line:
-                proc.send_signal(signal.SIGKILL)
-                break
-            assert time.time() < deadline, "the run never reached layer 2"
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_run_after(["run", "--model", "builtin:tiny:layers=24", "--variant", "orig-bf16", "--out", str(tmp_path),
+                    "--run", "killed", "--text", "a run that will be killed"], "layer 4/24 traced")
     store = tmp_path / "killed" / "orig-bf16.zarr"
     with pytest.raises(MoetraceError, match="incomplete"):
         moetrace.open_trace(store)
