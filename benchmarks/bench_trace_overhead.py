@@ -6,8 +6,14 @@ process so the ratios compare like with like:
 - plain: transformers' Qwen3MoeForCausalLM forward (weights already in memory, fp32), the baseline;
 - traced: moetrace's executor for the reference with all sites recorded and written to Zarr
   (weights read layer by layer from the safetensors checkpoint, as a real run does);
+- traced, no prefetch: the same with layer L+1's weights read only when layer L is done
+  (by default they are read and converted in a background thread while layer L runs);
 - traced, no sites: the same executor recording nothing, which separates the cost of the
-  hooks and the store from the cost of layer-by-layer execution.
+  hooks and the store from the cost of layer-by-layer execution;
+- load + plain forward: ``from_pretrained`` and the forward, the end-to-end cost a user of
+  plain transformers pays (the traced runs read their weights inside the timing).
+
+The traced timings cover ``run_trace`` itself; deleting its output afterwards is not timed.
 
     python benchmarks/bench_trace_overhead.py [--model builtin:] [--tokens 1024] [--repeats 5]
 """
@@ -47,20 +53,33 @@ def main():
             for ids in tokens.sequences():
                 model(torch.from_numpy(ids).unsqueeze(0))
 
-    def traced(sites):
-        with tempfile.TemporaryDirectory() as d:
-            run_trace(src, RunConfig(model=args.model, variants=[], sites=list(sites)), tokens, d)
+    def load_and_plain():
+        m = AutoModelForCausalLM.from_pretrained(str(src.folder), dtype=torch.float32).eval()
+        with torch.inference_mode():
+            for ids in tokens.sequences():
+                m(torch.from_numpy(ids).unsqueeze(0))
 
-    cases = {"plain forward": plain, "traced, all sites": lambda: traced(ALL_SITES),
-             "traced, no sites": lambda: traced([])}
+    def traced(sites, prefetch=None):
+        with tempfile.TemporaryDirectory() as d:
+            t = time.perf_counter()
+            run_trace(src, RunConfig(model=args.model, variants=[], sites=list(sites)), tokens, d, prefetch=prefetch)
+            return time.perf_counter() - t  # deleting the output afterwards is not part of the run
+
+    cases = {
+        "plain forward": plain,
+        "traced, all sites": lambda: traced(ALL_SITES),
+        "traced, no prefetch": lambda: traced(ALL_SITES, prefetch=False),
+        "traced, no sites": lambda: traced([]),
+        "load + plain forward": load_and_plain,
+    }
     for fn in cases.values():  # warm-up: caches, allocator, lazy imports
         fn()
     times = {k: [] for k in cases}
     for _ in range(args.repeats):
         for k, fn in cases.items():  # interleaved, so drift hits every case alike
             t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
+            inner = fn()
+            times[k].append(inner if inner is not None else time.perf_counter() - t)
     base = statistics.median(times["plain forward"])
     print(f"{src.model_id}: {src.num_layers} layers, {tokens.n} tokens, torch threads {torch.get_num_threads()}, "
           f"median of {args.repeats}")
@@ -70,6 +89,8 @@ def main():
     all_sites = statistics.median(times["traced, all sites"])
     no_sites = statistics.median(times["traced, no sites"])
     print(f"  recording itself (all sites / no sites): {all_sites / no_sites:.2f}x")
+    e2e = statistics.median(times["load + plain forward"])
+    print(f"  end to end (traced, all sites / load + plain forward): {all_sites / e2e:.2f}x")
 
 
 if __name__ == "__main__":

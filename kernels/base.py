@@ -115,20 +115,36 @@ def quantize(x: torch.Tensor, type_name: str, imatrix: torch.Tensor | None = Non
     rows, n = x.shape
     nb = row_bytes(fmt.name, n)  # raises if n is not a multiple of the block size
     x = x.to(torch.float32)
-    if not torch.isfinite(x).all():
+    if not _all_finite(x):
         raise FormatError(f"cannot quantize to {fmt.name}: the tensor holds NaN or Inf")
-    blocks = x.reshape(-1, fmt.block_size)
-    qw = None
     if imatrix is not None:
         imatrix = imatrix.to(device=x.device, dtype=torch.float32).reshape(-1)
         if imatrix.numel() != n:
             raise FormatError(f"imatrix has {imatrix.numel()} entries, the rows have {n}")
+    if x.device.type == "cpu":
+        from moetrace.kernels import native
+
+        if native.has_quantize(fmt.name):
+            return native.quantize(x, fmt.name, imatrix)
+    blocks = x.reshape(-1, fmt.block_size)
+    qw = None
+    if imatrix is not None:
         qw = imatrix.expand(rows, n).reshape(-1, fmt.block_size)
     if qw is not None and fmt.needs_row_length:
         q = fmt.quantize_blocks(blocks, qw, n_per_row=n)
     else:
         q = fmt.quantize_blocks(blocks, qw)
     return q.reshape(rows, nb)
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    # numpy's check is a single fused pass; torch's isfinite().all() allocates a mask and cost
+    # more than the whole C quantization of a Q8_0 matrix.
+    if x.device.type == "cpu":
+        import numpy as np
+
+        return bool(np.isfinite(x.detach().numpy()).all())
+    return bool(torch.isfinite(x).all())
 
 
 def dequantize(q: torch.Tensor, type_name: str, n_per_row: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -150,12 +166,25 @@ def dequantize(q: torch.Tensor, type_name: str, n_per_row: int, dtype: torch.dty
             f"{fmt.name} rows of {n_per_row} elements are {nb} bytes; got a {q.dtype} tensor of shape {tuple(q.shape)}"
         )
     rows = q.shape[0]
-    out = fmt.dequantize_blocks(q.reshape(-1, fmt.type_size))
+    blocks = q.reshape(-1, fmt.type_size)
+    if q.device.type == "cpu":
+        from moetrace.kernels import native
+
+        if native.has_dequantize(fmt.name):
+            return native.dequantize(blocks, fmt.name).reshape(rows, n_per_row).to(dtype)
+    out = fmt.dequantize_blocks(blocks)
     return out.reshape(rows, n_per_row).to(dtype)
 
 
+_formats_loaded = False
+
+
 def _load_formats() -> None:
-    # Importing the modules that define formats registers them.
+    # Importing the modules that define formats registers them (once: scanning the package
+    # on every call cost more than dequantizing a small tensor).
+    global _formats_loaded
+    if _formats_loaded:
+        return
     import importlib
     import pkgutil
 
@@ -164,3 +193,4 @@ def _load_formats() -> None:
     for info in pkgutil.iter_modules(pkg.__path__):
         if info.name.startswith("formats_"):
             importlib.import_module(f"moetrace.kernels.{info.name}")
+    _formats_loaded = True

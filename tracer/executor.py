@@ -25,7 +25,9 @@ transformers forward of the same model (tests/tracer/test_executor.py checks it 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -81,6 +83,16 @@ class RunConfig:
         return cls(**d)
 
 
+def _check_supported(config, source) -> None:
+    """Refuse, by name, the layer kinds the executor cannot run faithfully yet."""
+    dense = list(getattr(config, "mlp_only_layers", None) or [])
+    if dense:
+        raise MoetraceError(
+            f"{source.model_id}: layers {dense} have a dense MLP (mlp_only_layers); moetrace traces models whose "
+            f"every decoder layer is a mixture of experts"
+        )
+
+
 class _Model:
     """The transformers module classes and shared pieces (config, rotary, masks) of one model."""
 
@@ -93,14 +105,53 @@ class _Model:
         # from_pretrained would; its config and modules are the templates of every layer.
         self.config = skeleton.config
         self.skeleton = skeleton
+        _check_supported(self.config, source)
         self.adapter = adapter_for(self.config)
         rotary_cls = type(skeleton.model.rotary_emb)
         self.rotary = rotary_cls(config=self.config)  # real buffers, on the CPU
+        self._free: dict[tuple, list[torch.nn.Module]] = {}
 
-    def layer(self, index: int, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-        layer = copy.deepcopy(self.skeleton.model.layers[index])
-        layer.load_state_dict(state, strict=True, assign=True)
+    def layer(self, index: int, state: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.nn.Module:
+        """Decoder layer ``index`` computing in ``dtype``, its tensors copied (and cast) from ``state``.
+
+        A module handed back with :meth:`release` is reused for the next layer of the same
+        structure and dtype: its per-layer attributes (``layer_idx``, ...) are set from that
+        layer's skeleton and ``state`` is cast into its existing tensors. Deep-copying a fresh
+        module costs more than a small model's layer forward, and fresh tensors for every layer
+        cost a page-faulted, kernel-zeroed allocation of the whole layer.
+        """
+        skel = self.skeleton.model.layers[index]
+        key = (self._structure(skel), dtype)
+        pool = self._free.get(key)
+        if pool:
+            layer = pool.pop()
+            for (_, mod), (_, ref) in zip(layer.named_modules(), skel.named_modules()):
+                for k, v in vars(ref).items():
+                    if not k.startswith("_") and k != "training":
+                        setattr(mod, k, v)
+            tensors = layer.state_dict(keep_vars=True)
+            missing = set(tensors) ^ set(state)
+            if missing:
+                raise KeyError(f"layer {index}: state and module differ in {sorted(missing)[:5]}")
+            with torch.no_grad():
+                for name, t in tensors.items():
+                    t.copy_(state[name])
+        else:
+            layer = copy.deepcopy(skel)
+            owned = {k: torch.empty(v.shape, dtype=dtype).copy_(v) for k, v in state.items()}
+            layer.load_state_dict(owned, strict=True, assign=True)
+        layer._moetrace_dtype = dtype
         return layer.eval()
+
+    def release(self, layer: torch.nn.Module) -> None:
+        """Hand a layer back; its tensors are kept for the next layer of the same structure and dtype."""
+        self._free.setdefault((self._structure(layer), layer._moetrace_dtype), []).append(layer)
+
+    @staticmethod
+    def _structure(layer: torch.nn.Module) -> tuple:
+        return tuple((name, type(m).__name__) for name, m in layer.named_modules()) + tuple(
+            (name, tuple(p.shape)) for name, p in layer.named_parameters()
+        )
 
     def norm(self, weight: torch.Tensor) -> torch.nn.Module:
         norm = copy.deepcopy(self.skeleton.model.norm)
@@ -109,10 +160,13 @@ class _Model:
 
     def context(self, hidden: torch.Tensor, positions: torch.Tensor):
         """(causal mask, position embeddings) for one sequence (1, T, H), as the model's forward makes them."""
-        from transformers.masking_utils import create_causal_mask
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         position_ids = positions.unsqueeze(0)  # (1, T)
-        mask = create_causal_mask(
+        # The mask the model's own forward builds: a sliding window where the config sets one.
+        make_mask = create_causal_mask if getattr(self.config, "sliding_window", None) is None else (
+            create_sliding_window_causal_mask)
+        mask = make_mask(
             config=self.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids
         )
         return mask, self.rotary(hidden, position_ids=position_ids)
@@ -138,10 +192,112 @@ class _VariantWeights:
             self.globals = variant_global(source, variant, self.types)
 
     def layer(self, L: int, ref_state, gguf_state) -> dict[str, torch.Tensor]:
-        """Layer L's weights in the variant's compute dtype (``ref_state``/``gguf_state``: callables, read once)."""
+        """Layer L's weights, not yet cast to the compute dtype (``ref_state``/``gguf_state``: callables, read once).
+
+        :meth:`_Model.layer` casts them while copying into the module's tensors.
+        """
         if self.gguf is not None:
-            return {k: t.to(self.variant.dtype) for k, t in gguf_state().items()}
-        return variant_layer_state(ref_state(), L, self.variant, self.types)
+            return dict(gguf_state())
+        return variant_layer_state(ref_state(), L, self.variant, self.types, cast=False)
+
+
+class _LayerLoader:
+    """Every variant's weights of one layer at a time, optionally one layer ahead.
+
+    Without prefetching, a variant's weights are derived when the executor asks for them, and
+    the reference layer is read from the checkpoint once per layer. With prefetching, a
+    background thread reads and derives all of layer L+1 while layer L runs, so reading,
+    converting and quantizing overlap the forward passes (torch ops release the GIL); memory
+    then holds two layers' weights of every variant.
+    """
+
+    # Share of the available memory two prefetched layers may take.
+    MEMORY_SHARE = 0.25
+
+    def __init__(self, source, gguf_src, weights: dict, variants: list[Variant], n_layers: int,
+                 layer_numel: int, prefetch: bool | None):
+        self.source, self.gguf_src, self.weights, self.variants = source, gguf_src, weights, variants
+        self.n_layers, self.layer_numel = n_layers, layer_numel
+        self.prefetch = prefetch
+        self._pool = None
+        self._ahead: tuple[int, object] | None = None
+
+    def _lazy(self, L: int) -> "_LayerStates":
+        return _LayerStates(L, self.source, self.gguf_src, self.weights)
+
+    def _eager(self, L: int) -> dict:
+        lazy = self._lazy(L)
+        with torch.inference_mode():
+            return {v.name: lazy.pop(v.name) for v in self.variants}
+
+    def _decide(self) -> bool:
+        # The loader's torch ops need a core of their own: where torch's compute threads already
+        # take every core, prefetching slowed a run down (measured: 2 cores, 2 threads, 1.19x).
+        if (os.cpu_count() or 1) <= torch.get_num_threads():
+            return False
+        avail = _available_memory()
+        if avail is None:
+            return False
+        need = 2 * self.layer_numel * sum(torch.empty(0, dtype=v.dtype).element_size() for v in self.variants)
+        return need <= self.MEMORY_SHARE * avail
+
+    def get(self, L: int):
+        """Layer L's states: a mapping whose ``pop(variant name)`` gives that variant's weights."""
+        if self.prefetch is None:
+            self.prefetch = self._decide()
+        if not self.prefetch:
+            return self._lazy(L)
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moetrace-prefetch")
+        if self._ahead is not None and self._ahead[0] == L:
+            states = self._ahead[1].result()
+        else:
+            states = self._eager(L)
+        self._ahead = (L + 1, self._pool.submit(self._eager, L + 1)) if L + 1 < self.n_layers else None
+        return states
+
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead[1].cancel()
+            self._ahead = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+class _LayerStates:
+    """One layer's weights for each variant, derived on demand; the checkpoint layer is read once."""
+
+    def __init__(self, L: int, source, gguf_src, weights: dict):
+        self.L, self.source, self.gguf_src, self.weights = L, source, gguf_src, weights
+        self._cache: dict[str, dict] = {}
+
+    def _ref_state(self):
+        if "ref" not in self._cache:
+            self._cache["ref"] = self.source.layer_state(self.L)
+        return self._cache["ref"]
+
+    def _gguf_state(self):
+        if "gguf" not in self._cache:
+            self._cache["gguf"] = self.gguf_src.layer_state(self.L)
+        return self._cache["gguf"]
+
+    def pop(self, name: str) -> dict[str, torch.Tensor]:
+        return self.weights[name].layer(self.L, self._ref_state, self._gguf_state)
+
+
+def _available_memory() -> int | None:
+    """MemAvailable in bytes (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 class _WriteFailed(Exception):
@@ -211,7 +367,7 @@ def _open_writers(run_dir: Path, ref: Variant, variants: list[Variant], config: 
 
 
 def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None, write_reference: bool = True,
-              resume: bool = False):
+              resume: bool = False, prefetch: bool | None = None):
     """Trace the reference and the variants of ``config`` over ``tokens`` into ``run_dir``.
 
     Args:
@@ -223,6 +379,10 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
         write_reference: False to run the reference without storing it (its store exists).
         resume: continue the stores a stopped run left incomplete, from the last layer every one
             of them finished (see moetrace.tracer.resume); stores already complete are left alone.
+        prefetch: read and derive layer L+1's weights in a background thread while layer L
+            runs; None (the default) does so when a core is left over from torch's compute
+            threads and two layers' weights of every variant fit in a quarter of the available
+            memory (see :class:`_LayerLoader`).
 
     Returns:
         dict variant name -> store path, for every store of the run (the reference's too when
@@ -273,6 +433,7 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
         emit("resume", layer=start, layers=n_layers, complete=done)
     writers = {name: _Guarded(w) for name, w in writers.items()}
     layer_now = start
+    stack = contextlib.ExitStack()
     try:
         seqs = [torch.from_numpy(s) for s in tokens.sequences()]
         positions = [torch.from_numpy(tokens.pos[tokens.seq == s]).long() for s in sorted(set(tokens.seq.tolist()))]
@@ -297,24 +458,16 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
             for (name, m) in streams:
                 streams[(name, m)] = read_streams(all_paths[name], m, start - 1, tokens, Variant.parse(name).dtype)
 
+        layer_numel = max(sum(p.numel() for p in layer.parameters()) for layer in model.skeleton.model.layers)
+        loader = _LayerLoader(source, gguf_src, weights, [ref] + variants, n_layers, layer_numel, prefetch)
+        stack.callback(loader.close)
         with torch.inference_mode():
             for L in range(start, n_layers):
                 layer_now = L
                 emit("layer_start", layer=L, layers=n_layers)
-                cache: dict[str, dict] = {}
-
-                def ref_state():
-                    if "ref" not in cache:
-                        cache["ref"] = source.layer_state(L)
-                    return cache["ref"]
-
-                def gguf_state():
-                    if "gguf" not in cache:
-                        cache["gguf"] = gguf_src.layer_state(L)
-                    return cache["gguf"]
-
+                states = loader.get(L)
                 # Reference.
-                layer = model.layer(L, weights[ref.name].layer(L, ref_state, gguf_state))
+                layer = model.layer(L, states.pop(ref.name), ref.dtype)
                 recs, ref_in = [], ref_h
                 ref_h = []
                 for s, h in enumerate(ref_in):
@@ -326,10 +479,10 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
                 if ref.name in writers:
                     writers[ref.name].write_layer("free", L, ref_rec)
                 ref_topk = [r["topk_idx"] for r in recs] if need_ref_topk else None
-                del layer
+                model.release(layer)
                 # Variants, each in every mode.
                 for v in variants:
-                    layer = model.layer(L, weights[v.name].layer(L, ref_state, gguf_state))
+                    layer = model.layer(L, states.pop(v.name), v.dtype)
                     for m in config.modes:
                         recs = []
                         for s in range(len(seqs)):
@@ -342,10 +495,10 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
                                 streams[(v.name, m)][s] = out
                             recs.append(rec)
                         writers[v.name].write_layer(m, L, _cat(recs))
-                    del layer
+                    model.release(layer)
                 for w in writers.values():
                     w.mark_layers_done(L + 1)
-                cache.clear()  # the layer's weights, freed by reference counting
+                del states  # the layer's weights, freed by reference counting
                 emit("layer_done", layer=L, layers=n_layers)
             layer_now = n_layers
 
@@ -362,6 +515,7 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
                 for m in config.modes:
                     hs = [h.to(v.dtype) for h in ref_h] if m == "teacher" else streams[(v.name, m)]
                     writers[v.name].write_logits(m, head(v, hs))
+        loader.close()
         for w in writers.values():
             w.finish()
     except _WriteFailed as e:
@@ -377,4 +531,6 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
         for w in writers.values():
             w.writer.release()  # the store stays marked incomplete
         raise
+    finally:
+        stack.close()
     return all_paths

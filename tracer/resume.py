@@ -10,6 +10,7 @@ run computes bit for bit what the uninterrupted run would have.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +45,11 @@ class ResumedWriter(TraceWriter):
         self.sites = list(g.attrs["sites"])
         present = [n for n in S.LAYER_VARS if n in self.sites and n in g]
         self.sizes = {"layers": g[present[0]].shape[1]} if present else {}
-        self._attach(g)
+        self._attach()
 
     @property
     def layers_done(self) -> int:
-        return int(self._group.attrs.get("layers_done", 0))
+        return int(json.loads((self.path / "zarr.json").read_text())["attributes"].get("layers_done", 0))
 
 
 def store_state(path) -> dict | None:

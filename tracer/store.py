@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -99,7 +100,6 @@ class TraceWriter:
 
     def __init__(self, path, sizes: dict, tokens: Tokens, modes, sites, attrs: dict):
         import xarray as xr
-        import zarr
 
         self.path = Path(path)
         self.modes = list(modes)
@@ -118,43 +118,79 @@ class TraceWriter:
             }
         )
         coords.attrs.update(_base_attrs(attrs, self.modes, self.sites))
+        # The data arrays' metadata is written as the Zarr v3 spec states it (what zarr's own
+        # create_array writes for these settings; a test compares them): a few JSON files,
+        # where creating them through zarr's event loop took longer than a small model's forward.
+        m, L, T = len(self.modes), sizes["layers"], tokens.n
+        metas = {}
+        for name, (last, dtype) in LAYER_VARS.items():
+            if name in self.sites:
+                fill = -1 if dtype == "int16" else np.nan
+                metas[name] = _array_meta((m, L, T, sizes[last]), (1, 1, T, sizes[last]), dtype, fill,
+                                          ("mode", "layer", "token", last))
+        if "logits" in self.sites:
+            V = sizes["vocab"]
+            metas["logits"] = _array_meta((m, T, V), (1, logit_chunk_tokens(T, V), V), "float32", np.nan,
+                                          ("mode", "token", "vocab"))
+        self._attach(metas)
+        # Created by the writer thread, first in its queue, while the first layer computes.
+        self._submit(self._create, coords, metas)
+
+    def _create(self, coords, metas: dict) -> None:
+        # Replace an earlier store of the same name, but keep this writer's lock file: zarr's
+        # own overwrite mode empties the whole folder, lock included.
+        for child in self.path.iterdir():
+            if child.name != LOCK_NAME:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         ctx = _quiet()
         try:
-            coords.to_zarr(self.path, mode="w", zarr_format=3, consolidated=False)
-            g = zarr.open_group(self.path, mode="r+")
-            m, L, T = len(self.modes), sizes["layers"], tokens.n
-            for name, (last, dtype) in LAYER_VARS.items():
-                if name not in self.sites:
-                    continue
-                n = sizes[last]
-                fill = -1 if dtype == "int16" else np.nan
-                g.create_array(
-                    name, shape=(m, L, T, n), chunks=(1, 1, T, n), dtype=dtype, fill_value=fill,
-                    dimension_names=("mode", "layer", "token", last), compressors=_compressors(dtype),
-                )
-            if "logits" in self.sites:
-                g.create_array(
-                    "logits", shape=(m, T, sizes["vocab"]), chunks=(1, T, sizes["vocab"]), dtype="float32",
-                    fill_value=np.nan, dimension_names=("mode", "token", "vocab"), compressors=None,
-                )
+            coords.to_zarr(self.path, mode="a", zarr_format=3, consolidated=False)
         finally:
             ctx.__exit__(None, None, None)
-        self._attach(g)
+        for name, meta in metas.items():
+            _write_json(self.path / name / "zarr.json", meta)
 
-    def _attach(self, g) -> None:
-        """Set up writing into the opened group ``g`` (also used to reopen a store, tracer/resume.py)."""
-        self._group = g
-        # Array handles opened once: each group lookup reads metadata through zarr's event loop.
-        self._arrays = {name: g[name] for name in list(LAYER_VARS) + ["logits"] if name in self.sites and name in g}
-        # Arrays whose chunks are plain little-endian bytes: their (mode, layer) chunks are
-        # written straight to the chunk file the Zarr v3 spec names, which costs a third of
-        # going through zarr's codec pipeline and its event loop for every slab.
-        self._raw_chunks = {name for name in LAYER_VARS if name in self._arrays and _plain_chunks(self._arrays[name])}
+    def _attach(self, metas: dict | None = None) -> None:
+        """Set up writing into the store at ``self.path`` (also used to reopen a store, tracer/resume.py).
+
+        Args:
+            metas: the arrays' metadata, where the caller creates them; None reads it from disk.
+        """
+        # Arrays whose chunks are plain little-endian bytes (every array this version creates):
+        # their chunks are written straight to the chunk file the Zarr v3 spec names, without
+        # zarr's codec pipeline and event loop. Others (stores of earlier versions) go through zarr.
+        if metas is None:
+            metas = {}
+            for name in list(LAYER_VARS) + ["logits"]:
+                f = self.path / name / "zarr.json"
+                if name in self.sites and f.is_file():
+                    metas[name] = json.loads(f.read_text())
+        self._meta = dict(metas)
+        self._raw_chunks = {name for name, meta in self._meta.items() if _plain_chunks(meta)}
+        self._zarr_arrays: dict = {}
         # One background thread writes, in submission order, while the next layer computes;
         # layers_done is set by that same thread after the layer's chunks, so it never runs ahead.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moetrace-store")
         self._pending: list = []  # writes of the layer being traced
         self._older: list = []  # writes of the layer before
+
+    def _zarr_array(self, name: str):
+        if name not in self._zarr_arrays:
+            import zarr
+
+            ctx = _quiet()
+            try:
+                self._zarr_arrays[name] = zarr.open_array(self.path / name, mode="r+")
+            finally:
+                ctx.__exit__(None, None, None)
+        return self._zarr_arrays[name]
+
+    def _set_attrs(self, **values) -> None:
+        """Update the store's attributes in its group metadata (one atomic file replace)."""
+        f = self.path / "zarr.json"
+        meta = json.loads(f.read_text())
+        meta.setdefault("attributes", {}).update(values)
+        _write_json(f, meta)
 
     def _submit(self, fn, *args):
         for f in self._pending + self._older:
@@ -202,12 +238,23 @@ class TraceWriter:
                 if name in self._raw_chunks:
                     self._submit(_write_chunk, self.path / name / "c" / str(mi) / str(layer) / "0" / "0", arr)
                 else:
-                    self._submit(self._arrays[name].__setitem__, (mi, layer), arr)
+                    self._submit(self._zarr_array(name).__setitem__, (mi, layer), arr)
 
     def write_logits(self, mode: str, logits) -> None:
-        if "logits" in self.sites:
-            arr = logits.detach().float().cpu().numpy()
-            self._submit(self._arrays["logits"].__setitem__, self.modes.index(mode), arr)
+        """Store the (token, vocab) logits of one mode, one chunk of tokens per file."""
+        if "logits" not in self.sites:
+            return
+        arr = logits.detach().float().cpu().numpy()
+        mi = self.modes.index(mode)
+        if "logits" not in self._raw_chunks:
+            self._submit(self._zarr_array("logits").__setitem__, mi, arr)
+            return
+        tc = self._meta["logits"]["chunk_grid"]["configuration"]["chunk_shape"][1]
+        for j, a in enumerate(range(0, arr.shape[0], tc)):
+            part = arr[a:a + tc]
+            if part.shape[0] < tc:  # the edge chunk is stored at full chunk size, padded with the fill
+                part = np.concatenate([part, np.full((tc - part.shape[0], arr.shape[1]), np.nan, np.float32)])
+            self._submit(_write_chunk, self.path / "logits" / "c" / str(mi) / str(j) / "0", part)
 
     def mark_layers_done(self, n: int) -> None:
         """Record that layers 0..n-1 are fully written (every mode), once their writes have landed."""
@@ -219,7 +266,7 @@ class TraceWriter:
             for f in writes:
                 if f.exception() is not None:
                     raise f.exception()
-            self._group.attrs["layers_done"] = int(n)
+            self._set_attrs(layers_done=int(n))
 
         self._submit(mark)
         # Bound memory: at most two layers' writes in flight.
@@ -232,7 +279,7 @@ class TraceWriter:
 
         self.flush()
         self._pool.shutdown()
-        self._group.attrs["complete"] = True
+        self._set_attrs(complete=True)
         ctx = _quiet()
         try:
             zarr.consolidate_metadata(self.path)
@@ -251,9 +298,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _plain_chunks(arr) -> bool:
-    """True if the array stores each chunk as its raw little-endian bytes under c/i/j/k/l."""
-    meta = arr.metadata.to_dict()
+def _plain_chunks(meta: dict) -> bool:
+    """True if an array's metadata stores each chunk as its raw little-endian bytes under c/i/j/k/l."""
     return (
         meta.get("codecs") == [{"name": "bytes", "configuration": {"endian": "little"}}]
         and meta.get("chunk_key_encoding") == {"name": "default", "configuration": {"separator": "/"}}
@@ -261,19 +307,48 @@ def _plain_chunks(arr) -> bool:
     )
 
 
+def _array_meta(shape, chunks, dtype: str, fill, dims) -> dict:
+    """Zarr v3 array metadata: a regular chunk grid, default '/' chunk keys, raw little-endian bytes."""
+    return {
+        "shape": list(shape),
+        "data_type": dtype,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": "NaN" if isinstance(fill, float) and np.isnan(fill) else fill,
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+        "attributes": {},
+        "dimension_names": list(dims),
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    }
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Write a metadata file atomically (a reader sees the old file or the new one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+# Logits are chunked along tokens so a chunk stays near this size whatever the vocabulary
+# (a real vocabulary of 152k entries over 100k tokens would otherwise be one 60 GB chunk).
+LOGIT_CHUNK_BYTES = 64 << 20
+
+
+def logit_chunk_tokens(n_tokens: int, vocab: int) -> int:
+    return max(1, min(n_tokens, LOGIT_CHUNK_BYTES // (4 * vocab)))
+
+
 def _write_chunk(path: Path, arr: np.ndarray) -> None:
     """Write one full chunk's bytes atomically (a reader sees the old chunk or the new one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))  # no copy on little-endian machines
     with open(tmp, "wb") as fh:
-        fh.write(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes())
+        fh.write(arr.data)
     os.replace(tmp, path)
-
-
-def _compressors(dtype: str):
-    # Float activations barely compress (noise in the low mantissa bits) and compressing them
-    # cost as much as the forward pass; integer expert ids compress well.
-    return None if dtype == "float32" else "auto"
 
 
 def _torch_dtype(name: str):

@@ -344,13 +344,17 @@ def apply_type(w: torch.Tensor, type_name: str | None, imatrix: torch.Tensor | N
 
 
 def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Variant, types: dict[str, str], *,
-                        context=None):
+                        context=None, cast: bool = True):
     """A decoder layer's weights under ``variant``, in its compute dtype.
 
     Args:
         ref: the reference layer state, keyed by name inside the layer.
         types: GGUF name -> GGML type (empty for ``orig``).
         context: a QuantContext (cache, imatrix); default: the one ``types`` carries.
+        cast: False leaves the cast to the compute dtype to the caller: tensors kept as they
+            are stored (F32 types) come back as the reference's own tensors, others in float32.
+            The executor then casts while copying into reused buffers, which saves allocating
+            (and the kernel zeroing) a new layer's worth of memory per layer.
     """
     ctx = context if context is not None else getattr(types, "context", None)
     names = gguf_layer_names(layer)
@@ -360,13 +364,14 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
         if isinstance(g, tuple):  # fused gate/up: (E, 2F, H) = gate (E, F, H) ++ up (E, F, H)
             tg, tu = types.get(g[0], "F32"), types.get(g[1], "F32")
             if tg == tu == "F32":
-                v = w.to(torch.float32)
+                v = w.to(torch.float32) if cast else w
             else:
                 half = w.shape[1] // 2
                 v = torch.cat([dequantized(w[:, :half], g[0], tg, ctx), dequantized(w[:, half:], g[1], tu, ctx)], dim=1)
         else:
-            v = dequantized(w, g or key, types.get(g) if g else None, ctx)
-        out[key] = v.to(variant.dtype)
+            t = types.get(g) if g else None
+            v = w if not cast and t in (None, "F32") else dequantized(w, g or key, t, ctx)
+        out[key] = v.to(variant.dtype) if cast else v
     return out
 
 

@@ -75,7 +75,7 @@ def _layer(tiny_source):
 
     m = _Model(tiny_source)
     state = {k: v.float() for k, v in tiny_source.layer_state(0).items()}
-    return m, m.layer(0, state)
+    return m, m.layer(0, state, torch.float32)
 
 
 def _hook_count(module):
@@ -103,3 +103,110 @@ def test_capture_removes_hooks_when_forward_raises(tiny_source):
         with capture(layer, Qwen3MoeAdapter()):
             layer(bad, attention_mask=None, position_embeddings=m.context(bad[..., :-1], torch.arange(5))[1])
     assert _hook_count(layer) == 0
+
+
+
+def test_reused_layer_module_takes_the_new_layers_attributes_and_values(tiny_source):
+    """A decoder module handed back and reused for another layer carries that layer's index and values,
+    cast to the module's dtype; a different dtype gets its own module."""
+    from moetrace.tracer.executor import _Model
+
+    m = _Model(tiny_source)
+    first = m.layer(0, tiny_source.layer_state(0), torch.float32)
+    m.release(first)
+    state = tiny_source.layer_state(1)  # stored bf16
+    again = m.layer(1, state, torch.float32)
+    assert again is first
+    assert again.self_attn.layer_idx == 1
+    got = again.state_dict()
+    assert set(got) == set(state)
+    for name, t in state.items():
+        assert got[name].dtype == torch.float32
+        assert torch.equal(got[name], t.float()), name
+    m.release(again)
+    other = m.layer(1, state, torch.bfloat16)
+    assert other is not first and next(other.parameters()).dtype == torch.bfloat16
+
+
+def test_dense_mlp_layers_refused_by_name(tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from moetrace.errors import MoetraceError
+    from moetrace.tracer.executor import RunConfig, run_trace
+    from moetrace.tracer.source import open_source
+    from moetrace.tracer.store import Tokens
+
+    cfg = Qwen3MoeConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=128, mlp_only_layers=[1],
+    )
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    tokens = Tokens(ids=np.arange(4), seq=np.zeros(4, np.int32), pos=np.arange(4, dtype=np.int32), text=[""] * 4)
+    with pytest.raises(MoetraceError, match="dense MLP"):
+        run_trace(open_source(str(tmp_path / "m")), RunConfig(model="m", variants=[]), tokens, tmp_path / "run")
+
+
+def test_sliding_window_model_equals_transformers_forward(tmp_path):
+    """A model with a sliding attention window shorter than the sequence: the executor builds the
+    same mask as the model's forward, so the reference logits are transformers' own, bit for bit."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from moetrace.tracer.executor import RunConfig, run_trace
+    from moetrace.tracer.source import open_source
+    from moetrace.tracer.store import Tokens
+
+    cfg = Qwen3MoeConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=128, use_sliding_window=True, sliding_window=3, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(tmp_path / "m")
+    ids = np.array([3, 17, 5, 60, 2, 9, 41, 8, 33, 12], dtype=np.int64)
+    tokens = Tokens(ids=ids, seq=np.zeros(10, np.int32), pos=np.arange(10, dtype=np.int32), text=[""] * 10)
+    stores = run_trace(open_source(str(tmp_path / "m")), RunConfig(model="m", variants=[]), tokens, tmp_path / "run")
+    got = moetrace.open_trace(stores["orig-fp32"]).logits.sel(mode="free").values
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids).unsqueeze(0)).logits[0].numpy()
+        full = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**{**cfg.to_dict(), "sliding_window": None,
+                                                                   "use_sliding_window": False}))
+        full.load_state_dict(model.state_dict())
+        unwindowed = full.eval()(torch.from_numpy(ids).unsqueeze(0)).logits[0].numpy()
+    assert not np.array_equal(want, unwindowed), "the window must matter for this test to mean anything"
+    assert np.array_equal(got, want), f"max abs diff {np.abs(got - want).max()}"
+
+
+def test_prefetching_weights_changes_nothing(tmp_path, tiny_source, tiny_tokens):
+    """Deriving layer L+1's weights in the background while layer L runs gives the same stores, array for array."""
+    import zarr
+
+    from moetrace.tracer.executor import RunConfig, run_trace
+
+    cfg = RunConfig(model="builtin:tiny", variants=["q8_0-bf16"], modes=["free", "teacher"])
+    a = run_trace(tiny_source, cfg, tiny_tokens, tmp_path / "a", prefetch=True)
+    b = run_trace(tiny_source, cfg, tiny_tokens, tmp_path / "b", prefetch=False)
+    for name in a:
+        ga, gb = zarr.open_group(a[name], mode="r"), zarr.open_group(b[name], mode="r")
+        for arr in ("resid", "moe_out", "router_logits", "topk_idx", "logits"):
+            assert np.array_equal(ga[arr][...], gb[arr][...], equal_nan=True), f"{name}/{arr}"
+
+
+def test_prefetch_decided_by_available_memory(monkeypatch, tiny_source):
+    from moetrace.tracer import executor as E
+    from moetrace.tracer.variants import Variant
+
+    vs = [Variant.parse("orig-fp32"), Variant.parse("q8_0-bf16")]
+    loader = E._LayerLoader(tiny_source, None, {}, vs, 2, layer_numel=1000, prefetch=None)
+    need = 2 * 1000 * (4 + 2)  # two layers, fp32 + bf16
+    monkeypatch.setattr(E.os, "cpu_count", lambda: torch.get_num_threads() + 1)  # a spare core
+    monkeypatch.setattr(E, "_available_memory", lambda: int(need / E._LayerLoader.MEMORY_SHARE))
+    assert loader._decide()
+    monkeypatch.setattr(E, "_available_memory", lambda: int(need / E._LayerLoader.MEMORY_SHARE) - 1)
+    assert not loader._decide()
+    monkeypatch.setattr(E, "_available_memory", lambda: None)
+    assert not loader._decide()
+    monkeypatch.setattr(E, "_available_memory", lambda: 1 << 50)
+    monkeypatch.setattr(E.os, "cpu_count", lambda: torch.get_num_threads())  # compute takes every core
+    assert not loader._decide()

@@ -70,3 +70,72 @@ def test_second_writer_refused(tiny_run, tmp_path, tiny_source, tiny_tokens):
     (store / LOCK_NAME).write_text(str(os.getpid()))  # a live process holds it
     with pytest.raises(MoetraceError, match="being written by another moetrace run"):
         run_trace(tiny_source, RunConfig(model="builtin:tiny", variants=["orig-bf16"]), tiny_tokens, run_dir)
+
+
+@pytest.mark.parametrize("dtype, fill, compressors", [("float32", np.nan, None), ("int16", -1, None)])
+def test_array_metadata_is_what_zarr_itself_writes(tmp_path, dtype, fill, compressors):
+    """The writer creates its arrays' zarr.json directly; it must equal zarr's own for the same settings."""
+    import json
+
+    import zarr
+
+    from moetrace.tracer.store import _array_meta
+
+    g = zarr.open_group(tmp_path / "z.zarr", mode="w", zarr_format=3)
+    g.create_array("a", shape=(2, 3, 7, 5), chunks=(1, 1, 7, 5), dtype=dtype, fill_value=fill,
+                   dimension_names=("mode", "layer", "token", "hidden"), compressors=compressors)
+    theirs = json.loads((tmp_path / "z.zarr" / "a" / "zarr.json").read_text())
+    ours = _array_meta((2, 3, 7, 5), (1, 1, 7, 5), dtype, fill, ("mode", "layer", "token", "hidden"))
+    assert ours == theirs
+
+
+def test_logits_chunked_by_token_read_back_exactly(tmp_path, tiny_tokens, monkeypatch):
+    """Logits are split into token chunks (the last one padded); zarr and xarray read back the values written."""
+    import json
+
+    import torch
+    import zarr
+
+    from moetrace.tracer import store as S
+
+    monkeypatch.setattr(S, "LOGIT_CHUNK_BYTES", 4 * 300 * 7)  # 7 tokens per chunk at vocab 300
+    T = tiny_tokens.n
+    assert T % 7, "the test needs a partial edge chunk"
+    sizes = {"layers": 2, "hidden": 8, "expert": 4, "k": 2, "vocab": 300}
+    w = S.TraceWriter(tmp_path / "v.zarr", sizes, tiny_tokens, ["free", "teacher"], ["resid", "logits"],
+                      {"variant": "v", "model": "m"})
+    logits = {m: torch.randn(T, 300, generator=torch.Generator().manual_seed(i)) for i, m in enumerate(w.modes)}
+    for L in range(2):
+        for m in w.modes:
+            w.write_layer(m, L, {"resid": torch.full((T, 8), float(L))})
+        w.mark_layers_done(L + 1)
+    for m in w.modes:
+        w.write_logits(m, logits[m])
+    w.finish()
+    meta = json.loads((tmp_path / "v.zarr" / "logits" / "zarr.json").read_text())
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [1, 7, 300]
+    arr = zarr.open_array(tmp_path / "v.zarr" / "logits", mode="r")
+    ds = moetrace.open_trace(tmp_path / "v.zarr")
+    for i, m in enumerate(w.modes):
+        assert np.array_equal(arr[i], logits[m].numpy())
+        assert np.array_equal(ds.logits.sel(mode=m).values, logits[m].numpy())
+    assert ds.attrs["complete"] and ds.attrs["layers_done"] == 2
+    assert np.array_equal(ds.resid.sel(mode="teacher", layer=1).values, np.ones((T, 8), np.float32))
+
+
+def test_lock_held_from_creation_to_finish(tmp_path, tiny_tokens):
+    """Creating the store (which replaces an earlier one) keeps the writer's lock: a second writer is
+    refused for as long as the first one writes, and can write once it has finished."""
+    from moetrace.tracer.store import TraceWriter
+
+    sizes = {"layers": 1, "hidden": 8, "expert": 4, "k": 2, "vocab": 300}
+    path = tmp_path / "v.zarr"
+    w = TraceWriter(path, sizes, tiny_tokens, ["free"], ["resid"], {"variant": "v"})
+    w.flush()  # the store is created
+    assert (path / LOCK_NAME).is_file()
+    assert (path / "zarr.json").is_file()
+    with pytest.raises(MoetraceError, match="being written by another moetrace run"):
+        TraceWriter(path, sizes, tiny_tokens, ["free"], ["resid"], {"variant": "v"})
+    w.finish()
+    assert not (path / LOCK_NAME).exists()
+    TraceWriter(path, sizes, tiny_tokens, ["free"], ["resid"], {"variant": "v"}).release()

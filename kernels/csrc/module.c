@@ -1,0 +1,140 @@
+/* The Python module moetrace.kernels._ckernels: type-dispatched quantize and dequantize on
+ * caller-owned buffers, with the GIL released so several Python threads can each run a range of
+ * rows or blocks on their own core (moetrace.kernels.native does that split). */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "ckernels.h"
+
+static mt_kernel_table table;
+
+/* name, block size (elements), block bytes: the same table as ggml's type traits. */
+static const struct { const char *name; int block; int bytes; } types[MT_N_TYPES] = {
+    [MT_Q4_0] = {"Q4_0", 32, 18},  [MT_Q4_1] = {"Q4_1", 32, 20},  [MT_Q5_0] = {"Q5_0", 32, 22},
+    [MT_Q5_1] = {"Q5_1", 32, 24},  [MT_Q8_0] = {"Q8_0", 32, 34},  [MT_Q2_K] = {"Q2_K", 256, 84},
+    [MT_Q3_K] = {"Q3_K", 256, 110}, [MT_Q4_K] = {"Q4_K", 256, 144}, [MT_Q5_K] = {"Q5_K", 256, 176},
+    [MT_Q6_K] = {"Q6_K", 256, 210},
+};
+
+static int find_type(const char *name) {
+    for (int i = 0; i < MT_N_TYPES; i++)
+        if (strcmp(types[i].name, name) == 0) return i;
+    PyErr_Format(PyExc_ValueError, "no compiled kernel for GGML type %s", name);
+    return -1;
+}
+
+static int get_buffer(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t need, const char *what) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) return -1;
+    if (view->len < need) {
+        PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, %zd needed", what, view->len, need);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(quantize_doc,
+"quantize(type_name, src, dst, n_rows, n_per_row, imatrix=None)\n\n"
+"Quantize n_rows rows of n_per_row float32 values from buffer src into GGUF block bytes in\n"
+"buffer dst, bit-exact with ggml; imatrix is None or a buffer of n_per_row float32 weights.");
+
+static PyObject *py_quantize(PyObject *self, PyObject *args) {
+    const char *name;
+    PyObject *src_o, *dst_o, *imat_o = Py_None;
+    long long n_rows, n_per_row;
+    if (!PyArg_ParseTuple(args, "sOOLL|O", &name, &src_o, &dst_o, &n_rows, &n_per_row, &imat_o)) return NULL;
+    int t = find_type(name);
+    if (t < 0) return NULL;
+    if (!table.quantize[t]) return PyErr_Format(PyExc_ValueError, "no compiled quantizer for %s", name);
+    if (n_rows < 0 || n_per_row <= 0 || n_per_row % types[t].block)
+        return PyErr_Format(PyExc_ValueError, "%s: bad shape (%lld, %lld)", name, n_rows, n_per_row);
+    Py_buffer src, dst, imat = {0};
+    if (get_buffer(src_o, &src, 0, (Py_ssize_t)(n_rows * n_per_row * 4), "src") < 0) return NULL;
+    if (get_buffer(dst_o, &dst, 1, (Py_ssize_t)(n_rows * (n_per_row / types[t].block) * types[t].bytes), "dst") < 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    const float *im = NULL;
+    if (imat_o != Py_None) {
+        if (get_buffer(imat_o, &imat, 0, (Py_ssize_t)(n_per_row * 4), "imatrix") < 0) {
+            PyBuffer_Release(&src);
+            PyBuffer_Release(&dst);
+            return NULL;
+        }
+        im = (const float *)imat.buf;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = table.quantize[t]((const float *)src.buf, (uint8_t *)dst.buf, n_rows, n_per_row, im);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    if (im) PyBuffer_Release(&imat);
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(dequantize_doc,
+"dequantize(type_name, src, dst, n_blocks)\n\n"
+"Dequantize n_blocks GGUF blocks from buffer src into float32 buffer dst, bit-exact with ggml.");
+
+static PyObject *py_dequantize(PyObject *self, PyObject *args) {
+    const char *name;
+    PyObject *src_o, *dst_o;
+    long long n_blocks;
+    if (!PyArg_ParseTuple(args, "sOOL", &name, &src_o, &dst_o, &n_blocks)) return NULL;
+    int t = find_type(name);
+    if (t < 0) return NULL;
+    if (!table.dequantize[t]) return PyErr_Format(PyExc_ValueError, "no compiled dequantizer for %s", name);
+    if (n_blocks < 0) return PyErr_Format(PyExc_ValueError, "negative block count %lld", n_blocks);
+    Py_buffer src, dst;
+    if (get_buffer(src_o, &src, 0, (Py_ssize_t)(n_blocks * types[t].bytes), "src") < 0) return NULL;
+    if (get_buffer(dst_o, &dst, 1, (Py_ssize_t)(n_blocks * types[t].block * 4), "dst") < 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    table.dequantize[t]((const uint8_t *)src.buf, (float *)dst.buf, n_blocks);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(kernels_doc,
+"kernels() -> dict\n\nType name -> (has a compiled quantizer, has a compiled dequantizer).");
+
+static PyObject *py_kernels(PyObject *self, PyObject *unused) {
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+    for (int i = 0; i < MT_N_TYPES; i++) {
+        PyObject *v = Py_BuildValue("(OO)", table.quantize[i] ? Py_True : Py_False,
+                                    table.dequantize[i] ? Py_True : Py_False);
+        if (!v || PyDict_SetItemString(d, types[i].name, v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    return d;
+}
+
+static PyMethodDef methods[] = {
+    {"quantize", py_quantize, METH_VARARGS, quantize_doc},
+    {"dequantize", py_dequantize, METH_VARARGS, dequantize_doc},
+    {"kernels", py_kernels, METH_NOARGS, kernels_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "_ckernels",
+    "moetrace's compiled GGUF block kernels, bit-exact with ggml (see moetrace.kernels.native).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__ckernels(void) {
+    mt_register_kquant_qkx(&table);
+    mt_register_qx(&table);
+    mt_register_dequant(&table);
+    return PyModule_Create(&moduledef);
+}

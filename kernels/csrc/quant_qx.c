@@ -1,0 +1,896 @@
+/* Quantizers of Q3_K, Q6_K and the legacy 32-element formats Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+ * bit-exact with ggml's quantize_row_*_ref (imatrix NULL) and quantize_row_*_impl (imatrix given).
+ *
+ * They translate the torch kernels of formats_q3k_q6k.py, formats_legacy.py and qx_search.py
+ * (which mirror ggml-quants.c). One block at a time, row by row, scratch on the stack.
+ *
+ * Speed without changing a bit:
+ *  - make_qx_quants (Q6_K, Q3_K with weights, Q4_0/Q5_0 with weights) runs its 19 candidate scales
+ *    side by side in vector lanes: each lane keeps ggml's sequential sums in element order, and
+ *    only the strictly-better selection, which depends on the running best, runs candidate by
+ *    candidate afterwards;
+ *  - make_q3_quants (Q3_K) runs the 16 groups of a super-block side by side, one group per lane;
+ *  - make_qkx3_quants (Q4_1/Q5_1 with weights) runs 8 blocks of a row side by side, one per lane;
+ *  - the reference paths of the legacy types and Q8_0 scale, round and pack 4 values per op.
+ * Lane arithmetic is the same IEEE float32 operation as ggml's scalar code (no FMA: the build
+ * passes -ffp-contract=off), so every lane computes exactly the value ggml computes.
+ *
+ * The build is portable (SSE2 on x86-64). The two search kernels also have an 8-lane AVX2 version,
+ * chosen at load time on CPUs that have AVX2; it performs the same operations, so the bytes do not
+ * depend on the machine. MOETRACE_NO_AVX2=1 in the environment (read when the module loads) keeps
+ * the portable version, so tests can check both on one machine. Inputs are finite (the caller
+ * rejects NaN and Inf). */
+#include "ckernels.h"
+#include "common.h"
+
+#include <float.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+typedef int8_t v4c __attribute__((vector_size(4)));
+
+#define MAGIC 12582912.f /* 1.5 * 2**23, ggml's nearest_int constant */
+
+static inline v4f v4f_load(const float *p) { v4f v; memcpy(&v, p, sizeof v); return v; }
+static inline v4f v4f_set1(float s) { return (v4f){s, s, s, s}; }
+static inline v4i v4i_set1(int32_t s) { return (v4i){s, s, s, s}; }
+
+/* a < b ? a : b, lane by lane (x86's minps). */
+static inline v4f v4f_min(v4f a, v4f b) {
+#if defined(__SSE2__)
+    return (v4f)_mm_min_ps((__m128)a, (__m128)b);
+#else
+    v4i m = a < b;
+    return (v4f)((m & (v4i)a) | (~m & (v4i)b));
+#endif
+}
+
+/* a > b ? a : b, lane by lane (x86's maxps). */
+static inline v4f v4f_max(v4f a, v4f b) {
+#if defined(__SSE2__)
+    return (v4f)_mm_max_ps((__m128)a, (__m128)b);
+#else
+    v4i m = a > b;
+    return (v4f)((m & (v4i)a) | (~m & (v4i)b));
+#endif
+}
+
+static inline v4f v4f_select(v4i m, v4f a, v4f b) { return (v4f)((m & (v4i)a) | (~m & (v4i)b)); }
+static inline v4i v4i_select(v4i m, v4i a, v4i b) { return (m & a) | (~m & b); }
+static inline v4i v4i_clamp(v4i v, int32_t lo, int32_t hi) {
+    v = v4i_select(v < lo, v4i_set1(lo), v);
+    return v4i_select(v > hi, v4i_set1(hi), v);
+}
+
+/* ggml's nearest_int on 4 lanes, bit for bit (out-of-range inputs included). */
+static inline v4i v4_nearest_int(v4f v) {
+    v4f t = v + MAGIC;
+    v4i i;
+    memcpy(&i, &t, sizeof i);
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+/* For |v| <= 2**22: (float)nearest_int(v), exactly (v + 1.5*2**23 has an ulp of 1 there). */
+static inline v4f v4f_round(v4f v) { return (v + MAGIC) - MAGIC; }
+
+static inline float hmax4(v4f v) {
+    float a = v[0] > v[1] ? v[0] : v[1];
+    float b = v[2] > v[3] ? v[2] : v[3];
+    return a > b ? a : b;
+}
+
+static inline float f32_max_of(float a, float b) { return a > b ? a : b; }
+
+/* ------------------------------------------------------------------------------------------ */
+/* make_qx_quants(n, nmax, x, L, rmse_type=1, qw): the 19 candidates side by side in lanes.      */
+
+#define QX_LANES 24 /* 19 candidates, padded to 3 vectors of 8 (or 6 of 4) */
+#define QX_MAXN 32
+
+/* ggml's first element of largest magnitude (its `if (ax > amax)` loop from 0): the largest |x|,
+ * then the first element that has it; +0.0 when every |x| is 0. */
+static inline float first_absmax(int n, const float *x, float *amax_out) {
+    float amax = 0.f;
+    for (int i = 0; i < n; ++i) amax = f32_max_of(amax, fabsf(x[i]));
+    *amax_out = amax;
+    if (amax == 0.f) return 0.f;
+    for (int i = 0; i < n; ++i)
+        if (fabsf(x[i]) == amax) return x[i];
+    return 0.f; /* not reached for non-NaN input */
+}
+
+/* The kernel of make_qx_quants: for each candidate lane k (isc[k] = num[k] / max),
+ *   sumlx[k] = sum_i (w[i]*x[i]) * l,  suml2[k] = sum_i (w[i]*l) * l,  l = clamp(nearest_int(isc[k]*x[i]), -nmax, nmax-1),
+ * accumulated in element order from +0.0f, exactly as ggml's loops (clamping before rounding is the
+ * same: the bounds are integers; nearest_int is exact round-half-even here as |isc*x| <= nmax+1). */
+typedef void (*qx_sums_fn)(int n, const float *x, const float *w, const float *num, float max, float fnmax,
+                           float *isc, float *sumlx, float *suml2);
+
+static void qx_sums_generic(int n, const float *x, const float *w, const float *num, float max, float fnmax,
+                            float *isc, float *sumlx, float *suml2) {
+    enum { NV = QX_LANES / 4 };
+    float wx[QX_MAXN];
+    for (int i = 0; i < n; ++i) wx[i] = w[i] * x[i];
+    const v4f mv = v4f_set1(max), lo = v4f_set1(-fnmax), hi = v4f_set1(fnmax - 1.f);
+    /* two passes of 3 vectors keep the sums in registers */
+    for (int v0 = 0; v0 < NV; v0 += 3) {
+        v4f iv[3], slx[3], sl2[3];
+        for (int v = 0; v < 3; ++v) {
+            iv[v] = v4f_load(num + 4 * (v0 + v)) / mv;
+            memcpy(isc + 4 * (v0 + v), &iv[v], sizeof(v4f));
+            slx[v] = v4f_set1(0.f);
+            sl2[v] = v4f_set1(0.f);
+        }
+        for (int i = 0; i < n; ++i) {
+            const float xi = x[i], wi = w[i], wxi = wx[i];
+            for (int v = 0; v < 3; ++v) {
+                const v4f l = v4f_round(v4f_min(v4f_max(iv[v] * xi, lo), hi));
+                slx[v] += wxi * l;
+                sl2[v] += (wi * l) * l;
+            }
+        }
+        for (int v = 0; v < 3; ++v) {
+            memcpy(sumlx + 4 * (v0 + v), &slx[v], sizeof(v4f));
+            memcpy(suml2 + 4 * (v0 + v), &sl2[v], sizeof(v4f));
+        }
+    }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define MT_HAVE_AVX2_PATH 1
+/* The same kernel on 8 lanes (AVX2 machines; chosen at load time, same float operations). */
+__attribute__((target("avx2"))) static void qx_sums_avx2(int n, const float *x, const float *w, const float *num,
+                                                         float max, float fnmax, float *isc, float *sumlx,
+                                                         float *suml2) {
+    const __m256 mv = _mm256_set1_ps(max), lo = _mm256_set1_ps(-fnmax), hi = _mm256_set1_ps(fnmax - 1.f);
+    const __m256 i0 = _mm256_div_ps(_mm256_loadu_ps(num), mv);
+    const __m256 i1 = _mm256_div_ps(_mm256_loadu_ps(num + 8), mv);
+    const __m256 i2 = _mm256_div_ps(_mm256_loadu_ps(num + 16), mv);
+    _mm256_storeu_ps(isc, i0);
+    _mm256_storeu_ps(isc + 8, i1);
+    _mm256_storeu_ps(isc + 16, i2);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, b0 = a0, b1 = a0, b2 = a0;
+    for (int i = 0; i < n; ++i) {
+        const __m256 xi = _mm256_broadcast_ss(x + i), wi = _mm256_broadcast_ss(w + i);
+        const __m256 wxi = _mm256_mul_ps(wi, xi);
+#define MT_QX_LANE(iv, a, b)                                                                                      \
+    do {                                                                                                          \
+        const __m256 l = _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(iv, xi), lo), hi),             \
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);                          \
+        a = _mm256_add_ps(a, _mm256_mul_ps(wxi, l));                                                              \
+        b = _mm256_add_ps(b, _mm256_mul_ps(_mm256_mul_ps(wi, l), l));                                             \
+    } while (0)
+        MT_QX_LANE(i0, a0, b0);
+        MT_QX_LANE(i1, a1, b1);
+        MT_QX_LANE(i2, a2, b2);
+#undef MT_QX_LANE
+    }
+    _mm256_storeu_ps(sumlx, a0);
+    _mm256_storeu_ps(sumlx + 8, a1);
+    _mm256_storeu_ps(sumlx + 16, a2);
+    _mm256_storeu_ps(suml2, b0);
+    _mm256_storeu_ps(suml2 + 8, b1);
+    _mm256_storeu_ps(suml2 + 16, b2);
+}
+#endif
+
+static qx_sums_fn qx_sums = qx_sums_generic;
+
+/* Candidate numerators -(nmax + 0.1f*is) in ggml's order (is = 0, then -9..9 except 0); padding
+ * lanes repeat candidate 0 and are never selected. */
+static void qx_numerators(int nmax, float *num) {
+    const float fn = (float)nmax;
+    num[0] = -fn;
+    int k = 1;
+    for (int is = -9; is <= 9; ++is) {
+        if (is == 0) continue;
+        num[k++] = -(fn + 0.1f * (float)is);
+    }
+    for (; k < QX_LANES; ++k) num[k] = num[0];
+}
+
+static float qx_num4[QX_LANES], qx_num8[QX_LANES], qx_num16[QX_LANES], qx_num32[QX_LANES];
+
+static const float *qx_num(int nmax) {
+    return nmax == 4 ? qx_num4 : nmax == 8 ? qx_num8 : nmax == 16 ? qx_num16 : qx_num32;
+}
+
+/* Returns ggml's scale; L[i] = l + nmax in 0..2*nmax-1 (all 0 for an all-zero group).
+ * qw NULL means ggml's default weights x*x. n <= QX_MAXN; nmax is 4, 8, 16 or 32. */
+static float make_qx_quants(int n, int nmax, const float *x, int8_t *L, const float *qw) {
+    float amax;
+    const float max = first_absmax(n, x, &amax);
+    if (amax < MT_GROUP_MAX_EPS) {
+        memset(L, 0, (size_t)n);
+        return 0.f;
+    }
+    float wbuf[QX_MAXN];
+    const float *w = qw;
+    if (!qw) {
+        for (int i = 0; i < n; ++i) wbuf[i] = x[i] * x[i];
+        w = wbuf;
+    }
+    float isc[QX_LANES], sumlx[QX_LANES], suml2[QX_LANES];
+    qx_sums(n, x, w, qx_num(nmax), max, (float)nmax, isc, sumlx, suml2);
+
+    /* Every candidate's scale = sumlx/suml2, best = scale*sumlx and sumlx*sumlx, lane by lane up
+     * front (the same float operations ggml performs for each winner), so the sequential
+     * strictly-better walk below has no division in its chain. */
+    float sc[QX_LANES], bst[QX_LANES], sq[QX_LANES];
+    for (int k = 0; k < QX_LANES; k += 4) {
+        const v4f a = v4f_load(sumlx + k), b = v4f_load(suml2 + k);
+        const v4f s4 = a / b;
+        const v4f b4 = s4 * a, q4 = a * a;
+        memcpy(sc + k, &s4, sizeof s4);
+        memcpy(bst + k, &b4, sizeof b4);
+        memcpy(sq + k, &q4, sizeof q4);
+    }
+    if (suml2[0] == 0.f) {
+        sc[0] = 0.f;
+        bst[0] = 0.f * sumlx[0];
+    }
+    int win = 0;
+    float best = bst[0];
+    for (int k = 1; k < 19; ++k) {
+        if (suml2[k] > 0.f && sq[k] > best * suml2[k]) {
+            best = bst[k];
+            win = k;
+        }
+    }
+    const float scale = sc[win];
+    const v4f iv = v4f_set1(isc[win]);
+    for (int i = 0; i < n; i += 4) {
+        const v4i l = v4i_clamp(v4_nearest_int(iv * v4f_load(x + i)), -nmax, nmax - 1) + nmax;
+        const v4c c = __builtin_convertvector(l, v4c);
+        memcpy(L + i, &c, 4);
+    }
+    return scale;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Q6_K                                                                                         */
+
+static void q6_k_block(const float *x, const float *qw, uint8_t *y) {
+    int8_t L[MT_QK_K];
+    float scales[16];
+    float max_scale = 0.f, max_abs_scale = 0.f;
+    for (int ib = 0; ib < 16; ++ib) {
+        const float scale = make_qx_quants(16, 32, x + 16 * ib, L + 16 * ib, qw ? qw + 16 * ib : NULL);
+        scales[ib] = scale;
+        const float abs_scale = fabsf(scale);
+        if (abs_scale > max_abs_scale) { max_abs_scale = abs_scale; max_scale = scale; }
+    }
+    if (max_abs_scale < MT_GROUP_MAX_EPS) {
+        memset(y, 0, 210);
+        return;
+    }
+    const float iscale = -128.f / max_scale;
+    const uint16_t dh = mt_fp32_to_fp16(1.f / iscale);
+    const float dq = mt_fp16_to_fp32(dh);
+    int8_t sc[16];
+    for (int ib = 0; ib < 16; ++ib) {
+        int l = mt_nearest_int(iscale * scales[ib]);
+        sc[ib] = (int8_t)(l < 127 ? l : 127);
+    }
+    for (int j = 0; j < 16; ++j) {
+        const float d = dq * (float)sc[j];
+        if (!d) continue;
+        const v4f dv = v4f_set1(d);
+        for (int q = 0; q < 4; ++q) {
+            v4i l = v4i_clamp(v4_nearest_int(v4f_load(x + 16 * j + 4 * q) / dv), -32, 31) + 32;
+            for (int t = 0; t < 4; ++t) L[16 * j + 4 * q + t] = (int8_t)l[t];
+        }
+    }
+    uint8_t *ql = y, *qh = y + 128;
+    for (int j = 0; j < MT_QK_K; j += 128) {
+        for (int l = 0; l < 32; ++l) {
+            const uint8_t q1 = (uint8_t)L[j + l], q2 = (uint8_t)L[j + l + 32];
+            const uint8_t q3 = (uint8_t)L[j + l + 64], q4 = (uint8_t)L[j + l + 96];
+            ql[l] = (uint8_t)((q1 & 0xF) | ((q3 & 0xF) << 4));
+            ql[l + 32] = (uint8_t)((q2 & 0xF) | ((q4 & 0xF) << 4));
+            qh[l] = (uint8_t)((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6));
+        }
+        ql += 64;
+        qh += 32;
+    }
+    memcpy(y + 192, sc, 16);
+    y[208] = (uint8_t)(dh & 0xff);
+    y[209] = (uint8_t)(dh >> 8);
+}
+
+static int quantize_q6_k(const float *x, uint8_t *y, int64_t n_rows, int64_t n_per_row, const float *imatrix) {
+    const int64_t nb = n_per_row / MT_QK_K;
+    for (int64_t r = 0; r < n_rows; ++r)
+        for (int64_t i = 0; i < nb; ++i)
+            q6_k_block(x + (r * nb + i) * MT_QK_K, imatrix ? imatrix + i * MT_QK_K : NULL, y + (r * nb + i) * 210);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Q3_K                                                                                         */
+
+/* make_q3_quants(16, 4, x, L, do_rmse=true) on the 16 groups of a super-block, one per lane:
+ * scales[g] is ggml's return value for group g; L[16*g + i] its codes l + 4 (0 for an all-zero group).
+ * A pass that changes nothing in a group leaves it as it was, so running every group for as many
+ * passes as the busiest one needs is the same as ggml's early exit per group. */
+static void make_q3_quants_16x16(const float *x, int8_t *L, float *scales) {
+    enum { NV = 4 }; /* 16 groups = 4 vectors of 4 lanes */
+    v4f X[16][NV]; /* X[i][v][lane]: element i of group 4*v + lane */
+    for (int g = 0; g < 16; ++g)
+        for (int i = 0; i < 16; ++i) X[i][g >> 2][g & 3] = x[16 * g + i];
+
+    float isc[16];
+    int zero[16];
+    for (int g = 0; g < 16; ++g) {
+        float max = 0.f, amax = 0.f;
+        for (int i = 0; i < 16; ++i) {
+            float ax = fabsf(x[16 * g + i]);
+            if (ax > amax) { amax = ax; max = x[16 * g + i]; }
+        }
+        zero[g] = amax < MT_GROUP_MAX_EPS;
+        isc[g] = zero[g] ? 0.f : -4.f / max; /* a zero group's lanes run on zeros, their results discarded */
+    }
+    v4f Lf[16][NV], W[16][NV], WX[16][NV];
+    v4f sumlx[NV], suml2[NV];
+    const v4f lo = v4f_set1(-4.f), hi = v4f_set1(3.f);
+    v4f iv[NV];
+    for (int v = 0; v < NV; ++v) {
+        iv[v] = v4f_load(isc + 4 * v);
+        sumlx[v] = v4f_set1(0.f);
+        suml2[v] = v4f_set1(0.f);
+    }
+    /* element outer, group vector inner: 4 independent sum chains in flight */
+    for (int i = 0; i < 16; ++i) {
+        for (int v = 0; v < NV; ++v) {
+            const v4f xi = X[i][v];
+            const v4f l = v4f_round(v4f_min(v4f_max(iv[v] * xi, lo), hi));
+            const v4f w = xi * xi;
+            Lf[i][v] = l;
+            W[i][v] = w;
+            WX[i][v] = w * xi;
+            sumlx[v] += WX[i][v] * l;
+            suml2[v] += (w * l) * l;
+        }
+    }
+    for (int itry = 0; itry < 5; ++itry) {
+        v4i changed = v4i_set1(0);
+        for (int i = 0; i < 16; ++i) {
+            for (int v = 0; v < NV; ++v) {
+                const v4f xi = X[i][v], w = W[i][v], wx = WX[i][v], li = Lf[i][v];
+                const v4f slx = sumlx[v] - wx * li;
+                const v4f sl2 = suml2[v] - (w * li) * li;
+                /* x*sl2/slx is unbounded: ggml's exact nearest_int bits, then the clamp */
+                const v4i nl = v4i_clamp(v4_nearest_int((xi * sl2) / slx), -4, 3);
+                const v4f new_l = __builtin_convertvector(nl, v4f);
+                const v4f slx_new = slx + wx * new_l;
+                const v4f sl2_new = sl2 + (w * new_l) * new_l;
+                const v4i take = (slx > 0.f) & (new_l != li) & (sl2_new > 0.f) &
+                                 ((slx_new * slx_new) * suml2[v] > (sumlx[v] * sumlx[v]) * sl2_new);
+                Lf[i][v] = v4f_select(take, new_l, li);
+                sumlx[v] = v4f_select(take, slx_new, sumlx[v]);
+                suml2[v] = v4f_select(take, sl2_new, suml2[v]);
+                changed |= take;
+            }
+        }
+        if (!(changed[0] | changed[1] | changed[2] | changed[3])) break;
+    }
+    for (int g = 0; g < 16; ++g) {
+        const int v = g >> 2, lane = g & 3;
+        if (zero[g]) {
+            memset(L + 16 * g, 0, 16);
+            scales[g] = 0.f;
+            continue;
+        }
+        for (int i = 0; i < 16; ++i) L[16 * g + i] = (int8_t)((int)Lf[i][v][lane] + 4);
+        const float s2 = suml2[v][lane];
+        scales[g] = s2 > 0.f ? sumlx[v][lane] / s2 : 0.f;
+    }
+}
+
+static void q3_k_block(const float *x, const float *qw, uint8_t *y) {
+    int8_t L[MT_QK_K];
+    float scales[16];
+    uint8_t ls[16]; /* 6-bit scales, offset by 32 */
+    uint16_t dh;
+    if (!qw) {
+        make_q3_quants_16x16(x, L, scales);
+        float max_scale = 0.f, amax = 0.f;
+        for (int j = 0; j < 16; ++j) {
+            const float s = fabsf(scales[j]);
+            if (s > amax) { amax = s; max_scale = scales[j]; }
+        }
+        if (max_scale != 0.f) {
+            const float iscale = -32.f / max_scale;
+            for (int j = 0; j < 16; ++j) {
+                int l = (int8_t)mt_nearest_int(iscale * scales[j]);
+                l = (l < -32 ? -32 : (l > 31 ? 31 : l)) + 32;
+                ls[j] = (uint8_t)l;
+            }
+            dh = mt_fp32_to_fp16(1.f / iscale);
+        } else {
+            memset(ls, 0, 16);
+            dh = mt_fp32_to_fp16(0.f);
+        }
+    } else {
+        float sumx2 = 0.f;
+        for (int j = 0; j < MT_QK_K; ++j) sumx2 += x[j] * x[j];
+        const float sigma2 = 2.f * sumx2 / 256.f;
+        float weight[16], sw[16];
+        for (int j = 0; j < 16; ++j) {
+            const float *xg = x + 16 * j;
+            for (int l = 0; l < 16; ++l) weight[l] = qw[16 * j + l] * sqrtf(sigma2 + xg[l] * xg[l]);
+            float sumw = 0.f;
+            for (int l = 0; l < 16; ++l) sumw += weight[l];
+            sw[j] = sumw;
+            scales[j] = make_qx_quants(16, 4, xg, L + 16 * j, weight);
+        }
+        int8_t Ls[16];
+        const float d_block = make_qx_quants(16, 32, scales, Ls, sw);
+        for (int j = 0; j < 16; ++j) ls[j] = (uint8_t)Ls[j];
+        dh = mt_fp32_to_fp16(d_block);
+    }
+    const float dq = mt_fp16_to_fp32(dh);
+    for (int j = 0; j < 16; ++j) {
+        const float d = dq * (float)((int)ls[j] - 32);
+        if (!d) continue;
+        const v4f dv = v4f_set1(d);
+        for (int q = 0; q < 4; ++q) {
+            v4i l = v4i_clamp(v4_nearest_int(v4f_load(x + 16 * j + 4 * q) / dv), -4, 3) + 4;
+            for (int t = 0; t < 4; ++t) L[16 * j + 4 * q + t] = (int8_t)l[t];
+        }
+    }
+    uint8_t *hmask = y, *qs = y + 32, *sc = y + 96;
+    /* bit k of hmask[m] is bit 2 of code 32k+m; the low 2 bits go to qs (L - 4 == L & 3 for L > 3) */
+    for (int m = 0; m < 32; ++m) {
+        unsigned b = 0;
+        for (int k = 0; k < 8; ++k) b |= (unsigned)((L[32 * k + m] >> 2) & 1) << k;
+        hmask[m] = (uint8_t)b;
+    }
+    for (int j = 0; j < MT_QK_K; ++j) L[j] &= 3;
+    for (int j = 0; j < MT_QK_K; j += 128)
+        for (int l = 0; l < 32; ++l)
+            qs[j / 4 + l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
+    memset(sc, 0, 12);
+    for (int j = 0; j < 16; ++j) {
+        const int l = ls[j];
+        if (j < 8) sc[j] = (uint8_t)(l & 0xF);
+        else sc[j - 8] |= (uint8_t)((l & 0xF) << 4);
+        sc[j % 4 + 8] |= (uint8_t)((l >> 4) << (2 * (j / 4)));
+    }
+    y[108] = (uint8_t)(dh & 0xff);
+    y[109] = (uint8_t)(dh >> 8);
+}
+
+static int quantize_q3_k(const float *x, uint8_t *y, int64_t n_rows, int64_t n_per_row, const float *imatrix) {
+    const int64_t nb = n_per_row / MT_QK_K;
+    for (int64_t r = 0; r < n_rows; ++r)
+        for (int64_t i = 0; i < nb; ++i)
+            q3_k_block(x + (r * nb + i) * MT_QK_K, imatrix ? imatrix + i * MT_QK_K : NULL, y + (r * nb + i) * 110);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Q8_0: d = amax/127, q = roundf(x/d); the importance matrix is ignored, as in ggml.            */
+
+static int quantize_q8_0(const float *x, uint8_t *y, int64_t n_rows, int64_t n_per_row, const float *imatrix) {
+    (void)imatrix;
+    const int64_t nb = n_rows * (n_per_row / 32);
+    const v4i absmask = v4i_set1(0x7fffffff);
+    for (int64_t b = 0; b < nb; ++b) {
+        const float *xb = x + 32 * b;
+        uint8_t *yb = y + 34 * b;
+        v4f xv[8];
+        for (int k = 0; k < 8; ++k) xv[k] = v4f_load(xb + 4 * k);
+        /* MAX(amax, fabsf(v)) from 0: order-free for non-NaN magnitudes */
+        v4f a0 = (v4f)((v4i)xv[0] & absmask), a1 = (v4f)((v4i)xv[1] & absmask);
+        for (int k = 2; k < 8; k += 2) {
+            a0 = v4f_max(a0, (v4f)((v4i)xv[k] & absmask));
+            a1 = v4f_max(a1, (v4f)((v4i)xv[k + 1] & absmask));
+        }
+        const float amax = hmax4(v4f_max(a0, a1));
+        const float d = amax / 127.f;
+        const float id = d != 0.f ? 1.f / d : 0.f;
+        mt_store_fp16(yb, d);
+        const v4f idv = v4f_set1(id);
+        for (int k = 0; k < 8; ++k) {
+            v4f v = xv[k] * idv;
+            /* |v| <= ~127 unless 1/d overflowed; then v is +-inf or NaN and ggml's
+             * (int8_t)roundf(v) (cvttss2si: INT_MIN) stores 0, as zeroing v does here. */
+            v = v4f_select((v4f)((v4i)v & absmask) < 256.f, v, v4f_set1(0.f));
+            v4i t = __builtin_convertvector(v, v4i);          /* truncation toward zero */
+            const v4f fr = v - __builtin_convertvector(t, v4f); /* exact */
+            t = t - (fr >= 0.5f) + (fr <= -0.5f);              /* roundf: half away from zero */
+            const v4c c = __builtin_convertvector(t, v4c);
+            memcpy(yb + 2 + 4 * k, &c, 4);
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Legacy reference paths (imatrix NULL).                                                       */
+
+/* qs[j] = low nibble of code j | low nibble of code j+16 << 4. */
+static inline void pack_q4(uint8_t *qs, const uint8_t *b) {
+    for (int j = 0; j < 16; ++j) qs[j] = (uint8_t)((b[j] & 0xF) | ((b[j + 16] & 0xF) << 4));
+}
+
+/* qh: little-endian uint32 whose bit j is bit 4 of code j; then the nibbles. */
+static inline void pack_q5(uint8_t *qh_out, uint8_t *qs, const uint8_t *b) {
+    uint32_t qh = 0;
+    for (int j = 0; j < 32; ++j) qh |= (uint32_t)((b[j] >> 4) & 1) << j;
+    for (int k = 0; k < 4; ++k) qh_out[k] = (uint8_t)(qh >> (8 * k));
+    pack_q4(qs, b);
+}
+
+/* The same packings from 32 codes in 8 vectors (only their low 8 bits count); qh NULL for 4 bits. */
+static inline void pack_codes(const v4i *q, uint8_t *qh_out, uint8_t *qs) {
+#if defined(__SSE2__)
+    const __m128i m8 = _mm_set1_epi32(0xFF), m4 = _mm_set1_epi8(0x0F);
+    __m128i b[2];
+    for (int h = 0; h < 2; ++h) {
+        const __m128i lo = _mm_packs_epi32(_mm_and_si128((__m128i)q[4 * h], m8), _mm_and_si128((__m128i)q[4 * h + 1], m8));
+        const __m128i hi = _mm_packs_epi32(_mm_and_si128((__m128i)q[4 * h + 2], m8), _mm_and_si128((__m128i)q[4 * h + 3], m8));
+        b[h] = _mm_packus_epi16(lo, hi); /* codes 16h .. 16h+15 as bytes */
+    }
+    const __m128i nib = _mm_or_si128(_mm_and_si128(b[0], m4), _mm_slli_epi16(_mm_and_si128(b[1], m4), 4));
+    _mm_storeu_si128((__m128i *)qs, nib);
+    if (qh_out) {
+        const uint32_t qh = (uint32_t)_mm_movemask_epi8(_mm_slli_epi16(b[0], 3)) |
+                            ((uint32_t)_mm_movemask_epi8(_mm_slli_epi16(b[1], 3)) << 16);
+        for (int k = 0; k < 4; ++k) qh_out[k] = (uint8_t)(qh >> (8 * k));
+    }
+#else
+    uint8_t b[32];
+    for (int k = 0; k < 8; ++k)
+        for (int t = 0; t < 4; ++t) b[4 * k + t] = (uint8_t)q[k][t];
+    if (qh_out) pack_q5(qh_out, qs, b);
+    else pack_q4(qs, b);
+#endif
+}
+
+static inline void load32(const float *x, v4f *xv) {
+    for (int k = 0; k < 8; ++k) xv[k] = v4f_load(x + 4 * k);
+}
+
+static inline v4f v4f_abs(v4f v) { return (v4f)((v4i)v & 0x7fffffff); }
+
+/* ggml's `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }` over 32 values from 0. */
+static inline float first_absmax32(const float *x, const v4f *xv) {
+    v4f a = v4f_max(v4f_abs(xv[0]), v4f_abs(xv[1]));
+    for (int k = 2; k < 8; ++k) a = v4f_max(a, v4f_abs(xv[k]));
+    const float amax = hmax4(a);
+    if (amax == 0.f) return 0.f;
+#if defined(__SSE2__)
+    (void)x;
+    uint32_t mask = 0;
+    for (int k = 0; k < 8; ++k)
+        mask |= (uint32_t)_mm_movemask_ps((__m128)(v4f_abs(xv[k]) == amax)) << (4 * k);
+    return mask ? x[__builtin_ctz(mask)] : 0.f;
+#else
+    for (int j = 0; j < 32; ++j)
+        if (fabsf(x[j]) == amax) return x[j];
+    return 0.f; /* not reached for non-NaN input */
+#endif
+}
+
+/* ggml's `if (v < min) min = v` (largest: `v > max`) over 32 values: the first value equal to the
+ * extreme, which only matters for the sign of a zero. */
+static inline float first_extreme32(const float *x, const v4f *xv, int largest) {
+    v4f m = xv[0];
+    for (int k = 1; k < 8; ++k) m = largest ? v4f_max(m, xv[k]) : v4f_min(m, xv[k]);
+    float e = m[0];
+    for (int t = 1; t < 4; ++t) e = largest ? (m[t] > e ? m[t] : e) : (m[t] < e ? m[t] : e);
+    if (e == 0.f)
+        for (int j = 0; j < 32; ++j)
+            if (x[j] == 0.f) return x[j];
+    return e;
+}
+
+/* C's float -> int conversion where only the low 8 bits are kept: truncation toward zero, and
+ * 0 where x86 gives INT_MIN (out of range, NaN), whose low 8 bits are 0 too. */
+static inline v4i v4_cvtt_low8(v4f v) {
+    v = v4f_select(v4f_abs(v) < 2147483648.f, v, v4f_set1(0.f));
+    return __builtin_convertvector(v, v4i);
+}
+
+/* (int8_t) of an int, as C converts (two's complement wrap). */
+static inline v4i v4i_int8(v4i t) { return ((t & 0xFF) ^ 0x80) - 0x80; }
+
+/* quantize_row_q4_0_ref (nlev 8) / quantize_row_q5_0_ref (nlev 16): MIN(2*nlev-1, (int8_t)(x*id + nlev+0.5f)). */
+static inline float symmetric_ref(const float *x, int nlev, v4i *q) {
+    v4f xv[8];
+    load32(x, xv);
+    const float max = first_absmax32(x, xv);
+    const float d = max / (float)-nlev;
+    const float id = d != 0.f ? 1.f / d : 0.f;
+    const float off = (float)nlev + 0.5f;
+    for (int k = 0; k < 8; ++k) {
+        const v4i t = v4i_int8(v4_cvtt_low8(xv[k] * id + off));
+        q[k] = v4i_select(t > 2 * nlev - 1, v4i_set1(2 * nlev - 1), t);
+    }
+    return d;
+}
+
+/* quantize_row_q4_1_ref / quantize_row_q5_1_ref: (x - min)*id + 0.5f converted to int (low 8 bits). */
+static inline void affine_ref(const float *x, int nmax, float *d_out, float *min_out, v4i *q) {
+    v4f xv[8];
+    load32(x, xv);
+    const float min = first_extreme32(x, xv, 0), max = first_extreme32(x, xv, 1);
+    const float d = (max - min) / (float)nmax;
+    const float id = d != 0.f ? 1.f / d : 0.f;
+    for (int k = 0; k < 8; ++k) q[k] = v4_cvtt_low8((xv[k] - min) * id + 0.5f);
+    *d_out = d;
+    *min_out = min;
+}
+
+static void q4_0_ref_block(const float *x, uint8_t *y) {
+    v4i q[8];
+    const float d = symmetric_ref(x, 8, q);
+    mt_store_fp16(y, d);
+    pack_codes(q, NULL, y + 2);
+}
+
+static void q5_0_ref_block(const float *x, uint8_t *y) {
+    v4i q[8];
+    const float d = symmetric_ref(x, 16, q);
+    mt_store_fp16(y, d);
+    pack_codes(q, y + 2, y + 6);
+}
+
+static void q4_1_ref_block(const float *x, uint8_t *y) {
+    v4i q[8];
+    float d, min;
+    affine_ref(x, 15, &d, &min, q);
+    for (int k = 0; k < 8; ++k) { /* MIN(15, (int8_t)(...)) */
+        const v4i t = v4i_int8(q[k]);
+        q[k] = v4i_select(t > 15, v4i_set1(15), t);
+    }
+    mt_store_fp16(y, d);
+    mt_store_fp16(y + 2, min);
+    pack_codes(q, NULL, y + 4);
+}
+
+static void q5_1_ref_block(const float *x, uint8_t *y) {
+    v4i q[8];
+    float d, min;
+    affine_ref(x, 31, &d, &min, q); /* (uint8_t)(x0 + 0.5f): no clamp in ggml */
+    mt_store_fp16(y, d);
+    mt_store_fp16(y + 2, min);
+    pack_codes(q, y + 4, y + 8);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Legacy importance-matrix paths.                                                              */
+
+/* ggml's per-element weights: qw * sqrtf(sigma2 + x*x). */
+static inline void legacy_weights(const float *x, const float *qw, float sigma2, float *w) {
+    for (int j = 0; j < 32; ++j) w[j] = qw[j] * sqrtf(sigma2 + x[j] * x[j]);
+}
+
+static float row_sigma2(const float *x, int64_t n) {
+    float s = 0.f;
+    for (int64_t j = 0; j < n; ++j) s += x[j] * x[j];
+    return s / (float)n;
+}
+
+static void q4_0_impl_block(const float *x, const float *w, uint8_t *y) {
+    int8_t L[32];
+    const float d = make_qx_quants(32, 8, x, L, w);
+    mt_store_fp16(y, d);
+    pack_q4(y + 2, (const uint8_t *)L);
+}
+
+static void q5_0_impl_block(const float *x, const float *w, uint8_t *y) {
+    int8_t L[32];
+    const float d = make_qx_quants(32, 16, x, L, w);
+    mt_store_fp16(y, d);
+    pack_q5(y + 2, y + 6, (const uint8_t *)L);
+}
+
+/* make_qkx3_quants(32, nmax, x, weights, L, &the_min, Laux, -0.9f, 0.05f, 36, use_mad=false) on 8
+ * blocks at once, one per lane, as qx_search.make_qkx3_quants (moetrace's own version for Q4_1 and
+ * Q5_1, which keeps the sign of a zero min). xs[lane], ws[lane]: each block's 32 values and weights.
+ * Out: scale[lane], the_min[lane], L[lane][32] in 0..nmax.
+ *
+ * DEFINE_QKX3 writes the search once for a vector type VF (int mask type VI) of NV vectors per
+ * 8 lanes: 2 x 4 lanes for every machine, 1 x 8 lanes for AVX2 machines (chosen at load time).
+ * Both perform the same float operations on every lane. */
+#define QK3_LANES 8
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+typedef void (*qkx3_fn)(const float *const *xs, const float *const *ws, int nmax, float *scale_out,
+                        float *the_min_out, uint8_t *L_out);
+
+#define QK3_SEL(VF, VI, m, a, b) ((VF)(((m) & (VI)(a)) | (~(m) & (VI)(b))))
+#define QK3_ISEL(m, a, b) (((m) & (a)) | (~(m) & (b)))
+
+#define DEFINE_QKX3(NAME, ATTR, VF, VI, NV)                                                                     \
+    ATTR static void NAME(const float *const *xs, const float *const *ws, int nmax, float *scale_out,          \
+                          float *the_min_out, uint8_t *L_out) {                                                 \
+        enum { W_ = (int)(sizeof(VF) / sizeof(float)) };                                                        \
+        const VF zero = {0};                                                                                    \
+        const VI izero = {0};                                                                                   \
+        const float fnmax = (float)nmax;                                                                        \
+        VF X[32][NV], W[32][NV], mx[NV], mn[NV], flat_min[NV], sum_w[NV], sum_x[NV], scale[NV], best_mad[NV];   \
+        VI flat[NV], L[32][NV];                                                                                 \
+        for (int b = 0; b < QK3_LANES; ++b) {                                                                   \
+            const float *xb = xs[b];                                                                            \
+            float lo = xb[0], hi = xb[0];                                                                       \
+            for (int i = 1; i < 32; ++i) {                                                                      \
+                if (xb[i] < lo) lo = xb[i];                                                                     \
+                if (xb[i] > hi) hi = xb[i];                                                                     \
+            }                                                                                                   \
+            if (lo > 0.f) lo = 0.f;                                                                             \
+            mx[b / W_][b % W_] = hi;                                                                            \
+            flat_min[b / W_][b % W_] = lo;                                                                      \
+            for (int i = 0; i < 32; ++i) {                                                                      \
+                X[i][b / W_][b % W_] = xb[i];                                                                   \
+                W[i][b / W_][b % W_] = ws[b][i];                                                                \
+            }                                                                                                   \
+        }                                                                                                       \
+        for (int v = 0; v < NV; ++v) {                                                                          \
+            sum_w[v] = W[0][v];                                                                                 \
+            sum_x[v] = W[0][v] * X[0][v];                                                                       \
+            for (int i = 1; i < 32; ++i) {                                                                      \
+                sum_w[v] += W[i][v];                                                                            \
+                sum_x[v] += W[i][v] * X[i][v];                                                                  \
+            }                                                                                                   \
+            flat[v] = mx[v] <= flat_min[v]; /* ggml returns early there; replaced below */                      \
+            mn[v] = flat_min[v];                                                                                \
+            const VF iscale = fnmax / (mx[v] - mn[v]);                                                          \
+            scale[v] = 1.f / iscale;                                                                            \
+            best_mad[v] = zero;                                                                                 \
+            for (int i = 0; i < 32; ++i) {                                                                      \
+                VI l = ((VI)(iscale * (X[i][v] - mn[v]) + MAGIC) & 0x007fffff) - 0x00400000; /* nearest_int */  \
+                l = QK3_ISEL(l < 0, izero, l);                                                                  \
+                L[i][v] = QK3_ISEL(l > nmax, izero + nmax, l);                                                  \
+                const VF diff = (scale[v] * __builtin_convertvector(L[i][v], VF) + mn[v]) - X[i][v];            \
+                best_mad[v] += W[i][v] * (diff * diff);                                                         \
+            }                                                                                                   \
+        }                                                                                                       \
+        for (int is = 0; is <= 36; ++is) {                                                                      \
+            const float c = -0.9f + 0.05f * (float)is + fnmax;                                                  \
+            for (int v = 0; v < NV; ++v) {                                                                      \
+                const VF iscale = c / (mx[v] - mn[v]);                                                          \
+                VF lf[32];                                                                                      \
+                VF sum_l = zero, sum_l2 = zero, sum_xl = zero;                                                  \
+                for (int i = 0; i < 32; ++i) {                                                                  \
+                    const VF t = iscale * (X[i][v] - mn[v]);                                                    \
+                    /* inf or NaN (min at or near max) gives 0, as the torch kernel's guard does */             \
+                    const VF r = (VF)((t > 0.f) & (VI)(((QK3_SEL(VF, VI, t < fnmax, t, zero + fnmax)) + MAGIC) - MAGIC)); \
+                    lf[i] = r;                                                                                  \
+                    const VF wl = W[i][v] * r;                                                                  \
+                    sum_l += wl;                                                                                \
+                    sum_l2 += wl * r;                                                                           \
+                    sum_xl += wl * X[i][v];                                                                     \
+                }                                                                                               \
+                const VF D = sum_w[v] * sum_l2 - sum_l * sum_l;                                                 \
+                VF this_scale = (sum_w[v] * sum_xl - sum_x[v] * sum_l) / D;                                     \
+                VF this_min = (sum_l2 * sum_x[v] - sum_l * sum_xl) / D;                                         \
+                const VI pos = this_min > 0.f;                                                                  \
+                this_min = QK3_SEL(VF, VI, pos, zero, this_min);                                                \
+                this_scale = QK3_SEL(VF, VI, pos, sum_xl / sum_l2, this_scale);                                 \
+                VF mad = zero;                                                                                  \
+                for (int i = 0; i < 32; ++i) {                                                                  \
+                    const VF diff = (this_scale * lf[i] + this_min) - X[i][v];                                  \
+                    mad += W[i][v] * (diff * diff);                                                             \
+                }                                                                                               \
+                const VI take = (D > 0.f) & (mad < best_mad[v]);                                                \
+                int any = 0;                                                                                    \
+                for (int k = 0; k < W_; ++k) any |= take[k];                                                    \
+                if (any) {                                                                                      \
+                    for (int i = 0; i < 32; ++i)                                                                \
+                        L[i][v] = QK3_ISEL(take, __builtin_convertvector(lf[i], VI), L[i][v]);                  \
+                    best_mad[v] = QK3_SEL(VF, VI, take, mad, best_mad[v]);                                      \
+                    scale[v] = QK3_SEL(VF, VI, take, this_scale, scale[v]);                                     \
+                    mn[v] = QK3_SEL(VF, VI, take, this_min, mn[v]);                                             \
+                }                                                                                               \
+            }                                                                                                   \
+        }                                                                                                       \
+        for (int b = 0; b < QK3_LANES; ++b) {                                                                   \
+            const int v = b / W_, k = b % W_;                                                                   \
+            if (flat[v][k]) {                                                                                   \
+                scale_out[b] = 0.f;                                                                             \
+                the_min_out[b] = -flat_min[v][k];                                                               \
+                memset(L_out + 32 * b, 0, 32);                                                                  \
+                continue;                                                                                       \
+            }                                                                                                   \
+            scale_out[b] = scale[v][k];                                                                         \
+            the_min_out[b] = -mn[v][k];                                                                         \
+            for (int i = 0; i < 32; ++i) L_out[32 * b + i] = (uint8_t)L[i][v][k];                               \
+        }                                                                                                       \
+    }
+
+DEFINE_QKX3(qkx3_generic, , v4f, v4i, 2)
+#ifdef MT_HAVE_AVX2_PATH
+DEFINE_QKX3(qkx3_avx2, __attribute__((target("avx2"))), v8f, v8i, 1)
+#endif
+
+static qkx3_fn make_qkx3_quants_x8 = qkx3_generic;
+
+static int quantize_legacy_impl(const float *x, uint8_t *y, int64_t n_rows, int64_t n_per_row,
+                                const float *imatrix, enum mt_type type) {
+    const int64_t nb = n_per_row / 32;
+    const int bytes = type == MT_Q4_0 ? 18 : type == MT_Q4_1 ? 20 : type == MT_Q5_0 ? 22 : 24;
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const float *xr = x + r * n_per_row;
+        uint8_t *yr = y + r * nb * bytes;
+        const float sigma2 = row_sigma2(xr, n_per_row);
+        if (type == MT_Q4_0 || type == MT_Q5_0) {
+            for (int64_t ib = 0; ib < nb; ++ib) {
+                float w[32];
+                legacy_weights(xr + 32 * ib, imatrix + 32 * ib, sigma2, w);
+                if (type == MT_Q4_0) q4_0_impl_block(xr + 32 * ib, w, yr + bytes * ib);
+                else q5_0_impl_block(xr + 32 * ib, w, yr + bytes * ib);
+            }
+            continue;
+        }
+        const int nmax = type == MT_Q4_1 ? 15 : 31;
+        for (int64_t ib0 = 0; ib0 < nb; ib0 += QK3_LANES) {
+            float w[QK3_LANES][32];
+            const float *xs[QK3_LANES], *ws[QK3_LANES];
+            const int nlanes = nb - ib0 < QK3_LANES ? (int)(nb - ib0) : QK3_LANES;
+            for (int b = 0; b < QK3_LANES; ++b) {
+                const int64_t ib = ib0 + (b < nlanes ? b : nlanes - 1); /* spare lanes repeat a block */
+                if (b < nlanes) legacy_weights(xr + 32 * ib, imatrix + 32 * ib, sigma2, w[b]);
+                xs[b] = xr + 32 * ib;
+                ws[b] = w[b < nlanes ? b : nlanes - 1];
+            }
+            float scale[QK3_LANES], the_min[QK3_LANES];
+            uint8_t L[QK3_LANES * 32];
+            make_qkx3_quants_x8(xs, ws, nmax, scale, the_min, L);
+            for (int b = 0; b < nlanes; ++b) {
+                uint8_t *yb = yr + bytes * (ib0 + b);
+                mt_store_fp16(yb, scale[b]);
+                mt_store_fp16(yb + 2, -the_min[b]);
+                if (type == MT_Q4_1) pack_q4(yb + 4, L + 32 * b);
+                else pack_q5(yb + 4, yb + 8, L + 32 * b);
+            }
+        }
+    }
+    return 0;
+}
+
+#define LEGACY_QUANTIZER(fname, TYPE, ref_block, bytes)                                                  \
+    static int fname(const float *x, uint8_t *y, int64_t n_rows, int64_t n_per_row, const float *imatrix) { \
+        if (imatrix) return quantize_legacy_impl(x, y, n_rows, n_per_row, imatrix, TYPE);                 \
+        const int64_t nb = n_rows * (n_per_row / 32);                                                     \
+        for (int64_t b = 0; b < nb; ++b) ref_block(x + 32 * b, y + (bytes) * b);                          \
+        return 0;                                                                                          \
+    }
+
+LEGACY_QUANTIZER(quantize_q4_0, MT_Q4_0, q4_0_ref_block, 18)
+LEGACY_QUANTIZER(quantize_q4_1, MT_Q4_1, q4_1_ref_block, 20)
+LEGACY_QUANTIZER(quantize_q5_0, MT_Q5_0, q5_0_ref_block, 22)
+LEGACY_QUANTIZER(quantize_q5_1, MT_Q5_1, q5_1_ref_block, 24)
+
+void mt_register_qx(mt_kernel_table *t) {
+    qx_numerators(4, qx_num4);
+    qx_numerators(8, qx_num8);
+    qx_numerators(16, qx_num16);
+    qx_numerators(32, qx_num32);
+#ifdef MT_HAVE_AVX2_PATH
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && !getenv("MOETRACE_NO_AVX2")) {
+        qx_sums = qx_sums_avx2;
+        make_qkx3_quants_x8 = qkx3_avx2;
+    }
+#endif
+    t->quantize[MT_Q6_K] = quantize_q6_k;
+    t->quantize[MT_Q3_K] = quantize_q3_k;
+    t->quantize[MT_Q8_0] = quantize_q8_0;
+    t->quantize[MT_Q4_0] = quantize_q4_0;
+    t->quantize[MT_Q4_1] = quantize_q4_1;
+    t->quantize[MT_Q5_0] = quantize_q5_0;
+    t->quantize[MT_Q5_1] = quantize_q5_1;
+}

@@ -1,0 +1,179 @@
+"""The compiled (C) kernels: bit-exact with ggml's golden vectors, gguf-py, and moetrace's torch kernels.
+
+moetrace.kernels.quantize/dequantize run the C kernels for CPU tensors whenever they were built;
+these tests check both paths against ggml's own bytes (the torch path inside native.disabled()),
+then draw inputs the golden vectors do not cover (fp16-edge scales, subnormals, constants, zeros,
+sparse rows, outliers, several shapes) and require the two paths to agree byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moetrace.kernels import BLOCK_SIZES, dequantize, native, quantize
+
+TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+PATHS = ["ref", "imat"]
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("MOETRACE_NATIVE") == "0", reason="MOETRACE_NATIVE=0: the compiled kernels are switched off"
+)
+
+
+def _golden(ggml_vectors, type_name):
+    with np.load(ggml_vectors / f"{type_name}.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+def _where(got: np.ndarray, want: np.ndarray) -> str:
+    bad = np.argwhere(got != want)
+    r, c = bad[0]
+    return f"{len(bad)} of {got.size} entries differ; first at row {r} col {c}: got {got[r, c]!r}, want {want[r, c]!r}"
+
+
+def test_extension_built_with_every_kernel():
+    assert native.built(), "moetrace.kernels._ckernels is not built (pip install -e . needs a C compiler)"
+    missing = [t for t in TYPES if not (native.has_quantize(t) and native.has_dequantize(t))]
+    assert not missing, f"no compiled kernels for {missing}: {native._KERNELS}"
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("type_name", TYPES)
+def test_quantize_matches_ggml(ggml_vectors, type_name, path, backend):
+    g = _golden(ggml_vectors, type_name)
+    imatrix = torch.from_numpy(g["imatrix"]) if path == "imat" else None
+    x = torch.from_numpy(g["x"])
+    if backend == "native":
+        assert native.has_quantize(type_name)
+        got = quantize(x, type_name, imatrix).numpy()
+    else:
+        with native.disabled():
+            got = quantize(x, type_name, imatrix).numpy()
+    want = g[f"q_{path}"]
+    assert got.shape == want.shape
+    assert np.array_equal(got, want), f"{type_name} {path} {backend}: " + _where(got, want)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("type_name", TYPES)
+def test_dequantize_matches_ggml_and_gguf(ggml_vectors, type_name, path):
+    assert native.has_dequantize(type_name)
+    g = _golden(ggml_vectors, type_name)
+    q = g[f"q_{path}"]
+    ours = dequantize(torch.from_numpy(q), type_name, g["x"].shape[1]).numpy()
+    for name, want in (("ggml", g[f"deq_{path}"]), ("gguf-py", gguf.quants.dequantize(q, gguf.GGMLQuantizationType[type_name]))):
+        assert np.array_equal(ours.view(np.uint32), want.astype(np.float32).view(np.uint32)), (
+            f"{type_name} {path} vs {name}: " + _where(ours.view(np.uint32), want.astype(np.float32).view(np.uint32))
+        )
+
+
+KINDS = ["gauss", "student_t", "zeros", "constant", "tiny", "subnormal", "fp16_edge", "sparse", "outlier", "huge_block"]
+
+
+@st.composite
+def weight_rows(draw, block):
+    kind = draw(st.sampled_from(KINDS))
+    rows = draw(st.integers(1, 5))
+    n = 256 * draw(st.integers(1, 3)) if block == 256 else block * draw(st.integers(1, 24))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    g = rng.standard_normal((rows, n))
+    if kind == "student_t":
+        x = rng.standard_t(3, (rows, n))
+    elif kind == "zeros":
+        x = np.zeros((rows, n))
+    elif kind == "constant":
+        x = np.full((rows, n), rng.choice([-1, 1]) * 10.0 ** rng.uniform(-8, 4))
+    elif kind == "tiny":
+        x = g * 10.0 ** rng.uniform(-12, -4)
+    elif kind == "subnormal":
+        x = g * 1e-41
+    elif kind == "fp16_edge":
+        x = g / np.abs(g).max() * 65504.0 * rng.uniform(0.5, 1.0)
+    elif kind == "sparse":
+        x = g * (rng.random((rows, n)) < 0.05)
+    elif kind == "outlier":
+        x = g.copy()
+        x[:, rng.integers(0, n, 3)] *= 1000.0
+    elif kind == "huge_block":  # one block far beyond fp16's range: scales overflow to infinity
+        x = g.copy()
+        x[:, :block] *= 1e7
+    else:
+        x = g
+    imatrix = None
+    if draw(st.booleans()):
+        imatrix = (rng.random(n) * 9.9 + 0.1) * (rng.random(n) > 0.1)  # some zero weights too
+    return kind, x.astype(np.float32), None if imatrix is None else imatrix.astype(np.float32)
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_native_equals_torch_on_drawn_inputs(type_name, data):
+    """Same bytes from both paths, and the same floats back, on inputs across the float range."""
+    block = BLOCK_SIZES[type_name][0]
+    kind, x, imatrix = data.draw(weight_rows(block))
+    xt = torch.from_numpy(x)
+    it = None if imatrix is None else torch.from_numpy(imatrix)
+    got = quantize(xt, type_name, it)
+    with native.disabled():
+        want = quantize(xt, type_name, it)
+    assert np.array_equal(got.numpy(), want.numpy()), f"{type_name} {kind} imatrix={imatrix is not None}: " + _where(
+        got.numpy(), want.numpy()
+    )
+    deq = dequantize(got, type_name, x.shape[1]).numpy().view(np.uint32)
+    with native.disabled():
+        deq_t = dequantize(got, type_name, x.shape[1]).numpy().view(np.uint32)
+    assert np.array_equal(deq, deq_t), f"{type_name} {kind} dequantize: " + _where(deq, deq_t)
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K"])
+def test_threaded_split_equals_one_call(type_name):
+    """Rows split over the thread pool give the same bytes as one call over all rows."""
+    x = torch.randn(333, 512, generator=torch.Generator().manual_seed(3))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = quantize(x, type_name)
+        torch.set_num_threads(3)
+        many = quantize(x, type_name)
+    finally:
+        torch.set_num_threads(old)
+    assert np.array_equal(one.numpy(), many.numpy())
+
+
+def test_disabled_switches_to_torch_in_this_thread_only():
+    with native.disabled():
+        assert not native.has_quantize("Q8_0")
+    assert native.has_quantize("Q8_0") == native.built()
+
+
+def test_portable_search_path_matches_ggml(ggml_vectors):
+    """The quantizers choose an AVX2 or a portable search at load; MOETRACE_NO_AVX2=1 forces the portable
+    one (in a fresh process, since the choice is made when the module loads): same golden bytes."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, numpy as np, torch\n"
+        "from moetrace.kernels import quantize, native\n"
+        "assert native.built()\n"
+        "bad = []\n"
+        f"for t in {TYPES!r}:\n"
+        f"    g = np.load({str(ggml_vectors)!r} + '/' + t + '.npz')\n"
+        "    for path, im in (('ref', None), ('imat', torch.from_numpy(g['imatrix']))):\n"
+        "        got = quantize(torch.from_numpy(g['x']), t, im).numpy()\n"
+        "        if not np.array_equal(got, g['q_' + path]): bad.append(t + ' ' + path)\n"
+        "print('MISMATCH', bad) if bad else print('OK')\n"
+    )
+    env = {**os.environ, "MOETRACE_NO_AVX2": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "OK", out.stdout
