@@ -13,6 +13,7 @@ a small thread pool: ``torch.get_num_threads()`` workers, the same budget torch 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -82,14 +83,25 @@ def _run_parts(fn, n_units: int, elems_per_unit: int, min_elems: int) -> None:
         fn(0, n_units)
         return
     with _pool_lock:
-        if _pool is None or _pool_size != workers:
+        if _pool is None or _pool_size != workers - 1:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moetrace-kernel")
-            _pool_size = workers
+            _pool = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="moetrace-kernel")
+            _pool_size = workers - 1
         pool = _pool
     bounds = [n_units * i // parts for i in range(parts + 1)]
-    futures = [pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(parts)]
+    order = itertools.count()  # next() on it is atomic under the GIL: each part is taken once
+
+    def drain() -> None:
+        # Each thread takes the next part until none are left, so a thread slowed by another
+        # process does less of the work instead of holding up the rest.
+        for i in iter(lambda: next(order), None):
+            if i >= parts:
+                return
+            fn(bounds[i], bounds[i + 1])
+
+    futures = [pool.submit(drain) for _ in range(workers - 1)]
+    drain()  # the calling thread works too: one handoff fewer per call
     for f in futures:
         f.result()
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -123,25 +124,46 @@ class _Model:
         skel = self.skeleton.model.layers[index]
         key = (self._structure(skel), dtype)
         pool = self._free.get(key)
-        if pool:
-            layer = pool.pop()
+        reused = bool(pool)
+        layer = pool.pop() if reused else copy.deepcopy(skel)
+        if reused:
             for (_, mod), (_, ref) in zip(layer.named_modules(), skel.named_modules()):
                 for k, v in vars(ref).items():
                     if not k.startswith("_") and k != "training":
                         setattr(mod, k, v)
-            tensors = layer.state_dict(keep_vars=True)
-            missing = set(tensors) ^ set(state)
-            if missing:
-                raise KeyError(f"layer {index}: state and module differ in {sorted(missing)[:5]}")
+        tensors = layer.state_dict(keep_vars=True)
+        if set(tensors) != set(state):
+            raise KeyError(f"layer {index}: state and module differ in {sorted(set(tensors) ^ set(state))[:5]}")
+        if next(iter(tensors.values())).is_meta:  # a fresh copy, or tensors dropped at the end of a run
+            owned = {k: torch.empty(v.shape, dtype=dtype).copy_(v) for k, v in state.items()}
+            layer.load_state_dict(owned, strict=True, assign=True)
+        else:
             with torch.no_grad():
                 for name, t in tensors.items():
                     t.copy_(state[name])
-        else:
-            layer = copy.deepcopy(skel)
-            owned = {k: torch.empty(v.shape, dtype=dtype).copy_(v) for k, v in state.items()}
-            layer.load_state_dict(owned, strict=True, assign=True)
         layer._moetrace_dtype = dtype
         return layer.eval()
+
+    # The module skeletons of recently traced models, so a process that traces the same model
+    # again (the library, a benchmark) does not rebuild them, as it would not reload a model
+    # it already holds. Small: meta tensors only once a run has ended (see drop_tensors).
+    _recent: dict = {}
+
+    @classmethod
+    def for_source(cls, source) -> "_Model":
+        key = (getattr(source, "model_hash", None), json.dumps(source.config.to_dict(), sort_keys=True, default=str))
+        model = cls._recent.get(key)
+        if model is None:
+            model = cls(source)
+            cls._recent.clear()  # one model at a time
+            cls._recent[key] = model
+        return model
+
+    def drop_tensors(self) -> None:
+        """Free the reused layers' tensors (at the end of a run); the modules stay for the next one."""
+        for layers in self._free.values():
+            for layer in layers:
+                layer.to_empty(device="meta")
 
     def release(self, layer: torch.nn.Module) -> None:
         """Hand a layer back; its tensors are kept for the next layer of the same structure and dtype."""
@@ -400,7 +422,7 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
         probe.unlink()
     except OSError as e:
         raise MoetraceError(f"cannot write to output folder {str(run_dir)!r}: {e.strerror}") from None
-    model = _Model(source)
+    model = _Model.for_source(source)
     cfg = model.config
     ref = Variant.parse(config.reference)
     variants = [Variant.parse(v) for v in config.variants if Variant.parse(v).name != ref.name]
@@ -533,4 +555,5 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
         raise
     finally:
         stack.close()
+        model.drop_tensors()
     return all_paths

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -113,17 +115,26 @@ class CheckpointSource:
     def _reader(self):
         """A function reading tensors by HF name, with each shard opened once for the block.
 
-        Shards are memory-mapped only inside the block: tensors are copied out and the maps
-        dropped on exit, so the pages of layers already traced do not stay resident.
+        Tensors are views of a private (copy-on-write) memory map of their shard, not copies:
+        the executor casts them straight into its layer buffers, so a layer is read from the page
+        cache once, with no allocation. A map lives as long as a tensor that views it; its pages
+        are the file's page cache, which the kernel can drop. Tensors the map cannot hold as a
+        view (an unaligned offset, a dtype torch cannot view) are copied out by safetensors.
         """
         from safetensors import safe_open
 
+        maps: dict[str, _MappedShard] = {}
         handles: dict[str, object] = {}
 
         def read(name: str) -> torch.Tensor:
             if name not in self._index:
                 raise MoetraceError(f"tensor {name!r} not found in {str(self.folder)!r}")
             shard = self._index[name]
+            if shard not in maps:
+                maps[shard] = _MappedShard(self.folder / shard)
+            t = maps[shard].get(name)
+            if t is not None:
+                return t
             if shard not in handles:
                 handles[shard] = safe_open(str(self.folder / shard), framework="pt").__enter__()
             return handles[shard].get_tensor(name)
@@ -134,6 +145,7 @@ class CheckpointSource:
             for h in handles.values():
                 h.__exit__(None, None, None)
             handles.clear()
+            maps.clear()  # each map closes when the last tensor viewing it is gone
 
     def has(self, name: str) -> bool:
         return name in self._index
@@ -216,6 +228,44 @@ class CheckpointSource:
         if getattr(self.config, "vocab_size", None) == 256:
             return ByteTokenizer()
         return None
+
+
+# safetensors dtype names -> torch dtypes viewable straight from the file's bytes.
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class _MappedShard:
+    """One safetensors file, memory-mapped copy-on-write: tensors are views of the file's bytes.
+
+    Writing to such a tensor changes private pages of this process only, never the file.
+    """
+
+    def __init__(self, path: Path):
+        import mmap
+
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            self.header = json.loads(fh.read(n))
+            self.base = 8 + n
+            size = os.fstat(fh.fileno()).st_size
+            self.mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > self.base else None
+
+    def get(self, name: str) -> torch.Tensor | None:
+        """The tensor as a view, or None where it cannot be one (the caller copies it out instead)."""
+        info = self.header.get(name)
+        dtype = _ST_DTYPES.get(info["dtype"]) if info else None
+        if dtype is None or self.mm is None or sys.byteorder != "little":
+            return None
+        start, end = info["data_offsets"]
+        item = torch.empty(0, dtype=dtype).element_size()
+        if (self.base + start) % item or (end - start) % item or end <= start:
+            return None
+        t = torch.frombuffer(self.mm, dtype=dtype, count=(end - start) // item, offset=self.base + start)
+        return t.reshape(info["shape"])
 
 
 def open_source(spec: str, plant: str | None = None, progress=None):

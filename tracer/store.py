@@ -174,6 +174,11 @@ class TraceWriter:
         self._pending: list = []  # writes of the layer being traced
         self._older: list = []  # writes of the layer before
 
+    def _chunk_path(self, name: str, index: tuple) -> Path:
+        """The file of chunk ``index`` of array ``name``: the Zarr v3 default chunk key encoding."""
+        sep = self._meta[name]["chunk_key_encoding"]["configuration"]["separator"]
+        return self.path / name / sep.join(["c", *map(str, index)])
+
     def _zarr_array(self, name: str):
         if name not in self._zarr_arrays:
             import zarr
@@ -236,7 +241,7 @@ class TraceWriter:
             if name in self.sites and name in record:
                 arr = record[name].detach().to("cpu", dtype=_torch_dtype(LAYER_VARS[name][1])).numpy()
                 if name in self._raw_chunks:
-                    self._submit(_write_chunk, self.path / name / "c" / str(mi) / str(layer) / "0" / "0", arr)
+                    self._submit(_write_chunk, self._chunk_path(name, (mi, layer, 0, 0)), arr)
                 else:
                     self._submit(self._zarr_array(name).__setitem__, (mi, layer), arr)
 
@@ -254,7 +259,7 @@ class TraceWriter:
             part = arr[a:a + tc]
             if part.shape[0] < tc:  # the edge chunk is stored at full chunk size, padded with the fill
                 part = np.concatenate([part, np.full((tc - part.shape[0], arr.shape[1]), np.nan, np.float32)])
-            self._submit(_write_chunk, self.path / "logits" / "c" / str(mi) / str(j) / "0", part)
+            self._submit(_write_chunk, self._chunk_path("logits", (mi, j, 0)), part)
 
     def mark_layers_done(self, n: int) -> None:
         """Record that layers 0..n-1 are fully written (every mode), once their writes have landed."""
@@ -299,21 +304,28 @@ def _alive(pid: int) -> bool:
 
 
 def _plain_chunks(meta: dict) -> bool:
-    """True if an array's metadata stores each chunk as its raw little-endian bytes under c/i/j/k/l."""
+    """True if an array stores each chunk as its raw little-endian bytes under a default key (c.i.j... or c/i/j/...)."""
     return (
         meta.get("codecs") == [{"name": "bytes", "configuration": {"endian": "little"}}]
-        and meta.get("chunk_key_encoding") == {"name": "default", "configuration": {"separator": "/"}}
+        and meta.get("chunk_key_encoding", {}).get("name") == "default"
+        and meta["chunk_key_encoding"].get("configuration", {}).get("separator") in ("/", ".")
         and not meta.get("storage_transformers")
     )
 
 
+# Chunk keys "c.M.L.0.0": one flat folder per array. With "/" every chunk needs its own nested
+# folders, and creating them cost more than writing the chunks (measured: 48 one-megabyte chunks
+# in 150 ms nested, 20 ms flat).
+CHUNK_SEPARATOR = "."
+
+
 def _array_meta(shape, chunks, dtype: str, fill, dims) -> dict:
-    """Zarr v3 array metadata: a regular chunk grid, default '/' chunk keys, raw little-endian bytes."""
+    """Zarr v3 array metadata: a regular chunk grid, default chunk keys with '.', raw little-endian bytes."""
     return {
         "shape": list(shape),
         "data_type": dtype,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": CHUNK_SEPARATOR}},
         "fill_value": "NaN" if isinstance(fill, float) and np.isnan(fill) else fill,
         "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
         "attributes": {},

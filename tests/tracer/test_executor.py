@@ -210,3 +210,23 @@ def test_prefetch_decided_by_available_memory(monkeypatch, tiny_source):
     monkeypatch.setattr(E, "_available_memory", lambda: 1 << 50)
     monkeypatch.setattr(E.os, "cpu_count", lambda: torch.get_num_threads())  # compute takes every core
     assert not loader._decide()
+
+
+def test_repeated_runs_reuse_the_skeleton_and_free_layer_tensors(tmp_path, tiny_source, tiny_tokens):
+    """A second run of the same model reuses the module skeleton; after a run no layer tensors are held;
+    both runs write identical stores."""
+    import zarr
+
+    from moetrace.tracer.executor import RunConfig, _Model, run_trace
+
+    cfg = RunConfig(model="builtin:tiny", variants=["orig-bf16"])
+    a = run_trace(tiny_source, cfg, tiny_tokens, tmp_path / "a")
+    model = _Model.for_source(tiny_source)
+    held = [p for layers in model._free.values() for layer in layers for p in layer.parameters()]
+    assert held and all(p.is_meta for p in held)
+    b = run_trace(tiny_source, cfg, tiny_tokens, tmp_path / "b")
+    assert _Model.for_source(tiny_source) is model
+    for name in a:
+        ga, gb = zarr.open_group(a[name], mode="r"), zarr.open_group(b[name], mode="r")
+        for arr in ("resid", "logits"):
+            assert np.array_equal(ga[arr][...], gb[arr][...]), f"{name}/{arr}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 
 import numpy as np
 import pytest
@@ -73,16 +74,16 @@ def test_failed_write_leaves_store_incomplete_and_says_so(tmp_path, tiny_source,
     """A write that fails at layer 2: the error says the stores are incomplete; --resume then finishes them exactly.
 
     The failure is a real one from the file system, whatever the writer's mechanism: once layer 0
-    is traced, a plain file takes the place of the folder that layer 2's routing-mode moe_out
-    chunk goes into, so creating that folder raises (as a full disk makes a write raise).
+    is traced, a folder (not empty) takes the place of layer 2's routing-mode moe_out chunk file,
+    so putting the chunk there raises (as a full disk makes a write raise).
     """
     run_dir = tmp_path / "full"
-    blocker = run_dir / "orig-bf16.zarr" / "moe_out" / "c" / "2" / "2"  # chunk (mode=routing, layer=2, ...)
+    blocker = run_dir / "orig-bf16.zarr" / "moe_out" / "c.2.2.0.0"  # chunk (mode=routing, layer=2, ...)
 
     def block_layer_2(event, **info):
         if event == "layer_done" and info["layer"] == 0:
-            blocker.parent.mkdir(parents=True, exist_ok=True)
-            blocker.write_text("in the way")
+            blocker.mkdir(parents=True, exist_ok=True)
+            (blocker / "in-the-way").write_text("")
 
     cfg = RunConfig(model="builtin:tiny", variants=["orig-bf16"], modes=["free", "teacher", "routing"])
     with pytest.raises(MoetraceError, match=r"orig-bf16\.zarr failed \(.+; noticed at layer [23]\).*left marked "
@@ -95,7 +96,7 @@ def test_failed_write_leaves_store_incomplete_and_says_so(tmp_path, tiny_source,
     with pytest.raises(MoetraceError, match="incomplete"):
         moetrace.open_trace(run_dir / "orig-bf16.zarr")
 
-    blocker.unlink()  # space freed
+    shutil.rmtree(blocker)  # space freed
     stores = run_trace(tiny_source, cfg, tiny_tokens, run_dir, resume=True)
     _, want = tiny_run  # the same configuration, never interrupted
     for name in ("orig-fp32", "orig-bf16"):

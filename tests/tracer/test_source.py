@@ -153,3 +153,27 @@ def test_checkpoint_tokenizer_from_local_files(tmp_path, tiny_source):
                                           "experts", "route", "tokens"]
     assert list(ds.seq.values) == [0] * 7 + [1] * 3 and list(ds.pos.values) == list(range(7)) + [0, 1, 2]
     assert list(ds.token_id.values[:3]) == [vocab["quantization"], vocab["error"], vocab["grows"]]
+
+
+def test_mapped_tensors_equal_safetensors_own_reads_and_writes_stay_private(tiny_source):
+    """Layer tensors are views of a copy-on-write map of the shard: equal to what safetensors itself
+    reads, and writing to one changes neither the file nor the next read."""
+    from safetensors import safe_open
+
+    import torch
+
+    folder = tiny_source.folder
+    for L in range(tiny_source.num_layers):
+        state = tiny_source.layer_state(L)
+        for key, t in state.items():
+            name = f"model.layers.{L}.{key}"
+            shard = tiny_source._index[name]
+            with safe_open(str(folder / shard), framework="pt") as h:
+                want = h.get_tensor(name)
+            assert t.dtype == want.dtype and torch.equal(t, want), name
+    before = {p: p.read_bytes() for p in folder.glob("*.safetensors")}
+    t = tiny_source.layer_state(0)["input_layernorm.weight"]
+    original = t.clone()
+    t.add_(1.0)
+    assert torch.equal(tiny_source.layer_state(0)["input_layernorm.weight"], original)
+    assert {p: p.read_bytes() for p in folder.glob("*.safetensors")} == before

@@ -83,7 +83,8 @@ def test_array_metadata_is_what_zarr_itself_writes(tmp_path, dtype, fill, compre
 
     g = zarr.open_group(tmp_path / "z.zarr", mode="w", zarr_format=3)
     g.create_array("a", shape=(2, 3, 7, 5), chunks=(1, 1, 7, 5), dtype=dtype, fill_value=fill,
-                   dimension_names=("mode", "layer", "token", "hidden"), compressors=compressors)
+                   dimension_names=("mode", "layer", "token", "hidden"), compressors=compressors,
+                   chunk_key_encoding={"name": "default", "separator": "."})
     theirs = json.loads((tmp_path / "z.zarr" / "a" / "zarr.json").read_text())
     ours = _array_meta((2, 3, 7, 5), (1, 1, 7, 5), dtype, fill, ("mode", "layer", "token", "hidden"))
     assert ours == theirs
