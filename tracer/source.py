@@ -74,6 +74,7 @@ class CheckpointSource:
         self.config = AutoConfig.from_pretrained(str(self.folder), local_files_only=True)
         self.model_id = model_id or str(self.folder.resolve())
         self._index = self._read_index()
+        self._headers: dict[str, tuple[dict, int]] = {}  # shard -> (safetensors header, data offset)
         self.model_hash = model_hash or self._hash()
         self.tokenizer = self._tokenizer()
 
@@ -131,7 +132,7 @@ class CheckpointSource:
                 raise MoetraceError(f"tensor {name!r} not found in {str(self.folder)!r}")
             shard = self._index[name]
             if shard not in maps:
-                maps[shard] = _MappedShard(self.folder / shard)
+                maps[shard] = _MappedShard(self.folder / shard, self._headers)
             t = maps[shard].get(name)
             if t is not None:
                 return t
@@ -244,13 +245,14 @@ class _MappedShard:
     Writing to such a tensor changes private pages of this process only, never the file.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, headers: dict):
         import mmap
 
         with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            self.header = json.loads(fh.read(n))
-            self.base = 8 + n
+            if path.name not in headers:  # parsed once per source: a real shard's header is large
+                n = int.from_bytes(fh.read(8), "little")
+                headers[path.name] = (json.loads(fh.read(n)), 8 + n)
+            self.header, self.base = headers[path.name]
             size = os.fstat(fh.fileno()).st_size
             self.mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > self.base else None
 

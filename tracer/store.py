@@ -99,25 +99,21 @@ class TraceWriter:
     """
 
     def __init__(self, path, sizes: dict, tokens: Tokens, modes, sites, attrs: dict):
-        import xarray as xr
-
         self.path = Path(path)
         self.modes = list(modes)
         self.sites = list(sites)
         self.sizes = dict(sizes)
         self._take_lock()
-        coords = xr.Dataset(
-            coords={
-                "mode": np.array(self.modes, dtype=object),
-                "layer": np.arange(sizes["layers"]),
-                "token": np.arange(tokens.n),
-                "token_id": ("token", tokens.ids.astype(np.int64)),
-                "seq": ("token", tokens.seq.astype(np.int32)),
-                "pos": ("token", tokens.pos.astype(np.int32)),
-                "token_text": ("token", np.asarray(tokens.text, dtype=object)),
-            }
-        )
-        coords.attrs.update(_base_attrs(attrs, self.modes, self.sites))
+        coords = {
+            "mode": np.array(self.modes, dtype=object),
+            "layer": np.arange(sizes["layers"], dtype=np.int64),
+            "token": np.arange(tokens.n, dtype=np.int64),
+            "token_id": tokens.ids.astype(np.int64),
+            "seq": tokens.seq.astype(np.int32),
+            "pos": tokens.pos.astype(np.int32),
+            "token_text": np.asarray(tokens.text, dtype=object),
+        }
+        group_attrs = {**_base_attrs(attrs, self.modes, self.sites), "coordinates": " ".join(TOKEN_COORDS)}
         # The data arrays' metadata is written as the Zarr v3 spec states it (what zarr's own
         # create_array writes for these settings; a test compares them): a few JSON files,
         # where creating them through zarr's event loop took longer than a small model's forward.
@@ -134,21 +130,35 @@ class TraceWriter:
                                           ("mode", "token", "vocab"))
         self._attach(metas)
         # Created by the writer thread, first in its queue, while the first layer computes.
-        self._submit(self._create, coords, metas)
+        self._submit(self._create, group_attrs, coords, metas)
 
-    def _create(self, coords, metas: dict) -> None:
-        # Replace an earlier store of the same name, but keep this writer's lock file: zarr's
-        # own overwrite mode empties the whole folder, lock included.
+    def _create(self, group_attrs: dict, coords: dict, metas: dict) -> None:
+        """Write the group, its coordinate arrays and the data arrays' metadata.
+
+        Everything is written as the Zarr v3 spec states it, the way xarray lays out a dataset
+        (a test compares the result with xarray's own ``to_zarr`` of the same coordinates): a
+        few small files, where going through xarray and zarr's event loop took as long as a
+        small model's forward pass, holding the interpreter lock the forward needs.
+        """
+        # Replace an earlier store of the same name, but keep this writer's lock file.
         for child in self.path.iterdir():
             if child.name != LOCK_NAME:
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-        ctx = _quiet()
-        try:
-            coords.to_zarr(self.path, mode="a", zarr_format=3, consolidated=False)
-        finally:
-            ctx.__exit__(None, None, None)
+        for name, values in coords.items():
+            dims = (name,) if name in ("mode", "layer", "token") else ("token",)
+            if values.dtype == object:
+                meta = _array_meta(values.shape, values.shape, "string", "", dims)
+                meta["codecs"] = [{"name": "vlen-utf8", "configuration": {}}]
+                data = _vlen_utf8(values)
+            else:
+                meta = _array_meta(values.shape, values.shape, values.dtype.name, 0, dims)
+                data = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes()
+            _write_json(self.path / name / "zarr.json", meta)
+            with open(self.path / name / CHUNK_SEPARATOR.join(["c", "0"]), "wb") as fh:
+                fh.write(data)
         for name, meta in metas.items():
             _write_json(self.path / name / "zarr.json", meta)
+        _write_json(self.path / "zarr.json", {"attributes": group_attrs, "zarr_format": 3, "node_type": "group"})
 
     def _attach(self, metas: dict | None = None) -> None:
         """Set up writing into the store at ``self.path`` (also used to reopen a store, tracer/resume.py).
@@ -237,13 +247,16 @@ class TraceWriter:
     def write_layer(self, mode: str, layer: int, record: dict) -> None:
         """Store one layer's recorded sites (tensors of shape (token, n)) for one mode."""
         mi = self.modes.index(mode)
+        chunks = []  # written by one task: a handoff to the writer thread per layer, not per site
         for name in LAYER_VARS:
             if name in self.sites and name in record:
                 arr = record[name].detach().to("cpu", dtype=_torch_dtype(LAYER_VARS[name][1])).numpy()
                 if name in self._raw_chunks:
-                    self._submit(_write_chunk, self._chunk_path(name, (mi, layer, 0, 0)), arr)
+                    chunks.append((self._chunk_path(name, (mi, layer, 0, 0)), arr))
                 else:
                     self._submit(self._zarr_array(name).__setitem__, (mi, layer), arr)
+        if chunks:
+            self._submit(_write_chunks, chunks)
 
     def write_logits(self, mode: str, logits) -> None:
         """Store the (token, vocab) logits of one mode, one chunk of tokens per file."""
@@ -280,16 +293,10 @@ class TraceWriter:
             f.result()
 
     def finish(self) -> None:
-        import zarr
-
         self.flush()
         self._pool.shutdown()
         self._set_attrs(complete=True)
-        ctx = _quiet()
-        try:
-            zarr.consolidate_metadata(self.path)
-        finally:
-            ctx.__exit__(None, None, None)
+        _consolidate(self.path)
         self.release()
 
 
@@ -336,6 +343,32 @@ def _array_meta(shape, chunks, dtype: str, fill, dims) -> dict:
     }
 
 
+# Coordinates along ``token`` besides the dimension itself (xarray's "coordinates" group attribute).
+TOKEN_COORDS = ("pos", "seq", "token_id", "token_text")
+
+
+def _vlen_utf8(values) -> bytes:
+    """The Zarr ``vlen-utf8`` chunk encoding: item count, then each item's byte length and UTF-8 bytes."""
+    parts = [len(values).to_bytes(4, "little")]
+    for v in values.reshape(-1):
+        b = str(v).encode("utf-8")
+        parts += [len(b).to_bytes(4, "little"), b]
+    return b"".join(parts)
+
+
+def _consolidate(path: Path) -> None:
+    """Inline every array's metadata in the group's zarr.json, as zarr's consolidate_metadata does
+    (a test compares the two), so readers open the store with one file read."""
+    group = json.loads((path / "zarr.json").read_text())
+    metadata = {}
+    for child in sorted(path.iterdir()):
+        f = child / "zarr.json"
+        if child.is_dir() and f.is_file():
+            metadata[child.name] = json.loads(f.read_text())
+    group["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": metadata}
+    _write_json(path / "zarr.json", group)
+
+
 def _write_json(path: Path, obj: dict) -> None:
     """Write a metadata file atomically (a reader sees the old file or the new one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -351,6 +384,11 @@ LOGIT_CHUNK_BYTES = 64 << 20
 
 def logit_chunk_tokens(n_tokens: int, vocab: int) -> int:
     return max(1, min(n_tokens, LOGIT_CHUNK_BYTES // (4 * vocab)))
+
+
+def _write_chunks(chunks: list) -> None:
+    for path, arr in chunks:
+        _write_chunk(path, arr)
 
 
 def _write_chunk(path: Path, arr: np.ndarray) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -140,3 +141,42 @@ def test_lock_held_from_creation_to_finish(tmp_path, tiny_tokens):
     w.finish()
     assert not (path / LOCK_NAME).exists()
     TraceWriter(path, sizes, tiny_tokens, ["free"], ["resid"], {"variant": "v"}).release()
+
+
+def test_store_layout_reads_like_xarrays_own(tmp_path, tiny_tokens):
+    """The writer lays out the group and its coordinates itself; xarray must read them back exactly as
+    the same coordinates written by xarray's own to_zarr, and the consolidated metadata must equal
+    what zarr's consolidate_metadata makes of the same store."""
+    import json
+
+    import zarr
+
+    from moetrace.tracer.store import TraceWriter
+
+    text = np.array(["é", "a b", "\n", "", "漢"] * (tiny_tokens.n // 5 + 1))[: tiny_tokens.n]  # multi-byte UTF-8
+    tokens = type(tiny_tokens)(ids=tiny_tokens.ids, seq=tiny_tokens.seq, pos=tiny_tokens.pos, text=text)
+    sizes = {"layers": 3, "hidden": 8, "expert": 4, "k": 2, "vocab": 300}
+    w = TraceWriter(tmp_path / "v.zarr", sizes, tokens, ["free", "teacher"], ["resid"], {"variant": "v", "model": "m"})
+    w.finish()
+    ours = xr.open_zarr(tmp_path / "v.zarr")
+    theirs_ds = xr.Dataset(coords={
+        "mode": np.array(["free", "teacher"], dtype=object), "layer": np.arange(3), "token": np.arange(tokens.n),
+        "token_id": ("token", tokens.ids.astype(np.int64)), "seq": ("token", tokens.seq.astype(np.int32)),
+        "pos": ("token", tokens.pos.astype(np.int32)), "token_text": ("token", np.asarray(text, dtype=object)),
+    })
+    with warnings.catch_warnings():  # zarr: consolidated metadata is not in the v3 spec (yet)
+        warnings.simplefilter("ignore")
+        theirs_ds.to_zarr(tmp_path / "x.zarr", zarr_format=3)
+    theirs = xr.open_zarr(tmp_path / "x.zarr")
+    assert set(ours.coords) == set(theirs.coords)
+    for name in theirs.coords:
+        assert ours[name].dims == theirs[name].dims, name
+        assert ours[name].dtype == theirs[name].dtype, name
+        assert np.array_equal(ours[name].values, theirs[name].values), name
+    assert list(ours.data_vars) == ["resid"] and ours.resid.dims == ("mode", "layer", "token", "hidden")
+    mine = json.loads((tmp_path / "v.zarr" / "zarr.json").read_text())["consolidated_metadata"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(tmp_path / "v.zarr")
+    zarrs = json.loads((tmp_path / "v.zarr" / "zarr.json").read_text())["consolidated_metadata"]
+    assert mine == zarrs
