@@ -124,8 +124,10 @@ def quantize(file_type, output, model, imatrix_file, plant, no_cache, as_json, q
 @main.command()
 @click.option("--variant", "variant", required=True,
               help="A file type (q4_k_m, q8_0, pure_q4_k, ...), optionally with a compute dtype (q4_k_m-bf16) "
-                   "to round the dequantized weights to it.")
+                   "to round the dequantized weights to it; or gguf (gguf-bf16, ...) with --gguf FILE.")
 @click.option("--model", "model", default="builtin:", show_default=True, help=_MODEL_HELP)
+@click.option("--gguf", "gguf_file", type=click.Path(), default=None,
+              help="A GGUF file of the model (any quantizer's or engine's): audit its tensors (--variant gguf).")
 @click.option("--threshold", type=float, default=0.98, show_default=True,
               help="Flag matrices whose cosine similarity to the reference is below this.")
 @click.option("--plant", default=None, help="Built-in models: plant a fault in LAYER:EXPERT:PROJ (gate, up or down).")
@@ -138,8 +140,11 @@ def quantize(file_type, output, model, imatrix_file, plant, no_cache, as_json, q
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @friendly_errors
-def audit(variant, model, threshold, plant, imatrix_file, out, top, no_cache, as_json, quiet):
+def audit(variant, model, gguf_file, threshold, plant, imatrix_file, out, top, no_cache, as_json, quiet):
     """Compare every weight matrix with what a file type dequantizes it to; worst first.
+
+    With --gguf FILE --variant gguf, the comparison is with the tensors of that GGUF file
+    (dequantized), whatever wrote it: the check the original cosine-0.78 hunt did by hand.
 
     Per matrix, and for the MoE experts per expert and projection: cosine similarity, relative
     error, SQNR (dB) and max abs error against the reference. Streams one layer at a time;
@@ -152,6 +157,11 @@ def audit(variant, model, threshold, plant, imatrix_file, out, top, no_cache, as
     from moetrace.tracer.source import open_source
 
     ftype, compute = A.parse_weights(variant)  # bad names fail before the model is opened
+    if (ftype == "gguf") != (gguf_file is not None):
+        from moetrace.errors import MoetraceError
+
+        raise MoetraceError("--variant gguf audits the tensors of a GGUF file; give --gguf FILE" if gguf_file is None
+                            else f"--gguf {gguf_file} is given but --variant is {variant}; use --variant gguf")
     say = (lambda msg: None) if (quiet or as_json) else (lambda msg: click.echo(msg, err=True))
     say(f"Opening model {model} ...")
     source = open_source(model, plant=plant)
@@ -161,7 +171,7 @@ def audit(variant, model, threshold, plant, imatrix_file, out, top, no_cache, as
         say(f"  layer {done}/{total} audited ({time.perf_counter() - t0:.1f} s)")
 
     ds = A.audit(source, variant, threshold=threshold, imatrix_file=imatrix_file, cache=not no_cache,
-                 progress=progress)
+                 progress=progress, gguf=gguf_file)
     name = ftype + (f"-{compute}" if compute else "")
     path = Path(out) if out else Path("traces") / "audit" / f"{_default_name(source.model_id)}-{name}.zarr"
     A.save_audit(ds, path)

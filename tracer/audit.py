@@ -106,6 +106,8 @@ def parse_weights(text: str) -> tuple[str, str | None]:
     head, sep, tail = t.rpartition("-")
     if sep and tail in COMPUTE_DTYPES:
         t, compute = head, tail
+    if t == "gguf":  # the tensors of a GGUF file (audit(gguf=...))
+        return "gguf", compute
     if t == "orig":
         raise MoetraceError("--variant orig has nothing to audit: the weights are the reference; give a file type "
                             f"({', '.join(recipes.FILE_TYPES)})")
@@ -113,13 +115,16 @@ def parse_weights(text: str) -> tuple[str, str | None]:
 
 
 def audit(source, weights: str, *, threshold: float = DEFAULT_THRESHOLD, imatrix_file=None, cache=True,
-          progress=None):
-    """Audit every weight matrix of ``source`` under a file type.
+          progress=None, gguf=None):
+    """Audit every weight matrix of ``source`` under a file type, or as a GGUF file holds it.
 
     Args:
         source: a model source.
         weights: a file type (``q4_k_m``), optionally with a compute dtype (``q4_k_m-bf16``): the
-            dequantized weights are then rounded to it, as that variant runs them.
+            dequantized weights are then rounded to it, as that variant runs them; or ``gguf``
+            (``gguf-bf16``, ...) for the tensors of the file ``gguf``, dequantized.
+        gguf: a GGUF file of the same model (for ``weights="gguf"``): whatever wrote it (another
+            quantizer, another engine's conversion), its tensors are compared with the reference.
         threshold: matrices with a cosine below it are flagged.
         imatrix_file: an importance-matrix file the quantization uses.
         cache: True for the quantized-weight cache, False for none, or a QuantCache.
@@ -141,9 +146,23 @@ def audit(source, weights: str, *, threshold: float = DEFAULT_THRESHOLD, imatrix
     if not 0.0 < threshold <= 1.0:
         raise MoetraceError(f"--threshold {threshold} must be a cosine in (0, 1]")
     ftype, compute = parse_weights(weights)
-    imatrix, _ = load_imatrix_for(source, imatrix_file)
-    ctx = context_for(source, imatrix, str(imatrix_file) if imatrix_file else None, cache=cache)
-    types = W.file_type_types(source, ftype, has_imatrix=imatrix is not None, context=ctx)
+    file = None
+    if ftype == "gguf":
+        from moetrace.tracer.gguf_source import GGUFSource
+
+        if gguf is None:
+            raise MoetraceError("--variant gguf audits the tensors of a GGUF file; give --gguf FILE")
+        if imatrix_file:
+            raise MoetraceError("--imatrix applies to quantizing; a GGUF file's tensors are already quantized")
+        file = GGUFSource(gguf)
+        file.check_matches(source)
+        ctx, types = None, file.ggml_types()
+    else:
+        if gguf is not None:
+            raise MoetraceError(f"--gguf {gguf} is given but --variant is {weights}; use --variant gguf")
+        imatrix, _ = load_imatrix_for(source, imatrix_file)
+        ctx = context_for(source, imatrix, str(imatrix_file) if imatrix_file else None, cache=cache)
+        types = W.file_type_types(source, ftype, has_imatrix=imatrix is not None, context=ctx)
     dtype = COMPUTE_DTYPES[compute] if compute else None
     c = source.config
     n_layer, n_exp = int(c.num_hidden_layers), int(c.num_experts)
@@ -154,10 +173,13 @@ def audit(source, weights: str, *, threshold: float = DEFAULT_THRESHOLD, imatrix
 
     for name in ("token_embd.weight", "output.weight"):
         if name in types:
-            _, _, other = audit_tensors({name: W.global_tensor(source, name)}, types, ctx, dtype)
+            deq = None if file is None else {name: file.tensor(W.hf_global_name(name))}
+            _, _, other = audit_tensors({name: W.global_tensor(source, name)}, types, ctx, dtype, deq)
             rows += [(n, -1, t, met) for n, t, met in other]
     for L in range(n_layer):
-        experts, etypes, other = audit_tensors(W.gguf_tensors_of_layer(source.layer_state(L), L), types, ctx, dtype)
+        deq = None if file is None else W.gguf_tensors_of_layer(file.layer_state(L), L)
+        experts, etypes, other = audit_tensors(W.gguf_tensors_of_layer(source.layer_state(L), L), types, ctx, dtype,
+                                               deq)
         for proj, met in experts.items():
             p = PROJS.index(proj)
             for m in METRICS:
@@ -184,6 +206,7 @@ def audit(source, weights: str, *, threshold: float = DEFAULT_THRESHOLD, imatrix
         attrs={
             "model": getattr(source, "model_id", ""), "model_hash": getattr(source, "model_hash", ""),
             "weights": ftype, "compute": compute or "fp32", "threshold": float(threshold),
+            "gguf": str(gguf) if gguf is not None else "",
             "imatrix": str(imatrix_file) if imatrix_file else "", "n_flagged": n_flagged,
             "moetrace_version": moetrace.__version__, "complete": True,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -192,7 +215,7 @@ def audit(source, weights: str, *, threshold: float = DEFAULT_THRESHOLD, imatrix
     return ds
 
 
-def audit_tensors(tensors: dict, types: dict, context=None, dtype=None):
+def audit_tensors(tensors: dict, types: dict, context=None, dtype=None, dequantized: dict | None = None):
     """The metrics of a set of tensors (one layer's, or the embedding and output), reference vs dequantized.
 
     Args:
@@ -201,6 +224,8 @@ def audit_tensors(tensors: dict, types: dict, context=None, dtype=None):
         types: GGUF name -> GGML type (missing: F32).
         context: a QuantContext (cache, imatrix) or None.
         dtype: a compute dtype to round the dequantized weights to, or None.
+        dequantized: GGUF name -> the tensor to compare with (a GGUF file's, dequantized);
+            None quantizes each reference tensor to its type and dequantizes it.
 
     Returns:
         (experts, expert_types, others): ``{proj: {metric: (E,) float64}}`` and ``{proj: type}``
@@ -214,7 +239,7 @@ def audit_tensors(tensors: dict, types: dict, context=None, dtype=None):
         if w.ndim < 2:
             continue  # norms: vectors, never quantized
         t = types.get(name, "F32")
-        deq = W.dequantized(w, name, t, context)
+        deq = W.dequantized(w, name, t, context) if dequantized is None else dequantized[name].to(torch.float32)
         if dtype is not None:
             deq = deq.to(dtype).to(torch.float32)
         met = matrix_metrics(w, deq)  # (E,) per metric for an expert tensor, (1,) otherwise
@@ -278,7 +303,8 @@ def format_audit(ds, path=None, top: int = 10) -> str:
     a = ds.attrs
     L, E = ds.sizes["layer"], ds.sizes["expert"]
     lines = [
-        f"Weight audit of {a['model']} under {a['weights']}, dequantized to {a['compute']}: "
+        f"Weight audit of {a['model']} "
+        f"{'as stored in ' + a['gguf'] if a.get('gguf') else 'under ' + a['weights']}, dequantized to {a['compute']}: "
         f"{L * E * len(PROJS)} expert matrices ({L} layers x {E} experts x {len(PROJS)}) and "
         f"{ds.sizes['tensor']} other matrices; {a['n_flagged']} below cosine {a['threshold']:g}",
         f"{'rank':>4}  {'tensor':32} {'expert':>6} {'type':>5} {'cosine':>9} {'rel err':>9} {'SQNR dB':>8} "

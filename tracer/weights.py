@@ -412,6 +412,11 @@ def global_tensor(source, gguf_name: str) -> torch.Tensor:
     return source.tensor(_GLOBAL_TO_HF[gguf_name])
 
 
+def hf_global_name(gguf_name: str) -> str:
+    """The HF name of a tensor outside the decoder layers (``token_embd.weight`` -> ``model.embed_tokens.weight``)."""
+    return _GLOBAL_TO_HF[gguf_name]
+
+
 def layer_of(gguf_name: str) -> int:
     """The layer number in ``blk.N.*`` names; -1 for tensors outside the layers."""
     m = _BLK.match(gguf_name)

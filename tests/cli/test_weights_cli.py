@@ -82,3 +82,20 @@ def test_audit_finds_the_planted_matrix(env, tmp_path):
 def test_audit_rejects_bad_input_in_one_line(env):
     p = moetrace(env, "audit", "--model", "builtin:tiny", "--variant", "q4_k_q", check=False)
     assert p.returncode == 2 and "valid file types" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_audit_of_a_gguf_file_finds_the_planted_matrix(env, tmp_path):
+    """`quantize` a planted model, then `audit --variant gguf --gguf FILE`: the file's planted matrix ranks first."""
+    from moetrace.tracer import builtin
+
+    plant = builtin.parse_builtin("builtin:tiny", plant=PLANT).plant
+    f = tmp_path / "planted-q4_k_m.gguf"
+    moetrace(env, "quantize", "--model", "builtin:tiny", "--plant", PLANT, "q4_k_m", "-o", str(f), "-q")
+    p = moetrace(env, "audit", "--model", "builtin:tiny", "--plant", PLANT, "--variant", "gguf", "--gguf", str(f),
+                 "--out", str(tmp_path / "a.zarr"), "--json")
+    j = json.loads(p.stdout)
+    worst = j["worst"][0]
+    assert (worst["layer"], worst["expert"], worst["proj"]) == (plant.layer, plant.expert, plant.proj)
+    assert j["n_flagged"] == 1
+    bad = moetrace(env, "audit", "--model", "builtin:tiny", "--variant", "gguf", check=False)
+    assert bad.returncode != 0 and "give --gguf FILE" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

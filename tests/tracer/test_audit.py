@@ -143,3 +143,31 @@ def test_bad_variants_list_the_valid_ones(planted):
         A.audit(src, "orig-bf16", cache=cache)
     with pytest.raises(MoetraceError, match="threshold"):
         A.audit(src, "q8_0", threshold=1.5, cache=cache)
+
+
+def test_gguf_file_audit_equals_audit_of_its_file_type(planted, tmp_path):
+    """Auditing a GGUF file's own tensors (--variant gguf --gguf FILE) gives the same table as auditing the
+    file type it was quantized as: the file holds exactly the bytes the audit quantizes to."""
+    from moetrace.tracer.gguf_writer import write_gguf
+
+    src, cache, by_type = planted
+    path = tmp_path / "q.gguf"
+    write_gguf(src, "q4_k_m", path, cache=cache)
+    by_file = A.audit(src, "gguf", gguf=path)
+    assert by_file.attrs["gguf"] == str(path) and by_file.attrs["weights"] == "gguf"
+    assert list(by_file.tensor.values) == list(by_type.tensor.values)
+    for m in A.METRICS:
+        assert np.array_equal(by_file[m].values, by_type[m].values, equal_nan=True), m
+        assert np.array_equal(by_file[f"tensor_{m}"].values, by_type[f"tensor_{m}"].values, equal_nan=True), m
+    assert np.array_equal(by_file.flagged.values, by_type.flagged.values)
+    assert "as stored in" in A.format_audit(by_file)
+
+
+def test_gguf_audit_needs_the_file_and_refuses_mismatches(planted, tmp_path):
+    src = planted[0]
+    with pytest.raises(MoetraceError, match="give --gguf FILE"):
+        A.audit(src, "gguf")
+    with pytest.raises(MoetraceError, match="use --variant gguf"):
+        A.audit(src, "q4_k_m", gguf=tmp_path / "x.gguf")
+    with pytest.raises(MoetraceError, match="missing.gguf"):
+        A.audit(src, "gguf", gguf=tmp_path / "missing.gguf")
