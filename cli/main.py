@@ -181,6 +181,46 @@ def models(as_json):
     click.echo(f"\nOverrides: builtin:NAME:layers=N,seed=S.  Cache: {cache_root()}")
 
 
+@main.command()
+@click.option("--prune", "prune_to", default=None, metavar="SIZE",
+              help="Delete least recently used quantized weights until the cache holds at most SIZE (e.g. 20G).")
+@click.option("--clear", is_flag=True, help="Delete every quantized weight (built-in models are kept).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly_errors
+def cache(prune_to, clear, as_json):
+    """Show, prune or clear the cache: built-in models and quantized weights.
+
+    Quantized block bytes are kept so a second run, audit or quantize of the same model and
+    file type only dequantizes. MOETRACE_QCACHE_MAX=SIZE trims them automatically whenever a
+    command opens the cache; MOETRACE_QCACHE=0 turns the cache off; MOETRACE_CACHE moves it.
+    """
+    from moetrace.errors import MoetraceError
+    from moetrace.tracer.builtin import cache_root
+    from moetrace.tracer.qcache import QuantCache, parse_size
+
+    if prune_to is not None and clear:
+        raise MoetraceError("--prune and --clear exclude each other")
+    qc = QuantCache()
+    deleted = freed = 0
+    if clear:
+        deleted, freed = qc.prune(0)
+    elif prune_to is not None:
+        deleted, freed = qc.prune(parse_size(prune_to))
+    entries = qc.entries()
+    models_dir = cache_root() / "builtin"
+    model_bytes = sum(p.stat().st_size for p in models_dir.rglob("*") if p.is_file()) if models_dir.is_dir() else 0
+    info = {"root": str(cache_root()), "quant_entries": len(entries), "quant_bytes": sum(e[1] for e in entries),
+            "builtin_bytes": model_bytes, "deleted_entries": deleted, "freed_bytes": freed}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    gib = 1 << 30
+    if deleted:
+        click.echo(f"Deleted {deleted} quantized weight(s), {freed / gib:.2f} GiB.")
+    click.echo(f"Cache {info['root']}: quantized weights {len(entries)} entries, {info['quant_bytes'] / gib:.2f} GiB; "
+               f"built-in models {model_bytes / gib:.2f} GiB")
+
+
 # Commands defined in their own modules register themselves on `main` when imported; each
 # keeps its heavy imports inside the command bodies so `moetrace --help` stays fast.
 from moetrace.cli import analysis_cmds, weights_cmds  # noqa: E402,F401

@@ -21,8 +21,10 @@ Entries live under ``moetrace.tracer.builtin.cache_root()/quant/`` as ``.npy`` f
 block bytes shaped ``(n_mat, rows, bytes_per_row)`` (``n_mat`` is the expert count of a 3-D
 tensor, 1 otherwise). They are written to a temporary name and renamed, so concurrent runs
 never see half a file; a file that fails to load is treated as missing and rewritten.
-``MOETRACE_QCACHE=0`` turns the cache off for a process. Delete the folder to reclaim the
-space: a Q4_K_M copy of a model takes about 30% of its BF16 size.
+``MOETRACE_QCACHE=0`` turns the cache off for a process. ``MOETRACE_QCACHE_MAX=20G`` trims it,
+least recently used entries first, to that size whenever a run, audit or quantize opens it;
+``moetrace cache`` shows its size and prunes or clears it. A Q4_K_M copy of a model takes about
+30% of its BF16 size.
 """
 
 from __future__ import annotations
@@ -41,14 +43,20 @@ CACHE_FORMAT = 1  # bump when the layout of cache files changes
 
 @functools.lru_cache(maxsize=1)
 def kernels_fingerprint() -> str:
-    """moetrace's version plus a hash of every source file of ``moetrace.kernels``."""
+    """moetrace's version plus a hash of every source file of ``moetrace.kernels`` (Python and C)
+    and of the compiled kernel module, the code that actually ran."""
     import moetrace
     import moetrace.kernels as pkg
 
-    h = hashlib.sha256(f"{moetrace.__version__}/{CACHE_FORMAT}".encode())
-    for folder in pkg.__path__:
-        for p in sorted(Path(folder).glob("*.py")):
-            h.update(p.name.encode())
+    return _fingerprint(moetrace.__version__, list(pkg.__path__))
+
+
+def _fingerprint(version: str, folders: list) -> str:
+    h = hashlib.sha256(f"{version}/{CACHE_FORMAT}".encode())
+    for folder in folders:
+        files = [*Path(folder).glob("*.py"), *Path(folder).glob("csrc/*.[ch]"), *Path(folder).glob("_ckernels*")]
+        for p in sorted(files):
+            h.update(str(p.relative_to(folder)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
@@ -76,6 +84,26 @@ def tensor_hash(mats) -> str:
         m = m.contiguous()
         h.update(memoryview(m.view(torch.uint8).numpy() if m.numel() else np.zeros(0, np.uint8)))
     return h.hexdigest()[:32]
+
+
+def parse_size(text: str) -> int:
+    """``"20G"``, ``"512M"``, ``"1.5T"`` or a plain byte count -> bytes (binary units)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        from moetrace.errors import MoetraceError
+
+        raise MoetraceError(f"cannot read {text!r} as a size; give bytes or a number with K, M, G or T (e.g. 20G)")
+
+
+def max_bytes_from_env() -> int | None:
+    """``MOETRACE_QCACHE_MAX`` (e.g. ``20G``): the size the cache is trimmed to when a context opens it."""
+    v = os.environ.get("MOETRACE_QCACHE_MAX", "").strip()
+    return parse_size(v) if v else None
 
 
 def enabled_by_env() -> bool:
@@ -117,7 +145,38 @@ class QuantCache:
             self.misses += 1
             return None
         self.hits += 1
+        try:
+            os.utime(p)  # last use, for prune()
+        except OSError:
+            pass
         return arr
+
+    def entries(self) -> list[tuple[Path, int, float]]:
+        """Every entry as (path, bytes, last use), least recently used first."""
+        out = []
+        for p in self.root.glob("*/*.npy"):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            out.append((p, st.st_size, st.st_mtime))
+        return sorted(out, key=lambda e: e[2])
+
+    def prune(self, max_bytes: int) -> tuple[int, int]:
+        """Delete least recently used entries until the cache holds at most ``max_bytes``.
+
+        Returns:
+            (entries deleted, bytes freed).
+        """
+        entries = self.entries()
+        total = sum(e[1] for e in entries)
+        deleted = freed = 0
+        for p, size, _ in entries:
+            if total - freed <= max_bytes:
+                break
+            p.unlink(missing_ok=True)
+            deleted, freed = deleted + 1, freed + size
+        return deleted, freed
 
     def writer(self, key: str, shape: tuple[int, ...]) -> "_EntryWriter":
         """A context manager filling a new entry chunk by chunk (memory-mapped, renamed into place on success)."""
@@ -212,6 +271,9 @@ def context_for(source, imatrix: dict | None = None, imatrix_file: str | None = 
     """
     if cache is True:
         cache = QuantCache() if enabled_by_env() else None
+        limit = max_bytes_from_env()
+        if cache is not None and limit is not None:
+            cache.prune(limit)
     elif cache is False:
         cache = None
     model_hash = getattr(source, "model_hash", None)

@@ -99,3 +99,15 @@ def test_audit_of_a_gguf_file_finds_the_planted_matrix(env, tmp_path):
     assert j["n_flagged"] == 1
     bad = moetrace(env, "audit", "--model", "builtin:tiny", "--variant", "gguf", check=False)
     assert bad.returncode != 0 and "give --gguf FILE" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_cache_command_reports_prunes_and_clears(env):
+    moetrace(env, "quantize", "--model", "builtin:tiny", "q8_0", "-o", str(env[1] / "x.gguf"), "-q")
+    j = json.loads(moetrace(env, "cache", "--json").stdout)
+    assert j["root"] == str(env[1]) and j["quant_entries"] > 0 and j["builtin_bytes"] > 0
+    pruned = json.loads(moetrace(env, "cache", "--prune", str(j["quant_bytes"] // 2), "--json").stdout)
+    assert pruned["deleted_entries"] > 0 and pruned["quant_bytes"] <= j["quant_bytes"] // 2
+    cleared = moetrace(env, "cache", "--clear")
+    assert "quantized weights 0 entries" in cleared.stdout
+    bad = moetrace(env, "cache", "--prune", "lots", check=False)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -148,3 +150,67 @@ def test_default_context_uses_the_cache_root(monkeypatch, tmp_path, tiny_source)
     assert W.tensor_types(tiny_source, Variant.parse("orig-fp32")).context is None
     monkeypatch.setenv("MOETRACE_QCACHE", "0")
     assert W.tensor_types(tiny_source, Variant.parse("q8_0-fp32")).context.cache is None
+
+
+def test_kernel_fingerprint_covers_python_c_sources_and_the_compiled_module(tmp_path):
+    """Editing any quantizer, in Python or C, or rebuilding the compiled module, changes every cache key."""
+    import shutil
+
+    import moetrace.kernels as pkg
+
+    src = Path(pkg.__path__[0])
+    copy = tmp_path / "kernels"
+    shutil.copytree(src, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    base = qcache._fingerprint("v", [copy])
+    assert base == qcache._fingerprint("v", [copy])
+    seen = {base}
+    for rel in ("base.py", "csrc/quant_kquant_qkx.c", "csrc/common.h"):
+        f = copy / rel
+        old = f.read_bytes()
+        f.write_bytes(old + b"\n")
+        seen.add(qcache._fingerprint("v", [copy]))
+        f.write_bytes(old)
+    so = next(copy.glob("_ckernels*"), None)
+    assert so is not None, "the compiled kernels are not built"
+    so.write_bytes(so.read_bytes() + b"\0")
+    seen.add(qcache._fingerprint("v", [copy]))
+    assert len(seen) == 5
+
+
+def _fill(cache, n: int, size: int) -> list:
+    """n entries of ``size`` bytes with increasing last-use times; returns their keys, oldest first."""
+    import os
+
+    keys = []
+    for i in range(n):
+        key = f"{i:02x}" + "0" * 62
+        cache.put(key, np.full((1, 1, size), i, np.uint8))
+        os.utime(cache.path(key), (1_000_000 + i, 1_000_000 + i))
+        keys.append(key)
+    return keys
+
+
+def test_prune_deletes_least_recently_used_first_and_a_hit_counts_as_use(tmp_path):
+    cache = qcache.QuantCache(tmp_path)
+    keys = _fill(cache, 5, 1000)
+    per = cache.path(keys[0]).stat().st_size
+    assert cache.get(keys[0], (1, 1, 1000)) is not None  # used now: the newest
+    deleted, freed = cache.prune(3 * per)
+    assert (deleted, freed) == (2, 2 * per)
+    left = {p.stem for p, _, _ in cache.entries()}
+    assert left == {keys[0], keys[3], keys[4]}
+    assert cache.prune(0) == (3, 3 * per) and cache.entries() == []
+
+
+def test_size_limit_from_the_environment_trims_when_a_context_opens_the_cache(tmp_path, monkeypatch, tiny_source):
+    monkeypatch.setenv("MOETRACE_CACHE", str(tmp_path))
+    cache = qcache.QuantCache()
+    keys = _fill(cache, 4, 1000)
+    per = cache.path(keys[0]).stat().st_size
+    monkeypatch.setenv("MOETRACE_QCACHE_MAX", str(2 * per))
+    ctx = qcache.context_for(tiny_source)
+    assert ctx.cache is not None
+    assert {p.stem for p, _, _ in ctx.cache.entries()} == set(keys[2:])
+    assert qcache.parse_size("1.5K") == 1536 and qcache.parse_size("20G") == 20 << 30 and qcache.parse_size("7") == 7
+    with pytest.raises(MoetraceError, match="as a size"):
+        qcache.parse_size("lots")
