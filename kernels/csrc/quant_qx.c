@@ -11,11 +11,12 @@
  *    candidate afterwards;
  *  - make_q3_quants (Q3_K) runs the 16 groups of a super-block side by side, one group per lane;
  *  - make_qkx3_quants (Q4_1/Q5_1 with weights) runs 8 blocks of a row side by side, one per lane;
- *  - the reference paths of the legacy types and Q8_0 scale, round and pack 4 values per op.
+ *  - the reference paths of the legacy types and Q8_0 scale, round and pack 4 values per op
+ *    (8 on AVX2 machines, where 8 blocks also share one vector for d, 1/d and the fp16 of d).
  * Lane arithmetic is the same IEEE float32 operation as ggml's scalar code (no FMA: the build
  * passes -ffp-contract=off), so every lane computes exactly the value ggml computes.
  *
- * The build is portable (SSE2 on x86-64). The two search kernels also have an 8-lane AVX2 version,
+ * The build is portable (SSE2 on x86-64). The two search kernels and the reference paths also have an AVX2 version,
  * chosen at load time on CPUs that have AVX2; it performs the same operations, so the bytes do not
  * depend on the machine. MOETRACE_NO_AVX2=1 in the environment (read when the module loads) keeps
  * the portable version, so tests can check both on one machine. Inputs are finite (the caller
@@ -480,13 +481,9 @@ static int quantize_q3_k(const float *x, uint8_t *y, int64_t n_rows, int64_t n_p
 /* ------------------------------------------------------------------------------------------ */
 /* Q8_0: d = amax/127, q = roundf(x/d); the importance matrix is ignored, as in ggml.            */
 
-static int quantize_q8_0(const float *x, uint8_t *y, int64_t n_rows, int64_t n_per_row, const float *imatrix) {
-    (void)imatrix;
-    const int64_t nb = n_rows * (n_per_row / 32);
+static void q8_0_ref_block(const float *xb, uint8_t *yb) {
     const v4i absmask = v4i_set1(0x7fffffff);
-    for (int64_t b = 0; b < nb; ++b) {
-        const float *xb = x + 32 * b;
-        uint8_t *yb = y + 34 * b;
+    {
         v4f xv[8];
         for (int k = 0; k < 8; ++k) xv[k] = v4f_load(xb + 4 * k);
         /* MAX(amax, fabsf(v)) from 0: order-free for non-NaN magnitudes */
@@ -512,7 +509,6 @@ static int quantize_q8_0(const float *x, uint8_t *y, int64_t n_rows, int64_t n_p
             memcpy(yb + 2 + 4 * k, &c, 4);
         }
     }
-    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -667,6 +663,241 @@ static void q5_1_ref_block(const float *x, uint8_t *y) {
     mt_store_fp16(y + 2, min);
     pack_codes(q, y + 4, y + 8);
 }
+
+/* All the reference paths, row range by row range: the blocks of a row range are contiguous. */
+typedef void (*ref_blocks_fn)(const float *x, uint8_t *y, int64_t nb);
+
+#define DEFINE_REF_BLOCKS(fname, ref_block, bytes)                                \
+    static void fname(const float *x, uint8_t *y, int64_t nb) {                   \
+        for (int64_t b = 0; b < nb; ++b) ref_block(x + 32 * b, y + (bytes) * b); \
+    }
+DEFINE_REF_BLOCKS(q4_0_ref_generic, q4_0_ref_block, 18)
+DEFINE_REF_BLOCKS(q4_1_ref_generic, q4_1_ref_block, 20)
+DEFINE_REF_BLOCKS(q5_0_ref_generic, q5_0_ref_block, 22)
+DEFINE_REF_BLOCKS(q5_1_ref_generic, q5_1_ref_block, 24)
+DEFINE_REF_BLOCKS(q8_0_ref_generic, q8_0_ref_block, 34)
+
+static ref_blocks_fn q4_0_ref_blocks = q4_0_ref_generic, q4_1_ref_blocks = q4_1_ref_generic,
+                     q5_0_ref_blocks = q5_0_ref_generic, q5_1_ref_blocks = q5_1_ref_generic,
+                     q8_0_ref_blocks = q8_0_ref_generic;
+
+#ifdef MT_HAVE_AVX2_PATH
+/* The reference paths on AVX2 machines, 8 blocks at a time: per block, its 32 values in 4 vectors
+ * of 8 (extreme search, scaling, rounding, packing), and the scalar part (d, 1/d, fp16 of d) of the
+ * 8 blocks side by side in one vector. The same IEEE float32 operations as above, so the same bytes;
+ * a tail of fewer than 8 blocks takes the portable block functions. */
+#define AVX2_FN __attribute__((target("avx2")))
+#define REF_GROUP 8
+
+/* mt_fp32_to_fp16 on 8 lanes (the same integer steps; the result in the low 16 bits of each lane). */
+AVX2_FN static inline __m256i fp16_bits8(__m256 f) {
+    const __m256i x = _mm256_castps_si256(f);
+    const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x8000));
+    const __m256i ax = _mm256_and_si256(x, _mm256_set1_epi32(0x7fffffff));
+    /* normal results: rebias and round to nearest even */
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(ax, 13), _mm256_set1_epi32(1));
+    __m256i h = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(ax, _mm256_set1_epi32((int)0xc8000fffu)), odd), 13);
+    /* subnormal or zero results: ax as float + 0.5f */
+    const __m256i sub = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(ax), _mm256_set1_ps(0.5f))),
+                                         _mm256_set1_epi32(0x3f000000));
+    h = _mm256_blendv_epi8(h, sub, _mm256_cmpgt_epi32(_mm256_set1_epi32(0x38800000), ax));
+    /* rounds to >= 65520: infinity; infinity; NaN */
+    h = _mm256_blendv_epi8(h, _mm256_set1_epi32(0x7c00), _mm256_cmpgt_epi32(ax, _mm256_set1_epi32(0x477fefff)));
+    h = _mm256_blendv_epi8(h, _mm256_set1_epi32(0x7e00), _mm256_cmpgt_epi32(ax, _mm256_set1_epi32(0x7f800000)));
+    return _mm256_or_si256(_mm256_and_si256(h, _mm256_set1_epi32(0xffff)), sign);
+}
+
+/* Stores lane b of h (fp16 bits) at y + stride * b + off, little-endian. */
+AVX2_FN static inline void store_fp16_8(uint8_t *y, int stride, int off, __m256i h) {
+    uint32_t hb[8];
+    _mm256_storeu_si256((__m256i *)hb, h);
+    for (int b = 0; b < 8; ++b) {
+        y[stride * b + off] = (uint8_t)(hb[b] & 0xff);
+        y[stride * b + off + 1] = (uint8_t)(hb[b] >> 8);
+    }
+}
+
+/* Every lane: the largest (smallest) lane of a; max/min are exact here (no NaN; zeros of both
+ * signs are told apart afterwards). */
+AVX2_FN static inline __m256 bcast_max8(__m256 a) {
+    a = _mm256_max_ps(a, _mm256_permute2f128_ps(a, a, 1));
+    a = _mm256_max_ps(a, _mm256_shuffle_ps(a, a, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm256_max_ps(a, _mm256_shuffle_ps(a, a, _MM_SHUFFLE(2, 3, 0, 1)));
+}
+AVX2_FN static inline __m256 bcast_min8(__m256 a) {
+    a = _mm256_min_ps(a, _mm256_permute2f128_ps(a, a, 1));
+    a = _mm256_min_ps(a, _mm256_shuffle_ps(a, a, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm256_min_ps(a, _mm256_shuffle_ps(a, a, _MM_SHUFFLE(2, 3, 0, 1)));
+}
+
+/* Bit j: v[j / 8][j % 8] == e. */
+AVX2_FN static inline uint32_t eq_mask32(const __m256 *v, __m256 e) {
+    return (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v[0], e, _CMP_EQ_OQ)) |
+           (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v[1], e, _CMP_EQ_OQ)) << 8 |
+           (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v[2], e, _CMP_EQ_OQ)) << 16 |
+           (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v[3], e, _CMP_EQ_OQ)) << 24;
+}
+
+AVX2_FN static inline void load32_8(const float *x, __m256 *v) {
+    for (int k = 0; k < 4; ++k) v[k] = _mm256_loadu_ps(x + 8 * k);
+}
+
+AVX2_FN static inline __m256 abs8(__m256 v) { return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
+
+/* first_absmax32: ggml's signed value of the first element of largest |x|; +0.0 if all are 0. */
+AVX2_FN static inline float first_absmax32_8(const float *x) {
+    __m256 v[4];
+    load32_8(x, v);
+    for (int k = 0; k < 4; ++k) v[k] = abs8(v[k]);
+    const __m256 m = bcast_max8(_mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3])));
+    if (_mm256_cvtss_f32(m) == 0.f) return 0.f;
+    return x[__builtin_ctz(eq_mask32(v, m))];
+}
+
+/* first_extreme32 (both): the first element equal to the smallest / largest value. */
+AVX2_FN static inline void first_minmax32_8(const float *x, float *min_out, float *max_out) {
+    __m256 v[4];
+    load32_8(x, v);
+    const __m256 mn = bcast_min8(_mm256_min_ps(_mm256_min_ps(v[0], v[1]), _mm256_min_ps(v[2], v[3])));
+    const __m256 mx = bcast_max8(_mm256_max_ps(_mm256_max_ps(v[0], v[1]), _mm256_max_ps(v[2], v[3])));
+    const float e0 = _mm256_cvtss_f32(mn), e1 = _mm256_cvtss_f32(mx);
+    /* the index only matters for the sign of a zero */
+    *min_out = e0 != 0.f ? e0 : x[__builtin_ctz(eq_mask32(v, mn))];
+    *max_out = e1 != 0.f ? e1 : x[__builtin_ctz(eq_mask32(v, mx))];
+}
+
+/* The low 8 bits of 4 x 8 ints, as 32 bytes in element order. */
+AVX2_FN static inline __m256i low_bytes32(__m256i q0, __m256i q1, __m256i q2, __m256i q3) {
+    const __m256i m8 = _mm256_set1_epi32(0xFF);
+    const __m256i a = _mm256_packs_epi32(_mm256_and_si256(q0, m8), _mm256_and_si256(q1, m8));
+    const __m256i b = _mm256_packs_epi32(_mm256_and_si256(q2, m8), _mm256_and_si256(q3, m8));
+    /* dwords of c: q0[0:4] q1[0:4] q2[0:4] q3[0:4] q0[4:8] q1[4:8] q2[4:8] q3[4:8] */
+    const __m256i c = _mm256_packus_epi16(a, b);
+    return _mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/* Nibbles (byte j | byte j+16 << 4) and, when qh is given, bit 4 of each byte as a little-endian uint32. */
+AVX2_FN static inline void store_codes32(__m256i c, uint8_t *qh, uint8_t *qs) {
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
+    _mm_storeu_si128((__m128i *)qs, _mm_or_si128(_mm_and_si128(lo, m4), _mm_slli_epi16(_mm_and_si128(hi, m4), 4)));
+    if (qh) {
+        const uint32_t bits = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(c, 3));
+        for (int k = 0; k < 4; ++k) qh[k] = (uint8_t)(bits >> (8 * k));
+    }
+}
+
+/* v4_cvtt_low8 on 8 lanes: x86's cvttps2dq gives INT_MIN where the value is out of range, whose low
+ * 8 bits are 0 as well. */
+AVX2_FN static inline __m256i cvtt8(__m256 v) { return _mm256_cvttps_epi32(v); }
+
+/* d = max / -nlev and id = d != 0 ? 1/d : 0 for 8 blocks. */
+AVX2_FN static inline __m256 inv_or_zero8(__m256 d) {
+    const __m256 nz = _mm256_cmp_ps(d, _mm256_setzero_ps(), _CMP_NEQ_UQ);
+    return _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.f), d), nz);
+}
+
+/* Q4_0 (nlev 8) / Q5_0 (nlev 16). */
+AVX2_FN static inline void symmetric_ref_avx2(const float *x, uint8_t *y, int64_t nb, int nlev, int bytes) {
+    const int64_t ng = nb / REF_GROUP;
+    const __m256 off = _mm256_set1_ps((float)nlev + 0.5f);
+    const __m256i top = _mm256_set1_epi8((char)(2 * nlev - 1));
+    for (int64_t g = 0; g < ng; ++g) {
+        const float *xg = x + 32 * REF_GROUP * g;
+        uint8_t *yg = y + bytes * REF_GROUP * g;
+        float mx[REF_GROUP], idb[REF_GROUP];
+        for (int b = 0; b < REF_GROUP; ++b) mx[b] = first_absmax32_8(xg + 32 * b);
+        const __m256 d = _mm256_div_ps(_mm256_loadu_ps(mx), _mm256_set1_ps((float)-nlev));
+        _mm256_storeu_ps(idb, inv_or_zero8(d));
+        store_fp16_8(yg, bytes, 0, fp16_bits8(d));
+        for (int b = 0; b < REF_GROUP; ++b) {
+            const float *xb = xg + 32 * b;
+            const __m256 id = _mm256_set1_ps(idb[b]);
+            __m256i q[4];
+            for (int k = 0; k < 4; ++k)
+                q[k] = cvtt8(_mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * k), id), off));
+            /* MIN(2*nlev-1, (int8_t)t) */
+            const __m256i c = _mm256_min_epi8(low_bytes32(q[0], q[1], q[2], q[3]), top);
+            uint8_t *yb = yg + bytes * b;
+            if (nlev == 8) store_codes32(c, NULL, yb + 2);
+            else store_codes32(c, yb + 2, yb + 6);
+        }
+    }
+    if (nlev == 8) q4_0_ref_generic(x + 32 * REF_GROUP * ng, y + bytes * REF_GROUP * ng, nb - REF_GROUP * ng);
+    else q5_0_ref_generic(x + 32 * REF_GROUP * ng, y + bytes * REF_GROUP * ng, nb - REF_GROUP * ng);
+}
+
+/* Q4_1 (nmax 15, codes clamped to 15 as int8) / Q5_1 (nmax 31, low 8 bits). */
+AVX2_FN static inline void affine_ref_avx2(const float *x, uint8_t *y, int64_t nb, int nmax, int bytes) {
+    const int64_t ng = nb / REF_GROUP;
+    const __m256 half = _mm256_set1_ps(0.5f);
+    const __m256i top = _mm256_set1_epi8(15);
+    for (int64_t g = 0; g < ng; ++g) {
+        const float *xg = x + 32 * REF_GROUP * g;
+        uint8_t *yg = y + bytes * REF_GROUP * g;
+        float mn[REF_GROUP], mx[REF_GROUP], idb[REF_GROUP];
+        for (int b = 0; b < REF_GROUP; ++b) first_minmax32_8(xg + 32 * b, &mn[b], &mx[b]);
+        const __m256 minv = _mm256_loadu_ps(mn);
+        const __m256 d = _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(mx), minv), _mm256_set1_ps((float)nmax));
+        _mm256_storeu_ps(idb, inv_or_zero8(d));
+        store_fp16_8(yg, bytes, 0, fp16_bits8(d));
+        store_fp16_8(yg, bytes, 2, fp16_bits8(minv));
+        for (int b = 0; b < REF_GROUP; ++b) {
+            const float *xb = xg + 32 * b;
+            const __m256 id = _mm256_set1_ps(idb[b]), m = _mm256_set1_ps(mn[b]);
+            __m256i q[4];
+            for (int k = 0; k < 4; ++k)
+                q[k] = cvtt8(_mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xb + 8 * k), m), id), half));
+            __m256i c = low_bytes32(q[0], q[1], q[2], q[3]);
+            uint8_t *yb = yg + bytes * b;
+            if (nmax == 15) store_codes32(_mm256_min_epi8(c, top), NULL, yb + 4);
+            else store_codes32(c, yb + 4, yb + 8);
+        }
+    }
+    if (nmax == 15) q4_1_ref_generic(x + 32 * REF_GROUP * ng, y + bytes * REF_GROUP * ng, nb - REF_GROUP * ng);
+    else q5_1_ref_generic(x + 32 * REF_GROUP * ng, y + bytes * REF_GROUP * ng, nb - REF_GROUP * ng);
+}
+
+AVX2_FN static void q4_0_ref_avx2(const float *x, uint8_t *y, int64_t nb) { symmetric_ref_avx2(x, y, nb, 8, 18); }
+AVX2_FN static void q5_0_ref_avx2(const float *x, uint8_t *y, int64_t nb) { symmetric_ref_avx2(x, y, nb, 16, 22); }
+AVX2_FN static void q4_1_ref_avx2(const float *x, uint8_t *y, int64_t nb) { affine_ref_avx2(x, y, nb, 15, 20); }
+AVX2_FN static void q5_1_ref_avx2(const float *x, uint8_t *y, int64_t nb) { affine_ref_avx2(x, y, nb, 31, 24); }
+
+/* Q8_0: d = amax/127, q = roundf(x*id) (0 where x*id is not finite, as in q8_0_ref_block). */
+AVX2_FN static void q8_0_ref_avx2(const float *x, uint8_t *y, int64_t nb) {
+    const int64_t ng = nb / REF_GROUP;
+    for (int64_t g = 0; g < ng; ++g) {
+        const float *xg = x + 32 * REF_GROUP * g;
+        uint8_t *yg = y + 34 * REF_GROUP * g;
+        float am[REF_GROUP], idb[REF_GROUP];
+        for (int b = 0; b < REF_GROUP; ++b) {
+            __m256 v[4];
+            load32_8(xg + 32 * b, v);
+            const __m256 a = _mm256_max_ps(_mm256_max_ps(abs8(v[0]), abs8(v[1])), _mm256_max_ps(abs8(v[2]), abs8(v[3])));
+            am[b] = _mm256_cvtss_f32(bcast_max8(a));
+        }
+        const __m256 d = _mm256_div_ps(_mm256_loadu_ps(am), _mm256_set1_ps(127.f));
+        _mm256_storeu_ps(idb, inv_or_zero8(d));
+        store_fp16_8(yg, 34, 0, fp16_bits8(d));
+        for (int b = 0; b < REF_GROUP; ++b) {
+            const float *xb = xg + 32 * b;
+            const __m256 id = _mm256_set1_ps(idb[b]);
+            __m256i q[4];
+            for (int k = 0; k < 4; ++k) {
+                __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xb + 8 * k), id);
+                v = _mm256_and_ps(v, _mm256_cmp_ps(abs8(v), _mm256_set1_ps(256.f), _CMP_LT_OQ));
+                const __m256i t = _mm256_cvttps_epi32(v);
+                const __m256 fr = _mm256_sub_ps(v, _mm256_cvtepi32_ps(t)); /* exact */
+                /* roundf: half away from zero (compare masks are -1) */
+                q[k] = _mm256_add_epi32(_mm256_sub_epi32(t, _mm256_castps_si256(_mm256_cmp_ps(fr, _mm256_set1_ps(0.5f), _CMP_GE_OQ))),
+                                        _mm256_castps_si256(_mm256_cmp_ps(fr, _mm256_set1_ps(-0.5f), _CMP_LE_OQ)));
+            }
+            _mm256_storeu_si256((__m256i *)(yg + 34 * b + 2), low_bytes32(q[0], q[1], q[2], q[3]));
+        }
+    }
+    q8_0_ref_generic(x + 32 * REF_GROUP * ng, y + 34 * REF_GROUP * ng, nb - REF_GROUP * ng);
+}
+#endif
 
 /* ------------------------------------------------------------------------------------------ */
 /* Legacy importance-matrix paths.                                                              */
@@ -861,18 +1092,24 @@ static int quantize_legacy_impl(const float *x, uint8_t *y, int64_t n_rows, int6
     return 0;
 }
 
-#define LEGACY_QUANTIZER(fname, TYPE, ref_block, bytes)                                                  \
+#define LEGACY_QUANTIZER(fname, TYPE, ref_blocks)                                                         \
     static int fname(const float *x, uint8_t *y, int64_t n_rows, int64_t n_per_row, const float *imatrix) { \
         if (imatrix) return quantize_legacy_impl(x, y, n_rows, n_per_row, imatrix, TYPE);                 \
-        const int64_t nb = n_rows * (n_per_row / 32);                                                     \
-        for (int64_t b = 0; b < nb; ++b) ref_block(x + 32 * b, y + (bytes) * b);                          \
+        ref_blocks(x, y, n_rows * (n_per_row / 32));                                                      \
         return 0;                                                                                          \
     }
 
-LEGACY_QUANTIZER(quantize_q4_0, MT_Q4_0, q4_0_ref_block, 18)
-LEGACY_QUANTIZER(quantize_q4_1, MT_Q4_1, q4_1_ref_block, 20)
-LEGACY_QUANTIZER(quantize_q5_0, MT_Q5_0, q5_0_ref_block, 22)
-LEGACY_QUANTIZER(quantize_q5_1, MT_Q5_1, q5_1_ref_block, 24)
+LEGACY_QUANTIZER(quantize_q4_0, MT_Q4_0, q4_0_ref_blocks)
+LEGACY_QUANTIZER(quantize_q4_1, MT_Q4_1, q4_1_ref_blocks)
+LEGACY_QUANTIZER(quantize_q5_0, MT_Q5_0, q5_0_ref_blocks)
+LEGACY_QUANTIZER(quantize_q5_1, MT_Q5_1, q5_1_ref_blocks)
+
+/* Q8_0: the importance matrix is ignored, as in ggml. */
+static int quantize_q8_0(const float *x, uint8_t *y, int64_t n_rows, int64_t n_per_row, const float *imatrix) {
+    (void)imatrix;
+    q8_0_ref_blocks(x, y, n_rows * (n_per_row / 32));
+    return 0;
+}
 
 void mt_register_qx(mt_kernel_table *t) {
     qx_numerators(4, qx_num4);
@@ -884,6 +1121,11 @@ void mt_register_qx(mt_kernel_table *t) {
     if (__builtin_cpu_supports("avx2") && !getenv("MOETRACE_NO_AVX2")) {
         qx_sums = qx_sums_avx2;
         make_qkx3_quants_x8 = qkx3_avx2;
+        q4_0_ref_blocks = q4_0_ref_avx2;
+        q4_1_ref_blocks = q4_1_ref_avx2;
+        q5_0_ref_blocks = q5_0_ref_avx2;
+        q5_1_ref_blocks = q5_1_ref_avx2;
+        q8_0_ref_blocks = q8_0_ref_avx2;
     }
 #endif
     t->quantize[MT_Q6_K] = quantize_q6_k;

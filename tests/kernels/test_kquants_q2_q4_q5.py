@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from moetrace.kernels import BLOCK_SIZES, dequantize, get_format, quantize
 from moetrace.kernels.kquant_search import MIN_BLOCKS_PER_PART, nearest_int, rdiv, sqrt_f32
+from drawn import weight_rows
 from tolerances import LEVELS, nmse, worst_excess
 
 TYPES = ["Q2_K", "Q4_K", "Q5_K"]
@@ -108,47 +108,6 @@ def test_gaussian_error_within_level(type_name, path):
 
 
 # ---- property tests ---------------------------------------------------------------------------
-
-KINDS = ["gauss", "student_t", "zeros", "constant", "tiny", "subnormal", "fp16_edge", "sparse", "outlier",
-         "mixed_blocks", "scale_overflow", "float32_edge"]
-
-
-@st.composite
-def weight_rows(draw):
-    """(kind, x (rows, n) float32, imatrix (n,) float32 or None) from a drawn kind, shape and seed."""
-    kind = draw(st.sampled_from(KINDS))
-    rows = draw(st.integers(1, 3))
-    n = 256 * draw(st.integers(1, 3))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    g = rng.standard_normal((rows, n))
-    if kind == "student_t":
-        x = rng.standard_t(3, (rows, n))
-    elif kind == "zeros":
-        x = np.zeros((rows, n))
-    elif kind == "constant":
-        x = np.full((rows, n), rng.choice([-1, 1]) * 10.0 ** rng.uniform(-8, 4))
-    elif kind == "tiny":  # fp16 super-block scales in the subnormal range or flushed to 0
-        x = g * 10.0 ** rng.uniform(-12, -4)
-    elif kind == "subnormal":  # float32 subnormals: ranges whose inverse overflows
-        x = g * 1e-41
-    elif kind == "fp16_edge":  # the largest magnitudes fp16 holds
-        x = g / np.abs(g).max() * 65504.0 * rng.uniform(0.5, 1.0)
-    elif kind == "sparse":
-        x = g * (rng.random((rows, n)) < 0.05)
-    elif kind == "outlier":
-        x = g.copy()
-        x[:, rng.integers(0, n, 3)] *= 1000.0
-    elif kind == "mixed_blocks":  # every 16 values at their own scale
-        x = (g.reshape(rows, -1, 16) * 10.0 ** rng.uniform(-10, 4, (rows, n // 16, 1))).reshape(rows, n)
-    elif kind == "scale_overflow":  # fp16 d or dmin overflow to Inf
-        x = g * 10.0 ** rng.uniform(7, 30)
-    elif kind == "float32_edge":  # ranges that overflow float32 arithmetic
-        x = np.clip(g * 3e38, -3.4e38, 3.4e38)
-    else:
-        x = g
-    imatrix = rng.uniform(0.1, 10.0, n).astype(np.float32) if draw(st.booleans()) else None
-    return kind, x.astype(np.float32), imatrix
-
 
 def _gguf_dequantize(q: torch.Tensor, type_name: str) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):  # Inf scales of overflowing inputs

@@ -17,6 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from drawn import weight_rows
 from moetrace.kernels import BLOCK_SIZES, dequantize, native, quantize
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -75,51 +76,13 @@ def test_dequantize_matches_ggml_and_gguf(ggml_vectors, type_name, path):
         )
 
 
-KINDS = ["gauss", "student_t", "zeros", "constant", "tiny", "subnormal", "fp16_edge", "sparse", "outlier", "huge_block"]
-
-
-@st.composite
-def weight_rows(draw, block):
-    kind = draw(st.sampled_from(KINDS))
-    rows = draw(st.integers(1, 5))
-    n = 256 * draw(st.integers(1, 3)) if block == 256 else block * draw(st.integers(1, 24))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    g = rng.standard_normal((rows, n))
-    if kind == "student_t":
-        x = rng.standard_t(3, (rows, n))
-    elif kind == "zeros":
-        x = np.zeros((rows, n))
-    elif kind == "constant":
-        x = np.full((rows, n), rng.choice([-1, 1]) * 10.0 ** rng.uniform(-8, 4))
-    elif kind == "tiny":
-        x = g * 10.0 ** rng.uniform(-12, -4)
-    elif kind == "subnormal":
-        x = g * 1e-41
-    elif kind == "fp16_edge":
-        x = g / np.abs(g).max() * 65504.0 * rng.uniform(0.5, 1.0)
-    elif kind == "sparse":
-        x = g * (rng.random((rows, n)) < 0.05)
-    elif kind == "outlier":
-        x = g.copy()
-        x[:, rng.integers(0, n, 3)] *= 1000.0
-    elif kind == "huge_block":  # one block far beyond fp16's range: scales overflow to infinity
-        x = g.copy()
-        x[:, :block] *= 1e7
-    else:
-        x = g
-    imatrix = None
-    if draw(st.booleans()):
-        imatrix = (rng.random(n) * 9.9 + 0.1) * (rng.random(n) > 0.1)  # some zero weights too
-    return kind, x.astype(np.float32), None if imatrix is None else imatrix.astype(np.float32)
-
-
 @pytest.mark.parametrize("type_name", TYPES)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_native_equals_torch_on_drawn_inputs(type_name, data):
     """Same bytes from both paths, and the same floats back, on inputs across the float range."""
     block = BLOCK_SIZES[type_name][0]
-    kind, x, imatrix = data.draw(weight_rows(block))
+    kind, x, imatrix = data.draw(weight_rows(block, max_rows=5, zero_weights=True))
     xt = torch.from_numpy(x)
     it = None if imatrix is None else torch.from_numpy(imatrix)
     got = quantize(xt, type_name, it)
@@ -128,10 +91,16 @@ def test_native_equals_torch_on_drawn_inputs(type_name, data):
     assert np.array_equal(got.numpy(), want.numpy()), f"{type_name} {kind} imatrix={imatrix is not None}: " + _where(
         got.numpy(), want.numpy()
     )
-    deq = dequantize(got, type_name, x.shape[1]).numpy().view(np.uint32)
+    deq = dequantize(got, type_name, x.shape[1]).numpy()
     with native.disabled():
-        deq_t = dequantize(got, type_name, x.shape[1]).numpy().view(np.uint32)
-    assert np.array_equal(deq, deq_t), f"{type_name} {kind} dequantize: " + _where(deq, deq_t)
+        deq_t = dequantize(got, type_name, x.shape[1]).numpy()
+    # Same bits, except that a NaN (an Inf scale times a zero code) may carry another payload:
+    # the C kernels give x86's default NaN, as ggml's C does; torch's vector code another one.
+    nan = np.isnan(deq) & np.isnan(deq_t)
+    assert np.array_equal(np.isnan(deq), np.isnan(deq_t)), f"{type_name} {kind} dequantize: NaNs in different places"
+    a, b = deq.view(np.uint32).copy(), deq_t.view(np.uint32).copy()
+    a[nan] = b[nan] = 0
+    assert np.array_equal(a, b), f"{type_name} {kind} dequantize: " + _where(a, b)
 
 
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K"])
