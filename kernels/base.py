@@ -115,8 +115,6 @@ def quantize(x: torch.Tensor, type_name: str, imatrix: torch.Tensor | None = Non
     rows, n = x.shape
     nb = row_bytes(fmt.name, n)  # raises if n is not a multiple of the block size
     x = x.to(torch.float32)
-    if not _all_finite(x):
-        raise FormatError(f"cannot quantize to {fmt.name}: the tensor holds NaN or Inf")
     if imatrix is not None:
         imatrix = imatrix.to(device=x.device, dtype=torch.float32).reshape(-1)
         if imatrix.numel() != n:
@@ -125,7 +123,9 @@ def quantize(x: torch.Tensor, type_name: str, imatrix: torch.Tensor | None = Non
         from moetrace.kernels import native
 
         if native.has_quantize(fmt.name):
-            return native.quantize(x, fmt.name, imatrix)
+            return native.quantize(x, fmt.name, imatrix)  # checks for NaN/Inf itself
+    if not _all_finite(x):
+        raise FormatError(f"cannot quantize to {fmt.name}: the tensor holds NaN or Inf")
     blocks = x.reshape(-1, fmt.block_size)
     qw = None
     if imatrix is not None:

@@ -108,7 +108,11 @@ def _run_parts(fn, n_units: int, elems_per_unit: int, min_elems: int) -> None:
 
 
 def quantize(x: torch.Tensor, type_name: str, imatrix: torch.Tensor | None) -> torch.Tensor:
-    """(rows, n) float32 CPU tensor -> (rows, bytes per row) uint8, by the C quantizer."""
+    """(rows, n) float32 CPU tensor -> (rows, bytes per row) uint8, by the C quantizer.
+
+    Raises:
+        FormatError: the tensor holds NaN or Inf (checked in C, on each thread's rows).
+    """
     block, size = BLOCK_SIZES[type_name]
     rows, n = x.shape
     src = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
@@ -118,7 +122,12 @@ def quantize(x: torch.Tensor, type_name: str, imatrix: torch.Tensor | None) -> t
     def part(a: int, b: int) -> None:
         _ckernels.quantize(type_name, src[a:b], out[a:b], b - a, n, imat)
 
-    _run_parts(part, rows, n, _MIN_QUANTIZE_ELEMS_PER_PART)
+    try:
+        _run_parts(part, rows, n, _MIN_QUANTIZE_ELEMS_PER_PART)
+    except FloatingPointError:  # the C module checks every value before quantizing
+        from moetrace.kernels.errors import FormatError
+
+        raise FormatError(f"cannot quantize to {type_name}: the tensor holds NaN or Inf") from None
     return torch.from_numpy(out)
 
 

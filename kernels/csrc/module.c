@@ -33,10 +33,24 @@ static int get_buffer(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t n
     return 0;
 }
 
+/* 1 when no value is NaN or +-Inf (exponent bits all ones), 0 otherwise. */
+static int all_finite(const float *x, int64_t n) {
+    const uint32_t *u = (const uint32_t *)x;
+    uint32_t bad = 0;
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        for (int j = 0; j < 64; ++j) bad |= ((u[i + j] & 0x7f800000u) == 0x7f800000u);
+        if (bad) return 0;
+    }
+    for (; i < n; ++i) bad |= ((u[i] & 0x7f800000u) == 0x7f800000u);
+    return !bad;
+}
+
 PyDoc_STRVAR(quantize_doc,
 "quantize(type_name, src, dst, n_rows, n_per_row, imatrix=None)\n\n"
 "Quantize n_rows rows of n_per_row float32 values from buffer src into GGUF block bytes in\n"
-"buffer dst, bit-exact with ggml; imatrix is None or a buffer of n_per_row float32 weights.");
+"buffer dst, bit-exact with ggml; imatrix is None or a buffer of n_per_row float32 weights.\n"
+"Raises FloatingPointError (and writes nothing) when src holds NaN or Inf.");
 
 static PyObject *py_quantize(PyObject *self, PyObject *args) {
     const char *name;
@@ -63,13 +77,17 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
         }
         im = (const float *)imat.buf;
     }
-    int rc;
+    int rc, finite;
     Py_BEGIN_ALLOW_THREADS
-    rc = table.quantize[t]((const float *)src.buf, (uint8_t *)dst.buf, n_rows, n_per_row, im);
+    /* ggml would quantize NaN/Inf silently; moetrace refuses them. Checked here, on the rows this
+     * call quantizes (in this thread, the bytes then in cache for the kernel). */
+    finite = all_finite((const float *)src.buf, n_rows * n_per_row);
+    rc = finite ? table.quantize[t]((const float *)src.buf, (uint8_t *)dst.buf, n_rows, n_per_row, im) : 0;
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
     if (im) PyBuffer_Release(&imat);
+    if (!finite) return PyErr_Format(PyExc_FloatingPointError, "the tensor holds NaN or Inf");
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }

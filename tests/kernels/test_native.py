@@ -8,6 +8,7 @@ sparse rows, outliers, several shapes) and require the two paths to agree byte f
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import gguf
@@ -146,3 +147,16 @@ def test_portable_search_path_matches_ggml(ggml_vectors):
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "OK", out.stdout
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_nan_or_inf_refused_by_both_paths(bad, backend):
+    """One non-finite value anywhere (here in the last row, which another thread quantizes) is refused."""
+    from moetrace.kernels import FormatError
+
+    x = torch.randn(600, 512, generator=torch.Generator().manual_seed(5))
+    x[-1, -1] = bad
+    ctx = native.disabled() if backend == "torch" else contextlib.nullcontext()
+    with ctx, pytest.raises(FormatError, match="Q4_K: the tensor holds NaN or Inf"):
+        quantize(x, "Q4_K")
