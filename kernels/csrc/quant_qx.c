@@ -20,7 +20,8 @@
  * chosen at load time on CPUs that have AVX2; it performs the same operations, so the bytes do not
  * depend on the machine. MOETRACE_NO_AVX2=1 in the environment (read when the module loads) keeps
  * the portable version, so tests can check both on one machine. Inputs are finite (the caller
- * rejects NaN and Inf). */
+ * rejects NaN and Inf), but float32 sums of huge inputs can overflow to Inf and NaN inside the
+ * searches; those cases follow ggml's scalar comparisons too (see make_qx_quants_scalar). */
 #include "ckernels.h"
 #include "common.h"
 
@@ -96,15 +97,26 @@ static inline float f32_max_of(float a, float b) { return a > b ? a : b; }
 #define QX_MAXN 32
 
 /* ggml's first element of largest magnitude (its `if (ax > amax)` loop from 0): the largest |x|,
- * then the first element that has it; +0.0 when every |x| is 0. */
-static inline float first_absmax(int n, const float *x, float *amax_out) {
+ * then the first element that has it; +0.0 when every |x| is 0. NaN elements are skipped, as
+ * ggml's comparison skips them (`ax > amax ? ax : amax`, never the other way round). *nonfinite
+ * is set when some x is Inf or NaN (possible for Q3_K's second-level call, whose x are the group
+ * scales, when float32 sums overflowed). */
+static inline float first_absmax(int n, const float *x, float *amax_out, int *nonfinite) {
     float amax = 0.f;
-    for (int i = 0; i < n; ++i) amax = f32_max_of(amax, fabsf(x[i]));
+    uint32_t expo = 0;
+    for (int i = 0; i < n; ++i) {
+        const float ax = fabsf(x[i]);
+        amax = ax > amax ? ax : amax;
+        uint32_t b;
+        memcpy(&b, x + i, sizeof b);
+        expo |= (b & 0x7f800000u) == 0x7f800000u;
+    }
     *amax_out = amax;
+    *nonfinite = expo != 0;
     if (amax == 0.f) return 0.f;
     for (int i = 0; i < n; ++i)
         if (fabsf(x[i]) == amax) return x[i];
-    return 0.f; /* not reached for non-NaN input */
+    return 0.f; /* not reached */
 }
 
 /* The kernel of make_qx_quants: for each candidate lane k (isc[k] = num[k] / max),
@@ -204,11 +216,54 @@ static const float *qx_num(int nmax) {
     return nmax == 4 ? qx_num4 : nmax == 8 ? qx_num8 : nmax == 16 ? qx_num16 : qx_num32;
 }
 
+/* make_qx_quants candidate by candidate, as ggml's scalar loops, for x holding Inf or NaN: there
+ * iscale*x is NaN or +-Inf, whose nearest_int bits ggml clamps as integers (a NaN gives l = 0),
+ * which the lanes' clamp-then-round does not reproduce. max: first_absmax's value (nonzero). */
+static float qx_candidate(int n, int nmax, const float *x, const float *w, float iscale, float *suml2_out) {
+    float sumlx = 0.f, suml2 = 0.f;
+    for (int i = 0; i < n; ++i) {
+        int l = mt_nearest_int(iscale * x[i]);
+        l = l < -nmax ? -nmax : (l > nmax - 1 ? nmax - 1 : l);
+        sumlx += (w[i] * x[i]) * (float)l;
+        suml2 += (w[i] * (float)l) * (float)l;
+    }
+    *suml2_out = suml2;
+    return sumlx;
+}
+
+static void qx_codes(int n, int nmax, const float *x, float iscale, int8_t *L) {
+    for (int i = 0; i < n; ++i) {
+        const int l = mt_nearest_int(iscale * x[i]);
+        L[i] = (int8_t)(nmax + (l < -nmax ? -nmax : (l > nmax - 1 ? nmax - 1 : l)));
+    }
+}
+
+static float make_qx_quants_scalar(int n, int nmax, const float *x, int8_t *L, const float *w, float max) {
+    float suml2;
+    float iscale = -(float)nmax / max;
+    float sumlx = qx_candidate(n, nmax, x, w, iscale, &suml2);
+    qx_codes(n, nmax, x, iscale, L);
+    float scale = suml2 != 0.f ? sumlx / suml2 : 0.f;
+    float best = scale * sumlx;
+    for (int is = -9; is <= 9; ++is) {
+        if (is == 0) continue;
+        iscale = -((float)nmax + 0.1f * (float)is) / max;
+        sumlx = qx_candidate(n, nmax, x, w, iscale, &suml2);
+        if (suml2 > 0.f && sumlx * sumlx > best * suml2) {
+            qx_codes(n, nmax, x, iscale, L);
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    return scale;
+}
+
 /* Returns ggml's scale; L[i] = l + nmax in 0..2*nmax-1 (all 0 for an all-zero group).
  * qw NULL means ggml's default weights x*x. n <= QX_MAXN; nmax is 4, 8, 16 or 32. */
 static float make_qx_quants(int n, int nmax, const float *x, int8_t *L, const float *qw) {
     float amax;
-    const float max = first_absmax(n, x, &amax);
+    int nonfinite;
+    const float max = first_absmax(n, x, &amax, &nonfinite);
     if (amax < MT_GROUP_MAX_EPS) {
         memset(L, 0, (size_t)n);
         return 0.f;
@@ -219,6 +274,7 @@ static float make_qx_quants(int n, int nmax, const float *x, int8_t *L, const fl
         for (int i = 0; i < n; ++i) wbuf[i] = x[i] * x[i];
         w = wbuf;
     }
+    if (nonfinite) return make_qx_quants_scalar(n, nmax, x, L, w, max);
     float isc[QX_LANES], sumlx[QX_LANES], suml2[QX_LANES];
     qx_sums(n, x, w, qx_num(nmax), max, (float)nmax, isc, sumlx, suml2);
 
