@@ -145,8 +145,13 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple
     # Candidate numerators in ggml's order, each a float32 constant: nmax, then nmax + 0.1f*is.
     cs = [_f32(nmax)] + [_f32(nmax) + _f32(0.1) * _f32(i) for i in range(-9, 10) if i != 0]
     iscale = torch.stack([fdiv(-float(c), mx) for c in cs])  # (C, G)
-    # |iscale * x| <= nmax + 0.9, far inside nearest_int's range, where it is round-half-even.
-    lf = torch.round(iscale[None] * x[:, None]).clamp_(-nmax, nmax - 1)  # (n, C, G)
+    # |iscale * x| <= nmax + 0.9 for finite x: far inside nearest_int's range, where it is
+    # round-half-even. Where sums overflowed (x itself a NaN or Inf scale from a first-level
+    # search), ggml's nearest_int gives 0 for NaN and -2**22 for +-Inf before the clamp.
+    v = iscale[None] * x[:, None]
+    lf = torch.round(v).clamp_(-nmax, nmax - 1)  # (n, C, G)
+    if not torch.isfinite(v).all():
+        lf = torch.where(torch.isnan(v), 0.0, torch.where(torch.isinf(v), float(-nmax), lf))
     sumlx = seq_sum(wx[:, None] * lf)  # (C, G)
     suml2 = seq_sum(w[:, None] * lf * lf)
 
