@@ -1,7 +1,7 @@
 """Resuming a run that stopped: reopen its stores and read back the hidden states to start from.
 
-A store's ``layers_done`` attribute is set by the store's writer thread only after every chunk
-of those layers has landed (tracer/store.py), so layers ``0..layers_done-1`` are complete and
+A store's progress (``layers_done``: its marker file, and the attribute, see tracer/store.py) is
+set by the store's writer thread only after every chunk of those layers has landed, so layers ``0..layers_done-1`` are complete and
 can be trusted; everything from ``layers_done`` on is computed again and overwritten. The
 executor needs, at the resume layer L, the input of layer L for every stream: that is the
 ``resid`` of layer L-1, stored in float32, which holds bf16/fp16 streams exactly, so the resumed
@@ -10,7 +10,6 @@ run computes bit for bit what the uninterrupted run would have.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +48,7 @@ class ResumedWriter(TraceWriter):
 
     @property
     def layers_done(self) -> int:
-        return int(json.loads((self.path / "zarr.json").read_text())["attributes"].get("layers_done", 0))
+        return S.layers_done(self.path)
 
 
 def store_state(path) -> dict | None:
@@ -61,7 +60,9 @@ def store_state(path) -> dict | None:
         return None
     ctx = _quiet()
     try:
-        return dict(zarr.open_group(path, mode="r").attrs)
+        attrs = dict(zarr.open_group(path, mode="r").attrs)
+        attrs["layers_done"] = S.layers_done(path)  # the attribute may lag the progress marker
+        return attrs
     except Exception as e:  # a store too damaged to open cannot be resumed
         raise MoetraceError(f"cannot resume {str(path)!r}: the store does not open ({e})") from None
     finally:

@@ -180,3 +180,106 @@ def test_store_layout_reads_like_xarrays_own(tmp_path, tiny_tokens):
         zarr.consolidate_metadata(tmp_path / "v.zarr")
     zarrs = json.loads((tmp_path / "v.zarr" / "zarr.json").read_text())["consolidated_metadata"]
     assert mine == zarrs
+
+
+def test_progress_marker_exact_while_attribute_lags(tmp_path, tiny_tokens, monkeypatch):
+    """After every layer the progress marker says exactly how many layers landed, while the layers_done
+    attribute is refreshed only every ATTRS_INTERVAL_S; readers take the larger. Finishing leaves one
+    metadata write (complete, the final count, consolidated) and no marker behind."""
+    import json
+
+    import torch
+
+    from moetrace.tracer import store as S
+    from moetrace.tracer.resume import store_state
+
+    monkeypatch.setattr(S, "ATTRS_INTERVAL_S", 3600.0)  # the attribute never refreshes within this test
+    sizes = {"layers": 3, "hidden": 8, "expert": 4, "k": 2, "vocab": 16}
+    path = tmp_path / "v.zarr"
+    w = S.TraceWriter(path, sizes, tiny_tokens, ["free"], ["resid"], {"variant": "v", "model": "m"})
+    markers = lambda: sorted(p.name for p in path.iterdir() if p.name.startswith(S.PROGRESS_PREFIX))  # noqa: E731
+    for L in range(2):
+        w.write_layer("free", L, {"resid": torch.full((tiny_tokens.n, 8), float(L))})
+        w.mark_layers_done(L + 1)
+        w.flush()
+        assert markers() == [f"{S.PROGRESS_PREFIX}{L + 1}"]  # exact, and the one before is gone
+        assert json.loads((path / "zarr.json").read_text())["attributes"]["layers_done"] == 0  # lags
+        assert S.layers_done(path) == L + 1 and store_state(path)["layers_done"] == L + 1
+        assert moetrace.open_trace(path, allow_incomplete=True).attrs["layers_done"] == L + 1
+    with pytest.raises(MoetraceError, match=r"incomplete \(2 of 3 layers"):
+        moetrace.open_trace(path)
+    w.write_layer("free", 2, {"resid": torch.full((tiny_tokens.n, 8), 2.0)})
+    w.mark_layers_done(3)
+    w.finish()
+    assert markers() == []
+    group = json.loads((path / "zarr.json").read_text())
+    assert group["attributes"]["complete"] is True and group["attributes"]["layers_done"] == 3
+    assert "resid" in group["consolidated_metadata"]["metadata"]
+    ds = moetrace.open_trace(path)
+    assert np.array_equal(ds.resid.sel(mode="free").values[:, 0, 0], [0.0, 1.0, 2.0])
+
+
+def test_progress_attribute_refreshed_when_interval_passed(tmp_path, tiny_tokens, monkeypatch):
+    import json
+
+    import torch
+
+    from moetrace.tracer import store as S
+
+    monkeypatch.setattr(S, "ATTRS_INTERVAL_S", 0.0)  # every layer
+    sizes = {"layers": 2, "hidden": 8, "expert": 4, "k": 2, "vocab": 16}
+    w = S.TraceWriter(tmp_path / "v.zarr", sizes, tiny_tokens, ["free"], ["resid"], {"variant": "v", "model": "m"})
+    w.write_layer("free", 0, {"resid": torch.zeros(tiny_tokens.n, 8)})
+    w.mark_layers_done(1)
+    w.flush()
+    assert json.loads((tmp_path / "v.zarr" / "zarr.json").read_text())["attributes"]["layers_done"] == 1
+    w.release()
+
+
+@pytest.mark.parametrize("nbytes", [740, 4096, 3 * 4096 + 12])
+@pytest.mark.parametrize("refuse", [None, "open", "write"])
+def test_chunk_written_exactly_direct_or_buffered(tmp_path, monkeypatch, nbytes, refuse):
+    """A chunk file holds exactly the array's bytes, whether O_DIRECT wrote it (padded to the alignment,
+    then truncated) or the file system refused O_DIRECT at open or at write and the buffered path did."""
+    import errno as errno_mod
+    import threading
+
+    from moetrace.tracer import store as S
+
+    real_open, real_write = os.open, os.write
+    used = []
+
+    def fake_open(path, flags, *a, **k):
+        direct = bool(flags & os.O_DIRECT)
+        if direct and refuse == "open":
+            raise OSError(errno_mod.EINVAL, "Invalid argument")
+        fd = real_open(path, flags, *a, **k)
+        if direct:
+            used.append(fd)
+        return fd
+
+    def fake_write(fd, data):
+        if fd in used and refuse == "write":
+            raise OSError(errno_mod.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "write", fake_write)
+    arr = np.random.default_rng(nbytes).standard_normal(nbytes // 4, dtype=np.float32)
+    arr = np.frombuffer(arr.tobytes() + bytes(nbytes % 4), dtype=np.uint8)  # any byte length
+    out = {}
+
+    def write():  # in a thread of its own, as the store's writer: the fallback is remembered per thread
+        path = tmp_path / "a" / "c.0"
+        S._write_chunk(path, arr)
+        out["bytes"] = path.read_bytes()
+        out["fallback"] = getattr(S._direct, "works", True) is False
+
+    t = threading.Thread(target=write)
+    t.start()
+    t.join()
+    assert out["bytes"] == arr.tobytes()
+    assert not (tmp_path / "a" / "c.0.tmp").exists()
+    if refuse is None and not used:
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT; the buffered path wrote the chunk")
+    assert out["fallback"] == (refuse is not None)
