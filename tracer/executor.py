@@ -111,6 +111,7 @@ class _Model:
         rotary_cls = type(skeleton.model.rotary_emb)
         self.rotary = rotary_cls(config=self.config)  # real buffers, on the CPU
         self._free: dict[tuple, list[torch.nn.Module]] = {}
+        self._templates: dict[int, tuple] = {}
 
     def layer(self, index: int, state: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.nn.Module:
         """Decoder layer ``index`` computing in ``dtype``, its tensors copied (and cast) from ``state``.
@@ -122,27 +123,41 @@ class _Model:
         cost a page-faulted, kernel-zeroed allocation of the whole layer.
         """
         skel = self.skeleton.model.layers[index]
-        key = (self._structure(skel), dtype)
+        if index not in self._templates:
+            # Per skeleton layer, computed once: its structure key, and the public attributes of
+            # each of its modules (layer_idx, ...), which a reused module takes over.
+            attrs = [{k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
+                     for _, m in skel.named_modules()]
+            self._templates[index] = (self._structure(skel), attrs)
+        structure, attrs = self._templates[index]
+        key = (structure, dtype)
         pool = self._free.get(key)
-        reused = bool(pool)
-        layer = pool.pop() if reused else copy.deepcopy(skel)
-        if reused:
-            for (_, mod), (_, ref) in zip(layer.named_modules(), skel.named_modules()):
-                for k, v in vars(ref).items():
-                    if not k.startswith("_") and k != "training":
-                        setattr(mod, k, v)
-        tensors = layer.state_dict(keep_vars=True)
-        if set(tensors) != set(state):
-            raise KeyError(f"layer {index}: state and module differ in {sorted(set(tensors) ^ set(state))[:5]}")
-        if next(iter(tensors.values())).is_meta:  # a fresh copy, or tensors dropped at the end of a run
+        if pool:
+            layer = pool.pop()
+            for mod, values in zip(layer._moetrace_modules, attrs):
+                mod.__dict__.update(values)  # plain attributes only: tensors and submodules live elsewhere
+        else:
+            layer = copy.deepcopy(skel).eval()
+            layer._moetrace_modules = [m for _, m in layer.named_modules()]
+            layer._moetrace_key = key
+            layer._moetrace_tensors = None
+        tensors = layer._moetrace_tensors  # the module's own tensors, by name (None: not allocated)
+        if tensors is None:
+            # A fresh copy, or tensors dropped at the end of a run: allocate them.
+            tensors = layer.state_dict(keep_vars=True)
+            if set(tensors) != set(state):
+                raise KeyError(f"layer {index}: state and module differ in {sorted(set(tensors) ^ set(state))[:5]}")
             owned = {k: torch.empty(v.shape, dtype=dtype).copy_(v) for k, v in state.items()}
             layer.load_state_dict(owned, strict=True, assign=True)
+            layer._moetrace_tensors = layer.state_dict(keep_vars=True)
         else:
+            if tensors.keys() != state.keys():
+                raise KeyError(f"layer {index}: state and module differ in {sorted(set(tensors) ^ set(state))[:5]}")
             with torch.no_grad():
                 for name, t in tensors.items():
                     t.copy_(state[name])
         layer._moetrace_dtype = dtype
-        return layer.eval()
+        return layer
 
     # The module skeletons of recently traced models, so a process that traces the same model
     # again (the library, a benchmark) does not rebuild them, as it would not reload a model
@@ -163,11 +178,12 @@ class _Model:
         """Free the reused layers' tensors (at the end of a run); the modules stay for the next one."""
         for layers in self._free.values():
             for layer in layers:
-                layer.to_empty(device="meta")
+                layer.to_empty(device="meta")  # new (meta) Parameter objects: the cached ones are stale
+                layer._moetrace_tensors = None
 
     def release(self, layer: torch.nn.Module) -> None:
         """Hand a layer back; its tensors are kept for the next layer of the same structure and dtype."""
-        self._free.setdefault((self._structure(layer), layer._moetrace_dtype), []).append(layer)
+        self._free.setdefault(layer._moetrace_key, []).append(layer)
 
     @staticmethod
     def _structure(layer: torch.nn.Module) -> tuple:
@@ -480,6 +496,8 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
             for (name, m) in streams:
                 streams[(name, m)] = read_streams(all_paths[name], m, start - 1, tokens, Variant.parse(name).dtype)
 
+        if hasattr(source, "mapped"):  # one memory map of each checkpoint shard for the whole run
+            stack.enter_context(source.mapped())
         layer_numel = max(sum(p.numel() for p in layer.parameters()) for layer in model.skeleton.model.layers)
         loader = _LayerLoader(source, gguf_src, weights, [ref] + variants, n_layers, layer_numel, prefetch)
         stack.callback(loader.close)

@@ -75,6 +75,7 @@ class CheckpointSource:
         self.model_id = model_id or str(self.folder.resolve())
         self._index = self._read_index()
         self._headers: dict[str, tuple[dict, int]] = {}  # shard -> (safetensors header, data offset)
+        self._session_maps: dict | None = None  # shard -> map, inside mapped()
         self.model_hash = model_hash or self._hash()
         self.tokenizer = self._tokenizer()
 
@@ -124,7 +125,8 @@ class CheckpointSource:
         """
         from safetensors import safe_open
 
-        maps: dict[str, _MappedShard] = {}
+        session = self._session_maps
+        maps: dict[str, _MappedShard] = session if session is not None else {}
         handles: dict[str, object] = {}
 
         def read(name: str) -> torch.Tensor:
@@ -146,7 +148,26 @@ class CheckpointSource:
             for h in handles.values():
                 h.__exit__(None, None, None)
             handles.clear()
-            maps.clear()  # each map closes when the last tensor viewing it is gone
+            if session is None:
+                maps.clear()  # each map closes when the last tensor viewing it is gone
+
+    @contextmanager
+    def mapped(self):
+        """Keep each shard's memory map open for the block instead of one map per read.
+
+        The executor reads every layer inside one such block: unmapping a shard after each layer
+        cost more than a third of reading the layer (measured on builtin:mini, 16 layers: 38-45 ms
+        with a map per layer, 27-32 ms with one map for the run). The pages stay mapped until the
+        block ends; they are the file's page cache, clean, so the kernel can still reclaim them.
+        """
+        if self._session_maps is not None:  # nested: the outer block owns the maps
+            yield
+            return
+        self._session_maps = {}
+        try:
+            yield
+        finally:
+            self._session_maps = None  # each map closes when the last tensor viewing it is gone
 
     def has(self, name: str) -> bool:
         return name in self._index

@@ -177,3 +177,27 @@ def test_mapped_tensors_equal_safetensors_own_reads_and_writes_stay_private(tiny
     t.add_(1.0)
     assert torch.equal(tiny_source.layer_state(0)["input_layernorm.weight"], original)
     assert {p: p.read_bytes() for p in folder.glob("*.safetensors")} == before
+
+
+def test_mapped_block_keeps_one_map_per_shard_and_reads_the_same_values(tiny_source):
+    """Inside ``mapped()`` every read of a shard views one map (the executor's runs); the values equal
+    the reads outside it, a nested block shares the outer maps, and after the block reads are again
+    private maps of their own."""
+    import torch
+
+    outside = [tiny_source.layer_state(L) for L in range(2)]
+    with tiny_source.mapped():
+        inside = [tiny_source.layer_state(L) for L in range(2)]
+        maps = dict(tiny_source._session_maps)
+        with tiny_source.mapped():
+            tiny_source.layer_state(0)
+            assert tiny_source._session_maps == maps  # the outer block owns them
+        shards = {tiny_source._index[f"model.layers.{L}.{k}"] for L in range(2) for k in inside[L]}
+        assert set(maps) == shards and all(m.mm is not None for m in maps.values())
+    assert tiny_source._session_maps is None
+    for a, b in zip(outside, inside):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    t = tiny_source.layer_state(0)["input_layernorm.weight"]
+    original = t.clone()
+    t.add_(1.0)
+    assert torch.equal(tiny_source.layer_state(0)["input_layernorm.weight"], original)
