@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest
@@ -73,30 +72,41 @@ def test_resume_refuses_other_options_and_empty_folders(tmp_path, tiny_source, t
 def test_failed_write_leaves_store_incomplete_and_says_so(tmp_path, tiny_source, tiny_tokens, tiny_run):
     """A write that fails at layer 2: the error says the stores are incomplete; --resume then finishes them exactly.
 
-    The failure is a real one from the file system, whatever the writer's mechanism: once layer 0
-    is traced, a folder (not empty) takes the place of layer 2's routing-mode moe_out chunk file,
-    so putting the chunk there raises (as a full disk makes a write raise).
+    The failure is a real one from the operating system, whatever the writer's mechanism: once
+    layer 0 is traced, a file-size limit (RLIMIT_FSIZE, with SIGXFSZ ignored so the write returns
+    EFBIG, as a full disk makes a write raise) stops every hidden-size shard file just before
+    layer 2's slot.
     """
+    import resource
+    import signal
+
+    from moetrace.tracer import store as S
+
     run_dir = tmp_path / "full"
-    blocker = run_dir / "orig-bf16.zarr" / "moe_out" / "c.2.2.0.0"  # chunk (mode=routing, layer=2, ...)
+    T, H = tiny_tokens.n, tiny_source.config.hidden_size
+    limit = S._align(tiny_source.num_layers * 16) + 2 * S._align(T * H * 4)  # end of layer 1's slot
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     def block_layer_2(event, **info):
         if event == "layer_done" and info["layer"] == 0:
-            blocker.mkdir(parents=True, exist_ok=True)
-            (blocker / "in-the-way").write_text("")
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
 
     cfg = RunConfig(model="builtin:tiny", variants=["orig-bf16"], modes=["free", "teacher", "routing"])
-    with pytest.raises(MoetraceError, match=r"orig-bf16\.zarr failed \(.+; noticed at layer [23]\).*left marked "
-                                            r"incomplete.*--resume"):
-        run_trace(tiny_source, cfg, tiny_tokens, run_dir, progress=block_layer_2)
-    assert store_state(run_dir / "orig-bf16.zarr")["layers_done"] == 2  # layer 2 is not covered
+    try:
+        with pytest.raises(MoetraceError, match=r"orig-(fp32|bf16)\.zarr failed \(.+; noticed at layer [23]\).*left "
+                                                r"marked incomplete.*--resume"):
+            run_trace(tiny_source, cfg, tiny_tokens, run_dir, progress=block_layer_2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)  # space freed
+        signal.signal(signal.SIGXFSZ, old_handler)
     for p in run_dir.glob("*.zarr"):
+        assert store_state(p)["layers_done"] == 2  # layer 2 is not covered
         assert store_state(p)["complete"] is False
         assert not (p / ".moetrace-writer.lock").exists()
     with pytest.raises(MoetraceError, match="incomplete"):
         moetrace.open_trace(run_dir / "orig-bf16.zarr")
 
-    shutil.rmtree(blocker)  # space freed
     stores = run_trace(tiny_source, cfg, tiny_tokens, run_dir, resume=True)
     _, want = tiny_run  # the same configuration, never interrupted
     for name in ("orig-fp32", "orig-bf16"):
