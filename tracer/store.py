@@ -410,9 +410,12 @@ def _our_shards(meta: dict) -> bool:
 class _ShardFile:
     """One shard file of a per-layer array (one mode, every layer), written a layer at a time.
 
-    The data goes in with O_DIRECT where the file system takes it (see :func:`_write_chunk`).
-    A layer's bytes are written before its index entry, so the index never points at a slot
-    not yet written; a layer written again (a resumed run) is overwritten in place.
+    The data goes in with O_DIRECT where the file system takes it (see :func:`_write_chunk`);
+    the index, a few hundred bytes rewritten after every layer, through the page cache (a second,
+    buffered descriptor: the ranges never overlap, and an O_DIRECT write waits for the disk, which
+    at the end of a run the main thread waited for). A layer's bytes are written before its index
+    entry, so the index never points at a slot not yet written; a layer written again (a resumed
+    run) is overwritten in place.
     """
 
     def __init__(self, path: Path, n_chunks: int, chunk_bytes: int):
@@ -431,8 +434,9 @@ class _ShardFile:
                 self.index = np.frombuffer(raw, dtype="<u8").reshape(n_chunks, 2).copy()
         self.direct = _direct_io_wanted()
         self.fd = self._open()
+        self.index_fd = os.open(path, os.O_WRONLY)
         if not existing:
-            self._write(0, memoryview(self.index).cast("B"))
+            self._write_index()
 
     def _open(self) -> int:
         if self.direct:
@@ -475,12 +479,20 @@ class _ShardFile:
         offset = self.data_start + layer * self.stride
         self._write(offset, data)
         self.index[layer] = (offset, self.chunk_bytes)
-        self._write(0, memoryview(self.index).cast("B"))
+        self._write_index()
+
+    def _write_index(self) -> None:
+        data = memoryview(self.index).cast("B")
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.index_fd, data[done:], done)
 
     def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        for name in ("fd", "index_fd"):
+            fd = getattr(self, name, None)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
 
 
 def _align(n: int) -> int:
