@@ -377,7 +377,7 @@ def _alive(pid: int) -> bool:
 # writer's choice, which the shard index (at the start, raw little-endian uint64 pairs) describes:
 # layer l's bytes at SHARD_ALIGN-aligned offset ``data_start + l * stride``, so a layer's slot is
 # known before it is written and can be written, and rewritten on resume, in place.
-SHARD_ALIGN = 4096  # = DIRECT_ALIGN: slots and the index region can be written with O_DIRECT
+SHARD_ALIGN = 4096  # = DIRECT_ALIGN: slots can be written with O_DIRECT
 _EMPTY = np.iinfo(np.uint64).max  # the index entry of a chunk not written (reads as the fill value)
 _SHARD_CODEC = "sharding_indexed"
 
@@ -451,15 +451,8 @@ class _ShardFile:
     def _write(self, offset: int, data: memoryview) -> None:
         n = len(data)
         if self.direct:
-            padded = _align(n)
-            stage = _staging(padded)
-            stage[:n] = data
-            if padded > n:
-                stage[n:padded] = bytes(padded - n)
             try:
-                done = 0
-                while done < padded:
-                    done += os.pwrite(self.fd, stage[done:padded], offset + done)
+                _pwrite_direct(self.fd, data, offset)
                 return
             except OSError as e:
                 if e.errno != errno.EINVAL:
@@ -605,12 +598,17 @@ def logit_chunk_tokens(n_tokens: int, vocab: int) -> int:
 # both of which compete with the forward passes for the cores. Buffered writes remain for file
 # systems that refuse O_DIRECT (tmpfs, some network file systems) and with MOETRACE_DIRECT_IO=0.
 # Measured on 2 cores, ext4, outputs kept (benchmarks/bench_trace_overhead.py): see README.
-DIRECT_ALIGN = 4096  # memory, length and offset alignment that every Linux block device accepts
+DIRECT_ALIGN = SHARD_ALIGN  # memory, length and offset alignment that every Linux block device accepts
 _direct = threading.local()
 
 
 def _direct_io_wanted() -> bool:
     return hasattr(os, "O_DIRECT") and os.environ.get("MOETRACE_DIRECT_IO", "1") != "0"
+
+
+# The staging buffer holds at most this much: a large chunk (a long run's resid: 8 KiB per token
+# at Qwen3-30B-A3B's width) goes through it in pieces rather than doubling its memory.
+STAGING_BYTES = 8 << 20
 
 
 def _staging(n: int) -> memoryview:
@@ -623,10 +621,28 @@ def _staging(n: int) -> memoryview:
     return memoryview(buf)
 
 
+def _pwrite_direct(fd: int, data: memoryview, offset: int) -> int:
+    """Write ``data`` at ``offset`` (aligned) to an O_DIRECT descriptor, in staged pieces, the last one
+    padded with zeros to the alignment. Returns the padded length written."""
+    n = len(data)
+    stage = _staging(min(_align(n), STAGING_BYTES))
+    pos = 0
+    while pos < n:
+        k = min(n - pos, STAGING_BYTES)
+        padded = _align(k)
+        stage[:k] = data[pos:pos + k]
+        if padded > k:
+            stage[k:padded] = bytes(padded - k)
+        done = 0
+        while done < padded:  # a short write returns what the device took; write the rest
+            done += os.pwrite(fd, stage[done:padded], offset + pos + done)
+        pos += padded
+    return _align(n)
+
+
 def _write_direct(tmp: Path, data: memoryview) -> bool:
     """Write ``data`` to a new file ``tmp`` with O_DIRECT; False where the file system refuses it."""
     n = len(data)
-    padded = -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
     try:
         fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_DIRECT, 0o644)
     except OSError as e:
@@ -634,16 +650,8 @@ def _write_direct(tmp: Path, data: memoryview) -> bool:
             return False
         raise
     try:
-        if n:
-            stage = _staging(padded)
-            stage[:n] = data
-            if padded > n:
-                stage[n:padded] = bytes(padded - n)
-            done = 0
-            while done < padded:  # a short write returns what the device took; write the rest
-                done += os.write(fd, stage[done:padded])
-            if padded > n:
-                os.ftruncate(fd, n)
+        if n and _pwrite_direct(fd, data, 0) > n:
+            os.ftruncate(fd, n)
     except OSError as e:
         os.close(fd)
         if e.errno == errno.EINVAL:  # opened, but this file system cannot write that way

@@ -365,7 +365,7 @@ def test_chunk_written_exactly_direct_or_buffered(tmp_path, monkeypatch, nbytes,
 
     from moetrace.tracer import store as S
 
-    real_open, real_write = os.open, os.write
+    real_open, real_pwrite = os.open, os.pwrite
     used = []
 
     def fake_open(path, flags, *a, **k):
@@ -377,13 +377,14 @@ def test_chunk_written_exactly_direct_or_buffered(tmp_path, monkeypatch, nbytes,
             used.append(fd)
         return fd
 
-    def fake_write(fd, data):
+    def fake_pwrite(fd, data, offset):
         if fd in used and refuse == "write":
             raise OSError(errno_mod.EINVAL, "Invalid argument")
-        return real_write(fd, data)
+        return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(os, "open", fake_open)
-    monkeypatch.setattr(os, "write", fake_write)
+    monkeypatch.setattr(os, "pwrite", fake_pwrite)
+    monkeypatch.setattr(S, "STAGING_BYTES", 8192)  # the largest case goes through the staging buffer in pieces
     arr = np.random.default_rng(nbytes).standard_normal(nbytes // 4, dtype=np.float32)
     arr = np.frombuffer(arr.tobytes() + bytes(nbytes % 4), dtype=np.uint8)  # any byte length
     out = {}
