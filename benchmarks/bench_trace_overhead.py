@@ -106,13 +106,13 @@ def main():
     base = statistics.median(times["plain forward"])
     print(f"{src.model_id}: {src.num_layers} layers, {tokens.n} tokens, torch threads {torch.get_num_threads()}, "
           f"median of {args.repeats}, {nbytes / 2**20:.0f} MiB of trace per run")
-    print(f"  {'':<23} {'median':>8}     {'ratio':>5}               {'paired':>6}")
+    print("  ratio: median over the plain forward's median; paired: median over repeats of the case's time over "
+          "the plain forward's in the same repeat")
+    print(f"  {'':<23} {'median':>8}    {'ratio':>6} {'paired':>7}")
     for k, v in times.items():
         m = statistics.median(v)
-        # paired: the median over repeats of this case's time over the plain forward's in the same repeat
         paired = statistics.median(x / y for x, y in zip(v, times["plain forward"]))
-        print(f"  {k:<23} {m:8.3f} s   {m / base:5.2f}x plain forward  {paired:5.2f}x   "
-              f"(min {min(v):.3f} s, max {max(v):.3f} s)")
+        print(f"  {k:<23} {m:8.3f} s  {m / base:5.2f}x  {paired:5.2f}x   (min {min(v):.3f} s, max {max(v):.3f} s)")
     all_sites = statistics.median(times["traced, all sites"])
     no_sites = statistics.median(times["traced, no sites"])
     print(f"  recording itself (all sites / no sites): {all_sites / no_sites:.2f}x")
