@@ -375,9 +375,9 @@ def _alive(pid: int) -> bool:
 # 97 chunk files per run, 17% over recording nothing; one file, 8%). Readers still get one chunk
 # per layer (xarray's dask chunks are the inner chunks). The layout inside a shard file is this
 # writer's choice, which the shard index (at the start, raw little-endian uint64 pairs) describes:
-# layer l's bytes at SHARD_ALIGN-aligned offset ``data_start + l * stride``, so a layer's slot is
+# layer l's bytes at DIRECT_ALIGN-aligned offset ``data_start + l * stride``, so a layer's slot is
 # known before it is written and can be written, and rewritten on resume, in place.
-SHARD_ALIGN = 4096  # = DIRECT_ALIGN: slots can be written with O_DIRECT
+DIRECT_ALIGN = 4096  # memory, length and offset alignment every Linux block device accepts for O_DIRECT
 _EMPTY = np.iinfo(np.uint64).max  # the index entry of a chunk not written (reads as the fill value)
 _SHARD_CODEC = "sharding_indexed"
 
@@ -489,7 +489,7 @@ class _ShardFile:
 
 
 def _align(n: int) -> int:
-    return -(-n // SHARD_ALIGN) * SHARD_ALIGN
+    return -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
 
 
 def _plain_chunks(meta: dict) -> bool:
@@ -598,7 +598,6 @@ def logit_chunk_tokens(n_tokens: int, vocab: int) -> int:
 # both of which compete with the forward passes for the cores. Buffered writes remain for file
 # systems that refuse O_DIRECT (tmpfs, some network file systems) and with MOETRACE_DIRECT_IO=0.
 # Measured on 2 cores, ext4, outputs kept (benchmarks/bench_trace_overhead.py): see README.
-DIRECT_ALIGN = SHARD_ALIGN  # memory, length and offset alignment that every Linux block device accepts
 _direct = threading.local()
 
 
