@@ -365,9 +365,10 @@ def bench_dequantize(types, repeat, ggml: Ggml | None):
 def bench_audit_layer(repeat, experts):
     from types import SimpleNamespace
 
-    from moetrace.tracer import audit as A
-    from moetrace.tracer import builtin, qcache
-    from moetrace.tracer import weights as W
+    from moetrace.tracer.weights import audit as A
+    from moetrace.tracer.sources import builtin as builtin
+    from moetrace.tracer.weights import qcache as qcache
+    from moetrace.tracer.weights import derive as W
 
     L = 7
     shape = builtin.PRESETS["qwen3-30b-a3b"]

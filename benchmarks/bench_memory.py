@@ -40,7 +40,7 @@ def write_layers(folder: Path, n_layers: int) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from moetrace.tracer import builtin
+    from moetrace.tracer.sources import builtin as builtin
 
     shape = builtin.parse_builtin(f"builtin:qwen3-30b-a3b:layers={n_layers}").shape
     folder.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ def model_folder(layers_dir: Path, out: Path, n: int) -> Path:
     """A checkpoint folder of the first ``n`` layers: config.json, index, symlinked shards."""
     from safetensors import safe_open
 
-    from moetrace.tracer import builtin
+    from moetrace.tracer.sources import builtin as builtin
 
     shape = builtin.BuiltinShape(**json.loads((layers_dir / "shape.json").read_text()))
     folder = out / f"qwen3-30b-a3b-{n}layers"
@@ -107,8 +107,8 @@ def model_folder(layers_dir: Path, out: Path, n: int) -> Path:
 
 def write_gguf_file(folder: Path, file_type: str) -> Path:
     """The checkpoint as a GGUF file of ``file_type``, written by `moetrace quantize`'s library call."""
-    from moetrace.tracer.gguf_writer import write_gguf
-    from moetrace.tracer.source import open_source
+    from moetrace.tracer.weights.gguf_writer import write_gguf
+    from moetrace.tracer.sources.checkpoint import open_source
 
     path = folder.with_suffix(f".{file_type}.gguf")
     t = time.perf_counter()
@@ -120,7 +120,7 @@ def write_gguf_file(folder: Path, file_type: str) -> Path:
 
 def run_once(folder: Path, variants: list[str], tokens: int, out: Path, gguf: Path | None = None) -> dict:
     """One `moetrace run` in a subprocess: peak RSS (bytes), wall time, per-layer seconds."""
-    from moetrace.tracer.prompts import DEMO_TEXT
+    from moetrace.tracer.sources.prompts import DEMO_TEXT
 
     text = ((DEMO_TEXT + " ") * (tokens // len(DEMO_TEXT) + 2))[:tokens]  # byte-level vocabulary: 1 char = 1 token
     cmd = [sys.executable, "-m", "moetrace", "run", "--model", str(folder), "--text", text,

@@ -51,9 +51,9 @@ def main():
     from transformers import AutoModelForCausalLM
 
     from moetrace.hooks.sites import ALL_SITES
-    from moetrace.tracer.executor import RunConfig, run_trace
-    from moetrace.tracer.prompts import DEMO_TEXT, tokenize
-    from moetrace.tracer.source import open_source
+    from moetrace.tracer.execution.executor import RunConfig, run_trace
+    from moetrace.tracer.sources.prompts import DEMO_TEXT, tokenize
+    from moetrace.tracer.sources.checkpoint import open_source
 
     src = open_source(args.model)
     text = (DEMO_TEXT + " ") * (args.tokens // len(DEMO_TEXT) + 1)

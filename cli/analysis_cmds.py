@@ -18,7 +18,7 @@ MODES = click.Choice(["free", "teacher", "routing"])
 
 def _open_pair(reference, variant):
     from moetrace.errors import MoetraceError
-    from moetrace.tracer.store import open_trace
+    from moetrace.tracer.store.zarr_store import open_trace
 
     for p in (reference, variant):
         if not Path(p).exists():
@@ -43,9 +43,9 @@ def decompose(reference, variant, as_json, floor):
     gain:       inherited / propagated error of the layer before (>1: the layer amplifies).
     Needs a VARIANT store with free and teacher modes (`moetrace run --mode free --mode teacher`).
     """
-    from moetrace.tracer.analysis import open_floor
-    from moetrace.tracer.decompose import decompose as run_decompose
-    from moetrace.tracer.decompose import decomposition_to_dict, format_decomposition
+    from moetrace.tracer.analysis.summary import open_floor
+    from moetrace.tracer.analysis.decompose import decompose as run_decompose
+    from moetrace.tracer.analysis.decompose import decomposition_to_dict, format_decomposition
 
     ref, var = _open_pair(reference, variant)
     dec = run_decompose(ref, var)
@@ -75,8 +75,8 @@ def routing(reference, variant, mode, as_json, floor):
     experts that gained and lost the most tokens, the first flipped layer per token and how many
     layers flipped per token.
     """
-    from moetrace.tracer.analysis import open_floor
-    from moetrace.tracer.routing import format_routing, routing_diff, routing_to_dict
+    from moetrace.tracer.analysis.summary import open_floor
+    from moetrace.tracer.analysis.routing import format_routing, routing_diff, routing_to_dict
 
     ref, var = _open_pair(reference, variant)
     rd = routing_diff(ref, var, mode)
@@ -106,9 +106,9 @@ def report(run_dir, out_dir, reference, resamples, seed, as_json, quiet):
     the headline figures (95% bootstrap intervals; multiples of the noise floor when the run has
     an orig-bf16 store) and where each variant's error grows.
     """
-    from moetrace.tracer.analysis import format_headlines, headlines_to_dict
-    from moetrace.tracer.decompose import decomposition_to_dict, summary_lines
-    from moetrace.tracer.report import pair_lines, write_report
+    from moetrace.tracer.analysis.summary import format_headlines, headlines_to_dict
+    from moetrace.tracer.analysis.decompose import decomposition_to_dict, summary_lines
+    from moetrace.tracer.render.report import pair_lines, write_report
 
     log = (lambda msg: None) if (quiet or as_json) else (lambda msg: click.echo(msg, err=True))
     rep = write_report(run_dir, out_dir, reference, resamples, seed, log=log)

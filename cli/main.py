@@ -134,7 +134,7 @@ def diff(reference, variant, mode, as_json):
 
     d = api.diff_stores(reference, variant, mode)
     if as_json:
-        from moetrace.tracer.compare import diff_to_dict
+        from moetrace.tracer.analysis.compare import diff_to_dict
 
         click.echo(json.dumps(diff_to_dict(d), indent=2))
     else:
@@ -167,7 +167,7 @@ def models(as_json):
     """The built-in synthetic models (nothing is downloaded; generated on first use and cached)."""
     from dataclasses import asdict
 
-    from moetrace.tracer.builtin import DEFAULT_PRESET, PRESETS, cache_root
+    from moetrace.tracer.sources.builtin import DEFAULT_PRESET, PRESETS, cache_root
 
     if as_json:
         click.echo(json.dumps({f"builtin:{k}": asdict(v) for k, v in PRESETS.items()}, indent=2))
@@ -195,8 +195,8 @@ def cache(prune_to, clear, as_json):
     command opens the cache; MOETRACE_QCACHE=0 turns the cache off; MOETRACE_CACHE moves it.
     """
     from moetrace.errors import MoetraceError
-    from moetrace.tracer.builtin import cache_root
-    from moetrace.tracer.qcache import QuantCache, parse_size
+    from moetrace.tracer.sources.builtin import cache_root
+    from moetrace.tracer.weights.qcache import QuantCache, parse_size
 
     if prune_to is not None and clear:
         raise MoetraceError("--prune and --clear exclude each other")

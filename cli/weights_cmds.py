@@ -1,6 +1,6 @@
 """Weight commands (recipe, quantize, audit): registered on the main `moetrace` group.
 
-A thin layer: each command parses its options and calls moetrace.tracer.weights, gguf_writer or
+A thin layer: each command parses its options and calls moetrace.tracer.weights.derive, gguf_writer or
 audit. Heavy imports stay inside the command bodies so `moetrace --help` answers at once.
 """
 
@@ -38,7 +38,7 @@ def recipe(file_type, model, with_imatrix, summary, as_json):
     the model (tensor data only, as llama-quantize reports it). Built-in models are described
     from their preset: nothing is generated.
     """
-    from moetrace.tracer import weights as W
+    from moetrace.tracer.weights import derive as W
 
     source = W.config_source(model)
     s = W.recipe_summary(source, file_type, has_imatrix=with_imatrix)
@@ -92,8 +92,8 @@ def quantize(file_type, output, model, imatrix_file, plant, no_cache, as_json, q
     quantizing what a run or audit already quantized only copies them.
     """
     from moetrace.kernels import recipes
-    from moetrace.tracer.gguf_writer import write_gguf
-    from moetrace.tracer.source import open_source
+    from moetrace.tracer.weights.gguf_writer import write_gguf
+    from moetrace.tracer.sources.checkpoint import open_source
 
     recipes.parse_file_type(file_type)  # an unknown file type fails before the model is opened
     say = (lambda msg: None) if (quiet or as_json) else (lambda msg: click.echo(msg, err=True))
@@ -153,8 +153,8 @@ def audit(variant, model, gguf_file, threshold, plant, imatrix_file, out, top, n
     """
     from pathlib import Path
 
-    from moetrace.tracer import audit as A
-    from moetrace.tracer.source import open_source
+    from moetrace.tracer.weights import audit as A
+    from moetrace.tracer.sources.checkpoint import open_source
 
     ftype, compute = A.parse_weights(variant)  # bad names fail before the model is opened
     if (ftype == "gguf") != (gguf_file is not None):

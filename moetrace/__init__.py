@@ -15,7 +15,7 @@ __all__ = ["__version__", "open_trace", "open_traces"]
 def __getattr__(name):
     # Lazy, so `import moetrace` (and `moetrace --help`) does not pull in torch or zarr.
     if name in ("open_trace", "open_traces"):
-        from moetrace.tracer import store
+        from moetrace.tracer.store import zarr_store as store
 
         return getattr(store, name)
     raise AttributeError(f"module 'moetrace' has no attribute {name!r}")

@@ -26,14 +26,14 @@ SHORT_TEXT = "Experts route tokens; quantization error grows layer by layer."
 
 @pytest.fixture(scope="session")
 def tiny_source():
-    from moetrace.tracer.source import open_source
+    from moetrace.tracer.sources.checkpoint import open_source
 
     return open_source(TINY)
 
 
 @pytest.fixture(scope="session")
 def tiny_tokens(tiny_source):
-    from moetrace.tracer.prompts import tokenize
+    from moetrace.tracer.sources.prompts import tokenize
 
     return tokenize([SHORT_TEXT, "A second, shorter prompt."], tiny_source.tokenizer)
 
@@ -41,7 +41,7 @@ def tiny_tokens(tiny_source):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_source, tiny_tokens):
     """One traced run of builtin:tiny: reference orig-fp32 and orig-bf16 in all three modes."""
-    from moetrace.tracer.executor import RunConfig, run_trace
+    from moetrace.tracer.execution.executor import RunConfig, run_trace
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     cfg = RunConfig(model=TINY, variants=["orig-bf16"], modes=["free", "teacher", "routing"])

@@ -10,10 +10,10 @@ import numpy as np
 
 from moetrace.errors import MoetraceError
 from moetrace.hooks.sites import ALL_SITES
-from moetrace.tracer import compare
-from moetrace.tracer.executor import RunConfig, run_trace
-from moetrace.tracer.prompts import DEMO_TEXT, read_prompts, tokenize
-from moetrace.tracer.store import open_trace
+from moetrace.tracer.analysis import compare as compare
+from moetrace.tracer.execution.executor import RunConfig, run_trace
+from moetrace.tracer.sources.prompts import DEMO_TEXT, read_prompts, tokenize
+from moetrace.tracer.store.zarr_store import open_trace
 
 
 def default_run_name(model_id: str) -> str:
@@ -62,7 +62,7 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
     ``gguf`` is the GGUF file of the ``gguf-*`` variants; ``resume`` continues the stores a stopped
     run with the same options left incomplete in the run folder.
     """
-    from moetrace.tracer.source import open_source
+    from moetrace.tracer.sources.checkpoint import open_source
 
     log = log or (lambda msg: None)
     if not variants:
@@ -109,7 +109,7 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
 
 
 def diff_stores(reference, variant, mode="free"):
-    """Open two stores and return :func:`moetrace.tracer.compare.diff` of them."""
+    """Open two stores and return :func:`moetrace.tracer.analysis.compare.diff` of them."""
     for p in (reference, variant):
         if not Path(p).exists():
             raise MoetraceError(f"trace store {str(p)!r} does not exist")

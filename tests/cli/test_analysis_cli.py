@@ -20,7 +20,7 @@ def stores(tiny_run):
 
 
 def test_routing_table_and_json(stores):
-    from moetrace.tracer.routing import routing_diff
+    from moetrace.tracer.analysis.routing import routing_diff
 
     ref, var = stores
     p = moetrace("routing", ref, var)

@@ -43,7 +43,7 @@ def test_second_run_reuses_reference(cli_run):
 
 def test_diff_json_matches_library(cli_run):
     import moetrace as mt
-    from moetrace.tracer import compare
+    from moetrace.tracer.analysis import compare as compare
 
     run_dir, _ = cli_run
     p = moetrace("diff", str(run_dir / "orig-fp32.zarr"), str(run_dir / "orig-bf16.zarr"), "--json")
@@ -120,9 +120,9 @@ def test_diff_of_different_models_refused(cli_run, tmp_path):
 
 def test_demo_text_routes_to_demo_plant(tmp_path):
     """The Makefile's demo plants a fault; the demo text must send tokens to that expert."""
-    from moetrace.tracer.executor import RunConfig, run_trace
-    from moetrace.tracer.prompts import DEMO_TEXT, tokenize
-    from moetrace.tracer.source import open_source
+    from moetrace.tracer.execution.executor import RunConfig, run_trace
+    from moetrace.tracer.sources.prompts import DEMO_TEXT, tokenize
+    from moetrace.tracer.sources.checkpoint import open_source
 
     demo_args = re.search(r"^DEMO_ARGS \?=(.*)$", (ROOT / "Makefile").read_text(), re.M).group(1)
     plant = re.search(r"--plant (\S+)", demo_args).group(1)

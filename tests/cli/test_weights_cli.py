@@ -25,7 +25,7 @@ def moetrace(env, *args, check=True):
 
 
 def test_recipe_json_agrees_with_the_library_and_the_table_has_totals(env):
-    from moetrace.tracer import weights as W
+    from moetrace.tracer.weights import derive as W
 
     j = json.loads(moetrace(env, "recipe", "--model", "builtin:tiny", "q4_k_m", "--json").stdout)
     lib = W.recipe_summary(W.config_source("builtin:tiny"), "q4_k_m")
@@ -64,7 +64,7 @@ def test_quantize_writes_a_gguf_and_a_second_run_uses_the_cache(env, tmp_path):
 
 
 def test_audit_finds_the_planted_matrix(env, tmp_path):
-    from moetrace.tracer import builtin
+    from moetrace.tracer.sources import builtin as builtin
 
     plant = builtin.parse_builtin("builtin:tiny", plant=PLANT).plant
     store = tmp_path / "audit.zarr"
@@ -86,7 +86,7 @@ def test_audit_rejects_bad_input_in_one_line(env):
 
 def test_audit_of_a_gguf_file_finds_the_planted_matrix(env, tmp_path):
     """`quantize` a planted model, then `audit --variant gguf --gguf FILE`: the file's planted matrix ranks first."""
-    from moetrace.tracer import builtin
+    from moetrace.tracer.sources import builtin as builtin
 
     plant = builtin.parse_builtin("builtin:tiny", plant=PLANT).plant
     f = tmp_path / "planted-q4_k_m.gguf"

@@ -1,4 +1,4 @@
-"""The weight audit (tracer/audit.py): metrics against float64 numpy, the planted fault, the Zarr table."""
+"""The weight audit (tracer/weights/audit.py): metrics against float64 numpy, the planted fault, the Zarr table."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import torch
 
 import moetrace.kernels as K
 from moetrace.errors import MoetraceError
-from moetrace.tracer import audit as A
-from moetrace.tracer import builtin, qcache
-from moetrace.tracer import weights as W
-from moetrace.tracer.source import open_source
+from moetrace.tracer.weights import audit as A
+from moetrace.tracer.sources import builtin as builtin
+from moetrace.tracer.weights import qcache as qcache
+from moetrace.tracer.weights import derive as W
+from moetrace.tracer.sources.checkpoint import open_source
 
 PLANT = "1:3:down"
 
@@ -148,7 +149,7 @@ def test_bad_variants_list_the_valid_ones(planted):
 def test_gguf_file_audit_equals_audit_of_its_file_type(planted, tmp_path):
     """Auditing a GGUF file's own tensors (--variant gguf --gguf FILE) gives the same table as auditing the
     file type it was quantized as: the file holds exactly the bytes the audit quantizes to."""
-    from moetrace.tracer.gguf_writer import write_gguf
+    from moetrace.tracer.weights.gguf_writer import write_gguf
 
     src, cache, by_type = planted
     path = tmp_path / "q.gguf"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from moetrace.errors import MoetraceError
-from moetrace.tracer import builtin
-from moetrace.tracer.builtin import PLANT_STD, Plant, generate_tensors, parse_builtin
+from moetrace.tracer.sources import builtin as builtin
+from moetrace.tracer.sources.builtin import PLANT_STD, Plant, generate_tensors, parse_builtin
 
 
 def test_default_model_shape_meets_requirements():

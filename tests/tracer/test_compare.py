@@ -8,7 +8,7 @@ import xarray as xr
 
 import moetrace
 from moetrace.errors import MoetraceError
-from moetrace.tracer import compare
+from moetrace.tracer.analysis import compare as compare
 
 
 def _np_metrics(r, v):

@@ -8,7 +8,7 @@ import xarray as xr
 
 import moetrace
 from moetrace.errors import MoetraceError
-from moetrace.tracer import decompose as D
+from moetrace.tracer.analysis import decompose as D
 
 PLANT = "2:1:down"
 
@@ -39,7 +39,7 @@ def test_decompose_matches_numpy(tiny_run):
     # BF16 compute injects a little at every layer; nothing is trivially zero.
     assert (dec.local.values > 1e-4).all() and (dec.local.values < 0.05).all()
     # The propagated error equals the diff command's curve.
-    from moetrace.tracer.compare import diff
+    from moetrace.tracer.analysis.compare import diff
 
     np.testing.assert_allclose(dec.propagated.values, diff(ref, var).resid_rel_l2_mean.values, rtol=1e-12)
 
@@ -126,8 +126,8 @@ def test_json_has_no_nan(tiny_run):
 @pytest.fixture(scope="module")
 def planted_run(tmp_path_factory, tiny_tokens):
     """builtin:tiny with a fault planted in layer 2, traced with q4_k_m-bf16 in free and teacher mode."""
-    from moetrace.tracer.executor import RunConfig, run_trace
-    from moetrace.tracer.source import open_source
+    from moetrace.tracer.execution.executor import RunConfig, run_trace
+    from moetrace.tracer.sources.checkpoint import open_source
 
     source = open_source("builtin:tiny", plant=PLANT)
     run_dir = tmp_path_factory.mktemp("planted") / "tiny"
@@ -149,7 +149,7 @@ def test_planted_layer_has_the_highest_local_error(planted_run):
 
 
 def test_report_shows_the_planted_layer(planted_run, tmp_path):
-    from moetrace.tracer.report import write_report
+    from moetrace.tracer.render.report import write_report
 
     rep = write_report(planted_run, tmp_path / "report", n_resamples=200)
     page = rep.index.read_text()

@@ -71,7 +71,7 @@ def test_teacher_mode_first_layer_equals_free(tiny_run):
 
 
 def _layer(tiny_source):
-    from moetrace.tracer.executor import _Model
+    from moetrace.tracer.execution.executor import _Model
 
     m = _Model(tiny_source)
     state = {k: v.float() for k, v in tiny_source.layer_state(0).items()}
@@ -109,7 +109,7 @@ def test_capture_removes_hooks_when_forward_raises(tiny_source):
 def test_reused_layer_module_takes_the_new_layers_attributes_and_values(tiny_source):
     """A decoder module handed back and reused for another layer carries that layer's index and values,
     cast to the module's dtype; a different dtype gets its own module."""
-    from moetrace.tracer.executor import _Model
+    from moetrace.tracer.execution.executor import _Model
 
     m = _Model(tiny_source)
     first = m.layer(0, tiny_source.layer_state(0), torch.float32)
@@ -132,9 +132,9 @@ def test_dense_mlp_layers_refused_by_name(tmp_path):
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     from moetrace.errors import MoetraceError
-    from moetrace.tracer.executor import RunConfig, run_trace
-    from moetrace.tracer.source import open_source
-    from moetrace.tracer.store import Tokens
+    from moetrace.tracer.execution.executor import RunConfig, run_trace
+    from moetrace.tracer.sources.checkpoint import open_source
+    from moetrace.tracer.store.zarr_store import Tokens
 
     cfg = Qwen3MoeConfig(
         vocab_size=64, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
@@ -152,9 +152,9 @@ def test_sliding_window_model_equals_transformers_forward(tmp_path):
     same mask as the model's forward, so the reference logits are transformers' own, bit for bit."""
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-    from moetrace.tracer.executor import RunConfig, run_trace
-    from moetrace.tracer.source import open_source
-    from moetrace.tracer.store import Tokens
+    from moetrace.tracer.execution.executor import RunConfig, run_trace
+    from moetrace.tracer.sources.checkpoint import open_source
+    from moetrace.tracer.store.zarr_store import Tokens
 
     cfg = Qwen3MoeConfig(
         vocab_size=64, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
@@ -182,7 +182,7 @@ def test_prefetching_weights_changes_nothing(tmp_path, tiny_source, tiny_tokens)
     """Deriving layer L+1's weights in the background while layer L runs gives the same stores, array for array."""
     import zarr
 
-    from moetrace.tracer.executor import RunConfig, run_trace
+    from moetrace.tracer.execution.executor import RunConfig, run_trace
 
     cfg = RunConfig(model="builtin:tiny", variants=["q8_0-bf16"], modes=["free", "teacher"])
     a = run_trace(tiny_source, cfg, tiny_tokens, tmp_path / "a", prefetch=True)
@@ -194,7 +194,7 @@ def test_prefetching_weights_changes_nothing(tmp_path, tiny_source, tiny_tokens)
 
 
 def test_prefetch_decided_by_available_memory(monkeypatch, tiny_source):
-    from moetrace.tracer import executor as E
+    from moetrace.tracer.execution import executor as E
     from moetrace.tracer.variants import Variant
 
     vs = [Variant.parse("orig-fp32"), Variant.parse("q8_0-bf16")]
@@ -217,7 +217,7 @@ def test_repeated_runs_reuse_the_skeleton_and_free_layer_tensors(tmp_path, tiny_
     both runs write identical stores."""
     import zarr
 
-    from moetrace.tracer.executor import RunConfig, _Model, run_trace
+    from moetrace.tracer.execution.executor import RunConfig, _Model, run_trace
 
     cfg = RunConfig(model="builtin:tiny", variants=["orig-bf16"])
     a = run_trace(tiny_source, cfg, tiny_tokens, tmp_path / "a")

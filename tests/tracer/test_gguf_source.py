@@ -9,9 +9,9 @@ from gguf_files import mixed_types, write_gguf
 
 import moetrace
 from moetrace.errors import MoetraceError
-from moetrace.tracer.executor import RunConfig, run_trace
-from moetrace.tracer.gguf_source import GGUFSource
-from moetrace.tracer.source import open_source
+from moetrace.tracer.execution.executor import RunConfig, run_trace
+from moetrace.tracer.sources.gguf import GGUFSource
+from moetrace.tracer.sources.checkpoint import open_source
 
 # transformers' GGUF loader and moetrace's gguf-fp32 variant are compared without tolerance:
 # both dequantize bit-exactly as ggml does (gguf-py's numpy code there, moetrace.kernels here)
@@ -69,8 +69,8 @@ def test_quantized_tensors_dequantize_expert_by_expert(gguf_files, tiny_source):
 
 @pytest.fixture(scope="module")
 def quantize_file(tmp_path_factory):
-    """A Q4_K_M file written by `moetrace quantize` (tracer/gguf_writer.py) of a 2-layer tiny model."""
-    writer = pytest.importorskip("moetrace.tracer.gguf_writer")
+    """A Q4_K_M file written by `moetrace quantize` (tracer/weights/gguf_writer.py) of a 2-layer tiny model."""
+    writer = pytest.importorskip("moetrace.tracer.weights.gguf_writer")
     path = tmp_path_factory.mktemp("quantize") / "tiny2-q4_k_m.gguf"
     writer.write_gguf(open_source(TINY2), "q4_k_m", path, cache=False)
     return path

@@ -1,4 +1,4 @@
-"""GGUF files written by moetrace (tracer/gguf_writer.py): gguf-py reads back the kernels' exact bytes."""
+"""GGUF files written by moetrace (tracer/weights/gguf_writer.py): gguf-py reads back the kernels' exact bytes."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import torch
 
 import moetrace.kernels as K
 from moetrace.errors import MoetraceError
-from moetrace.tracer import gguf_writer, qcache
-from moetrace.tracer import weights as W
+from moetrace.tracer.weights import gguf_writer as gguf_writer
+from moetrace.tracer.weights import qcache as qcache
+from moetrace.tracer.weights import derive as W
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def test_imatrix_is_used_per_expert_and_recorded(written, tiny_source, tmp_path)
 def test_nan_in_a_checkpoint_names_the_tensor_and_leaves_no_file(tiny_source, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from moetrace.tracer.source import open_source
+    from moetrace.tracer.sources.checkpoint import open_source
 
     folder = tmp_path / "ckpt"
     folder.mkdir()

@@ -1,4 +1,4 @@
-"""The quantized-weight cache and the error reporting of weight derivation (tracer/qcache.py, tracer/weights.py)."""
+"""The quantized-weight cache and the error reporting of weight derivation (tracer/weights/qcache.py, tracer/weights/derive.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 import moetrace.kernels as K
 from moetrace.errors import MoetraceError
 from moetrace.kernels.errors import FormatError
-from moetrace.tracer import qcache
-from moetrace.tracer import weights as W
+from moetrace.tracer.weights import qcache as qcache
+from moetrace.tracer.weights import derive as W
 from moetrace.tracer.variants import Variant
 
 

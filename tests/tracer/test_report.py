@@ -10,7 +10,9 @@ import pytest
 import xarray as xr
 
 import moetrace
-from moetrace.tracer import analysis, output, stats
+from moetrace.tracer.analysis import summary as analysis
+from moetrace.tracer.analysis import output as output
+from moetrace.tracer.analysis import stats as stats
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +104,8 @@ def test_noise_floor_multiples(tiny_run):
 
 
 def test_accessor_gives_the_same_numbers(traces, tiny_run):
-    from moetrace.tracer.decompose import decompose
-    from moetrace.tracer.routing import routing_diff
+    from moetrace.tracer.analysis.decompose import decompose
+    from moetrace.tracer.analysis.routing import routing_diff
 
     ref, var = traces
     xr.testing.assert_identical(var.moetrace.decompose(ref), decompose(ref, var))
@@ -122,8 +124,8 @@ def test_accessor_gives_the_same_numbers(traces, tiny_run):
 
 def test_lazy_analysis_with_dask(tiny_run):
     pytest.importorskip("dask.array", reason="lazy analysis needs dask: pip install 'moetrace[dask]'")
-    from moetrace.tracer.decompose import decompose, decompose_tokens
-    from moetrace.tracer.routing import routing_diff, routing_tokens
+    from moetrace.tracer.analysis.decompose import decompose, decompose_tokens
+    from moetrace.tracer.analysis.routing import routing_diff, routing_tokens
 
     _, stores = tiny_run
     ref = xr.open_zarr(stores["orig-fp32"], chunks={})  # plain xarray, Dask-backed
@@ -161,7 +163,7 @@ class _Page(HTMLParser):
 def test_report_writes_valid_pngs_and_html(tiny_run, tmp_path):
     import matplotlib.image
 
-    from moetrace.tracer.report import write_report
+    from moetrace.tracer.render.report import write_report
 
     run_dir, _ = tiny_run
     rep = write_report(run_dir, tmp_path / "rep", n_resamples=100)

@@ -11,8 +11,8 @@ import moetrace
 from cli_runner import kill_run_after
 from moetrace.errors import MoetraceError
 from moetrace.tracer import api
-from moetrace.tracer.executor import RunConfig, run_trace
-from moetrace.tracer.resume import store_state
+from moetrace.tracer.execution.executor import RunConfig, run_trace
+from moetrace.tracer.execution.resume import store_state
 
 MODEL = "builtin:tiny:layers=12"
 TEXT = "Resume me: experts route tokens, and the error grows."
@@ -80,7 +80,7 @@ def test_failed_write_leaves_store_incomplete_and_says_so(tmp_path, tiny_source,
     import resource
     import signal
 
-    from moetrace.tracer import store as S
+    from moetrace.tracer.store import zarr_store as S
 
     run_dir = tmp_path / "full"
     T, H = tiny_tokens.n, tiny_source.config.hidden_size

@@ -10,7 +10,7 @@ import xarray as xr
 
 import moetrace
 from moetrace.errors import MoetraceError
-from moetrace.tracer import routing as R
+from moetrace.tracer.analysis import routing as R
 
 
 def _softmax(x):

@@ -11,7 +11,7 @@ import torch
 
 import moetrace
 from moetrace.errors import MoetraceError
-from moetrace.tracer.source import CheckpointSource, HFTokenizer, open_source
+from moetrace.tracer.sources.checkpoint import CheckpointSource, HFTokenizer, open_source
 
 
 def write_per_expert_folder(source, folder, shards: int = 3) -> None:
@@ -69,7 +69,7 @@ def test_per_expert_sharded_folder_matches_transformers_forward(per_expert_folde
     """
     from transformers import AutoModelForCausalLM
 
-    from moetrace.tracer.executor import RunConfig, run_trace
+    from moetrace.tracer.execution.executor import RunConfig, run_trace
 
     src = open_source(str(per_expert_folder))
     stores = run_trace(src, RunConfig(model=str(per_expert_folder), variants=[], sites=["logits"]), tiny_tokens,

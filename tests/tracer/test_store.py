@@ -12,7 +12,7 @@ import xarray as xr
 import moetrace
 from cli_runner import kill_run_after
 from moetrace.errors import MoetraceError
-from moetrace.tracer.store import LOCK_NAME
+from moetrace.tracer.store.zarr_store import LOCK_NAME
 
 
 def test_plain_xarray_reads_store_with_schema(tiny_run, tiny_tokens):
@@ -63,7 +63,7 @@ def test_killed_run_leaves_store_marked_incomplete(tmp_path):
 
 
 def test_second_writer_refused(tiny_run, tmp_path, tiny_source, tiny_tokens):
-    from moetrace.tracer.executor import RunConfig, run_trace
+    from moetrace.tracer.execution.executor import RunConfig, run_trace
 
     run_dir = tmp_path / "locked"
     store = run_dir / "orig-bf16.zarr"
@@ -82,7 +82,7 @@ def test_sharded_array_metadata_is_what_zarr_itself_writes(tmp_path, dtype, fill
     import zarr
     from zarr.codecs import BytesCodec, ShardingCodec
 
-    from moetrace.tracer.store import _sharded_meta
+    from moetrace.tracer.store.zarr_store import _sharded_meta
 
     g = zarr.open_group(tmp_path / "z.zarr", mode="w", zarr_format=3)
     g.create_array("a", shape=(2, 3, 7, 5), chunks=(1, 3, 7, 5), dtype=dtype, fill_value=fill,
@@ -106,7 +106,7 @@ def test_shard_files_read_back_exactly_with_holes_and_rewrites(tmp_path, tiny_to
     import torch
     import zarr
 
-    from moetrace.tracer import store as S
+    from moetrace.tracer.store import zarr_store as S
 
     real_open, real_pwrite = os.open, os.pwrite
     if refuse is None:
@@ -170,8 +170,8 @@ def test_store_of_the_earlier_layout_resumes_per_chunk_files(tmp_path, tiny_toke
     """A store written by an earlier version (one raw chunk file per layer) is continued in its own layout."""
     import torch
 
-    from moetrace.tracer import store as S
-    from moetrace.tracer.resume import ResumedWriter
+    from moetrace.tracer.store import zarr_store as S
+    from moetrace.tracer.execution.resume import ResumedWriter
 
     sizes = {"layers": 2, "hidden": 8, "expert": 4, "k": 2, "vocab": 16}
     path = tmp_path / "v.zarr"
@@ -199,7 +199,7 @@ def test_array_metadata_is_what_zarr_itself_writes(tmp_path, dtype, fill, compre
 
     import zarr
 
-    from moetrace.tracer.store import _array_meta
+    from moetrace.tracer.store.zarr_store import _array_meta
 
     g = zarr.open_group(tmp_path / "z.zarr", mode="w", zarr_format=3)
     g.create_array("a", shape=(2, 3, 7, 5), chunks=(1, 1, 7, 5), dtype=dtype, fill_value=fill,
@@ -217,7 +217,7 @@ def test_logits_chunked_by_token_read_back_exactly(tmp_path, tiny_tokens, monkey
     import torch
     import zarr
 
-    from moetrace.tracer import store as S
+    from moetrace.tracer.store import zarr_store as S
 
     monkeypatch.setattr(S, "LOGIT_CHUNK_BYTES", 4 * 300 * 7)  # 7 tokens per chunk at vocab 300
     T = tiny_tokens.n
@@ -247,7 +247,7 @@ def test_logits_chunked_by_token_read_back_exactly(tmp_path, tiny_tokens, monkey
 def test_lock_held_from_creation_to_finish(tmp_path, tiny_tokens):
     """Creating the store (which replaces an earlier one) keeps the writer's lock: a second writer is
     refused for as long as the first one writes, and can write once it has finished."""
-    from moetrace.tracer.store import TraceWriter
+    from moetrace.tracer.store.zarr_store import TraceWriter
 
     sizes = {"layers": 1, "hidden": 8, "expert": 4, "k": 2, "vocab": 300}
     path = tmp_path / "v.zarr"
@@ -270,7 +270,7 @@ def test_store_layout_reads_like_xarrays_own(tmp_path, tiny_tokens):
 
     import zarr
 
-    from moetrace.tracer.store import TraceWriter
+    from moetrace.tracer.store.zarr_store import TraceWriter
 
     text = np.array(["é", "a b", "\n", "", "漢"] * (tiny_tokens.n // 5 + 1))[: tiny_tokens.n]  # multi-byte UTF-8
     tokens = type(tiny_tokens)(ids=tiny_tokens.ids, seq=tiny_tokens.seq, pos=tiny_tokens.pos, text=text)
@@ -309,8 +309,8 @@ def test_progress_marker_exact_while_attribute_lags(tmp_path, tiny_tokens, monke
 
     import torch
 
-    from moetrace.tracer import store as S
-    from moetrace.tracer.resume import store_state
+    from moetrace.tracer.store import zarr_store as S
+    from moetrace.tracer.execution.resume import store_state
 
     monkeypatch.setattr(S, "ATTRS_INTERVAL_S", 3600.0)  # the attribute never refreshes within this test
     sizes = {"layers": 3, "hidden": 8, "expert": 4, "k": 2, "vocab": 16}
@@ -343,7 +343,7 @@ def test_progress_attribute_refreshed_when_interval_passed(tmp_path, tiny_tokens
 
     import torch
 
-    from moetrace.tracer import store as S
+    from moetrace.tracer.store import zarr_store as S
 
     monkeypatch.setattr(S, "ATTRS_INTERVAL_S", 0.0)  # every layer
     sizes = {"layers": 2, "hidden": 8, "expert": 4, "k": 2, "vocab": 16}
@@ -363,7 +363,7 @@ def test_chunk_written_exactly_direct_or_buffered(tmp_path, monkeypatch, nbytes,
     import errno as errno_mod
     import threading
 
-    from moetrace.tracer import store as S
+    from moetrace.tracer.store import zarr_store as S
 
     real_open, real_pwrite = os.open, os.pwrite
     used = []

@@ -9,7 +9,7 @@ Per token ``t`` with logits ``(vocab,)``, ``p = softmax(ref)`` and ``q = softmax
   token of a sequence); ``dp_next = p_next_var - p_next_ref``; ``dnll_next`` the change of its
   negative log-likelihood (positive: the variant predicts the real text worse).
 
-Token summaries carry percentile-bootstrap confidence intervals (:mod:`moetrace.tracer.stats`).
+Token summaries carry percentile-bootstrap confidence intervals (:mod:`moetrace.tracer.analysis.stats`).
 The log-softmax runs through :func:`xarray.apply_ufunc`, so Dask-backed logits stay lazy until the
 per-token figures are taken.
 """
@@ -20,8 +20,8 @@ import numpy as np
 import xarray as xr
 
 from moetrace.errors import MoetraceError
-from moetrace.tracer import stats
-from moetrace.tracer.compare import check_comparable, log_softmax
+from moetrace.tracer.analysis import stats as stats
+from moetrace.tracer.analysis.compare import check_comparable, log_softmax
 
 CI_FIGURES = {"kl_mean": ("kl", "mean"), "top1_agreement": ("top1_agree", "mean"),
               "dp_next_mean": ("dp_next", "mean"), "dnll_next_mean": ("dnll_next", "mean")}

@@ -2,7 +2,7 @@
 
 ``moetrace quantize`` calls :func:`write_gguf`. The file has llama.cpp's tensor names
 (``blk.N.ffn_down_exps.weight``), shapes (ggml ``ne``; ``gguf.GGUFReader`` shows HF's
-[out, in]), the GGML type :func:`moetrace.tracer.weights.tensor_types` assigns to each tensor
+[out, in]), the GGML type :func:`moetrace.tracer.weights.derive.tensor_types` assigns to each tensor
 for the file type, block bytes from :mod:`moetrace.kernels` (bit-exact with ggml), and the
 ``qwen3moe`` metadata llama.cpp and transformers' GGUF loader read (see :func:`qwen3moe_metadata`).
 
@@ -180,8 +180,8 @@ def write_gguf(source, file_type: str, path, *, imatrix_file=None, cache=True, p
     import gguf
 
     from moetrace.kernels import recipes
-    from moetrace.tracer import weights as W
-    from moetrace.tracer.qcache import context_for
+    from moetrace.tracer.weights import derive as W
+    from moetrace.tracer.weights.qcache import context_for
 
     ft = recipes.parse_file_type(file_type)
     imatrix, im = load_imatrix_for(source, imatrix_file)

@@ -17,7 +17,7 @@ A cache entry's key is the SHA-256 of:
 - the kernel fingerprint: moetrace's version and a hash of the ``moetrace.kernels`` sources, so
   any change to a quantizer invalidates what it wrote.
 
-Entries live under ``moetrace.tracer.builtin.cache_root()/quant/`` as ``.npy`` files of uint8
+Entries live under ``moetrace.tracer.sources.builtin.cache_root()/quant/`` as ``.npy`` files of uint8
 block bytes shaped ``(n_mat, rows, bytes_per_row)`` (``n_mat`` is the expert count of a 3-D
 tensor, 1 otherwise). They are written to a temporary name and renamed, so concurrent runs
 never see half a file; a file that fails to load is treated as missing and rewritten.
@@ -120,7 +120,7 @@ class QuantCache:
 
     def __init__(self, root: str | os.PathLike | None = None):
         if root is None:
-            from moetrace.tracer.builtin import cache_root
+            from moetrace.tracer.sources.builtin import cache_root
 
             root = cache_root() / "quant"
         self.root = Path(root)

@@ -31,7 +31,7 @@ import numpy as np
 import xarray as xr
 
 from moetrace.errors import MoetraceError
-from moetrace.tracer.compare import check_comparable
+from moetrace.tracer.analysis.compare import check_comparable
 
 # Edges of the k/(k+1) logit-margin bins (router logit units); the last bin is open.
 MARGIN_EDGES = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, np.inf)

@@ -6,7 +6,7 @@ float32 and then cast to the variant's compute dtype, as an engine that dequanti
 Every quantized tensor goes through :func:`quantized_stream`, which quantizes a bounded number
 of rows at a time (3-D expert tensors one expert, or a few, at a time), names the tensor in every
 error (NaN or Inf, a row length the type cannot take), and keeps the block bytes in the
-quantized-weight cache (:mod:`moetrace.tracer.qcache`) when a :class:`~moetrace.tracer.qcache.QuantContext`
+quantized-weight cache (:mod:`moetrace.tracer.weights.qcache`) when a :class:`~moetrace.tracer.weights.qcache.QuantContext`
 is given. :func:`tensor_types` attaches the source's context to the types it returns, so
 :func:`variant_layer_state` and :func:`variant_global` use the cache without new arguments.
 """
@@ -60,7 +60,7 @@ def tensor_types(source, variant: Variant, *, has_imatrix: bool = False, context
     """
     out = TensorTypes(_types(source, variant, has_imatrix))
     if context is True:
-        from moetrace.tracer.qcache import context_for
+        from moetrace.tracer.weights.qcache import context_for
 
         context = context_for(source) if out else None
     out.context = context or None
@@ -162,13 +162,13 @@ def config_source(model: str, plant: str | None = None):
     ``moetrace recipe builtin:qwen3-30b-a3b:layers=48`` writes nothing); a folder or GGUF file is
     opened as usual.
     """
-    from moetrace.tracer import builtin
+    from moetrace.tracer.sources import builtin as builtin
 
     if model.startswith("builtin:") or model in builtin.PRESETS:
         m = builtin.parse_builtin(model, plant)
         return SimpleNamespace(config=SimpleNamespace(**builtin.hf_config_dict(m.shape)), model_id=m.model_id,
                                model_hash=m.content_hash)
-    from moetrace.tracer.source import open_source
+    from moetrace.tracer.sources.checkpoint import open_source
 
     return open_source(model, plant=plant)
 
@@ -276,7 +276,7 @@ def quantized_stream(w: torch.Tensor, name: str, type_name: str, context=None, i
     mats = _mats(w)  # (n_mat, rows, cols)
     key = None
     if cache is not None:
-        from moetrace.tracer.qcache import tensor_hash
+        from moetrace.tracer.weights.qcache import tensor_hash
 
         key = context.key(name, type_name, tensor_hash(mats))
     if key is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from moetrace.errors import MoetraceError
-from moetrace.tracer.store import Tokens
+from moetrace.tracer.store.zarr_store import Tokens
 
 DEMO_TEXT = (
     "Mixture-of-Experts models route every token to a few experts. When one expert's weights are "

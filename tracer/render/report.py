@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from moetrace.errors import MoetraceError
-from moetrace.tracer import plots, stats
-from moetrace.tracer.analysis import (CI_KEYS, FIGURES, FLOOR_VARIANT, RunAnalysis, analyze_run, dequant_pairs,
+from moetrace.tracer.render import plots as plots
+from moetrace.tracer.analysis import stats as stats
+from moetrace.tracer.analysis.summary import (CI_KEYS, FIGURES, FLOOR_VARIANT, RunAnalysis, analyze_run, dequant_pairs,
                                       pair_difference)
-from moetrace.tracer.decompose import summary_lines
-from moetrace.tracer.output import format_output
-from moetrace.tracer.routing import load_movers
+from moetrace.tracer.analysis.decompose import summary_lines
+from moetrace.tracer.analysis.output import format_output
+from moetrace.tracer.analysis.routing import load_movers
 
 
 @dataclass
@@ -167,7 +168,7 @@ def write_report(run_dir, out_dir=None, reference: str | None = None, n_resample
     Returns:
         The :class:`Report`.
     """
-    from moetrace.tracer.store import list_stores
+    from moetrace.tracer.store.zarr_store import list_stores
 
     log = log or (lambda msg: None)
     run_dir = Path(run_dir)

@@ -29,7 +29,7 @@ _FLOAT = {"F32": None, "F16": None, "BF16": torch.bfloat16}
 
 
 class GGUFSource:
-    """A GGUF file as a model source (the same interface as :class:`~moetrace.tracer.source.CheckpointSource`).
+    """A GGUF file as a model source (the same interface as :class:`~moetrace.tracer.sources.checkpoint.CheckpointSource`).
 
     Args:
         path: the ``.gguf`` file.
@@ -138,7 +138,7 @@ class GGUFSource:
         return h.hexdigest()[:16]
 
     def _tokenizer(self):
-        from moetrace.tracer.source import ByteTokenizer
+        from moetrace.tracer.sources.checkpoint import ByteTokenizer
 
         if self._field("tokenizer.ggml.model") in (None, "none"):  # "none": llama.cpp's "no vocabulary"
             return ByteTokenizer() if self.config.vocab_size == 256 else None
@@ -236,7 +236,7 @@ class GGUFSource:
             MoetraceError: naming the first tensor (in model order) that is missing, extra or
                 shaped differently, or the first hyperparameter that differs.
         """
-        from moetrace.tracer.weights import gguf_specs
+        from moetrace.tracer.weights.derive import gguf_specs
 
         rc, fc = reference.config, self.config
         for key, what in (("num_experts_per_tok", "expert_used_count"), ("num_attention_heads", "attention.head_count"),

@@ -37,14 +37,14 @@ class MoetraceAccessor:
         return self._ds.attrs.get("variant")
 
     def diff(self, ref: xr.Dataset, mode: str = "free") -> xr.Dataset:
-        """:func:`moetrace.tracer.compare.diff` of this trace against ``ref``."""
-        from moetrace.tracer.compare import diff
+        """:func:`moetrace.tracer.analysis.compare.diff` of this trace against ``ref``."""
+        from moetrace.tracer.analysis.compare import diff
 
         return diff(ref, self._ds, mode)
 
     def hidden_error(self, ref: xr.Dataset, site: str = "resid", mode: str = "free") -> xr.Dataset:
         """Per (layer, token) relative L2 error, cosine, SQNR and max error of ``site`` (lazy)."""
-        from moetrace.tracer.compare import check_comparable, hidden_error
+        from moetrace.tracer.analysis.compare import check_comparable, hidden_error
 
         check_comparable(ref, self._ds)
         r = ref[site]
@@ -52,45 +52,45 @@ class MoetraceAccessor:
         return hidden_error(r, self._ds[site].sel(mode=mode, drop=True))
 
     def decompose(self, ref: xr.Dataset) -> xr.Dataset:
-        """:func:`moetrace.tracer.decompose.decompose`: local, propagated, inherited, gain per layer."""
-        from moetrace.tracer.decompose import decompose
+        """:func:`moetrace.tracer.analysis.decompose.decompose`: local, propagated, inherited, gain per layer."""
+        from moetrace.tracer.analysis.decompose import decompose
 
         return decompose(ref, self._ds)
 
     def decompose_tokens(self, ref: xr.Dataset) -> xr.Dataset:
-        """:func:`moetrace.tracer.decompose.decompose_tokens` (per layer and token; lazy)."""
-        from moetrace.tracer.decompose import decompose_tokens
+        """:func:`moetrace.tracer.analysis.decompose.decompose_tokens` (per layer and token; lazy)."""
+        from moetrace.tracer.analysis.decompose import decompose_tokens
 
         return decompose_tokens(ref, self._ds)
 
     def routing(self, ref: xr.Dataset, mode: str = "free") -> xr.Dataset:
-        """:func:`moetrace.tracer.routing.routing_diff` of this trace in ``mode``."""
-        from moetrace.tracer.routing import routing_diff
+        """:func:`moetrace.tracer.analysis.routing.routing_diff` of this trace in ``mode``."""
+        from moetrace.tracer.analysis.routing import routing_diff
 
         return routing_diff(ref, self._ds, mode)
 
     def routing_tokens(self, ref: xr.Dataset, mode: str = "free") -> xr.Dataset:
-        """:func:`moetrace.tracer.routing.routing_tokens` (per layer and token; lazy)."""
-        from moetrace.tracer.routing import routing_tokens
+        """:func:`moetrace.tracer.analysis.routing.routing_tokens` (per layer and token; lazy)."""
+        from moetrace.tracer.analysis.routing import routing_tokens
 
         return routing_tokens(ref, self._ds, mode)
 
     def output(self, ref: xr.Dataset, mode: str = "free", n_resamples: int = 1000, seed: int = 0) -> xr.Dataset:
-        """:func:`moetrace.tracer.output.output_metrics`, with bootstrap intervals."""
-        from moetrace.tracer.output import output_metrics
+        """:func:`moetrace.tracer.analysis.output.output_metrics`, with bootstrap intervals."""
+        from moetrace.tracer.analysis.output import output_metrics
 
         return output_metrics(ref, self._ds, mode, n_resamples, seed)
 
     def output_tokens(self, ref: xr.Dataset, mode: str = "free") -> xr.Dataset:
-        """:func:`moetrace.tracer.output.output_tokens`: KL, agreement, next-token change per token."""
-        from moetrace.tracer.output import output_tokens
+        """:func:`moetrace.tracer.analysis.output.output_tokens`: KL, agreement, next-token change per token."""
+        from moetrace.tracer.analysis.output import output_tokens
 
         return output_tokens(ref, self._ds, mode)
 
     def headline(self, ref: xr.Dataset, floor: xr.Dataset | None = None, n_resamples: int = 1000,
                  seed: int = 0) -> dict:
         """Headline figures (as ``moetrace report``), with multiples of ``floor`` (orig-bf16's trace)."""
-        from moetrace.tracer.analysis import analyze_variant, set_floor
+        from moetrace.tracer.analysis.summary import analyze_variant, set_floor
 
         a = analyze_variant(ref, self._ds, n_resamples, seed)
         if floor is not None:

@@ -15,7 +15,7 @@ output in ``free`` mode (the variant running on its own outputs) and ``t_L`` its
 - **inherited** ``|f_L - t_L| / |r_L|``: the same variant layer run on its own drifted input
   instead of the exact one, i.e. the error that arrived from upstream as layer L passes it on.
 
-Each is averaged over tokens (relative L2 error, as in :func:`moetrace.tracer.compare.diff`).
+Each is averaged over tokens (relative L2 error, as in :func:`moetrace.tracer.analysis.compare.diff`).
 The **gain** of layer L is the ratio of the relative error it passes on to the relative error it
 received::
 
@@ -48,7 +48,7 @@ import numpy as np
 import xarray as xr
 
 from moetrace.errors import MoetraceError
-from moetrace.tracer.compare import check_comparable
+from moetrace.tracer.analysis.compare import check_comparable
 
 PER_LAYER = ("local", "propagated", "inherited", "gain", "growth", "amplified")
 

@@ -1,6 +1,6 @@
 """Resuming a run that stopped: reopen its stores and read back the hidden states to start from.
 
-A store's progress (``layers_done``: its marker file, and the attribute, see tracer/store.py) is
+A store's progress (``layers_done``: its marker file, and the attribute, see tracer/store/zarr_store.py) is
 set by the store's writer thread only after every chunk of those layers has landed, so layers ``0..layers_done-1`` are complete and
 can be trusted; everything from ``layers_done`` on is computed again and overwritten. The
 executor needs, at the resume layer L, the input of layer L for every stream: that is the
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from moetrace.errors import MoetraceError
-from moetrace.tracer import store as S
-from moetrace.tracer.store import Tokens, TraceWriter, _quiet
+from moetrace.tracer.store import zarr_store as S
+from moetrace.tracer.store.zarr_store import Tokens, TraceWriter, _quiet
 
 
 class ResumedWriter(TraceWriter):

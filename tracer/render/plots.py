@@ -1,6 +1,6 @@
 """The report's PNG plots, drawn with matplotlib's Agg backend (no display needed).
 
-Each function takes the analysis (:mod:`moetrace.tracer.analysis`), writes one PNG and returns
+Each function takes the analysis (:mod:`moetrace.tracer.analysis.summary`), writes one PNG and returns
 its path. The noise-floor variant is drawn dashed and grey, so the other curves read against it;
 a planted fault's layer is shaded.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moetrace.tracer.analysis import FLOOR_VARIANT, RunAnalysis, VariantAnalysis
+from moetrace.tracer.analysis.summary import FLOOR_VARIANT, RunAnalysis, VariantAnalysis
 
 DPI = 110
 

@@ -138,9 +138,9 @@ def audit(source, weights: str, *, threshold: float = DEFAULT_THRESHOLD, imatrix
     import xarray as xr
 
     import moetrace
-    from moetrace.tracer import weights as W
-    from moetrace.tracer.gguf_writer import load_imatrix_for
-    from moetrace.tracer.qcache import context_for
+    from moetrace.tracer.weights import derive as W
+    from moetrace.tracer.weights.gguf_writer import load_imatrix_for
+    from moetrace.tracer.weights.qcache import context_for
     from moetrace.tracer.variants import COMPUTE_DTYPES
 
     if not 0.0 < threshold <= 1.0:
@@ -148,7 +148,7 @@ def audit(source, weights: str, *, threshold: float = DEFAULT_THRESHOLD, imatrix
     ftype, compute = parse_weights(weights)
     file = None
     if ftype == "gguf":
-        from moetrace.tracer.gguf_source import GGUFSource
+        from moetrace.tracer.sources.gguf import GGUFSource
 
         if gguf is None:
             raise MoetraceError("--variant gguf audits the tensors of a GGUF file; give --gguf FILE")
@@ -231,7 +231,7 @@ def audit_tensors(tensors: dict, types: dict, context=None, dtype=None, dequanti
         (experts, expert_types, others): ``{proj: {metric: (E,) float64}}`` and ``{proj: type}``
         for the 3-D expert tensors, and ``[(name, type, {metric: float})]`` for the other matrices.
     """
-    from moetrace.tracer import weights as W
+    from moetrace.tracer.weights import derive as W
 
     experts, expert_types, others = {}, {}, []
     for name in W.tensor_order(tensors):

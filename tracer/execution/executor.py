@@ -16,7 +16,7 @@ Modes, all in the same pass:
 A ``gguf-*`` variant takes its weights from the GGUF file of ``RunConfig.gguf`` (the file's own
 quantized tensors, dequantized), checked against the reference's names and shapes before any
 store is written. A stopped run continues with ``resume=True`` from the last layer all its
-stores finished (moetrace.tracer.resume); a store write that fails (a full disk) stops the run
+stores finished (moetrace.tracer.execution.resume); a store write that fails (a full disk) stops the run
 with a message saying the stores are left incomplete.
 
 The decoder layers are transformers' own modules, so the reference's output equals the
@@ -38,9 +38,9 @@ from moetrace.errors import MoetraceError
 from moetrace.hooks.qwen3_moe import adapter_for
 from moetrace.hooks.sites import ALL_SITES, LAYER_SITES, capture
 from moetrace.tracer.naming import GLOBAL_TENSORS
-from moetrace.tracer.store import Tokens, TraceWriter
+from moetrace.tracer.store.zarr_store import Tokens, TraceWriter
 from moetrace.tracer.variants import REFERENCE, Variant
-from moetrace.tracer.weights import tensor_types, variant_global, variant_layer_state
+from moetrace.tracer.weights.derive import tensor_types, variant_global, variant_layer_state
 
 MODES = ("free", "teacher", "routing")
 
@@ -372,7 +372,7 @@ def _open_writers(run_dir: Path, ref: Variant, variants: list[Variant], config: 
         (writers, start, done): writers by variant name for the stores still to write, the
         first layer to compute, and the names of stores already complete (left alone).
     """
-    from moetrace.tracer import resume as R
+    from moetrace.tracer.execution import resume as R
 
     def new(v: Variant, modes):
         return TraceWriter(run_dir / f"{v.name}.zarr", sizes, tokens, modes, config.sites,
@@ -409,14 +409,14 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
     """Trace the reference and the variants of ``config`` over ``tokens`` into ``run_dir``.
 
     Args:
-        source: a model source (moetrace.tracer.source).
+        source: a model source (moetrace.tracer.sources.checkpoint).
         config: the run configuration.
         tokens: the tokens, flattened over sequences.
         run_dir: the run folder; stores are ``run_dir/VARIANT.zarr``.
         progress: optional callable ``progress(event: str, **info)``.
         write_reference: False to run the reference without storing it (its store exists).
         resume: continue the stores a stopped run left incomplete, from the last layer every one
-            of them finished (see moetrace.tracer.resume); stores already complete are left alone.
+            of them finished (see moetrace.tracer.execution.resume); stores already complete are left alone.
         prefetch: read and derive layer L+1's weights in a background thread while layer L
             runs; None (the default) does so when a core is left over from torch's compute
             threads and two layers' weights of every variant fit in a quarter of the available
@@ -459,7 +459,7 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
 
     gguf_src = None
     if config.gguf:
-        from moetrace.tracer.gguf_source import GGUFSource
+        from moetrace.tracer.sources.gguf import GGUFSource
 
         gguf_src = GGUFSource(config.gguf)
         gguf_src.check_matches(source)  # before any store is touched
@@ -490,7 +490,7 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
                 if m != "teacher":
                     streams[(v.name, m)] = [embed(v, ids) for ids in seqs]
         if start > 0:  # resuming: every stream's input to layer `start` is its stored output of layer start-1
-            from moetrace.tracer.resume import read_streams
+            from moetrace.tracer.execution.resume import read_streams
 
             ref_h = read_streams(all_paths[ref.name], "free", start - 1, tokens, ref.dtype)
             for (name, m) in streams:

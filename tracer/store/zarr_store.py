@@ -179,7 +179,7 @@ class TraceWriter:
         _write_json(self.path / "zarr.json", {"attributes": group_attrs, "zarr_format": 3, "node_type": "group"})
 
     def _attach(self, metas: dict | None = None) -> None:
-        """Set up writing into the store at ``self.path`` (also used to reopen a store, tracer/resume.py).
+        """Set up writing into the store at ``self.path`` (also used to reopen a store, tracer/execution/resume.py).
 
         Args:
             metas: the arrays' metadata, where the caller creates them; None reads it from disk.

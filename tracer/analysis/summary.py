@@ -16,10 +16,11 @@ import numpy as np
 import xarray as xr
 
 from moetrace.errors import MoetraceError
-from moetrace.tracer import compare, stats
-from moetrace.tracer.decompose import decompose, max_local_layer, plant_of
-from moetrace.tracer.output import output_metrics, output_tokens
-from moetrace.tracer.routing import routing_diff
+from moetrace.tracer.analysis import compare as compare
+from moetrace.tracer.analysis import stats as stats
+from moetrace.tracer.analysis.decompose import decompose, max_local_layer, plant_of
+from moetrace.tracer.analysis.output import output_metrics, output_tokens
+from moetrace.tracer.analysis.routing import routing_diff
 
 FLOOR_VARIANT = "orig-bf16"
 FLOOR_REFERENCE = "orig-fp32"
@@ -46,10 +47,10 @@ class VariantAnalysis:
 
     Attributes:
         name: the variant.
-        diff: :func:`moetrace.tracer.compare.diff` (free mode).
-        decomposition: :func:`moetrace.tracer.decompose.decompose`, None without a teacher mode.
-        routing: :func:`moetrace.tracer.routing.routing_diff`, None without routing sites.
-        output: :func:`moetrace.tracer.output.output_metrics`, None without logits.
+        diff: :func:`moetrace.tracer.analysis.compare.diff` (free mode).
+        decomposition: :func:`moetrace.tracer.analysis.decompose.decompose`, None without a teacher mode.
+        routing: :func:`moetrace.tracer.analysis.routing.routing_diff`, None without routing sites.
+        output: :func:`moetrace.tracer.analysis.output.output_metrics`, None without logits.
         kl_tokens: (token,) KL per token, for histograms.
         figures: headline figures, ``FIGURES`` keys; ``ci``: (lo, hi) for ``CI_KEYS``.
         x_floor: error-like figures as multiples of the noise floor (empty without one).
@@ -130,7 +131,7 @@ def load_run(run_dir, reference: str | None = None) -> tuple[xr.Dataset, dict[st
 
     The reference is ``reference`` if given, else the one the variant stores name, else orig-fp32.
     """
-    from moetrace.tracer.store import list_stores, open_trace
+    from moetrace.tracer.store.zarr_store import list_stores, open_trace
 
     datasets = {}
     for p in list_stores(run_dir):
@@ -161,7 +162,7 @@ def analyze_run(run_dir, reference: str | None = None, n_resamples: int = stats.
     analyses = {name: analyze_variant(ref, ds, n_resamples, seed) for name, ds in sorted(datasets.items(), key=_order)}
     floor = analyses.get(FLOOR_VARIANT) if ref.attrs.get("variant") == FLOOR_REFERENCE else None
     set_floor(analyses, floor)
-    from moetrace.tracer.decompose import plant_of
+    from moetrace.tracer.analysis.decompose import plant_of
 
     return RunAnalysis(Path(run_dir), ref.attrs["variant"], ref.attrs.get("model", "?"), plant_of(ref),
                        analyses, floor, {ref.attrs["variant"]: ref, **datasets})
@@ -254,7 +255,7 @@ def open_floor(ref: xr.Dataset, var_path, mode: str = "free") -> xr.Dataset | No
     the same model and tokens, and recorded ``mode``; otherwise None (tables then show no
     multiples).
     """
-    from moetrace.tracer.store import open_trace
+    from moetrace.tracer.store.zarr_store import open_trace
 
     if ref.attrs.get("variant") != FLOOR_REFERENCE:
         return None

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from moetrace.errors import MoetraceError
-from moetrace.tracer import builtin
+from moetrace.tracer.sources import builtin as builtin
 from moetrace.tracer.naming import layer_prefix
 
 SUPPORTED_MODEL_TYPES = ("qwen3_moe",)
@@ -307,7 +307,7 @@ def open_source(spec: str, plant: str | None = None, progress=None):
     if plant:
         raise MoetraceError("--plant applies to built-in models only (builtin:NAME)")
     if spec.lower().endswith(".gguf"):
-        from moetrace.tracer.gguf_source import GGUFSource
+        from moetrace.tracer.sources.gguf import GGUFSource
 
         return GGUFSource(spec)
     src = CheckpointSource(spec)

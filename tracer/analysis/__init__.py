@@ -1,0 +1,1 @@
+"""Analysis: pure functions from traces to divergence, decomposition, routing and output metrics."""

@@ -1,0 +1,1 @@
+"""Execution: the layer-lockstep executor and resuming a stopped run."""

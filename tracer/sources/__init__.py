@@ -1,0 +1,1 @@
+"""Model sources: where reference weights, the architecture and the tokens come from."""
