@@ -94,7 +94,7 @@ def routing(reference, variant, mode, as_json, floor):
 @click.option("--reference", default=None, help="The reference variant (default: the one the stores name).")
 @click.option("--resamples", default=1000, show_default=True, type=click.IntRange(1),
               help="Bootstrap resamples for the confidence intervals.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the bootstrap.")
 @click.option("--json", "as_json", is_flag=True, help="Print the headline figures as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @friendly_errors

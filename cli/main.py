@@ -29,11 +29,48 @@ def friendly_errors(fn):
         except KeyboardInterrupt:
             click.echo("moetrace: interrupted; stores being written are left marked incomplete", err=True)
             sys.exit(130)
+        except OSError as e:  # a file the user named, or the disk, refused: their problem to fix, said in one line
+            where = f" {e.filename!r}" if e.filename else ""
+            click.echo(f"moetrace: error: cannot access{where}: {e.strerror or e}", err=True)
+            sys.exit(2)
+        except Exception as e:  # a bug in moetrace: one line, and the traceback on request
+            from moetrace.settings import switch
+
+            if switch("MOETRACE_DEBUG", False):
+                raise
+            click.echo(f"moetrace: internal error: {type(e).__name__}: {e} (a bug in moetrace; "
+                       f"MOETRACE_DEBUG=1 shows the traceback)", err=True)
+            sys.exit(1)
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """The command group, with click's own usage errors printed as one line (exit status 2), like moetrace's."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        from moetrace.errors import MoetraceError
+
+        extra.pop("standalone_mode", None)
+        try:
+            rv = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            cmd = e.ctx.command_path if e.ctx is not None else "moetrace"
+            click.echo(f"moetrace: error: {e.format_message()} (see '{cmd} --help')", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"moetrace: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except MoetraceError as e:  # raised outside a command body (the group's own checks)
+            click.echo(f"moetrace: error: {e}", err=True)
+            sys.exit(2)
+        except click.Abort:
+            click.echo("moetrace: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="moetrace")
 def main():
     """moetrace: trace numerical error layer by layer through Mixture-of-Experts models.
@@ -47,6 +84,10 @@ def main():
       moetrace variants                          # every valid variant name
       moetrace models                            # the built-in models
     """
+    from moetrace.settings import check_all
+
+    check_all()  # a bad MOETRACE_* value is one line before any work
+
 
 
 def _progress_printer(quiet: bool):
@@ -80,12 +121,16 @@ def _progress_printer(quiet: bool):
 @click.option("--text", default=None, help="The text to trace (default: a built-in demo text).")
 @click.option("--prompts", "prompts_file", type=click.Path(), default=None,
               help="A file with one prompt per line, or JSONL with a 'text' field.")
-@click.option("--max-tokens", type=int, default=None, help="Cut each prompt to this many tokens.")
+@click.option("--tokens", "tokens_file", type=click.Path(), default=None,
+              help="Token ids instead of text: a .npy array (1-D, or one sequence per row) or JSONL {\"ids\": [...]}.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Cut each prompt to this many tokens.")
+@click.option("--truncate", is_flag=True,
+              help="Cut sequences longer than the model's max_position_embeddings instead of refusing them.")
 @click.option("--plant", default=None, help="Built-in models: plant a fault in LAYER:EXPERT:PROJ (gate, up or down).")
 @click.option("--sites", default=None, help="Comma-separated sites to record (default: all).")
 @click.option("--out", "out_dir", default="traces", show_default=True, type=click.Path(), help="Folder of runs.")
 @click.option("--run", "run_name", default=None, help="Run name: stores go to OUT/RUN/VARIANT.zarr (default: from the model).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed recorded with the run.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed recorded with the run.")
 @click.option("--gguf", "gguf", type=click.Path(), default=None,
               help="A GGUF file whose own tensors are the weights of the gguf-* variants (e.g. --variant gguf-bf16); "
                    "its tensor names and shapes must match the reference model's.")
@@ -94,8 +139,8 @@ def _progress_printer(quiet: bool):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @friendly_errors
-def run(model, variants, reference, modes, text, prompts_file, max_tokens, plant, sites, out_dir, run_name, seed,
-        gguf, resume, as_json, quiet):
+def run(model, variants, reference, modes, text, prompts_file, tokens_file, max_tokens, truncate, plant, sites, out_dir,
+        run_name, seed, gguf, resume, as_json, quiet):
     """Trace the reference and one or more variants, then print the divergence summary.
 
     The reference is recorded once per run folder (again only if its model or tokens changed);
@@ -105,7 +150,7 @@ def run(model, variants, reference, modes, text, prompts_file, max_tokens, plant
 
     result = api.run(
         model=model, variants=list(variants), reference=reference, modes=list(modes), text=text,
-        prompts_file=prompts_file, max_tokens=max_tokens, plant=plant,
+        prompts_file=prompts_file, tokens_file=tokens_file, max_tokens=max_tokens, truncate=truncate, plant=plant,
         sites=sites.split(",") if sites else None, out_dir=out_dir, run_name=run_name, seed=seed, gguf=gguf,
         resume=resume,
         progress=_progress_printer(quiet or as_json),

@@ -92,10 +92,12 @@ def quantize(file_type, output, model, imatrix_file, plant, no_cache, as_json, q
     quantizing what a run or audit already quantized only copies them.
     """
     from moetrace.kernels import recipes
+    from moetrace.outputs import writable_file
     from moetrace.tracer.weights.gguf_writer import write_gguf
     from moetrace.tracer.sources.checkpoint import open_source
 
     recipes.parse_file_type(file_type)  # an unknown file type fails before the model is opened
+    writable_file(output, "the GGUF file (-o)")
     say = (lambda msg: None) if (quiet or as_json) else (lambda msg: click.echo(msg, err=True))
     say(f"Opening model {model} ...")
     source = open_source(model, plant=plant)
@@ -128,14 +130,14 @@ def quantize(file_type, output, model, imatrix_file, plant, no_cache, as_json, q
 @click.option("--model", "model", default="builtin:", show_default=True, help=_MODEL_HELP)
 @click.option("--gguf", "gguf_file", type=click.Path(), default=None,
               help="A GGUF file of the model (any quantizer's or engine's): audit its tensors (--variant gguf).")
-@click.option("--threshold", type=float, default=0.98, show_default=True,
+@click.option("--threshold", type=click.FloatRange(-1.0, 1.0), default=0.98, show_default=True,
               help="Flag matrices whose cosine similarity to the reference is below this.")
 @click.option("--plant", default=None, help="Built-in models: plant a fault in LAYER:EXPERT:PROJ (gate, up or down).")
 @click.option("--imatrix", "imatrix_file", type=click.Path(), default=None,
               help="llama.cpp importance-matrix file to quantize with.")
 @click.option("--out", "out", type=click.Path(), default=None,
               help="The Zarr store for the full table (default traces/audit/MODEL-VARIANT.zarr).")
-@click.option("--top", type=int, default=10, show_default=True, help="How many of the worst matrices to show.")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="How many of the worst matrices to show.")
 @click.option("--no-cache", is_flag=True, help="Quantize every tensor, ignoring the quantized-weight cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")

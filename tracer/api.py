@@ -56,19 +56,22 @@ def _reusable_reference(path: Path, model_hash: str, token_ids: np.ndarray, site
 
 def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), text=None, prompts_file=None,
         max_tokens=None, plant=None, sites=None, out_dir="traces", run_name=None, seed=0, progress=None,
-        log=None, gguf=None, resume=False) -> RunResult:
+        log=None, gguf=None, resume=False, tokens_file=None, truncate=False) -> RunResult:
     """Trace ``variants`` of ``model`` against ``reference`` and diff them; see ``moetrace run --help``.
 
     ``gguf`` is the GGUF file of the ``gguf-*`` variants; ``resume`` continues the stores a stopped
-    run with the same options left incomplete in the run folder.
+    run with the same options left incomplete in the run folder; ``tokens_file`` gives token ids
+    instead of text; ``truncate`` cuts sequences longer than the model's positions (else refused).
     """
     from moetrace.tracer.sources.checkpoint import open_source
 
     log = log or (lambda msg: None)
     if not variants:
         raise MoetraceError("give at least one --variant (see `moetrace variants`)")
-    if text is not None and prompts_file is not None:
-        raise MoetraceError("give --text or --prompts, not both")
+    if sum(x is not None for x in (text, prompts_file, tokens_file)) > 1:
+        raise MoetraceError("give one of --text, --prompts and --tokens, not several")
+    if run_name is not None:
+        check_run_name(run_name)
     if text is not None and not text.strip():
         raise MoetraceError("--text is empty; give text with at least one token")
     sites = list(sites) if sites else list(ALL_SITES)
@@ -78,12 +81,11 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
                        seed=seed, plant=plant, gguf=str(Path(gguf).resolve()) if gguf is not None else None)
     log(f"Opening model {model} ...")
     source = open_source(model, plant=plant)
-    texts = read_prompts(prompts_file) if prompts_file else [text if text is not None else DEMO_TEXT]
-    tokens = tokenize(texts, source.tokenizer, max_tokens)
+    tokens, n_seqs = _run_tokens(source, config, text, prompts_file, tokens_file, max_tokens, truncate)
     run_dir = Path(out_dir) / (run_name or default_run_name(source.model_id))
     ref_name = config.reference
     reuse = _reusable_reference(run_dir / f"{ref_name}.zarr", source.model_hash, tokens.ids, sites)
-    log(f"Tracing {source.model_id}: {source.num_layers} layers, {tokens.n} tokens in {len(texts)} sequence(s); "
+    log(f"Tracing {source.model_id}: {source.num_layers} layers, {tokens.n} tokens in {n_seqs} sequence(s); "
         f"reference {ref_name}{' (already recorded)' if reuse else ''}, variants {', '.join(config.variants)}")
     if resume and not any(run_dir.glob("*.zarr")):
         raise MoetraceError(f"nothing to resume: {str(run_dir)!r} holds no trace stores; run without --resume")
@@ -106,6 +108,47 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
             continue
         diffs[v] = compare.diff(ref_ds, open_trace(stores[v]), "free")
     return RunResult(run_dir, ref_name, stores, diffs)
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*")
+
+
+def check_run_name(name: str) -> str:
+    """A run name is a plain folder name: it can never point outside ``--out``."""
+    if not RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise MoetraceError(
+            f"invalid run name {name!r}; use letters, digits and _ . = + - (starting with a letter or digit), "
+            f"no path separators: stores always go to OUT/RUN/"
+        )
+    return name
+
+
+def _run_tokens(source, config, text, prompts_file, tokens_file, max_tokens, truncate):
+    """The run's tokens, checked against the model's positions and this machine's memory.
+
+    Returns:
+        (tokens, number of sequences).
+    """
+    from moetrace.tracer.execution import limits
+    from moetrace.tracer.sources.prompts import read_token_ids, tokens_from_ids
+
+    if max_tokens is not None and max_tokens < 1:
+        raise MoetraceError(f"--max-tokens {max_tokens} must be at least 1")
+    cfg = source.config
+    if tokens_file is not None:
+        tokens = tokens_from_ids(read_token_ids(tokens_file), int(cfg.vocab_size), source.tokenizer, max_tokens)
+    else:
+        texts = read_prompts(prompts_file) if prompts_file else [text if text is not None else DEMO_TEXT]
+        tokens = tokenize(texts, source.tokenizer, max_tokens)
+    tokens = limits.check_positions(tokens, getattr(cfg, "max_position_embeddings", None), truncate)
+    n_seqs = len(set(tokens.seq.tolist()))
+    longest = int(tokens.pos.max()) + 1
+    streams = 1 + len(config.variants) * len([m for m in config.modes if m != "teacher"]) + 1
+    widest = max(int(getattr(cfg, "intermediate_size", 0) or 0),
+                 int(getattr(cfg, "moe_intermediate_size", 0) or 0) * int(getattr(cfg, "num_experts_per_tok", 1) or 1))
+    need = limits.estimate_bytes(tokens.n, longest, int(cfg.hidden_size), int(cfg.vocab_size), streams, widest)
+    limits.check_memory(need, limits.available_memory(), tokens.n)
+    return tokens, n_seqs
 
 
 def diff_stores(reference, variant, mode="free"):

@@ -165,8 +165,10 @@ def parse_builtin(spec: str, plant: str | Plant | None = None) -> BuiltinModel:
 
 
 def cache_root() -> Path:
-    """Where generated models live: $MOETRACE_CACHE, else ~/.cache/moetrace."""
-    return Path(os.environ.get("MOETRACE_CACHE", Path.home() / ".cache" / "moetrace"))
+    """Where generated models live: $MOETRACE_CACHE, else ~/.cache/moetrace (see moetrace.settings)."""
+    from moetrace.settings import cache_root as root
+
+    return root()
 
 
 def materialize(model: BuiltinModel, progress=None) -> Path:
@@ -174,16 +176,46 @@ def materialize(model: BuiltinModel, progress=None) -> Path:
     folder = cache_root() / "builtin" / f"{model.preset}-{model.content_hash}"
     if (folder / "model.safetensors").exists() and (folder / "moetrace-builtin.json").exists():
         return folder
+    import shutil
+
+    from moetrace.outputs import writable_folder
+
+    writable_folder(folder.parent, "the model cache (MOETRACE_CACHE)")
+    _remove_stale_tmp(folder.parent)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    _write_checkpoint(model, tmp, progress)
     try:
+        _write_checkpoint(model, tmp, progress)
         tmp.rename(folder)
-    except OSError:  # another process finished first: its copy is identical
-        import shutil
-
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "moetrace-builtin.json").exists():  # else another process finished first, identically
+            raise MoetraceError(f"cannot write built-in model {model.preset} to {str(folder)!r}: {e.strerror or e}") from None
+    except BaseException:  # interrupted: leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return folder
+
+
+def _remove_stale_tmp(parent: Path) -> None:
+    """Delete generation folders (``NAME.tmpPID``) whose process is gone: a kill -9 can leave them."""
+    import re
+    import shutil
+
+    for p in parent.glob("*.tmp*"):
+        m = re.search(r"\.tmp(\d+)$", p.name)
+        if m and p.is_dir() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def hf_config_dict(shape: BuiltinShape) -> dict:

@@ -87,28 +87,24 @@ def tensor_hash(mats) -> str:
 
 
 def parse_size(text: str) -> int:
-    """``"20G"``, ``"512M"``, ``"1.5T"`` or a plain byte count -> bytes (binary units)."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
-        from moetrace.errors import MoetraceError
+    """``"20G"``, ``"512M"``, ``"1.5T"`` or a plain byte count -> bytes (binary units); see moetrace.settings."""
+    from moetrace.settings import parse_size as parse
 
-        raise MoetraceError(f"cannot read {text!r} as a size; give bytes or a number with K, M, G or T (e.g. 20G)")
+    return parse(text)
 
 
 def max_bytes_from_env() -> int | None:
     """``MOETRACE_QCACHE_MAX`` (e.g. ``20G``): the size the cache is trimmed to when a context opens it."""
-    v = os.environ.get("MOETRACE_QCACHE_MAX", "").strip()
-    return parse_size(v) if v else None
+    from moetrace.settings import size
+
+    return size("MOETRACE_QCACHE_MAX")
 
 
 def enabled_by_env() -> bool:
     """False when ``MOETRACE_QCACHE`` is set to 0, off, false or no."""
-    return os.environ.get("MOETRACE_QCACHE", "1").strip().lower() not in ("0", "off", "false", "no")
+    from moetrace.settings import switch
+
+    return switch("MOETRACE_QCACHE", True)
 
 
 class QuantCache:

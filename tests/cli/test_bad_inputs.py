@@ -1,0 +1,161 @@
+"""Bad input, one case at a time: every one ends in exactly one line on stderr and exit status 2.
+
+Each case names the fragment its message must contain, so a case that fails for another reason
+(say, an internal error caught as one line, which exits 1) does not pass. The cases run through
+click's test runner on the real command group (moetrace's own one-line error handling included),
+which costs no interpreter start per case; a sample runs in real subprocesses as well.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli_runner import moetrace
+from moetrace.cli.main import main
+
+RUN = ["run", "--variant", "q8_0-bf16", "-q"]
+
+
+def _files(tmp: Path) -> dict[str, str]:
+    """The input files the cases name, written fresh for each test."""
+    (tmp / "nonutf8.txt").write_bytes(b"\xff\xfe not utf-8")
+    (tmp / "empty.txt").write_text("\n\n")
+    (tmp / "badjsonl.txt").write_text('{"text": "a"\n')
+    (tmp / "notext.jsonl").write_text('{"prompt": "a"}\n')
+    (tmp / "folder").mkdir()
+    (tmp / "ids_oov.jsonl").write_text(json.dumps({"ids": [1, 2, 999]}) + "\n")
+    (tmp / "ids_neg.jsonl").write_text(json.dumps({"ids": [1, -2]}) + "\n")
+    (tmp / "ids_bad.jsonl").write_text("{ids: [1, 2]}\n")
+    (tmp / "ids_str.jsonl").write_text(json.dumps({"ids": ["a", "b"]}) + "\n")
+    (tmp / "ids_empty.jsonl").write_text("\n")
+    np.save(tmp / "ids_float.npy", np.array([1.5, 2.0]))
+    np.save(tmp / "ids_3d.npy", np.zeros((2, 2, 2), np.int64))
+    (tmp / "ids_garbage.npy").write_bytes(b"not an npy file at all")
+    (tmp / "plainfile").write_text("x")
+    (tmp / "long.txt").write_text("x" * 5000 + "\n")
+    return {k: str(tmp / k) for k in ("nonutf8.txt", "empty.txt", "badjsonl.txt", "notext.jsonl", "folder",
+                                      "ids_oov.jsonl", "ids_neg.jsonl", "ids_bad.jsonl", "ids_str.jsonl",
+                                      "ids_empty.jsonl", "ids_float.npy", "ids_3d.npy", "ids_garbage.npy",
+                                      "plainfile", "long.txt")}
+
+
+# (case id, arguments with {file} placeholders, environment additions, fragment of the message)
+CASES = [
+    ("max-tokens-negative", RUN + ["--max-tokens", "-5"], {}, "not in the range x>=1"),
+    ("max-tokens-zero", RUN + ["--max-tokens", "0"], {}, "not in the range x>=1"),
+    ("max-tokens-text", RUN + ["--max-tokens", "many"], {}, "is not a valid integer"),
+    ("seed-negative", RUN + ["--seed", "-1"], {}, "not in the range x>=0"),
+    ("audit-top-negative", ["audit", "--variant", "q4_k_m", "--top", "-3"], {}, "not in the range x>=1"),
+    ("audit-top-zero", ["audit", "--variant", "q4_k_m", "--top", "0"], {}, "not in the range x>=1"),
+    ("audit-threshold-range", ["audit", "--variant", "q4_k_m", "--threshold", "2"], {}, "not in the range"),
+    ("audit-unknown-file-type", ["audit", "--variant", "q9_k"], {}, "q9_k"),
+    ("audit-imatrix-missing", ["audit", "--variant", "q4_k_m", "--imatrix", "{folder}/none.dat"], {}, "none.dat"),
+    ("report-resamples-zero", ["report", "{folder}", "--resamples", "0"], {}, "not in the range x>=1"),
+    ("cache-prune-negative", ["cache", "--prune", "-1G"], {}, "cannot read '-1G'"),
+    ("cache-prune-text", ["cache", "--prune", "lots"], {}, "cannot read 'lots'"),
+    ("cache-prune-nan", ["cache", "--prune", "nanG"], {}, "cannot read 'nanG'"),
+    ("cache-prune-and-clear", ["cache", "--prune", "1G", "--clear"], {}, "exclude each other"),
+    ("run-name-parent", RUN + ["--run", "../../x"], {}, "invalid run name '../../x'"),
+    ("run-name-slash", RUN + ["--run", "a/b"], {}, "invalid run name 'a/b'"),
+    ("run-name-dotdot", RUN + ["--run", ".."], {}, "invalid run name '..'"),
+    ("run-name-absolute", RUN + ["--run", "/tmp/x"], {}, "invalid run name '/tmp/x'"),
+    ("prompts-not-utf8", RUN + ["--prompts", "{nonutf8.txt}"], {}, "is not UTF-8 text"),
+    ("prompts-missing", RUN + ["--prompts", "{folder}/none.txt"], {}, "does not exist"),
+    ("prompts-folder", RUN + ["--prompts", "{folder}"], {}, "is not a file"),
+    ("prompts-empty", RUN + ["--prompts", "{empty.txt}"], {}, "holds no prompts"),
+    ("prompts-bad-jsonl", RUN + ["--prompts", "{badjsonl.txt}"], {}, "invalid JSON"),
+    ("prompts-jsonl-no-text", RUN + ["--prompts", "{notext.jsonl}"], {}, "string 'text' field"),
+    ("tokens-out-of-vocab", RUN + ["--tokens", "{ids_oov.jsonl}"], {}, "token id 999 is outside the vocabulary"),
+    ("tokens-negative", RUN + ["--tokens", "{ids_neg.jsonl}"], {}, "token id -2 is outside the vocabulary"),
+    ("tokens-bad-json", RUN + ["--tokens", "{ids_bad.jsonl}"], {}, "invalid JSON"),
+    ("tokens-not-ints", RUN + ["--tokens", "{ids_str.jsonl}"], {}, "non-empty list of integers"),
+    ("tokens-empty", RUN + ["--tokens", "{ids_empty.jsonl}"], {}, "holds no sequences"),
+    ("tokens-npy-float", RUN + ["--tokens", "{ids_float.npy}"], {}, "integer array"),
+    ("tokens-npy-3d", RUN + ["--tokens", "{ids_3d.npy}"], {}, "integer array"),
+    ("tokens-npy-garbage", RUN + ["--tokens", "{ids_garbage.npy}"], {}, "not a readable .npy"),
+    ("tokens-missing", RUN + ["--tokens", "{folder}/none.npy"], {}, "does not exist"),
+    ("text-and-prompts", RUN + ["--text", "a", "--prompts", "{empty.txt}"], {}, "not several"),
+    ("text-and-tokens", RUN + ["--text", "a", "--tokens", "{ids_oov.jsonl}"], {}, "not several"),
+    ("text-empty", RUN + ["--text", "   "], {}, "--text is empty"),
+    ("too-long-for-positions", RUN + ["--prompts", "{long.txt}"], {}, "beyond the model's max_position_embeddings"),
+    ("variant-unknown-weights", ["run", "--variant", "q9_k-bf16"], {}, "unknown variant weights 'q9_k'"),
+    ("variant-unknown-compute", ["run", "--variant", "q8_0-fp8"], {}, "fp8"),
+    ("variant-no-compute", ["run", "--variant", "q8_0"], {}, "q8_0"),
+    ("variant-missing", ["run"], {}, "Missing option '--variant'"),
+    ("mode-unknown", RUN + ["--mode", "lazy"], {}, "'lazy' is not one of"),
+    ("site-unknown", RUN + ["--sites", "resid,bogus"], {}, "unknown site 'bogus'"),
+    ("gguf-missing", ["run", "--variant", "gguf-bf16", "--gguf", "{folder}/none.gguf"], {}, "does not exist"),
+    ("gguf-without-variant", RUN + ["--gguf", "{plainfile}"], {}, "no variant uses it"),
+    ("gguf-variant-without-file", ["run", "--variant", "gguf-bf16", "-q"], {}, "give --gguf FILE"),
+    ("plant-outside", RUN + ["--plant", "99:0:down"], {}, "outside builtin:"),
+    ("plant-garbage", RUN + ["--plant", "down"], {}, "down"),
+    ("model-unknown-builtin", RUN + ["--model", "builtin:nosuch"], {}, "nosuch"),
+    ("model-zero-layers", RUN + ["--model", "builtin:mini:layers=0"], {}, "layers must be at least 1"),
+    ("model-bad-override", RUN + ["--model", "builtin:mini:layers=x"], {}, "must be an integer"),
+    ("model-missing-folder", RUN + ["--model", "{folder}/nomodel"], {}, "nomodel"),
+    ("resume-nothing", RUN + ["--resume", "--out", "{folder}", "--run", "fresh"], {}, "nothing to resume"),
+    ("env-qcache-switch", RUN, {"MOETRACE_QCACHE": "maybe"}, "MOETRACE_QCACHE='maybe' is not a switch"),
+    ("env-qcache-max-negative", RUN, {"MOETRACE_QCACHE_MAX": "-5G"}, "MOETRACE_QCACHE_MAX"),
+    ("env-cache-is-file", RUN, {"MOETRACE_CACHE": "{plainfile}"}, "is a file, not a folder"),
+    ("env-debug-switch", RUN, {"MOETRACE_DEBUG": "loud"}, "MOETRACE_DEBUG='loud' is not a switch"),
+    ("quantize-output-folder", ["quantize", "q8_0", "-o", "{folder}"], {}, "is a folder; give a file name"),
+    ("quantize-output-under-file", ["quantize", "q8_0", "-o", "{plainfile}/x.gguf"], {}, "cannot write to the folder"),
+    ("quantize-unknown-type", ["quantize", "q9_k", "-o", "{folder}/x.gguf"], {}, "valid file types"),
+    ("recipe-unknown-type", ["recipe", "q9_k"], {}, "valid file types"),
+    ("diff-missing-stores", ["diff", "{folder}/a.zarr", "{folder}/b.zarr"], {}, "does not exist"),
+    ("unknown-command", ["nosuch"], {}, "No such command 'nosuch'"),
+    ("unknown-option", ["run", "--frobnicate"], {}, "No such option"),
+]
+
+
+def _fill(value: str, files: dict[str, str]) -> str:
+    for name, path in files.items():
+        value = value.replace("{" + name + "}", path)
+    assert "{" not in value, f"unknown placeholder in {value!r}"
+    return value
+
+
+def _check(exit_code: int, stderr: str, fragment: str, case: str) -> None:
+    # Progress lines ("Opening model ...") may come first; the error is one line, the last.
+    lines = stderr.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("moetrace:")]
+    assert exit_code == 2, f"{case}: exit {exit_code}, stderr {stderr!r}"
+    assert "Traceback" not in stderr
+    assert len(errors) == 1 and lines[-1] == errors[0], f"{case}: expected one error line last, got {lines!r}"
+    assert errors[0].startswith("moetrace: error: "), errors[0]
+    assert fragment in errors[0], f"{case}: {fragment!r} not in {errors[0]!r}"
+
+
+def test_enough_distinct_cases():
+    """The issue asks for at least 60 distinct bad-input cases."""
+    assert len({c[0] for c in CASES}) == len(CASES) >= 60
+
+
+@pytest.mark.parametrize("case,args,env,fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2(case, args, env, fragment, tmp_path, monkeypatch):
+    files = _files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for k, v in env.items():
+        monkeypatch.setenv(k, _fill(v, files))
+    result = CliRunner().invoke(main, [_fill(a, files) for a in args])
+    _check(result.exit_code, result.stderr, fragment, case)
+
+
+SUBPROCESS_SAMPLE = ["run-name-parent", "prompts-not-utf8", "tokens-out-of-vocab", "variant-unknown-weights",
+                     "quantize-output-folder", "env-cache-is-file", "max-tokens-negative"]
+
+
+@pytest.mark.parametrize("case", SUBPROCESS_SAMPLE)
+def test_bad_input_in_a_real_process(case, tmp_path):
+    _, args, env, fragment = next(c for c in CASES if c[0] == case)
+    files = _files(tmp_path)
+    import os
+
+    p = moetrace(*[_fill(a, files) for a in args], check=False,
+                 env={**os.environ, **{k: _fill(v, files) for k, v in env.items()}})
+    _check(p.returncode, p.stderr, fragment, case)
