@@ -47,5 +47,6 @@ def test_seq_sum_is_the_c_loop_from_positive_zero():
 
 def test_fp16_round_matches_numpy_half():
     x = (np.random.default_rng(4).standard_normal(100000) * 3e4).astype(np.float32)
-    want = x.astype(np.float16).astype(np.float32)
+    with np.errstate(over="ignore"):  # |x| > 65504 rounds to Inf, on purpose
+        want = x.astype(np.float16).astype(np.float32)
     assert np.array_equal(fp16_round(torch.from_numpy(x)).numpy().view(np.uint32), want.view(np.uint32))
