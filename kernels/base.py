@@ -12,19 +12,11 @@ import gguf
 import torch
 
 from moetrace.kernels.errors import FormatError
+from moetrace.kernels.layouts import LAYOUTS, QK_K  # noqa: F401 (QK_K: re-exported to the formats)
 
-QK_K = 256
-
-# name -> (elements per block, bytes per block); the one table every size comes from.
-# Mirrors ggml's type_traits (ggml.c) and gguf.GGML_QUANT_SIZES.
-BLOCK_SIZES: dict[str, tuple[int, int]] = {
-    name: tuple(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]])
-    for name in ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q8_1",
-                 "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K")
-}
-
-# gguf-py's table still has Q8_1's old float layout (40 bytes); ggml's block_q8_1 is two fp16 + 32 int8.
-BLOCK_SIZES["Q8_1"] = (32, 36)
+# name -> (elements per block, bytes per block): the layout table (kernels/layouts.py), which
+# torch, Triton and the C kernels all read; tests check it against gguf.GGML_QUANT_SIZES.
+BLOCK_SIZES: dict[str, tuple[int, int]] = {name: (lay.elems, lay.bytes) for name, lay in LAYOUTS.items()}
 
 FORMATS: dict[str, "BlockFormat"] = {}
 

@@ -11,7 +11,10 @@ import torch
 
 from moetrace.kernels.base import QK_K, BlockFormat
 from moetrace.kernels.block_bytes import dequantize_chunked, quantize_chunked
-from moetrace.kernels.qx_search import fdiv, first_absmax, nearest_int
+from moetrace.kernels.ggml_float import fdiv, first_absmax, nearest_int
+from moetrace.kernels.layouts import LAYOUTS
+
+_L = LAYOUTS["Q8_K"]  # field offsets of block_q8_K
 
 
 class Q8_K(BlockFormat):
@@ -48,10 +51,10 @@ class Q8_K(BlockFormat):
 
     @staticmethod
     def _fill(q: torch.Tensor, out: torch.Tensor) -> None:
-        d = q[:, :4].view(torch.float32)  # (b, 1)
-        torch.mul(d, q[:, 4:4 + QK_K].view(torch.int8), out=out)
+        d = q[:, _L.span("d")].view(torch.float32)  # (b, 1)
+        torch.mul(d, q[:, _L.span("qs")].view(torch.int8), out=out)
 
 
 def q8_k_bsums(q: torch.Tensor) -> torch.Tensor:
     """The ``bsums`` field of Q8_K blocks: (B, 292) uint8 -> (B, 16) int16."""
-    return q.contiguous().view(torch.int16)[:, 130:146]
+    return q.contiguous().view(torch.int16)[:, _L.offset("bsums") // 2 : (_L.offset("bsums") + _L.size("bsums")) // 2]

@@ -32,17 +32,10 @@ from moetrace.kernels.block_bytes import (
     int8_wrap,
     quantize_chunked,
 )
-from moetrace.kernels.qx_search import (
-    fdiv,
-    fdiv_by,
-    first_absmax,
-    first_extreme,
-    make_qkx3_quants,
-    make_qx_quants,
-    roundf,
-    seq_sum,
-    sqrtf,
-)
+from moetrace.kernels.ggml_float import fdiv, fdiv_by, first_absmax, first_extreme, roundf, seq_sum, sqrtf
+from moetrace.kernels.search_qkx import make_qkx3_quants
+from moetrace.kernels.search_qx import make_qx_quants
+from moetrace.kernels.layouts import LAYOUTS as _LAY  # field offsets; d is at 0 in every legacy block
 
 QK = 32
 # Elements per chunk for the imatrix paths: make_qx_quants holds (32, 19, blocks) candidates;
@@ -192,7 +185,7 @@ class Q4_0(_Legacy):
 
     @staticmethod
     def _fill(q, out):
-        v = _nibbles(q[:, 2:]).sub_(8).view(torch.int8)  # wraps to -8..7
+        v = _nibbles(q[:, _LAY["Q4_0"].span("qs")]).sub_(8).view(torch.int8)  # wraps to -8..7
         torch.mul(v, _fp16_col(q, 0), out=out)
 
 
@@ -220,8 +213,8 @@ class Q4_1(_Legacy):
 
     @staticmethod
     def _fill(q, out):
-        torch.mul(_nibbles(q[:, 4:]), _fp16_col(q, 0), out=out)
-        out.add_(_fp16_col(q, 2))
+        torch.mul(_nibbles(q[:, _LAY["Q4_1"].span("qs")]), _fp16_col(q, 0), out=out)
+        out.add_(_fp16_col(q, _LAY["Q4_1"].offset("m")))
 
 
 class Q5_0(_Legacy):
@@ -247,7 +240,7 @@ class Q5_0(_Legacy):
 
     @staticmethod
     def _fill(q, out):
-        v = _nibbles(q[:, 6:], q[:, 2:6]).sub_(16).view(torch.int8)
+        v = _nibbles(q[:, _LAY["Q5_0"].span("qs")], q[:, _LAY["Q5_0"].span("qh")]).sub_(16).view(torch.int8)
         torch.mul(v, _fp16_col(q, 0), out=out)
 
 
@@ -276,8 +269,8 @@ class Q5_1(_Legacy):
 
     @staticmethod
     def _fill(q, out):
-        torch.mul(_nibbles(q[:, 8:], q[:, 4:8]), _fp16_col(q, 0), out=out)
-        out.add_(_fp16_col(q, 2))
+        torch.mul(_nibbles(q[:, _LAY["Q5_1"].span("qs")], q[:, _LAY["Q5_1"].span("qh")]), _fp16_col(q, 0), out=out)
+        out.add_(_fp16_col(q, _LAY["Q5_1"].offset("m")))
 
 
 def _q8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,7 +306,7 @@ class Q8_0(BlockFormat):
 
     @staticmethod
     def _fill(q, out):
-        torch.mul(q[:, 2:].view(torch.int8), _fp16_col(q, 0), out=out)
+        torch.mul(q[:, _LAY["Q8_0"].span("qs")].view(torch.int8), _fp16_col(q, 0), out=out)
 
 
 class Q8_1(BlockFormat):
@@ -344,4 +337,4 @@ class Q8_1(BlockFormat):
 
     @staticmethod
     def _fill(q, out):
-        torch.mul(q[:, 4:].view(torch.int8), _fp16_col(q, 0), out=out)
+        torch.mul(q[:, _LAY["Q8_1"].span("qs")].view(torch.int8), _fp16_col(q, 0), out=out)

@@ -16,18 +16,13 @@ import torch
 
 from moetrace.kernels.base import QK_K, BlockFormat
 from moetrace.kernels.block_bytes import fp16_bytes, fp16_field
-from moetrace.kernels.kquant_search import (
-    fp16_round,
-    make_qkx_quants_t,
-    make_qp_quants,
-    div_by,
-    nearest_int,
-    rdiv,
-    running_max_from_zero,
-    seq_sum,
-    split_over_threads,
-    sqrt_f32,
-)
+from moetrace.kernels.ggml_float import fdiv, fdiv_by, fp16_round, nearest_int, running_max_from_zero, seq_sum, sqrtf
+from moetrace.kernels.parallel import split_over_threads
+from moetrace.kernels.search_qkx import make_qkx_quants_t
+from moetrace.kernels.search_qp import make_qp_quants
+from moetrace.kernels.layouts import LAYOUTS
+
+_L = LAYOUTS["Q2_K"]  # field offsets of block_q2_K
 
 N_SUB = QK_K // 16  # sub-blocks per super-block
 
@@ -49,24 +44,24 @@ def _ref_scales(x: torch.Tensor):
     has_scale = max_scale > 0
     has_min = max_min > 0
     # `y[i].scales[j] = l;` then `y[i].scales[j] |= (l << 4);`, both through uint8.
-    ls = nearest_int(rdiv(15.0, max_scale)[:, None] * scales)
+    ls = nearest_int(fdiv(15.0, max_scale)[:, None] * scales)
     ls = torch.where(has_scale[:, None], ls, torch.zeros_like(ls))
-    lm = nearest_int(rdiv(15.0, max_min)[:, None] * mins)
+    lm = nearest_int(fdiv(15.0, max_min)[:, None] * mins)
     lm = torch.where(has_min[:, None], lm << 4, torch.zeros_like(lm))
     sc = (ls | lm) & 0xFF
-    d = torch.where(has_scale, div_by(max_scale, 15), zero)
-    dmin = torch.where(has_min, div_by(max_min, 15), zero)
+    d = torch.where(has_scale, fdiv_by(max_scale, 15), zero)
+    dmin = torch.where(has_min, fdiv_by(max_min, 15), zero)
     return sc, d, dmin, Lt
 
 
 def _imatrix_scales(x: torch.Tensor, qw: torch.Tensor):
     """The scale search of quantize_row_q2_K_impl; returns as :func:`_ref_scales`."""
     nb = x.shape[0]
-    sigma2 = div_by(seq_sum(x * x, dim=1), QK_K)  # (blocks,)
+    sigma2 = fdiv_by(seq_sum(x * x, dim=1), QK_K)  # (blocks,)
     xt = x.reshape(nb * N_SUB, 16).t().contiguous()  # (16, sub-blocks)
     qwt = qw.reshape(nb * N_SUB, 16).t()
     s2 = sigma2.repeat_interleave(N_SUB)  # (sub-blocks,): each sub-block's super-block sigma2
-    wt = sqrt_f32(xt * xt + s2).mul_(qwt)  # qw * sqrtf(sigma2 + x*x), contiguous like xt
+    wt = sqrtf(xt * xt + s2).mul_(qwt)  # qw * sqrtf(sigma2 + x*x), contiguous like xt
     sw = seq_sum(wt, dim=0).view(nb, N_SUB)
     scales, mins, Lt = make_qkx_quants_t(xt, wt, 3, -0.9, 0.05, 36, use_mad=False)
     dm, ls = make_qp_quants(scales.view(nb, N_SUB), sw, 15)
@@ -103,13 +98,13 @@ def _quantize_q2_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
 def _dequantize_q2_k(q: torch.Tensor) -> torch.Tensor:
     """dequantize_row_q2_K: (blocks, 84) uint8 -> (blocks, 256) float32."""
     nb = q.shape[0]
-    sc = q[:, 0:16]
-    d = fp16_field(q, 80)
-    dmin = fp16_field(q, 82)
+    sc = q[:, _L.span("scales")]
+    d = fp16_field(q, _L.offset("d"))
+    dmin = fp16_field(q, _L.offset("dmin"))
     dl = (d[:, None] * (sc & 0xF).to(torch.float32))[:, :, None]  # (blocks, 16, 1)
     ml = (dmin[:, None] * (sc >> 4).to(torch.float32))[:, :, None]
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=q.device)[None, None, :, None]
-    codes = (q[:, 16:80].reshape(nb, 2, 1, 32) >> shifts) & 3  # (blocks, 2, 4, 32)
+    codes = (q[:, _L.span("qs")].reshape(nb, 2, 1, 32) >> shifts) & 3  # (blocks, 2, 4, 32)
     out = codes.view(nb, N_SUB, 16).to(torch.float32).mul_(dl).sub_(ml)  # two roundings, as ggml's C
     return out.view(nb, QK_K)
 

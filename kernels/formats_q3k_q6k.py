@@ -17,16 +17,11 @@ import torch
 
 from moetrace.kernels.base import QK_K, BlockFormat
 from moetrace.kernels.block_bytes import bit_fields, dequantize_chunked, fp16_bytes, int8_wrap, quantize_chunked
-from moetrace.kernels.qx_search import (
-    GROUP_MAX_EPS,
-    fdiv,
-    first_absmax,
-    make_q3_quants,
-    make_qx_quants,
-    nearest_int,
-    seq_sum,
-    sqrtf,
-)
+from moetrace.kernels.ggml_float import GROUP_MAX_EPS, fdiv, first_absmax, nearest_int, seq_sum, sqrtf
+from moetrace.kernels.search_qx import make_q3_quants, make_qx_quants
+from moetrace.kernels.layouts import LAYOUTS
+
+_Q3, _Q6 = LAYOUTS["Q3_K"], LAYOUTS["Q6_K"]  # field offsets
 
 # Elements per chunk for the searches. make_qx_quants holds (16, 19, groups) candidates, so its chunks
 # stay small; make_q3_quants runs ~3000 small ops per chunk whatever its size, so its chunks are large.
@@ -123,13 +118,13 @@ class Q3_K(BlockFormat):
     @staticmethod
     def _fill(q: torch.Tensor, out: torch.Tensor) -> None:
         b = q.shape[0]
-        d = q[:, 108:110].view(torch.float16).to(torch.float32)  # (b, 1)
-        sb = q[:, 96:108]
+        d = q[:, _Q3.span("d")].view(torch.float16).to(torch.float32)  # (b, 1)
+        sb = q[:, _Q3.span("scales")]
         low = bit_fields(sb[:, :8], 4, 2).reshape(b, 16)  # group j: low nibble of byte j, group j+8: high
         high = bit_fields(sb[:, 8:], 2, 4).reshape(b, 16)  # group 4t+k: bits 2t of byte 8+k
         dl = d * ((low | (high << 4)).view(torch.int8) - 32).to(torch.float32)  # (b, 16)
-        code = bit_fields(q[:, 32:96].reshape(2 * b, 32), 2, 4)  # (2b, 4, 32): half, shift, l
-        hb = bit_fields(q[:, :32], 1, 8)  # (b, 8, 32): bit 4*half+shift of hmask[l]
+        code = bit_fields(q[:, _Q3.span("qs")].reshape(2 * b, 32), 2, 4)  # (2b, 4, 32): half, shift, l
+        hb = bit_fields(q[:, _Q3.span("hmask")], 1, 8)  # (b, 8, 32): bit 4*half+shift of hmask[l]
         code = code.reshape(b, 16, 16) | (hb.reshape(b, 16, 16) << 2)  # 0..7 = value + 4
         torch.mul(dl[:, :, None], code.sub_(4).view(torch.int8), out=out.view(b, 16, 16))
 
@@ -171,9 +166,9 @@ class Q6_K(BlockFormat):
     @staticmethod
     def _fill(q: torch.Tensor, out: torch.Tensor) -> None:
         b = q.shape[0]
-        d = q[:, 208:210].view(torch.float16).to(torch.float32)  # (b, 1)
-        ds = d * q[:, 192:208].view(torch.int8).to(torch.float32)  # (b, 16): (d * sc) first, as ggml
-        lo = bit_fields(q[:, :128].reshape(2 * b, 64), 4, 2)  # (2b, nibble, 64): quarter k = 2*nibble + k%2
-        hi = bit_fields(q[:, 128:192].reshape(2 * b, 32), 2, 4)  # (2b, 4, 32): quarter, l
+        d = q[:, _Q6.span("d")].view(torch.float16).to(torch.float32)  # (b, 1)
+        ds = d * q[:, _Q6.span("scales")].view(torch.int8).to(torch.float32)  # (b, 16): (d * sc) first, as ggml
+        lo = bit_fields(q[:, _Q6.span("ql")].reshape(2 * b, 64), 4, 2)  # (2b, nibble, 64): quarter k = 2*nibble + k%2
+        hi = bit_fields(q[:, _Q6.span("qh")].reshape(2 * b, 32), 2, 4)  # (2b, 4, 32): quarter, l
         code = lo.reshape(b, 16, 16) | (hi.reshape(b, 16, 16) << 4)  # 0..63 = value + 32
         torch.mul(ds[:, :, None], code.sub_(32).view(torch.int8), out=out.view(b, 16, 16))

@@ -16,18 +16,14 @@ import torch
 
 from moetrace.kernels.base import QK_K, BlockFormat
 from moetrace.kernels.block_bytes import fp16_bytes, fp16_field
-from moetrace.kernels.kquant_search import (
-    fp16_round,
-    make_qkx_quants_t,
-    make_qp_quants,
-    div_by,
-    nearest_int,
-    rdiv,
-    running_max_from_zero,
-    seq_sum,
-    split_over_threads,
-    sqrt_f32,
-)
+from moetrace.kernels.ggml_float import fdiv, fdiv_by, fp16_round, nearest_int, running_max_from_zero, seq_sum, sqrtf
+from moetrace.kernels.parallel import split_over_threads
+from moetrace.kernels.search_qkx import make_qkx_quants_t
+from moetrace.kernels.search_qp import make_qp_quants
+from moetrace.kernels.layouts import LAYOUTS
+
+# Field offsets; Q4_K and Q5_K share d, dmin and scales (the header read by both).
+_Q4K, _Q5K = LAYOUTS["Q4_K"], LAYOUTS["Q5_K"]
 
 N_SUB = QK_K // 32  # sub-blocks per super-block
 
@@ -70,7 +66,7 @@ def _ref_scales(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     nb = x.shape[0]
     xt = x.reshape(nb * N_SUB, 32).t().contiguous()  # (32, sub-blocks), as the search wants it
     # Weights: rms of the sub-block plus |x|, as ggml.
-    av_x = sqrt_f32(div_by(seq_sum(xt * xt, dim=0), 32))  # (sub-blocks,)
+    av_x = sqrtf(fdiv_by(seq_sum(xt * xt, dim=0), 32))  # (sub-blocks,)
     wt = xt.abs().add_(av_x)
     scales, mins, Lt = make_qkx_quants_t(xt, wt, nmax, rmin, 0.1, nstep, use_mad=False)
     scales = scales.view(nb, N_SUB)
@@ -78,22 +74,22 @@ def _ref_scales(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     max_scale = running_max_from_zero(scales)
     max_min = running_max_from_zero(mins)
     zero = torch.zeros_like(max_scale)
-    inv_scale = torch.where(max_scale > 0, rdiv(63.0, max_scale), zero)
-    inv_min = torch.where(max_min > 0, rdiv(63.0, max_min), zero)
+    inv_scale = torch.where(max_scale > 0, fdiv(63.0, max_scale), zero)
+    inv_min = torch.where(max_min > 0, fdiv(63.0, max_min), zero)
     # `uint8_t ls = nearest_int(...); ls = MIN(63, ls);`
     ls = (nearest_int(inv_scale[:, None] * scales) & 0xFF).clamp(max=63)
     lm = (nearest_int(inv_min[:, None] * mins) & 0xFF).clamp(max=63)
-    return ls, lm, div_by(max_scale, 63), div_by(max_min, 63), Lt
+    return ls, lm, fdiv_by(max_scale, 63), fdiv_by(max_min, 63), Lt
 
 
 def _imatrix_scales(x: torch.Tensor, qw: torch.Tensor, nmax: int):
     """The imatrix scale search of quantize_row_q{4,5}_K_impl; returns as :func:`_ref_scales`."""
     nb = x.shape[0]
-    sigma2 = div_by(2 * seq_sum(x * x, dim=1), QK_K)  # (blocks,)
+    sigma2 = fdiv_by(2 * seq_sum(x * x, dim=1), QK_K)  # (blocks,)
     xt = x.reshape(nb * N_SUB, 32).t().contiguous()  # (32, sub-blocks)
     qwt = qw.reshape(nb * N_SUB, 32).t()
     s2 = sigma2.repeat_interleave(N_SUB)  # (sub-blocks,): each sub-block's super-block sigma2
-    wt = sqrt_f32(xt * xt + s2).mul_(qwt)  # qw * sqrtf(sigma2 + x*x), contiguous like xt
+    wt = sqrtf(xt * xt + s2).mul_(qwt)  # qw * sqrtf(sigma2 + x*x), contiguous like xt
     sw = seq_sum(wt, dim=0).view(nb, N_SUB)
     scales, mins, Lt = make_qkx_quants_t(xt, wt, nmax, -0.9, 0.05, 36, use_mad=False)
     d_block, ls = make_qp_quants(scales.view(nb, N_SUB), sw, 63)
@@ -135,9 +131,9 @@ def _quantize_k4(x: torch.Tensor, qw: torch.Tensor | None, nmax: int, rmin: floa
 def _dequantize_k4(q: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """d*sc * code - dmin*m per sub-block: q (blocks, bytes) uint8, codes (blocks, 8, 32) uint8 -> (blocks, 256)."""
     nb = q.shape[0]
-    d = fp16_field(q, 0)
-    dmin = fp16_field(q, 2)
-    sc, m = unpack_scales_k4(q[:, 4:16])
+    d = fp16_field(q, _Q4K.offset("d"))
+    dmin = fp16_field(q, _Q4K.offset("dmin"))
+    sc, m = unpack_scales_k4(q[:, _Q4K.span("scales")])
     d1 = (d[:, None] * sc.to(torch.float32))[:, :, None]  # (blocks, 8, 1)
     m1 = (dmin[:, None] * m.to(torch.float32))[:, :, None]
     out = codes.to(torch.float32).mul_(d1).sub_(m1)  # two roundings, as ggml's C
@@ -169,7 +165,7 @@ def _quantize_q5_k(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
 def _dequantize_q4_k(q: torch.Tensor) -> torch.Tensor:
     """dequantize_row_q4_K: (blocks, 144) uint8 -> (blocks, 256) float32."""
     nb = q.shape[0]
-    qs = q[:, 16:144].reshape(nb, 4, 1, 32)
+    qs = q[:, _Q4K.span("qs")].reshape(nb, 4, 1, 32)
     codes = torch.cat([qs & 0xF, qs >> 4], dim=2).view(nb, N_SUB, 32)  # sub-block 2k: low nibbles
     return _dequantize_k4(q, codes)
 
@@ -177,8 +173,8 @@ def _dequantize_q4_k(q: torch.Tensor) -> torch.Tensor:
 def _dequantize_q5_k(q: torch.Tensor) -> torch.Tensor:
     """dequantize_row_q5_K: (blocks, 176) uint8 -> (blocks, 256) float32."""
     nb = q.shape[0]
-    qh = q[:, 16:48].reshape(nb, 1, 32)
-    qs = q[:, 48:176].reshape(nb, 4, 1, 32)
+    qh = q[:, _Q5K.span("qh")].reshape(nb, 1, 32)
+    qs = q[:, _Q5K.span("qs")].reshape(nb, 4, 1, 32)
     lo = torch.cat([qs & 0xF, qs >> 4], dim=2).view(nb, N_SUB, 32)
     shifts = torch.arange(8, device=q.device, dtype=torch.uint8)[None, :, None]
     hi = ((qh >> shifts) & 1) << 4  # (blocks, 8, 32): bit 2k+t of qh[j] adds 16 to sub-block 2k+t

@@ -13,7 +13,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define MT_QK_K 256
+#include "layouts.h" /* MT_QK_K and the block layouts, generated from kernels/layouts.py */
 #define MT_GROUP_MAX_EPS 1e-15f
 
 static inline uint32_t mt_f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }

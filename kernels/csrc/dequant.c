@@ -25,7 +25,7 @@
 #define MT_HOT
 #endif
 
-#define QK 32
+#define QK MT_QK
 
 /* Keep gcc from fully unrolling a 16-element inner loop (its straight-line vectorization of the
  * unrolled body is 1.5-6x slower here): left a loop, it is vectorized whole. */
@@ -40,9 +40,9 @@
 /* block_q4_0: fp16 d, 16 bytes of nibbles; element j is the low nibble of qs[j], element
  * j + 16 the high one. y = (code - 8) * d. */
 static void deq_q4_0(const uint8_t *restrict q, float *restrict y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, q += 18, y += QK) {
+    for (int64_t i = 0; i < nb; i++, q += MT_Q4_0_BYTES, y += QK) {
         const float d = mt_load_fp16(q);
-        const uint8_t *restrict qs = q + 2;
+        const uint8_t *restrict qs = q + MT_Q4_0_QS;
         MT_LOOP
         for (int j = 0; j < 16; j++) {
             y[j] = (float)((int)(qs[j] & 0xF) - 8) * d;
@@ -53,10 +53,10 @@ static void deq_q4_0(const uint8_t *restrict q, float *restrict y, int64_t nb) {
 
 /* block_q4_1: fp16 d, fp16 m, 16 bytes of nibbles. y = code * d + m. */
 static void deq_q4_1(const uint8_t *restrict q, float *restrict y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, q += 20, y += QK) {
+    for (int64_t i = 0; i < nb; i++, q += MT_Q4_1_BYTES, y += QK) {
         const float d = mt_load_fp16(q);
-        const float m = mt_load_fp16(q + 2);
-        const uint8_t *restrict qs = q + 4;
+        const float m = mt_load_fp16(q + MT_Q4_1_M);
+        const uint8_t *restrict qs = q + MT_Q4_1_QS;
         MT_LOOP
         for (int j = 0; j < 16; j++) {
             y[j] = (float)(qs[j] & 0xF) * d + m;
@@ -80,10 +80,10 @@ static inline uint32_t mt_load_u32(const uint8_t *p) {
 
 /* block_q5_0: fp16 d, 4 bytes qh, 16 bytes of nibbles. y = ((nibble | bit4) - 16) * d. */
 static void deq_q5_0(const uint8_t *restrict q, float *restrict y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, q += 22, y += QK) {
+    for (int64_t i = 0; i < nb; i++, q += MT_Q5_0_BYTES, y += QK) {
         const float d = mt_load_fp16(q);
-        const uint32_t qh = mt_load_u32(q + 2);
-        const uint8_t *restrict qs = q + 6;
+        const uint32_t qh = mt_load_u32(q + MT_Q5_0_QH);
+        const uint8_t *restrict qs = q + MT_Q5_0_QS;
         MT_LOOP
         for (int j = 0; j < 16; j++) {
             y[j] = (float)((int)((qs[j] & 0xF) | ((qh & mt_bit[j]) ? 16 : 0)) - 16) * d;
@@ -94,11 +94,11 @@ static void deq_q5_0(const uint8_t *restrict q, float *restrict y, int64_t nb) {
 
 /* block_q5_1: fp16 d, fp16 m, 4 bytes qh, 16 bytes of nibbles. y = (nibble | bit4) * d + m. */
 static void deq_q5_1(const uint8_t *restrict q, float *restrict y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, q += 24, y += QK) {
+    for (int64_t i = 0; i < nb; i++, q += MT_Q5_1_BYTES, y += QK) {
         const float d = mt_load_fp16(q);
-        const float m = mt_load_fp16(q + 2);
-        const uint32_t qh = mt_load_u32(q + 4);
-        const uint8_t *restrict qs = q + 8;
+        const float m = mt_load_fp16(q + MT_Q5_1_M);
+        const uint32_t qh = mt_load_u32(q + MT_Q5_1_QH);
+        const uint8_t *restrict qs = q + MT_Q5_1_QS;
         MT_LOOP
         for (int j = 0; j < 16; j++) {
             y[j] = (float)((qs[j] & 0xF) | ((qh & mt_bit[j]) ? 16u : 0u)) * d + m;
@@ -109,9 +109,9 @@ static void deq_q5_1(const uint8_t *restrict q, float *restrict y, int64_t nb) {
 
 /* block_q8_0: fp16 d, 32 int8. y = q * d. */
 MT_HOT static void deq_q8_0(const uint8_t *restrict q, float *restrict y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, q += 34, y += QK) {
+    for (int64_t i = 0; i < nb; i++, q += MT_Q8_0_BYTES, y += QK) {
         const float d = mt_load_fp16(q);
-        const int8_t *restrict qs = (const int8_t *)(q + 2);
+        const int8_t *restrict qs = (const int8_t *)(q + MT_Q8_0_QS);
         for (int j = 0; j < QK; j++) y[j] = (float)qs[j] * d;
     }
 }
@@ -122,12 +122,12 @@ MT_HOT static void deq_q8_0(const uint8_t *restrict q, float *restrict y, int64_
  * fp16 d, fp16 dmin. Element 128n + 32s + l is bits 2s of qs[32n + l]; each run of 16 elements
  * is one sub-block (scale byte 8n + 2s + l/16): y = (d * sc) * code - (dmin * m). */
 MT_HOT static void deq_q2_k(const uint8_t *restrict q, float *restrict y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, q += 84) {
-        const uint8_t *restrict sc = q;
-        const float d = mt_load_fp16(q + 80);
-        const float dmin = mt_load_fp16(q + 82);
+    for (int64_t i = 0; i < nb; i++, q += MT_Q2_K_BYTES) {
+        const uint8_t *restrict sc = q + MT_Q2_K_SCALES;
+        const float d = mt_load_fp16(q + MT_Q2_K_D);
+        const float dmin = mt_load_fp16(q + MT_Q2_K_DMIN);
         for (int n = 0; n < 2; n++) {
-            const uint8_t *restrict qs = q + 16 + 32 * n;
+            const uint8_t *restrict qs = q + MT_Q2_K_QS + 32 * n;
             for (int shift = 0; shift < 8; shift += 2, sc += 2, y += 32) {
                 const float dl0 = d * (float)(sc[0] & 0xF), ml0 = dmin * (float)(sc[0] >> 4);
                 const float dl1 = d * (float)(sc[1] & 0xF), ml1 = dmin * (float)(sc[1] >> 4);
@@ -155,12 +155,12 @@ static inline void mt_q3_k_scales(const uint8_t *restrict s, int *restrict out) 
  * (code2 | hbit << 2) - 4); sub-block 8n + 2s + l/16. y = (d * (sc - 32)) * code. */
 MT_HOT static void deq_q3_k(const uint8_t *restrict q, float *restrict y, int64_t nb) {
     int scales[16];
-    for (int64_t i = 0; i < nb; i++, q += 110) {
-        const uint8_t *restrict hm = q;
-        const float d = mt_load_fp16(q + 108);
-        mt_q3_k_scales(q + 96, scales);
+    for (int64_t i = 0; i < nb; i++, q += MT_Q3_K_BYTES) {
+        const uint8_t *restrict hm = q + MT_Q3_K_HMASK;
+        const float d = mt_load_fp16(q + MT_Q3_K_D);
+        mt_q3_k_scales(q + MT_Q3_K_SCALES, scales);
         for (int n = 0; n < 2; n++) {
-            const uint8_t *restrict qs = q + 32 + 32 * n;
+            const uint8_t *restrict qs = q + MT_Q3_K_QS + 32 * n;
             for (int s = 0; s < 4; s++, y += 32) {
                 const float dl0 = d * (float)scales[8 * n + 2 * s], dl1 = d * (float)scales[8 * n + 2 * s + 1];
                 const int sh = 2 * s, hs = 4 * n + s;
@@ -187,11 +187,11 @@ static inline void mt_scale_min_k4(const uint8_t *restrict s, int *restrict sc, 
  * 32 bytes: low nibbles are sub-block 2k, high nibbles 2k + 1. y = (d*sc) * code - (dmin*m). */
 MT_HOT static void deq_q4_k(const uint8_t *restrict q, float *restrict y, int64_t nb) {
     int sc[8], mn[8];
-    for (int64_t i = 0; i < nb; i++, q += 144) {
-        const float d = mt_load_fp16(q);
-        const float dmin = mt_load_fp16(q + 2);
-        mt_scale_min_k4(q + 4, sc, mn);
-        const uint8_t *restrict qs = q + 16;
+    for (int64_t i = 0; i < nb; i++, q += MT_Q4_K_BYTES) {
+        const float d = mt_load_fp16(q + MT_Q4_K_D);
+        const float dmin = mt_load_fp16(q + MT_Q4_K_DMIN);
+        mt_scale_min_k4(q + MT_Q4_K_SCALES, sc, mn);
+        const uint8_t *restrict qs = q + MT_Q4_K_QS;
         for (int k = 0; k < 4; k++, qs += 32, y += 64) {
             const float d1 = d * (float)sc[2 * k], m1 = dmin * (float)mn[2 * k];
             const float d2 = d * (float)sc[2 * k + 1], m2 = dmin * (float)mn[2 * k + 1];
@@ -205,12 +205,12 @@ MT_HOT static void deq_q4_k(const uint8_t *restrict q, float *restrict y, int64_
  * qh[l] adds 16 to element l of sub-block 2k, bit 2k + 1 to element l of sub-block 2k + 1. */
 MT_HOT static void deq_q5_k(const uint8_t *restrict q, float *restrict y, int64_t nb) {
     int sc[8], mn[8];
-    for (int64_t i = 0; i < nb; i++, q += 176) {
-        const float d = mt_load_fp16(q);
-        const float dmin = mt_load_fp16(q + 2);
-        mt_scale_min_k4(q + 4, sc, mn);
-        const uint8_t *restrict qh = q + 16;
-        const uint8_t *restrict qs = q + 48;
+    for (int64_t i = 0; i < nb; i++, q += MT_Q5_K_BYTES) {
+        const float d = mt_load_fp16(q + MT_Q5_K_D);
+        const float dmin = mt_load_fp16(q + MT_Q5_K_DMIN);
+        mt_scale_min_k4(q + MT_Q5_K_SCALES, sc, mn);
+        const uint8_t *restrict qh = q + MT_Q5_K_QH;
+        const uint8_t *restrict qs = q + MT_Q5_K_QS;
         for (int k = 0; k < 4; k++, qs += 32, y += 64) {
             const float d1 = d * (float)sc[2 * k], m1 = dmin * (float)mn[2 * k];
             const float d2 = d * (float)sc[2 * k + 1], m2 = dmin * (float)mn[2 * k + 1];
@@ -227,13 +227,13 @@ MT_HOT static void deq_q5_k(const uint8_t *restrict q, float *restrict y, int64_
  * Per 128-element half: element 32t + l takes nibble t/2 of ql[l + 32 (t%2)] and bits 2t of
  * qh[l]. y = (d * sc) * (code - 32). */
 MT_HOT static void deq_q6_k(const uint8_t *restrict q, float *restrict y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, q += 210) {
-        const float d = mt_load_fp16(q + 208);
-        const int8_t *restrict sc = (const int8_t *)(q + 192);
+    for (int64_t i = 0; i < nb; i++, q += MT_Q6_K_BYTES) {
+        const float d = mt_load_fp16(q + MT_Q6_K_D);
+        const int8_t *restrict sc = (const int8_t *)(q + MT_Q6_K_SCALES);
         for (int n = 0; n < 2; n++) {
-            const uint8_t *restrict qh = q + 128 + 32 * n;
+            const uint8_t *restrict qh = q + MT_Q6_K_QH + 32 * n;
             for (int t = 0; t < 4; t++, y += 32) {
-                const uint8_t *restrict ql = q + 64 * n + 32 * (t & 1);
+                const uint8_t *restrict ql = q + MT_Q6_K_QL + 64 * n + 32 * (t & 1);
                 const int sh = 4 * (t >> 1), hs = 2 * t;
                 const float ds0 = d * (float)sc[8 * n + 2 * t], ds1 = d * (float)sc[8 * n + 2 * t + 1];
                 for (int l = 0; l < 32; l++) {

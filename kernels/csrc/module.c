@@ -4,17 +4,36 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <stdlib.h>
+
 #include "ckernels.h"
 
 static mt_kernel_table table;
 
-/* name, block size (elements), block bytes: the same table as ggml's type traits. */
+/* name, block size (elements), block bytes: from layouts.h, generated from kernels/layouts.py. */
+#define MT_TYPE_ENTRY(T) [MT_##T] = {#T, MT_##T##_ELEMS, MT_##T##_BYTES}
 static const struct { const char *name; int block; int bytes; } types[MT_N_TYPES] = {
-    [MT_Q4_0] = {"Q4_0", 32, 18},  [MT_Q4_1] = {"Q4_1", 32, 20},  [MT_Q5_0] = {"Q5_0", 32, 22},
-    [MT_Q5_1] = {"Q5_1", 32, 24},  [MT_Q8_0] = {"Q8_0", 32, 34},  [MT_Q2_K] = {"Q2_K", 256, 84},
-    [MT_Q3_K] = {"Q3_K", 256, 110}, [MT_Q4_K] = {"Q4_K", 256, 144}, [MT_Q5_K] = {"Q5_K", 256, 176},
-    [MT_Q6_K] = {"Q6_K", 256, 210},
+    MT_TYPE_ENTRY(Q4_0), MT_TYPE_ENTRY(Q4_1), MT_TYPE_ENTRY(Q5_0), MT_TYPE_ENTRY(Q5_1), MT_TYPE_ENTRY(Q8_0),
+    MT_TYPE_ENTRY(Q2_K), MT_TYPE_ENTRY(Q3_K), MT_TYPE_ENTRY(Q4_K), MT_TYPE_ENTRY(Q5_K), MT_TYPE_ENTRY(Q6_K),
 };
+
+static const char *const search_names[MT_N_SEARCHES] = {
+    [MT_SEARCH_QKX] = "qkx", [MT_SEARCH_QX] = "qx", [MT_SEARCH_QKX3] = "qkx3", [MT_SEARCH_LEGACY_REF] = "legacy_ref",
+};
+
+/* The one place MOETRACE_NO_AVX2 is read: whether the searches may run their AVX2 builds. Set to
+ * anything but "" or "0", it keeps every search on its portable build (to test that build on an
+ * AVX2 machine, or to rule it out when bytes differ). */
+static int use_avx2(void) {
+    const char *off = getenv("MOETRACE_NO_AVX2");
+    if (off && off[0] && strcmp(off, "0") != 0) return 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
 
 static int find_type(const char *name) {
     for (int i = 0; i < MT_N_TYPES; i++)
@@ -138,7 +157,46 @@ static PyObject *py_kernels(PyObject *self, PyObject *unused) {
     return d;
 }
 
+PyDoc_STRVAR(search_impl_doc,
+"search_impl() -> dict\n\nSearch family -> the build it runs: 'avx2', or the portable '" MT_PORTABLE_IMPL "'.\n"
+"Fixed when the module loads (CPU support, and MOETRACE_NO_AVX2 in the environment).");
+
+static PyObject *py_search_impl(PyObject *self, PyObject *unused) {
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+    for (int i = 0; i < MT_N_SEARCHES; i++) {
+        PyObject *v = PyUnicode_FromString(table.search_impl[i] ? table.search_impl[i] : "none");
+        if (!v || PyDict_SetItemString(d, search_names[i], v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    return d;
+}
+
+PyDoc_STRVAR(block_sizes_doc,
+"block_sizes() -> dict\n\nType name -> (elements, bytes) per block, as compiled in (layouts.h).");
+
+static PyObject *py_block_sizes(PyObject *self, PyObject *unused) {
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+    for (int i = 0; i < MT_N_TYPES; i++) {
+        PyObject *v = Py_BuildValue("(ii)", types[i].block, types[i].bytes);
+        if (!v || PyDict_SetItemString(d, types[i].name, v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    return d;
+}
+
 static PyMethodDef methods[] = {
+    {"search_impl", py_search_impl, METH_NOARGS, search_impl_doc},
+    {"block_sizes", py_block_sizes, METH_NOARGS, block_sizes_doc},
     {"quantize", py_quantize, METH_VARARGS, quantize_doc},
     {"dequantize", py_dequantize, METH_VARARGS, dequantize_doc},
     {"kernels", py_kernels, METH_NOARGS, kernels_doc},
@@ -151,8 +209,9 @@ static struct PyModuleDef moduledef = {
 };
 
 PyMODINIT_FUNC PyInit__ckernels(void) {
-    mt_register_kquant_qkx(&table);
-    mt_register_qx(&table);
+    const int avx2 = use_avx2();
+    mt_register_kquant_qkx(&table, avx2);
+    mt_register_qx(&table, avx2);
     mt_register_dequant(&table);
     return PyModule_Create(&moduledef);
 }

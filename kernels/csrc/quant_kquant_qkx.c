@@ -1,6 +1,6 @@
 /* Q2_K, Q4_K and Q5_K quantization, bit-exact with ggml's quantize_row_q{2,4,5}_K_ref (no imatrix)
  * and quantize_row_q{2,4,5}_K_impl (imatrix). Translated from moetrace's torch kernels
- * (formats_q2k.py, formats_q4k_q5k.py, kquant_search.py). One super-block at a time (two for
+ * (formats_q2k.py, formats_q4k_q5k.py, search_qkx.py, search_qp.py). One super-block at a time (two for
  * Q4_K/Q5_K, see below), row by row, all scratch on the stack.
  *
  * The cost is ggml's per-sub-block scale search (make_qkx2_quants / make_qkx3_quants): 16 to 37
@@ -22,7 +22,7 @@
  *
  * The search and the block loops are written once (quant_kquant_qkx_body.h) and
  * compiled twice, for 4-lane SSE2 (or generic) vectors and, on x86-64 with gcc, for 8-lane AVX2
- * vectors picked at run time when the CPU has AVX2. AVX2 brings no FMA (a separate target, and
+ * vectors picked when the module loads (module.c: the CPU has AVX2 and MOETRACE_NO_AVX2 is unset). AVX2 brings no FMA (a separate target, and
  * -ffp-contract=off forbids contraction anyway): both perform the same IEEE float32 operations
  * and give the same bits. */
 
@@ -416,13 +416,11 @@ MT_INLINE int v8_all(qkx_v8i m) { return _mm256_movemask_ps((__m256)m) == 0xFF; 
 #undef SFX
 #pragma GCC pop_options
 
-/* Whether this CPU runs the AVX2 instantiation; set once, when the module registers its kernels. */
+/* Whether the AVX2 instantiation runs; set once, when the module registers its kernels. */
 static int qkx_avx2;
-#define QKX_DETECT() (__builtin_cpu_init(), qkx_avx2 = __builtin_cpu_supports("avx2") ? 1 : 0)
 #define QKX_DISPATCH(name, ...) (qkx_avx2 ? name##_v8(__VA_ARGS__) : name##_v4(__VA_ARGS__))
 #else
 #define QKX_DISPATCH(name, ...) name##_v4(__VA_ARGS__)
-#define QKX_DETECT() ((void)0)
 #endif
 
 /* ---------------------------------------------------------------- entry points */
@@ -451,8 +449,13 @@ static int quantize_q2_k(const float *x, uint8_t *y, int64_t n_rows, int64_t n_p
     return 0;
 }
 
-void mt_register_kquant_qkx(mt_kernel_table *t) {
-    QKX_DETECT();
+void mt_register_kquant_qkx(mt_kernel_table *t, int use_avx2) {
+#ifdef QKX_AVX2
+    qkx_avx2 = use_avx2;
+#else
+    use_avx2 = 0; /* no AVX2 build here (not gcc on x86-64) */
+#endif
+    t->search_impl[MT_SEARCH_QKX] = use_avx2 ? "avx2" : MT_PORTABLE_IMPL;
     t->quantize[MT_Q2_K] = quantize_q2_k;
     t->quantize[MT_Q4_K] = quantize_q4_k;
     t->quantize[MT_Q5_K] = quantize_q5_k;

@@ -1,7 +1,7 @@
 /* Quantizers of Q3_K, Q6_K and the legacy 32-element formats Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
  * bit-exact with ggml's quantize_row_*_ref (imatrix NULL) and quantize_row_*_impl (imatrix given).
  *
- * They translate the torch kernels of formats_q3k_q6k.py, formats_legacy.py and qx_search.py
+ * They translate the torch kernels of formats_q3k_q6k.py, formats_legacy.py, search_qx.py and search_qkx.py
  * (which mirror ggml-quants.c). One block at a time, row by row, scratch on the stack.
  *
  * Speed without changing a bit:
@@ -18,7 +18,7 @@
  *
  * The build is portable (SSE2 on x86-64). The two search kernels and the reference paths also have an AVX2 version,
  * chosen at load time on CPUs that have AVX2; it performs the same operations, so the bytes do not
- * depend on the machine. MOETRACE_NO_AVX2=1 in the environment (read when the module loads) keeps
+ * depend on the machine. MOETRACE_NO_AVX2=1 in the environment (read once, by module.c when the module loads) keeps
  * the portable version, so tests can check both on one machine. Inputs are finite (the caller
  * rejects NaN and Inf), but float32 sums of huge inputs can overflow to Inf and NaN inside the
  * searches; those cases follow ggml's scalar comparisons too (see make_qx_quants_scalar). */
@@ -984,7 +984,7 @@ static void q5_0_impl_block(const float *x, const float *w, uint8_t *y) {
 }
 
 /* make_qkx3_quants(32, nmax, x, weights, L, &the_min, Laux, -0.9f, 0.05f, 36, use_mad=false) on 8
- * blocks at once, one per lane, as qx_search.make_qkx3_quants (moetrace's own version for Q4_1 and
+ * blocks at once, one per lane, as search_qkx.make_qkx3_quants (moetrace's own version for Q4_1 and
  * Q5_1, which keeps the sign of a zero min). xs[lane], ws[lane]: each block's 32 values and weights.
  * Out: scale[lane], the_min[lane], L[lane][32] in 0..nmax.
  *
@@ -1167,14 +1167,13 @@ static int quantize_q8_0(const float *x, uint8_t *y, int64_t n_rows, int64_t n_p
     return 0;
 }
 
-void mt_register_qx(mt_kernel_table *t) {
+void mt_register_qx(mt_kernel_table *t, int use_avx2) {
     qx_numerators(4, qx_num4);
     qx_numerators(8, qx_num8);
     qx_numerators(16, qx_num16);
     qx_numerators(32, qx_num32);
 #ifdef MT_HAVE_AVX2_PATH
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && !getenv("MOETRACE_NO_AVX2")) {
+    if (use_avx2) {
         qx_sums = qx_sums_avx2;
         make_qkx3_quants_x8 = qkx3_avx2;
         q4_0_ref_blocks = q4_0_ref_avx2;
@@ -1183,7 +1182,13 @@ void mt_register_qx(mt_kernel_table *t) {
         q5_1_ref_blocks = q5_1_ref_avx2;
         q8_0_ref_blocks = q8_0_ref_avx2;
     }
+#else
+    use_avx2 = 0; /* no AVX2 build here (not gcc/clang on x86-64) */
 #endif
+    const char *impl = use_avx2 ? "avx2" : MT_PORTABLE_IMPL;
+    t->search_impl[MT_SEARCH_QX] = impl;
+    t->search_impl[MT_SEARCH_QKX3] = impl;
+    t->search_impl[MT_SEARCH_LEGACY_REF] = impl;
     t->quantize[MT_Q6_K] = quantize_q6_k;
     t->quantize[MT_Q3_K] = quantize_q3_k;
     t->quantize[MT_Q8_0] = quantize_q8_0;

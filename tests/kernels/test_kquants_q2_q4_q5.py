@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 from moetrace.kernels import BLOCK_SIZES, dequantize, get_format, quantize
-from moetrace.kernels.kquant_search import MIN_BLOCKS_PER_PART, nearest_int, rdiv, sqrt_f32
+from moetrace.kernels.parallel import MIN_BLOCKS_PER_PART
 from drawn import weight_rows
 from tolerances import LEVELS, nmse, worst_excess
 
@@ -156,26 +156,6 @@ def test_split_over_threads_gives_the_same_bytes(type_name):
 
 
 # ---- the exact-arithmetic helpers ---------------------------------------------------------------
-
-
-def _nearest_int_c(f: np.ndarray) -> np.ndarray:
-    """ggml's nearest_int in numpy, as its C does it."""
-    v = (f.astype(np.float32) + np.float32(12582912.0)).view(np.int32)
-    return (v & 0x007FFFFF) - 0x00400000
-
-
-def test_nearest_int_is_ggml_bit_trick():
-    edge = np.array([0.5, 1.5, 2.5, -0.5, -1.5, 4194303.0, 4194304.0, 5e6, -5e6, 1e30, -1e30,
-                     np.inf, -np.inf, np.nan, -0.0, 3.4e38], dtype=np.float32)
-    rnd = (np.random.default_rng(0).standard_normal(10000) * 100).astype(np.float32)
-    f = np.concatenate([edge, rnd, np.round(rnd) + np.float32(0.5)])
-    assert np.array_equal(nearest_int(torch.from_numpy(f)).numpy(), _nearest_int_c(f))
-
-
-def test_sqrt_and_reverse_division_are_single_float32_roundings():
-    x = np.random.default_rng(1).random(100000).astype(np.float32) * np.float32(50.0)
-    assert np.array_equal(sqrt_f32(torch.from_numpy(x)).numpy(), np.sqrt(x))
-    assert np.array_equal(rdiv(63.0, torch.from_numpy(x)).numpy(), np.float32(63.0) / x)
 
 
 @pytest.mark.gpu

@@ -9,7 +9,11 @@ sparse rows, outliers, several shapes) and require the two paths to agree byte f
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import platform
+import subprocess
+import sys
 
 import gguf
 import numpy as np
@@ -125,28 +129,64 @@ def test_disabled_switches_to_torch_in_this_thread_only():
     assert native.has_quantize("Q8_0") == native.built()
 
 
-def test_portable_search_path_matches_ggml(ggml_vectors):
-    """The quantizers choose an AVX2 or a portable search at load; MOETRACE_NO_AVX2=1 forces the portable
-    one (in a fresh process, since the choice is made when the module loads): same golden bytes."""
-    import subprocess
-    import sys
+# Which build each compiled search runs, as the module reports it (module.c reads MOETRACE_NO_AVX2 once, at load).
+SEARCHES = {"qkx", "qx", "qkx3", "legacy_ref"}
+PORTABLE = "sse2" if platform.machine() in ("x86_64", "AMD64") else "generic"
 
-    script = (
-        "import sys, numpy as np, torch\n"
-        "from moetrace.kernels import quantize, native\n"
-        "assert native.built()\n"
-        "bad = []\n"
-        f"for t in {TYPES!r}:\n"
-        f"    g = np.load({str(ggml_vectors)!r} + '/' + t + '.npz')\n"
-        "    for path, im in (('ref', None), ('imat', torch.from_numpy(g['imatrix']))):\n"
-        "        got = quantize(torch.from_numpy(g['x']), t, im).numpy()\n"
-        "        if not np.array_equal(got, g['q_' + path]): bad.append(t + ' ' + path)\n"
-        "print('MISMATCH', bad) if bad else print('OK')\n"
+
+def _cpu_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx2" in line for line in f)
+    except OSError:
+        return False
+
+
+_GOLDEN_IN_FRESH_PROCESS = (
+    "import json, sys, numpy as np, torch\n"
+    "from moetrace.kernels import native, quantize\n"
+    "from moetrace.kernels._ckernels import search_impl\n"
+    "types, folder = sys.argv[1].split(','), sys.argv[2]\n"
+    "bad = []\n"
+    "for t in types:\n"
+    "    g = np.load(folder + '/' + t + '.npz')\n"
+    "    assert native.has_quantize(t), t\n"
+    "    for path, im in (('ref', None), ('imat', torch.from_numpy(g['imatrix']))):\n"
+    "        got = quantize(torch.from_numpy(g['x']), t, im).numpy()\n"
+    "        if not np.array_equal(got, g['q_' + path]): bad.append(t + ' ' + path)\n"
+    "print(json.dumps({'impl': search_impl(), 'bad': bad}))\n"
+)
+
+
+def _run_golden(ggml_vectors, no_avx2: bool) -> dict:
+    """Quantize every golden vector in a fresh process (the build choice is made when the module loads)."""
+    env = {k: v for k, v in os.environ.items() if k != "MOETRACE_NO_AVX2"}
+    if no_avx2:
+        env["MOETRACE_NO_AVX2"] = "1"
+    out = subprocess.run(
+        [sys.executable, "-c", _GOLDEN_IN_FRESH_PROCESS, ",".join(TYPES), str(ggml_vectors)],
+        env=env, capture_output=True, text=True, timeout=300,
     )
-    env = {**os.environ, "MOETRACE_NO_AVX2": "1"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "OK", out.stdout
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_no_avx2_runs_every_search_portably_and_matches_ggml(ggml_vectors):
+    """MOETRACE_NO_AVX2=1 puts every compiled search (Q2_K/Q4_K/Q5_K's qkx included) on its portable build, and
+    that build gives ggml's golden bytes."""
+    res = _run_golden(ggml_vectors, no_avx2=True)
+    assert set(res["impl"]) == SEARCHES
+    assert res["impl"] == {name: PORTABLE for name in SEARCHES}, res["impl"]
+    assert not res["bad"], f"portable build differs from ggml on {res['bad']}"
+
+
+def test_avx2_build_selected_on_avx2_cpus_and_matches_ggml(ggml_vectors):
+    """Without the switch, an AVX2 CPU runs every search's AVX2 build (gcc on x86-64), with ggml's golden bytes."""
+    if not _cpu_has_avx2():
+        pytest.skip("this CPU has no AVX2: only the portable builds can run here")
+    res = _run_golden(ggml_vectors, no_avx2=False)
+    assert res["impl"] == {name: "avx2" for name in SEARCHES}, res["impl"]
+    assert not res["bad"], f"AVX2 build differs from ggml on {res['bad']}"
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
