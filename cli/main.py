@@ -91,19 +91,17 @@ def main():
 
 
 def _progress_printer(quiet: bool):
+    from moetrace.cli.progress import Steps
+
+    steps = Steps("tracing", "layer", "traced", quiet)
     state = {"t0": time.perf_counter(), "tl": None}
 
     def progress(event, **info):
-        if quiet:
-            return
         if event == "layer_start":
             state["tl"] = time.perf_counter()
         elif event == "layer_done":
-            dt = time.perf_counter() - state["tl"]
-            click.echo(
-                f"  layer {info['layer'] + 1}/{info['layers']} traced ({dt:.2f} s, "
-                f"{time.perf_counter() - state['t0']:.1f} s total)", err=True,
-            )
+            now = time.perf_counter()
+            steps.update(info["layer"] + 1, info["layers"], f"{now - state['tl']:.2f} s, {now - state['t0']:.1f} s total")
 
     return progress
 

@@ -92,6 +92,7 @@ def quantize(file_type, output, model, imatrix_file, plant, no_cache, as_json, q
     quantizing what a run or audit already quantized only copies them.
     """
     from moetrace.kernels import recipes
+    from moetrace.cli.progress import Steps
     from moetrace.outputs import writable_file
     from moetrace.tracer.weights.gguf_writer import write_gguf
     from moetrace.tracer.sources.checkpoint import open_source
@@ -102,12 +103,10 @@ def quantize(file_type, output, model, imatrix_file, plant, no_cache, as_json, q
     say(f"Opening model {model} ...")
     source = open_source(model, plant=plant)
     t0 = time.perf_counter()
-    last = [t0]
+    steps = Steps("quantizing", "tensor", "written", quiet or as_json)
 
     def progress(done, total, name):
-        now = time.perf_counter()
-        say(f"  [{done}/{total}] {name} ({now - last[0]:.2f} s, {now - t0:.1f} s total)")
-        last[0] = now
+        steps.update(done, total, name)
 
     r = write_gguf(source, file_type, output, imatrix_file=imatrix_file, cache=not no_cache, progress=progress)
     dt = time.perf_counter() - t0
@@ -155,6 +154,7 @@ def audit(variant, model, gguf_file, threshold, plant, imatrix_file, out, top, n
     """
     from pathlib import Path
 
+    from moetrace.cli.progress import Steps
     from moetrace.tracer.weights import audit as A
     from moetrace.tracer.sources.checkpoint import open_source
 
@@ -168,9 +168,10 @@ def audit(variant, model, gguf_file, threshold, plant, imatrix_file, out, top, n
     say(f"Opening model {model} ...")
     source = open_source(model, plant=plant)
     t0 = time.perf_counter()
+    steps = Steps("auditing", "layer", "audited", quiet or as_json)
 
     def progress(done, total):
-        say(f"  layer {done}/{total} audited ({time.perf_counter() - t0:.1f} s)")
+        steps.update(done, total, f"{time.perf_counter() - t0:.1f} s")
 
     ds = A.audit(source, variant, threshold=threshold, imatrix_file=imatrix_file, cache=not no_cache,
                  progress=progress, gguf=gguf_file)

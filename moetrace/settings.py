@@ -13,6 +13,7 @@ variable                 kind      meaning
 ``MOETRACE_NATIVE``      switch    0 uses the torch kernels instead of the compiled ones
 ``MOETRACE_DIRECT_IO``   switch    0 writes stores through the page cache only
 ``MOETRACE_DEBUG``       switch    1 shows the traceback of an internal error
+``MOETRACE_PROGRESS``    choice    auto (bars on a terminal), bars, lines (a line a step) or off
 =======================  ========  ==========================================================
 """
 
@@ -67,6 +68,18 @@ def switch(name: str, default: bool) -> bool:
     raise MoetraceError(f"environment variable {name}={raw!r} is not a switch; give one of {', '.join(_TRUE + _FALSE)}")
 
 
+def choice(name: str, choices: tuple[str, ...]) -> str:
+    """A variable that takes one of ``choices`` (case-insensitive); unset means the first."""
+    raw = os.environ.get(name, "")
+    v = raw.strip().lower() or choices[0]
+    if v not in choices:
+        raise MoetraceError(f"environment variable {name}={raw!r} is not one of {', '.join(choices)}")
+    return v
+
+
+PROGRESS_STYLES = ("auto", "bars", "lines", "off")
+
+
 def size(name: str) -> int | None:
     """A size variable (``MOETRACE_QCACHE_MAX=20G``), or None where unset."""
     raw = os.environ.get(name, "").strip()
@@ -91,4 +104,5 @@ def check_all() -> None:
     for name, default in SWITCHES.items():
         switch(name, default)
     size("MOETRACE_QCACHE_MAX")
+    choice("MOETRACE_PROGRESS", PROGRESS_STYLES)
     cache_root()

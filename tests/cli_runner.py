@@ -22,7 +22,7 @@ def kill_run_after(args, progress_line: str, limit_s: float = 240) -> None:
     import signal
     import time
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MOETRACE_PROGRESS": "lines"}  # a line per layer to wait for
     proc = subprocess.Popen([sys.executable, "-m", "moetrace", *args], stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, env=env, text=True)
     deadline = time.time() + limit_s

@@ -102,6 +102,7 @@ CASES = [
     ("env-qcache-switch", RUN, {"MOETRACE_QCACHE": "maybe"}, "MOETRACE_QCACHE='maybe' is not a switch"),
     ("env-qcache-max-negative", RUN, {"MOETRACE_QCACHE_MAX": "-5G"}, "MOETRACE_QCACHE_MAX"),
     ("env-cache-is-file", RUN, {"MOETRACE_CACHE": "{plainfile}"}, "is a file, not a folder"),
+    ("env-progress-style", RUN, {"MOETRACE_PROGRESS": "fancy"}, "MOETRACE_PROGRESS='fancy' is not one of"),
     ("env-debug-switch", RUN, {"MOETRACE_DEBUG": "loud"}, "MOETRACE_DEBUG='loud' is not a switch"),
     ("quantize-output-folder", ["quantize", "q8_0", "-o", "{folder}"], {}, "is a folder; give a file name"),
     ("quantize-output-under-file", ["quantize", "q8_0", "-o", "{plainfile}/x.gguf"], {}, "cannot write to the folder"),
