@@ -26,7 +26,7 @@ class RunResult:
     run_dir: Path
     reference: str
     stores: dict
-    diffs: dict  # variant name -> diff Dataset (free mode)
+    diffs: dict  # variant name -> diff Dataset (the first recorded mode: free where recorded)
 
     def summary_json(self) -> dict:
         return {
@@ -106,7 +106,8 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
     for v in config.variants:
         if v == ref_name:
             continue
-        diffs[v] = compare.diff(ref_ds, open_trace(stores[v]), "free")
+        # The summary compares the first mode recorded: free where it was, else teacher or routing alone.
+        diffs[v] = compare.diff(ref_ds, open_trace(stores[v]), config.modes[0])
     return RunResult(run_dir, ref_name, stores, diffs)
 
 

@@ -8,7 +8,6 @@ a time, from memory-mapped safetensors, so a model far larger than memory can be
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import sys
@@ -19,6 +18,7 @@ import torch
 
 from moetrace.errors import MoetraceError
 from moetrace.tracer.sources import builtin as builtin
+from moetrace.tracer.sources import validate
 from moetrace.tracer.naming import layer_prefix
 
 SUPPORTED_MODEL_TYPES = ("qwen3_moe",)
@@ -65,7 +65,8 @@ class CheckpointSource:
             raise MoetraceError(f"model folder {str(self.folder)!r} does not exist")
         if not (self.folder / "config.json").is_file():
             raise MoetraceError(f"{str(self.folder)!r} has no config.json; a model is a transformers checkpoint folder")
-        raw = json.loads((self.folder / "config.json").read_text())
+        raw = validate.read_json(self.folder / "config.json", "config")
+        validate.check_config(raw, self.folder / "config.json")
         if raw.get("model_type") not in SUPPORTED_MODEL_TYPES:
             raise MoetraceError(
                 f"model type {raw.get('model_type')!r} of {str(self.folder)!r} is not supported yet; "
@@ -73,8 +74,8 @@ class CheckpointSource:
             )
         self.config = AutoConfig.from_pretrained(str(self.folder), local_files_only=True)
         self.model_id = model_id or str(self.folder.resolve())
+        self._headers: dict[str, tuple[dict, int]] = {}  # shard -> (checked safetensors header, data offset)
         self._index = self._read_index()
-        self._headers: dict[str, tuple[dict, int]] = {}  # shard -> (safetensors header, data offset)
         self._session_maps: dict | None = None  # shard -> map, inside mapped()
         self.model_hash = model_hash or self._hash()
         self.tokenizer = self._tokenizer()
@@ -86,7 +87,7 @@ class CheckpointSource:
 
         idx_file = self.folder / "model.safetensors.index.json"
         if idx_file.is_file():
-            weight_map = json.loads(idx_file.read_text())["weight_map"]
+            weight_map = validate.weight_map(validate.read_json(idx_file, "index"), idx_file)
             for shard in sorted(set(weight_map.values())):
                 if not (self.folder / shard).is_file():
                     raise MoetraceError(f"shard {shard!r} named in {idx_file} is missing")
@@ -96,9 +97,10 @@ class CheckpointSource:
             raise MoetraceError(f"{str(self.folder)!r} holds no .safetensors files")
         index = {}
         for f in files:
-            with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
-                    index[k] = f.name
+            header, data_start = validate.safetensors_header(f)
+            self._headers[f.name] = (header, data_start)
+            for k in header:
+                index[k] = f.name
         return index
 
     def _hash(self) -> str:
@@ -269,17 +271,20 @@ class _MappedShard:
     def __init__(self, path: Path, headers: dict):
         import mmap
 
+        self.path = path
+        if path.name not in headers:  # parsed and checked once per source: a real shard's header is large
+            headers[path.name] = validate.safetensors_header(path)
+        self.header, self.base = headers[path.name]
         with open(path, "rb") as fh:
-            if path.name not in headers:  # parsed once per source: a real shard's header is large
-                n = int.from_bytes(fh.read(8), "little")
-                headers[path.name] = (json.loads(fh.read(n)), 8 + n)
-            self.header, self.base = headers[path.name]
             size = os.fstat(fh.fileno()).st_size
             self.mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > self.base else None
 
     def get(self, name: str) -> torch.Tensor | None:
         """The tensor as a view, or None where it cannot be one (the caller copies it out instead)."""
         info = self.header.get(name)
+        if info is None:
+            raise MoetraceError(f"tensor {name!r} is not in {str(self.path)!r}, though the index names that shard")
+        validate.check_weight_dtype(self.path, name, info["dtype"])
         dtype = _ST_DTYPES.get(info["dtype"]) if info else None
         if dtype is None or self.mm is None or sys.byteorder != "little":
             return None
