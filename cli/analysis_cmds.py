@@ -13,6 +13,11 @@ import click
 from moetrace.cli.main import friendly_errors, main
 
 MODES = click.Choice(["free", "teacher", "routing"])
+# The options every per-pair analysis command takes.
+JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+FLOOR = click.option("--floor/--no-floor", default=True, show_default=True,
+                     help="Show multiples of the noise floor (orig-bf16 beside VARIANT, against an orig-fp32 "
+                          "reference).")
 
 
 def _echo(as_json: bool, to_dict, to_text, *args) -> None:
@@ -23,9 +28,8 @@ def _echo(as_json: bool, to_dict, to_text, *args) -> None:
 @main.command()
 @click.argument("reference", type=click.Path())
 @click.argument("variant", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--floor/--no-floor", default=True, show_default=True,
-              help="Show multiples of the noise floor (orig-bf16 beside VARIANT, against an orig-fp32 reference).")
+@JSON
+@FLOOR
 @friendly_errors
 def decompose(reference, variant, as_json, floor):
     """Where VARIANT's error grows: local error, propagated error and gain per layer.
@@ -53,9 +57,8 @@ def decompose(reference, variant, as_json, floor):
 @click.argument("reference", type=click.Path())
 @click.argument("variant", type=click.Path())
 @click.option("--mode", default="free", show_default=True, type=MODES, help="The variant's mode to compare.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--floor/--no-floor", default=True, show_default=True,
-              help="Show multiples of the noise floor (orig-bf16 beside VARIANT, against an orig-fp32 reference).")
+@JSON
+@FLOOR
 @friendly_errors
 def routing(reference, variant, mode, as_json, floor):
     """Routing diff of VARIANT's trace store against REFERENCE's.

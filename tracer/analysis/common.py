@@ -145,6 +145,21 @@ def json_number(x):
     return x if math.isfinite(x) else None
 
 
+def floor_multiples(ds: xr.Dataset, floor: xr.Dataset | None, *names: str) -> dict:
+    """``{NAME_x_floor: (layer,) list}``: each per-layer figure of ``ds`` divided by the noise floor's.
+
+    Args:
+        ds: an analysis result with (layer,) variables ``names`` (a decomposition, a routing diff).
+        floor: the same analysis of the noise floor (orig-bf16 against the same reference), or None.
+
+    Returns:
+        An empty dict without a floor; NaN where the floor's figure is zero.
+    """
+    if floor is None:
+        return {}
+    return {f"{n}_x_floor": [ratio(a, b) for a, b in zip(ds[n].values, floor[n].values)] for n in names}
+
+
 def ratio(a, b) -> float:
     """``a / b`` as a float, NaN where ``b`` is zero or either is missing (a multiple of nothing)."""
     a, b = float(a), float(b)

@@ -48,7 +48,7 @@ import numpy as np
 import xarray as xr
 
 from moetrace.errors import MoetraceError
-from moetrace.tracer.analysis.common import (analysis_attrs, check_comparable, json_number, ratio, reference,
+from moetrace.tracer.analysis.common import (analysis_attrs, check_comparable, floor_multiples, json_number, reference,
                                              require_mode, variant)
 from moetrace.tracer.render.table import Column, Table, layer_table
 
@@ -214,11 +214,7 @@ def decomposition_table(dec: xr.Dataset, floor: xr.Dataset | None = None) -> Tab
     """The per-layer table of :func:`decompose`; with ``floor`` (the noise floor's decomposition,
     orig-bf16 against the same reference) also local and propagated error as multiples of it."""
     head = f"{dec.attrs['variant']} vs {dec.attrs['reference']}: local vs propagated error on {dec.attrs['model']}"
-    extra = {}
-    if floor is not None:
-        for name in ("local", "propagated"):
-            extra[f"{name}_x_floor"] = [ratio(a, b) for a, b in zip(dec[name].values, floor[name].values)]
-    return layer_table(dec, COLUMNS, head, extra)
+    return layer_table(dec, COLUMNS, head, floor_multiples(dec, floor, "local", "propagated"))
 
 
 def format_decomposition(dec: xr.Dataset, floor: xr.Dataset | None = None) -> str:

@@ -31,7 +31,7 @@ import numpy as np
 import xarray as xr
 
 from moetrace.errors import MoetraceError
-from moetrace.tracer.analysis.common import (analysis_attrs, check_comparable, ratio, reference, require_mode,
+from moetrace.tracer.analysis.common import (analysis_attrs, check_comparable, floor_multiples, reference, require_mode,
                                              require_sites, variant)
 from moetrace.tracer.render.table import Column, Table, layer_table
 
@@ -220,11 +220,7 @@ def routing_table(rd: xr.Dataset, floor: xr.Dataset | None = None) -> Table:
     """The per-layer table of :func:`routing_diff`; with ``floor`` (orig-bf16's routing diff against the
     same reference) also the set-flip rate and the mass moved as multiples of it."""
     head = f"{rd.attrs['variant']} vs {rd.attrs['reference']} routing ({rd.attrs['mode']} mode) on {rd.attrs['model']}"
-    extra = {}
-    if floor is not None:
-        for name in ("any_flip", "mass_moved"):
-            extra[f"{name}_x_floor"] = [ratio(a, b) for a, b in zip(rd[name].values, floor[name].values)]
-    return layer_table(rd, COLUMNS, head, extra)
+    return layer_table(rd, COLUMNS, head, floor_multiples(rd, floor, "any_flip", "mass_moved"))
 
 
 def margin_table(rd: xr.Dataset) -> Table:
