@@ -6,7 +6,8 @@ import json
 import math
 from html.parser import HTMLParser
 
-import pytest
+import numpy as np
+import xarray as xr
 
 from moetrace.tracer.render.table import Column, Table, layer_table
 
@@ -85,8 +86,6 @@ def test_records_keep_raw_values_under_json_keys():
 
 
 def test_layer_table_reads_layer_variables_and_drops_absent_columns():
-    np = pytest.importorskip("numpy")
-    xr = pytest.importorskip("xarray")
     ds = xr.Dataset({"err": ("layer", np.array([0.5, 0.25])), "other": ("token", np.arange(3.0))},
                     coords={"layer": [4, 5]})
     t = layer_table(ds, COLUMNS, "t", extra={"raw": [1, 2]})
