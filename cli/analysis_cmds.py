@@ -7,31 +7,29 @@ A thin layer: each command opens stores, calls one library function and prints i
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
 from moetrace.cli.main import friendly_errors, main
 
 MODES = click.Choice(["free", "teacher", "routing"])
+# The options every per-pair analysis command takes.
+JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+FLOOR = click.option("--floor/--no-floor", default=True, show_default=True,
+                     help="Show multiples of the noise floor (orig-bf16 beside VARIANT, against an orig-fp32 "
+                          "reference).")
 
 
-def _open_pair(reference, variant):
-    from moetrace.errors import MoetraceError
-    from moetrace.tracer.store.zarr_store import open_trace
-
-    for p in (reference, variant):
-        if not Path(p).exists():
-            raise MoetraceError(f"trace store {str(p)!r} does not exist")
-    return open_trace(reference), open_trace(variant)
+def _echo(as_json: bool, to_dict, to_text, *args) -> None:
+    """Print ``to_dict(*args)`` as JSON or ``to_text(*args)``: one analysis, two outputs."""
+    click.echo(json.dumps(to_dict(*args), indent=2) if as_json else to_text(*args))
 
 
 @main.command()
 @click.argument("reference", type=click.Path())
 @click.argument("variant", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--floor/--no-floor", default=True, show_default=True,
-              help="Show multiples of the noise floor (orig-bf16 beside VARIANT, against an orig-fp32 reference).")
+@JSON
+@FLOOR
 @friendly_errors
 def decompose(reference, variant, as_json, floor):
     """Where VARIANT's error grows: local error, propagated error and gain per layer.
@@ -43,27 +41,24 @@ def decompose(reference, variant, as_json, floor):
     gain:       inherited / propagated error of the layer before (>1: the layer amplifies).
     Needs a VARIANT store with free and teacher modes (`moetrace run --mode free --mode teacher`).
     """
-    from moetrace.tracer.analysis.summary import open_floor
+    from moetrace.tracer.analysis.common import open_pair
     from moetrace.tracer.analysis.decompose import decompose as run_decompose
     from moetrace.tracer.analysis.decompose import decomposition_to_dict, format_decomposition
+    from moetrace.tracer.analysis.summary import open_floor
 
-    ref, var = _open_pair(reference, variant)
+    ref, var = open_pair(reference, variant)
     dec = run_decompose(ref, var)
     fl_ds = open_floor(ref, variant, "teacher") if floor else None
     fl = run_decompose(ref, fl_ds) if fl_ds is not None else None
-    if as_json:
-        click.echo(json.dumps(decomposition_to_dict(dec, fl), indent=2))
-    else:
-        click.echo(format_decomposition(dec, fl))
+    _echo(as_json, decomposition_to_dict, format_decomposition, dec, fl)
 
 
 @main.command()
 @click.argument("reference", type=click.Path())
 @click.argument("variant", type=click.Path())
 @click.option("--mode", default="free", show_default=True, type=MODES, help="The variant's mode to compare.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--floor/--no-floor", default=True, show_default=True,
-              help="Show multiples of the noise floor (orig-bf16 beside VARIANT, against an orig-fp32 reference).")
+@JSON
+@FLOOR
 @friendly_errors
 def routing(reference, variant, mode, as_json, floor):
     """Routing diff of VARIANT's trace store against REFERENCE's.
@@ -75,17 +70,15 @@ def routing(reference, variant, mode, as_json, floor):
     experts that gained and lost the most tokens, the first flipped layer per token and how many
     layers flipped per token.
     """
-    from moetrace.tracer.analysis.summary import open_floor
+    from moetrace.tracer.analysis.common import open_pair
     from moetrace.tracer.analysis.routing import format_routing, routing_diff, routing_to_dict
+    from moetrace.tracer.analysis.summary import open_floor
 
-    ref, var = _open_pair(reference, variant)
+    ref, var = open_pair(reference, variant)
     rd = routing_diff(ref, var, mode)
     fl_ds = open_floor(ref, variant, mode) if floor else None
     fl = routing_diff(ref, fl_ds, mode) if fl_ds is not None else None
-    if as_json:
-        click.echo(json.dumps(routing_to_dict(rd, fl), indent=2))
-    else:
-        click.echo(format_routing(rd, fl))
+    _echo(as_json, routing_to_dict, format_routing, rd, fl)
 
 
 @main.command()

@@ -154,23 +154,11 @@ def _run_tokens(source, config, text, prompts_file, tokens_file, max_tokens, tru
 
 def diff_stores(reference, variant, mode="free"):
     """Open two stores and return :func:`moetrace.tracer.analysis.compare.diff` of them."""
-    for p in (reference, variant):
-        if not Path(p).exists():
-            raise MoetraceError(f"trace store {str(p)!r} does not exist")
-    return compare.diff(open_trace(reference), open_trace(variant), mode)
+    from moetrace.tracer.analysis.common import open_pair
+
+    return compare.diff(*open_pair(reference, variant), mode)
 
 
 def format_diff(d) -> str:
-    """A human table of a diff Dataset."""
-    head = f"{d.attrs['variant']} vs {d.attrs['reference']} ({d.attrs['mode']} mode) on {d.attrs['model']}"
-    cols = [("resid_rel_l2_mean", "relL2 mean", "{:.2e}"), ("resid_rel_l2_p99", "relL2 p99", "{:.2e}"),
-            ("resid_cosine_mean", "cos mean", "{:.5f}"), ("resid_cosine_p1", "cos p1", "{:.5f}"),
-            ("topk_overlap", "top-k overlap", "{:.3f}"), ("top1_flip", "top-1 flip", "{:.3f}")]
-    cols = [c for c in cols if c[0] in d]
-    lines = [head, "layer  " + "  ".join(f"{c[1]:>13}" for c in cols)]
-    for i, L in enumerate(d["layer"].values):
-        lines.append(f"{int(L):>5}  " + "  ".join(f"{c[2].format(float(d[c[0]].values[i])):>13}" for c in cols))
-    if "kl_mean" in d:
-        lines.append(f"output: KL(ref || variant) mean {float(d['kl_mean']):.3e} nats, "
-                     f"top-1 agreement {100 * float(d['top1_agreement']):.1f}%")
-    return "\n".join(lines)
+    """A human table of a diff Dataset: :func:`moetrace.tracer.analysis.compare.format_diff`."""
+    return compare.format_diff(d)

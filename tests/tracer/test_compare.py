@@ -67,7 +67,7 @@ def test_hidden_error_on_known_vectors():
     r = xr.DataArray(np.array([[3.0, 4.0]]), dims=("token", "hidden"))
     v = xr.DataArray(np.array([[3.0, 5.0]]), dims=("token", "hidden"))
     e = compare.hidden_error(r, v)
-    assert float(e.rel_l2[0]) == pytest.approx(1 / 5)
+    assert float(e.rel_error[0]) == pytest.approx(1 / 5)
     assert float(e.cosine[0]) == pytest.approx(29 / (5 * np.sqrt(34)))
     assert float(e.sqnr_db[0]) == pytest.approx(20 * np.log10(5))
-    assert float(e.max_abs[0]) == 1.0
+    assert float(e.max_abs_error[0]) == 1.0

@@ -43,13 +43,12 @@ class MoetraceAccessor:
         return diff(ref, self._ds, mode)
 
     def hidden_error(self, ref: xr.Dataset, site: str = "resid", mode: str = "free") -> xr.Dataset:
-        """Per (layer, token) relative L2 error, cosine, SQNR and max error of ``site`` (lazy)."""
-        from moetrace.tracer.analysis.compare import check_comparable, hidden_error
+        """Per (layer, token) cosine, relative error, SQNR and max error of ``site`` (lazy)."""
+        from moetrace.tracer.analysis.common import check_comparable, reference, variant
+        from moetrace.tracer.analysis.compare import hidden_error
 
         check_comparable(ref, self._ds)
-        r = ref[site]
-        r = r.sel(mode="free", drop=True) if "mode" in r.dims else r
-        return hidden_error(r, self._ds[site].sel(mode=mode, drop=True))
+        return hidden_error(reference(ref, site), variant(self._ds, site, mode))
 
     def decompose(self, ref: xr.Dataset) -> xr.Dataset:
         """:func:`moetrace.tracer.analysis.decompose.decompose`: local, propagated, inherited, gain per layer."""

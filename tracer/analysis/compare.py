@@ -1,7 +1,8 @@
 """Comparison metrics: pure functions from two traces (xarray in, xarray out).
 
 All per-token metrics are computed along the feature dimension and then aggregated over
-tokens; the reference is always its ``free`` mode (the only one it has).
+tokens; the reference is always its ``free`` mode (the only one it has). The metric names and
+definitions are :data:`moetrace.tracer.analysis.common.ERROR_METRICS`, shared with the weight audit.
 """
 
 from __future__ import annotations
@@ -9,29 +10,23 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from moetrace.errors import MoetraceError
-
-
-def check_comparable(ref: xr.Dataset, var: xr.Dataset) -> None:
-    """Refuse to compare traces of different models or tokens."""
-    if ref.attrs.get("model_hash") != var.attrs.get("model_hash"):
-        raise MoetraceError(
-            f"the traces are of different models: {ref.attrs.get('model')} ({ref.attrs.get('model_hash')}) "
-            f"vs {var.attrs.get('model')} ({var.attrs.get('model_hash')})"
-        )
-    if ref.sizes.get("token") != var.sizes.get("token") or not np.array_equal(
-        ref["token_id"].values, var["token_id"].values
-    ):
-        raise MoetraceError("the traces are of different tokens; compare stores of the same run or the same prompts")
-
-
-def _ref(ref: xr.Dataset, name: str) -> xr.DataArray:
-    da = ref[name]
-    return da.sel(mode="free", drop=True) if "mode" in da.dims else da
+from moetrace.tracer.analysis.common import (analysis_attrs, check_comparable, json_number, reference,
+                                             require_mode, variant)
+from moetrace.tracer.render.table import Column, Table, layer_table
 
 
 def hidden_error(ref: xr.DataArray, var: xr.DataArray, dim: str = "hidden") -> xr.Dataset:
-    """Per-token relative L2 error, cosine similarity, SQNR (dB) and max abs error along ``dim``."""
+    """The four :data:`~moetrace.tracer.analysis.common.ERROR_METRICS` of ``var`` against ``ref`` along ``dim``.
+
+    Args:
+        ref: e.g. (layer, token, hidden) reference values.
+        var: the variant's values, the same dims.
+        dim: the feature dimension the norms run over.
+
+    Returns:
+        A Dataset of float64 ``cosine``, ``rel_error``, ``sqnr_db``, ``max_abs_error`` over the
+        remaining dims, e.g. (layer, token). Lazy if the inputs are.
+    """
     r = ref.astype("float64")
     v = var.astype("float64")
     diff = v - r
@@ -41,7 +36,7 @@ def hidden_error(ref: xr.DataArray, var: xr.DataArray, dim: str = "hidden") -> x
     rel = nd / nr
     cos = (r * v).sum(dim) / (nr * nv)
     sqnr = 20 * np.log10(nr / nd)
-    return xr.Dataset({"rel_l2": rel, "cosine": cos, "sqnr_db": sqnr, "max_abs": abs(diff).max(dim)})
+    return xr.Dataset({"cosine": cos, "rel_error": rel, "sqnr_db": sqnr, "max_abs_error": abs(diff).max(dim)})
 
 
 def aggregate(da: xr.DataArray, dim: str = "token") -> xr.Dataset:
@@ -85,36 +80,53 @@ def diff(ref: xr.Dataset, var: xr.Dataset, mode: str = "free") -> xr.Dataset:
         ``top1_flip``; and scalars ``kl_mean`` (nats) and ``top1_agreement`` of the logits.
     """
     check_comparable(ref, var)
-    if mode not in var["mode"].values:
-        raise MoetraceError(f"{var.attrs.get('variant')} has no {mode!r} mode; it has {list(var['mode'].values)}")
-    v = var.sel(mode=mode, drop=True)
-    out = xr.Dataset(attrs={"reference": ref.attrs.get("variant"), "variant": var.attrs.get("variant"),
-                            "mode": mode, "model": var.attrs.get("model")})
-    if "resid" in v and "resid" in ref:
-        err = hidden_error(_ref(ref, "resid"), v["resid"]).compute()
-        out["resid_rel_l2_mean"] = err.rel_l2.mean("token")
-        out["resid_rel_l2_p99"] = err.rel_l2.quantile(0.99, "token").drop_vars("quantile")
+    require_mode(var, mode)
+    out = xr.Dataset(attrs=analysis_attrs(ref, var, mode=mode))
+    if "resid" in var and "resid" in ref:
+        err = hidden_error(reference(ref, "resid"), variant(var, "resid", mode)).compute()
+        out["resid_rel_l2_mean"] = err.rel_error.mean("token")
+        out["resid_rel_l2_p99"] = err.rel_error.quantile(0.99, "token").drop_vars("quantile")
         out["resid_cosine_mean"] = err.cosine.mean("token")
         out["resid_cosine_p1"] = err.cosine.quantile(0.01, "token").drop_vars("quantile")
-    if "topk_idx" in v and "topk_idx" in ref:
-        ri, vi = _ref(ref, "topk_idx").load(), v["topk_idx"].load()
+    if "topk_idx" in var and "topk_idx" in ref:
+        ri, vi = reference(ref, "topk_idx").load(), variant(var, "topk_idx", mode).load()
         out["topk_overlap"] = topk_overlap(ri, vi).mean("token")
         out["top1_flip"] = (ri.isel(k=0) != vi.isel(k=0)).mean("token")
-    if "logits" in v and "logits" in ref:
-        rl, vl = _ref(ref, "logits").load(), v["logits"].load()
+    if "logits" in var and "logits" in ref:
+        rl, vl = reference(ref, "logits").load(), variant(var, "logits", mode).load()
         out["kl_mean"] = kl_per_token(rl, vl).mean("token")
         out["top1_agreement"] = (rl.argmax("vocab") == vl.argmax("vocab")).mean("token")
     return out
 
 
+# The per-layer columns of a diff, in table order; their keys are the Dataset's variables and the JSON keys.
+DIFF_COLUMNS = (
+    Column("layer", "layer", "{:d}"),
+    Column("resid_rel_l2_mean", "relL2 mean", "{:.2e}", "relative L2 error of the layer's output, token mean"),
+    Column("resid_rel_l2_p99", "relL2 p99", "{:.2e}", "relative L2 error, 99th percentile over tokens"),
+    Column("resid_cosine_mean", "cos mean", "{:.5f}", "cosine similarity of the layer's output, token mean"),
+    Column("resid_cosine_p1", "cos p1", "{:.5f}", "cosine similarity, 1st percentile over tokens (the worst)"),
+    Column("topk_overlap", "top-k overlap", "{:.3f}", "share of the reference's experts also chosen"),
+    Column("top1_flip", "top-1 flip", "{:.3f}", "share of tokens whose first expert changed"),
+)
+
+
+def diff_table(d: xr.Dataset) -> Table:
+    """The per-layer table of :func:`diff`."""
+    head = f"{d.attrs['variant']} vs {d.attrs['reference']} ({d.attrs['mode']} mode) on {d.attrs['model']}"
+    return layer_table(d, DIFF_COLUMNS, head)
+
+
+def format_diff(d: xr.Dataset) -> str:
+    """A human table of :func:`diff`, and its output figures."""
+    lines = [diff_table(d).to_text()]
+    if "kl_mean" in d:
+        lines.append(f"output: KL(ref || variant) mean {float(d['kl_mean']):.3e} nats, "
+                     f"top-1 agreement {100 * float(d['top1_agreement']):.1f}%")
+    return "\n".join(lines)
+
+
 def diff_to_dict(d: xr.Dataset) -> dict:
     """A JSON-ready dict: attrs, ``layers`` (one dict per layer) and the scalar output metrics."""
-    per_layer = [v for v in d.data_vars if "layer" in d[v].dims]
-    layers = []
-    for i, L in enumerate(d["layer"].values):
-        row = {"layer": int(L)}
-        for v in per_layer:
-            row[v] = float(d[v].values[i])
-        layers.append(row)
-    scalars = {v: float(d[v].values) for v in d.data_vars if d[v].ndim == 0}
-    return {**d.attrs, "layers": layers, "output": scalars}
+    scalars = {v: json_number(d[v].values) for v in d.data_vars if d[v].ndim == 0}
+    return {**d.attrs, "layers": diff_table(d).records(), "output": scalars}

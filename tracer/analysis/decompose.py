@@ -48,23 +48,15 @@ import numpy as np
 import xarray as xr
 
 from moetrace.errors import MoetraceError
-from moetrace.tracer.analysis.compare import check_comparable
+from moetrace.tracer.analysis.common import (analysis_attrs, check_comparable, floor_multiples, json_number, reference,
+                                             require_mode, variant)
+from moetrace.tracer.render.table import Column, Table, layer_table
 
 PER_LAYER = ("local", "propagated", "inherited", "gain", "growth", "amplified")
 
 
 def _norm(x: xr.DataArray, dim: str = "hidden") -> xr.DataArray:
     return np.sqrt((x * x).sum(dim))
-
-
-def _need(var: xr.Dataset, modes) -> None:
-    have = list(var["mode"].values) if "mode" in var.coords else []
-    missing = [m for m in modes if m not in have]
-    if missing:
-        raise MoetraceError(
-            f"{var.attrs.get('variant', 'the variant')} has no {missing[0]!r} mode (it has {have}); "
-            f"record it with `moetrace run ... --mode free --mode teacher`"
-        )
 
 
 def decompose_tokens(ref: xr.Dataset, var: xr.Dataset) -> xr.Dataset:
@@ -79,16 +71,15 @@ def decompose_tokens(ref: xr.Dataset, var: xr.Dataset) -> xr.Dataset:
         ``routing_forced`` when ``var`` has a ``routing`` mode. Lazy if the traces are.
     """
     check_comparable(ref, var)
-    _need(var, ("free", "teacher"))
+    require_mode(var, "free", "teacher")
     if "resid" not in ref or "resid" not in var:
         raise MoetraceError("the decomposition needs the 'resid' site in both traces; record it with --sites")
     layers = ref["layer"].values
     if len(layers) > 1 and not (np.diff(layers) == 1).all():
         raise MoetraceError(f"the decomposition needs consecutive layers; got {list(layers)}")
-    r = ref["resid"]
-    r = (r.sel(mode="free", drop=True) if "mode" in r.dims else r).astype("float64")  # (layer, token, hidden)
-    f = var["resid"].sel(mode="free", drop=True).astype("float64")
-    t = var["resid"].sel(mode="teacher", drop=True).astype("float64")
+    r = reference(ref, "resid").astype("float64")  # (layer, token, hidden)
+    f = variant(var, "resid", "free").astype("float64")
+    t = variant(var, "resid", "teacher").astype("float64")
     nr = _norm(r)  # (layer, token)
     out = xr.Dataset({
         "local": _norm(t - r) / nr,
@@ -96,7 +87,7 @@ def decompose_tokens(ref: xr.Dataset, var: xr.Dataset) -> xr.Dataset:
         "inherited": _norm(f - t) / nr,
     })
     if "routing" in var["mode"].values:
-        g = var["resid"].sel(mode="routing", drop=True).astype("float64")
+        g = variant(var, "resid", "routing").astype("float64")
         out["routing_forced"] = _norm(g - r) / nr
     return out
 
@@ -117,8 +108,7 @@ def decompose(ref: xr.Dataset, var: xr.Dataset) -> xr.Dataset:
     means = tok.mean("token").assign(local_p99=tok["local"].quantile(0.99, "token").drop_vars("quantile")).compute()
     p99 = means["local_p99"]
     incoming = means["propagated"].shift(layer=1)  # NaN at the first layer
-    out = xr.Dataset(attrs={"reference": ref.attrs.get("variant"), "variant": var.attrs.get("variant"),
-                            "model": var.attrs.get("model"), "plant": plant_of(var)})
+    out = xr.Dataset(attrs=analysis_attrs(ref, var, plant=plant_of(var)))
     out["local"] = means["local"]
     out["propagated"] = means["propagated"]
     out["inherited"] = means["inherited"]
@@ -204,44 +194,38 @@ def summary_lines(dec: xr.Dataset, top: int = 3) -> list[str]:
     return lines
 
 
-def format_decomposition(dec: xr.Dataset, floor: xr.Dataset | None = None) -> str:
-    """A human table of :func:`decompose`; with ``floor`` (the noise floor's decomposition, orig-bf16
-    against the same reference) also local and propagated error as multiples of it."""
+# The per-layer columns of a decomposition; keys are its variables and the JSON keys.
+COLUMNS = (
+    Column("layer", "layer", "{:d}"),
+    Column("local", "local", "{:.3e}", "error the layer makes on the reference's exact input (teacher mode)"),
+    Column("local_p99", "local p99", "{:.3e}", "local error of the worst 1% of tokens"),
+    Column("propagated", "propagated", "{:.3e}", "free-running error after the layer (what users see)"),
+    Column("inherited", "inherited", "{:.3e}", "upstream error as the layer passes it on (free minus teacher)"),
+    Column("gain", "gain", "{:.3f}", "inherited / propagated error of the layer before (>1: amplifies)"),
+    Column("growth", "growth", "{:+.2e}", "propagated error minus that of the layer before"),
+    Column("amplified", "amplified", "{:+.2e}", "inherited minus the incoming propagated error"),
+    Column("routing_forced", "fixed routing", "{:.3e}", "propagated error with the reference's expert choices"),
+    Column("local_x_floor", "local xfloor", "{:.1f}x", "local error as a multiple of the noise floor's"),
+    Column("propagated_x_floor", "prop xfloor", "{:.1f}x", "propagated error as a multiple of the noise floor's"),
+)
+
+
+def decomposition_table(dec: xr.Dataset, floor: xr.Dataset | None = None) -> Table:
+    """The per-layer table of :func:`decompose`; with ``floor`` (the noise floor's decomposition,
+    orig-bf16 against the same reference) also local and propagated error as multiples of it."""
     head = f"{dec.attrs['variant']} vs {dec.attrs['reference']}: local vs propagated error on {dec.attrs['model']}"
-    cols = [("local", "local", "{:.3e}"), ("local_p99", "local p99", "{:.3e}"),
-            ("propagated", "propagated", "{:.3e}"), ("inherited", "inherited", "{:.3e}"),
-            ("gain", "gain", "{:.3f}"), ("growth", "growth", "{:+.2e}")]
-    if "routing_forced" in dec:
-        cols.append(("routing_forced", "fixed routing", "{:.3e}"))
-    data = {c[0]: dec[c[0]].values for c in cols}
-    if floor is not None:
-        data["local_x"] = dec["local"].values / floor["local"].values
-        data["prop_x"] = dec["propagated"].values / floor["propagated"].values
-        cols += [("local_x", "local xfloor", "{:.1f}"), ("prop_x", "prop xfloor", "{:.1f}")]
-    lines = [head, "layer  " + "  ".join(f"{c[1]:>13}" for c in cols)]
-    for i, L in enumerate(dec["layer"].values):
-        lines.append(f"{int(L):>5}  " + "  ".join(f"{c[2].format(float(data[c[0]][i])):>13}" for c in cols))
-    lines += summary_lines(dec)
-    return "\n".join(lines)
+    return layer_table(dec, COLUMNS, head, floor_multiples(dec, floor, "local", "propagated"))
+
+
+def format_decomposition(dec: xr.Dataset, floor: xr.Dataset | None = None) -> str:
+    """A human table of :func:`decompose` (see :func:`decomposition_table`) and its growth summary."""
+    return "\n".join([decomposition_table(dec, floor).to_text(), *summary_lines(dec)])
 
 
 def decomposition_to_dict(dec: xr.Dataset, floor: xr.Dataset | None = None) -> dict:
     """A JSON-ready dict: attrs, one row per layer, and the growth summary."""
-    rows = []
-    for i, L in enumerate(dec["layer"].values):
-        row = {"layer": int(L)}
-        for v in dec.data_vars:
-            row[v] = _num(dec[v].values[i])
-        if floor is not None:
-            row["local_x_floor"] = _num(dec["local"].values[i] / floor["local"].values[i])
-            row["propagated_x_floor"] = _num(dec["propagated"].values[i] / floor["propagated"].values[i])
-        rows.append(row)
     layer, value = max_local_layer(dec)
-    growth = [{k: (_num(v) if isinstance(v, float) else v) for k, v in row.items()} for row in growth_summary(dec)]
-    return {**dec.attrs, "layers": rows, "growth": growth,
+    growth = [{k: (json_number(v) if isinstance(v, float) else v) for k, v in row.items()}
+              for row in growth_summary(dec)]
+    return {**dec.attrs, "layers": decomposition_table(dec, floor).records(), "growth": growth,
             "max_local": {"layer": layer, "local": value}}
-
-
-def _num(x) -> float | None:
-    x = float(x)
-    return None if np.isnan(x) else x

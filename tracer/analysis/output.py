@@ -19,9 +19,11 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from moetrace.errors import MoetraceError
 from moetrace.tracer.analysis import stats as stats
-from moetrace.tracer.analysis.compare import check_comparable, log_softmax
+from moetrace.tracer.analysis.common import (analysis_attrs, check_comparable, json_number, ratio, reference,
+                                             require_sites, variant)
+from moetrace.tracer.analysis.compare import log_softmax
+from moetrace.tracer.render.table import Column, Table
 
 CI_FIGURES = {"kl_mean": ("kl", "mean"), "top1_agreement": ("top1_agree", "mean"),
               "dp_next_mean": ("dp_next", "mean"), "dnll_next_mean": ("dnll_next", "mean")}
@@ -68,13 +70,10 @@ def output_tokens(ref: xr.Dataset, var: xr.Dataset, mode: str = "free") -> xr.Da
         ``p_next_var``, ``dp_next``, ``dnll_next`` (NaN where a token has no next token).
     """
     check_comparable(ref, var)
-    if mode not in var["mode"].values:
-        raise MoetraceError(f"{var.attrs.get('variant')} has no {mode!r} mode; it has {list(var['mode'].values)}")
-    if "logits" not in ref or "logits" not in var:
-        raise MoetraceError("output metrics need the 'logits' site in both traces; record it with --sites")
-    rl = ref["logits"]
-    rl = rl.sel(mode="free", drop=True) if "mode" in rl.dims else rl  # (token, vocab)
-    vl = var["logits"].sel(mode=mode, drop=True)
+    require_sites(ref, "reference", "logits")
+    require_sites(var, "variant", "logits")
+    rl = reference(ref, "logits")  # (token, vocab)
+    vl = variant(var, "logits", mode)
     nxt = next_token_index(ref)
     next_id = xr.DataArray(np.where(nxt >= 0, ref["token_id"].values[np.maximum(nxt, 0)], -1), dims="token")
     out = xr.Dataset({
@@ -104,9 +103,8 @@ def output_metrics(ref: xr.Dataset, var: xr.Dataset, mode: str = "free", n_resam
     """
     tok = output_tokens(ref, var, mode)
     kl = tok["kl"].values
-    out = xr.Dataset(attrs={"reference": ref.attrs.get("variant"), "variant": var.attrs.get("variant"),
-                            "mode": mode, "model": var.attrs.get("model"), "ci_level": level,
-                            "n_resamples": n_resamples, "seed": seed})
+    out = xr.Dataset(attrs={**analysis_attrs(ref, var, mode=mode), "ci_level": level, "n_resamples": n_resamples,
+                            "seed": seed})
     out["kl_mean"] = kl.mean()
     out["kl_median"] = np.median(kl)
     out["kl_p99"] = np.quantile(kl, 0.99)
@@ -125,28 +123,43 @@ def output_metrics(ref: xr.Dataset, var: xr.Dataset, mode: str = "free", n_resam
     return out.assign_coords(bound=["lo", "hi"])
 
 
-def format_output(om: xr.Dataset, floor: xr.Dataset | None = None) -> str:
-    """Lines of :func:`output_metrics`; with ``floor`` (orig-bf16's) the KL as a multiple of it."""
+# (variable, figure) rows of the output table; the variables with an interval are CI_FIGURES.
+OUTPUT_ROWS = (
+    ("kl_mean", "KL(ref || variant) mean, nats"), ("kl_median", "KL median"), ("kl_p99", "KL p99"),
+    ("kl_max", "KL max"), ("top1_agreement", "top-1 agreement"), ("dp_next_mean", "next-token p change"),
+    ("abs_dp_next_mean", "next-token |p change|"), ("p_next_ref_mean", "next-token p of the reference"),
+    ("dnll_next_mean", "next-token NLL change, nats"),
+)
+OUTPUT_COLUMNS = (
+    Column("name", "figure", str, table=False),
+    Column("figure", "figure", str, align="left", json=False),
+    Column("value", "value", "{:.4g}"),
+    Column("lo", "low", "{:.4g}", "lower bound of the bootstrap interval over tokens"),
+    Column("hi", "high", "{:.4g}", "upper bound of the bootstrap interval over tokens"),
+    Column("x_floor", "x floor", "{:.1f}x", "the figure as a multiple of the noise floor's (orig-bf16)"),
+)
+
+
+def output_table(om: xr.Dataset, floor: xr.Dataset | None = None) -> Table:
+    """One row per figure of :func:`output_metrics`, with its interval; with ``floor`` (orig-bf16's
+    output metrics) the error-like KL figures as multiples of it."""
     pct = int(round(100 * om.attrs["ci_level"]))
+    t = Table(list(OUTPUT_COLUMNS), title=f"{om.attrs['variant']} vs {om.attrs['reference']} output "
+                                          f"({om.attrs['mode']} mode), {int(om['tokens'])} tokens "
+                                          f"({int(om['tokens_with_next'])} with a next token), "
+                                          f"{pct}% bootstrap intervals:")
+    for name, figure in OUTPUT_ROWS:
+        lo, hi = om[f"{name}_ci"].values if f"{name}_ci" in om else (None, None)
+        x = ratio(om[name], floor[name]) if floor is not None and name.startswith("kl_") else None
+        t.add({"name": name, "figure": figure, "value": float(om[name]), "lo": lo, "hi": hi, "x_floor": x})
+    if floor is None:
+        t.columns = [c for c in t.columns if c.key != "x_floor"]
+    return t
 
-    def ci(name, scale=1.0, fmt="{:.3e}"):
-        lo, hi = (scale * x for x in om[f"{name}_ci"].values)
-        return f"[{fmt.format(lo)}, {fmt.format(hi)}]"
 
-    x = ""
-    if floor is not None and float(floor["kl_mean"]) > 0:
-        x = f" = {float(om['kl_mean']) / float(floor['kl_mean']):.1f}x the noise floor"
-    return "\n".join([
-        f"{om.attrs['variant']} vs {om.attrs['reference']} output ({om.attrs['mode']} mode), "
-        f"{int(om['tokens'])} tokens, {pct}% bootstrap intervals:",
-        f"  KL(ref || variant) nats: mean {float(om['kl_mean']):.3e} {ci('kl_mean')}{x}, "
-        f"median {float(om['kl_median']):.3e}, p99 {float(om['kl_p99']):.3e}, max {float(om['kl_max']):.3e}",
-        f"  top-1 agreement {100 * float(om['top1_agreement']):.1f}% {ci('top1_agreement', 100, '{:.1f}')}",
-        f"  next token ({int(om['tokens_with_next'])} tokens): p change {float(om['dp_next_mean']):+.2e} "
-        f"{ci('dp_next_mean', 1, '{:+.2e}')} (mean |change| {float(om['abs_dp_next_mean']):.2e}, reference p "
-        f"{float(om['p_next_ref_mean']):.2e}), NLL change {float(om['dnll_next_mean']):+.2e} nats "
-        f"{ci('dnll_next_mean', 1, '{:+.2e}')}",
-    ])
+def format_output(om: xr.Dataset, floor: xr.Dataset | None = None) -> str:
+    """The output table of :func:`output_metrics` (see :func:`output_table`)."""
+    return output_table(om, floor).to_text()
 
 
 def output_to_dict(om: xr.Dataset) -> dict:
@@ -154,10 +167,5 @@ def output_to_dict(om: xr.Dataset) -> dict:
     out = dict(om.attrs)
     for v in om.data_vars:
         vals = om[v].values
-        out[v] = [_num(x) for x in vals] if vals.ndim else _num(vals)
+        out[v] = [json_number(x) for x in vals] if vals.ndim else json_number(vals)
     return out
-
-
-def _num(x) -> float | None:
-    x = float(x)
-    return None if np.isnan(x) else x

@@ -31,7 +31,9 @@ import numpy as np
 import xarray as xr
 
 from moetrace.errors import MoetraceError
-from moetrace.tracer.analysis.compare import check_comparable
+from moetrace.tracer.analysis.common import (analysis_attrs, check_comparable, floor_multiples, reference, require_mode,
+                                             require_sites, variant)
+from moetrace.tracer.render.table import Column, Table, layer_table
 
 # Edges of the k/(k+1) logit-margin bins (router logit units); the last bin is open.
 MARGIN_EDGES = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, np.inf)
@@ -77,20 +79,11 @@ def _ufunc(fn, *args, core, out_core=(), out_sizes=None, dtype=np.float64, **kwa
     )
 
 
-def _free(ds: xr.Dataset, name: str) -> xr.DataArray:
-    da = ds[name]
-    return da.sel(mode="free", drop=True) if "mode" in da.dims else da
-
-
 def _check(ref: xr.Dataset, var: xr.Dataset, mode: str) -> None:
     check_comparable(ref, var)
-    have = list(var["mode"].values)
-    if mode not in have:
-        raise MoetraceError(f"{var.attrs.get('variant')} has no {mode!r} mode; it has {have}")
-    for ds, who in ((ref, "reference"), (var, "variant")):
-        missing = [s for s in ("topk_idx", "router_logits") if s not in ds]
-        if missing:
-            raise MoetraceError(f"the {who} trace lacks the {missing[0]!r} site; record it with --sites")
+    require_mode(var, mode)
+    require_sites(ref, "reference", "topk_idx", "router_logits")
+    require_sites(var, "variant", "topk_idx", "router_logits")
 
 
 def routing_tokens(ref: xr.Dataset, var: xr.Dataset, mode: str = "free") -> xr.Dataset:
@@ -102,9 +95,8 @@ def routing_tokens(ref: xr.Dataset, var: xr.Dataset, mode: str = "free") -> xr.D
         traces are.
     """
     _check(ref, var, mode)
-    ri, rl = _free(ref, "topk_idx"), _free(ref, "router_logits")  # (layer, token, k), (layer, token, expert)
-    vi = var["topk_idx"].sel(mode=mode, drop=True)
-    vl = var["router_logits"].sel(mode=mode, drop=True)
+    ri, rl = reference(ref, "topk_idx"), reference(ref, "router_logits")  # (layer, token, k), (layer, token, expert)
+    vi, vl = variant(var, "topk_idx", mode), variant(var, "router_logits", mode)
     overlap = _ufunc(_overlap_np, ri, vi, core=["k"])
     return xr.Dataset({
         "topk_overlap": overlap,
@@ -142,9 +134,8 @@ def routing_diff(ref: xr.Dataset, var: xr.Dataset, mode: str = "free", margin_ed
         ``bin_flips`` and ``bin_flip_rate`` (any-flip rate, NaN for an empty bin).
     """
     tok = routing_tokens(ref, var, mode).compute()
-    n_expert = int(_free(ref, "router_logits").sizes["expert"])
-    out = xr.Dataset(attrs={"reference": ref.attrs.get("variant"), "variant": var.attrs.get("variant"),
-                            "mode": mode, "model": var.attrs.get("model")})
+    n_expert = int(reference(ref, "router_logits").sizes["expert"])
+    out = xr.Dataset(attrs=analysis_attrs(ref, var, mode=mode))
     for name in ("topk_overlap", "top1_flip", "any_flip", "mass_moved"):
         out[name] = tok[name].astype("float64").mean("token")
     if mode == "free" and "teacher" in var["mode"].values:
@@ -153,8 +144,8 @@ def routing_diff(ref: xr.Dataset, var: xr.Dataset, mode: str = "free", margin_ed
         out["teacher_any_flip"] = teach.astype("float64").mean("token")
         out["flip_own"] = (free & teach).astype("float64").mean("token")
         out["flip_upstream"] = (free & ~teach).astype("float64").mean("token")
-    out["load_ref"] = expert_load(_free(ref, "topk_idx"), n_expert).compute()
-    out["load_var"] = expert_load(var["topk_idx"].sel(mode=mode, drop=True), n_expert).compute()
+    out["load_ref"] = expert_load(reference(ref, "topk_idx"), n_expert).compute()
+    out["load_var"] = expert_load(variant(var, "topk_idx", mode), n_expert).compute()
     out["load_change"] = out["load_var"] - out["load_ref"]
     flips = tok["any_flip"].transpose("layer", "token").values  # (layer, token)
     layers = tok["layer"].values
@@ -195,72 +186,100 @@ def load_movers(rd: xr.Dataset, n: int = 5) -> dict:
             "lost": [row(i) for i in order[:n] if flat[i] < 0]}
 
 
-def format_routing(rd: xr.Dataset, floor: xr.Dataset | None = None) -> str:
-    """A human table of :func:`routing_diff`; with ``floor`` (orig-bf16's routing diff against the same
-    reference) also the flip rates as multiples of it."""
+# The per-layer columns of a routing diff; keys are its variables and the JSON keys.
+COLUMNS = (
+    Column("layer", "layer", "{:d}"),
+    Column("topk_overlap", "top-k overlap", "{:.3f}", "share of the reference's k experts the variant also chose"),
+    Column("top1_flip", "top-1 flip", "{:.3f}", "share of tokens whose highest-weighted expert changed"),
+    Column("any_flip", "any flip", "{:.3f}", "share of tokens whose chosen set changed"),
+    Column("mass_moved", "mass moved", "{:.2e}", "total variation between the routing distributions"),
+    Column("teacher_any_flip", "teacher flips", "{:.3f}", "set-flip rate in teacher mode (exact input)"),
+    Column("flip_own", "own flips", "{:.3f}", "set flips that happen in teacher mode too: the layer's own"),
+    Column("flip_upstream", "upstream", "{:.3f}", "set flips only in free mode: from upstream drift"),
+    Column("any_flip_x_floor", "flip xfloor", "{:.1f}x", "set-flip rate as a multiple of the noise floor's"),
+    Column("mass_moved_x_floor", "moved xfloor", "{:.1f}x", "mass moved as a multiple of the noise floor's"),
+)
+MARGIN_COLUMNS = (
+    Column("margin", "margin", str, "the reference's k/(k+1) router logit gap", json=False, align="left"),
+    Column("lo", "from", "{:g}", table=False),
+    Column("hi", "to", "{:g}", table=False),
+    Column("count", "layer-tokens", "{:d}", "layer-token pairs in the bin"),
+    Column("flips", "flipped", "{:d}", "of them with a changed expert set"),
+    Column("rate", "rate", "{:.1%}", "set-flip rate"),
+)
+MOVER_COLUMNS = (
+    Column("kind", "", str, json=False, align="left"),
+    Column("layer", "layer", "{:d}"),
+    Column("expert", "expert", "{:d}"),
+    Column("change", "tokens", "{:+d}", "tokens routed: variant - reference"),
+    Column("ref_tokens", "reference tokens", "{:d}", "tokens the reference routed to the expert"),
+)
+
+
+def routing_table(rd: xr.Dataset, floor: xr.Dataset | None = None) -> Table:
+    """The per-layer table of :func:`routing_diff`; with ``floor`` (orig-bf16's routing diff against the
+    same reference) also the set-flip rate and the mass moved as multiples of it."""
     head = f"{rd.attrs['variant']} vs {rd.attrs['reference']} routing ({rd.attrs['mode']} mode) on {rd.attrs['model']}"
-    cols = [("topk_overlap", "top-k overlap", "{:.3f}"), ("top1_flip", "top-1 flip", "{:.3f}"),
-            ("any_flip", "any flip", "{:.3f}"), ("mass_moved", "mass moved", "{:.2e}"),
-            ("flip_own", "own flips", "{:.3f}"), ("flip_upstream", "upstream", "{:.3f}")]
-    cols = [c for c in cols if c[0] in rd]
-    data = {c[0]: rd[c[0]].values for c in cols}
-    if floor is not None:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            data["flip_x"] = rd["any_flip"].values / floor["any_flip"].values
-            data["tv_x"] = rd["mass_moved"].values / floor["mass_moved"].values
-        cols += [("flip_x", "flip xfloor", "{:.1f}"), ("tv_x", "moved xfloor", "{:.1f}")]
-    lines = [head, "layer  " + "  ".join(f"{c[1]:>13}" for c in cols)]
-    for i, L in enumerate(rd["layer"].values):
-        lines.append(f"{int(L):>5}  " + "  ".join(f"{c[2].format(float(data[c[0]][i])):>13}" for c in cols))
-    lines.append("set-flip rate by the reference's k/(k+1) logit margin:")
+    return layer_table(rd, COLUMNS, head, floor_multiples(rd, floor, "any_flip", "mass_moved"))
+
+
+def margin_table(rd: xr.Dataset) -> Table:
+    """The set-flip rate per bin of the reference's k/(k+1) logit margin (the last bin is open)."""
+    t = Table(list(MARGIN_COLUMNS), title="set-flip rate by the reference's k/(k+1) logit margin:")
     for lo, hi, c, h, r in zip(rd.margin_lo.values, rd.margin_hi.values, rd.bin_count.values, rd.bin_flips.values,
                                rd.bin_flip_rate.values):
-        rate = f"{100 * r:5.1f}%" if c else "    -"
-        lines.append(f"  {f'[{lo:g}, {hi:g})':<13} {rate}  ({h} of {c} layer-tokens)")
+        t.add({"margin": f"[{lo:g}, {hi:g})", "lo": lo, "hi": hi, "count": c, "flips": h, "rate": r})
+    return t
+
+
+def movers_table(rd: xr.Dataset, n: int = 5) -> Table:
+    """The experts that gained and lost the most tokens (:func:`load_movers`)."""
+    movers = load_movers(rd, n)
+    t = Table(list(MOVER_COLUMNS), title="experts that gained and lost the most tokens:")
+    for kind in ("gained", "lost"):
+        for row in movers[kind]:
+            t.add({"kind": kind, **row})
+    return t
+
+
+def mover_lines(rd: xr.Dataset) -> list[str]:
+    """Two sentences: the experts that gained and that lost the most tokens (:func:`movers_table` in short)."""
     movers = load_movers(rd)
     fmt = lambda rows: ", ".join(f"L{r['layer']} e{r['expert']} {r['change']:+d}" for r in rows) or "none"  # noqa: E731
-    lines.append(f"expert load (tokens), gained most: {fmt(movers['gained'])}")
-    lines.append(f"expert load (tokens), lost most:   {fmt(movers['lost'])}")
+    return [f"expert load (tokens), gained most: {fmt(movers['gained'])}",
+            f"expert load (tokens), lost most:   {fmt(movers['lost'])}"]
+
+
+def flip_lines(rd: xr.Dataset) -> list[str]:
+    """Sentences: the first flipped layer per token, layers flipped per token, flips from upstream."""
     first = rd["first_flip_layer"].values
     hist = ", ".join(f"layer {int(L)}: {int((first == L).sum())}" for L in rd["layer"].values if (first == L).any())
-    lines.append(f"first flipped layer per token: {hist or 'none'}; never: {int((first < 0).sum())} of {first.size}")
     n = rd["layers_flipped"].values
-    lines.append(f"layers flipped per token: mean {n.mean():.2f}, max {int(n.max()) if n.size else 0} "
-                 f"of {rd.sizes['layer']}")
+    lines = [f"first flipped layer per token: {hist or 'none'}; never: {int((first < 0).sum())} of {first.size}",
+             f"layers flipped per token: mean {n.mean():.2f}, max {int(n.max()) if n.size else 0} "
+             f"of {rd.sizes['layer']}"]
     if "flip_upstream" in rd:
         own, up = float(rd["flip_own"].sum()), float(rd["flip_upstream"].sum())
         share = f"{100 * up / (own + up):.0f}%" if own + up > 0 else "-"
         lines.append(f"free-mode set flips from upstream drift: {share} (the rest flip in teacher mode too)")
-    return "\n".join(lines)
+    return lines
+
+
+def format_routing(rd: xr.Dataset, floor: xr.Dataset | None = None) -> str:
+    """A human table of :func:`routing_diff` (see :func:`routing_table`), the flip rate by margin, and
+    sentences on expert load and flips per token."""
+    return "\n".join([routing_table(rd, floor).to_text(), margin_table(rd).to_text(), *mover_lines(rd),
+                      *flip_lines(rd)])
 
 
 def routing_to_dict(rd: xr.Dataset, floor: xr.Dataset | None = None) -> dict:
     """A JSON-ready dict of :func:`routing_diff`."""
-    per_layer = [v for v in rd.data_vars if rd[v].dims == ("layer",)]
-    layers = []
-    for i, L in enumerate(rd["layer"].values):
-        row = {"layer": int(L), **{v: _num(rd[v].values[i]) for v in per_layer}}
-        if floor is not None:
-            row["any_flip_x_floor"] = _ratio(rd["any_flip"].values[i], floor["any_flip"].values[i])
-            row["mass_moved_x_floor"] = _ratio(rd["mass_moved"].values[i], floor["mass_moved"].values[i])
-        row["load_change"] = [int(x) for x in rd["load_change"].values[i]]
-        layers.append(row)
-    bins = [{"lo": float(lo), "hi": float(hi) if np.isfinite(hi) else None, "count": int(c), "flips": int(h),
-             "rate": _num(r)}
-            for lo, hi, c, h, r in zip(rd.margin_lo.values, rd.margin_hi.values, rd.bin_count.values,
-                                       rd.bin_flips.values, rd.bin_flip_rate.values)]
+    layers = routing_table(rd, floor).records()
+    for row, change in zip(layers, rd["load_change"].transpose("layer", "expert").values):
+        row["load_change"] = [int(x) for x in change]
     first = rd["first_flip_layer"].values
     return {
-        **rd.attrs, "layers": layers, "margin_bins": bins, "load_movers": load_movers(rd),
+        **rd.attrs, "layers": layers, "margin_bins": margin_table(rd).records(), "load_movers": load_movers(rd),
         "first_flip_layer": [int(x) for x in first], "layers_flipped": [int(x) for x in rd["layers_flipped"].values],
         "tokens_never_flipped": int((first < 0).sum()),
     }
-
-
-def _num(x) -> float | None:
-    x = float(x)
-    return None if np.isnan(x) else x
-
-
-def _ratio(a, b) -> float | None:
-    return _num(a / b) if b else None

@@ -9,7 +9,7 @@ worse) are expressed as multiples of the floor; agreement is turned into disagre
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,26 +18,31 @@ import xarray as xr
 from moetrace.errors import MoetraceError
 from moetrace.tracer.analysis import compare as compare
 from moetrace.tracer.analysis import stats as stats
+from moetrace.tracer.analysis.common import check_comparable, json_number, reference, require_mode, variant
 from moetrace.tracer.analysis.decompose import decompose, max_local_layer, plant_of
 from moetrace.tracer.analysis.output import output_metrics, output_tokens
 from moetrace.tracer.analysis.routing import routing_diff
+from moetrace.tracer.render.table import Column, Table
 
 FLOOR_VARIANT = "orig-bf16"
 FLOOR_REFERENCE = "orig-fp32"
 
-# (key, label, format, error-like: shown as a multiple of the floor)
-FIGURES = [
-    ("final_rel_l2", "final relL2", "{:.3e}", True),
-    ("max_local", "max local", "{:.3e}", True),
-    ("max_local_layer", "at layer", "{:d}", False),
-    ("any_flip", "set flips", "{:.3f}", True),
-    ("kl_mean", "KL mean", "{:.3e}", True),
-    ("kl_p99", "KL p99", "{:.3e}", True),
-    ("top1_agreement", "top-1 agree", "{:.3f}", False),
-    ("top1_disagreement", "top-1 disagree", "{:.3f}", True),
-    ("abs_dp_next_mean", "|dp next|", "{:.2e}", True),
-    ("dnll_next_mean", "dNLL next", "{:+.2e}", False),
-]
+# The headline figures of a variant, in table order; the keys are ``VariantAnalysis.figures`` keys.
+FIGURES = (
+    Column("final_rel_l2", "final relL2", "{:.3e}", "relative L2 error of the last layer's output, token mean"),
+    Column("max_local", "max local", "{:.3e}", "the highest local (teacher-forced) error of any layer"),
+    Column("max_local_layer", "at layer", "{:d}", "the layer of that error"),
+    Column("any_flip", "set flips", "{:.3f}", "share of (layer, token) pairs whose expert set changed"),
+    Column("kl_mean", "KL mean", "{:.3e}", "KL(ref || variant) of the next-token distributions, nats, mean"),
+    Column("kl_p99", "KL p99", "{:.3e}", "KL, 99th percentile over tokens"),
+    Column("top1_agreement", "top-1 agree", "{:.3f}", "share of tokens with the same most likely next token"),
+    Column("top1_disagreement", "top-1 disagree", "{:.3f}", "1 - top-1 agreement"),
+    Column("abs_dp_next_mean", "|dp next|", "{:.2e}", "mean |change| of the probability of the real next token"),
+    Column("dnll_next_mean", "dNLL next", "{:+.2e}", "mean change of the real next token's NLL, nats"),
+)
+# Figures where larger is worse: shown as multiples of the noise floor.
+ERROR_LIKE = frozenset({"final_rel_l2", "max_local", "any_flip", "kl_mean", "kl_p99", "top1_disagreement",
+                        "abs_dp_next_mean"})
 CI_KEYS = ("final_rel_l2", "kl_mean", "top1_agreement", "dnll_next_mean")
 
 
@@ -71,9 +76,8 @@ def analyze_variant(ref: xr.Dataset, var: xr.Dataset, n_resamples: int = stats.N
                     seed: int = 0) -> VariantAnalysis:
     """Diff, decomposition, routing diff and output metrics of ``var``, and its headline figures."""
     name = var.attrs.get("variant", "?")
+    require_mode(var, "free", hint="the headline figures are free-running")
     modes = list(var["mode"].values)
-    if "free" not in modes:
-        raise MoetraceError(f"{name} has no 'free' mode (it has {modes}); the headline figures are free-running")
     d = compare.diff(ref, var, "free")
     dec = decompose(ref, var) if "teacher" in modes and "resid" in var else None
     rd = routing_diff(ref, var, "free") if "topk_idx" in var and "router_logits" in var else None
@@ -81,8 +85,8 @@ def analyze_variant(ref: xr.Dataset, var: xr.Dataset, n_resamples: int = stats.N
     a = VariantAnalysis(name, d, dec, rd, om, None)
     if "resid" in var:
         last = ref["layer"].values[-1]
-        err = compare.hidden_error(compare._ref(ref, "resid").sel(layer=last),
-                                   var["resid"].sel(mode="free", layer=last)).rel_l2.values  # (token,)
+        err = compare.hidden_error(reference(ref, "resid").sel(layer=last),
+                                   variant(var, "resid", "free").sel(layer=last)).rel_error.values  # (token,)
         p, lo, hi = stats.with_ci(err, "mean", n_resamples, seed)
         a.figures["final_rel_l2"], a.ci["final_rel_l2"] = p, (lo, hi)
     if dec is not None:
@@ -105,8 +109,8 @@ def set_floor(analyses: dict[str, VariantAnalysis], floor: VariantAnalysis | Non
     if floor is None:
         return
     for a in analyses.values():
-        for key, _, _, error_like in FIGURES:
-            if error_like and key in a.figures and key in floor.figures:
+        for key in ERROR_LIKE:
+            if key in a.figures and key in floor.figures:
                 f = floor.figures[key]
                 a.x_floor[key] = a.figures[key] / f if f else float("inf") if a.figures[key] else float("nan")
 
@@ -162,8 +166,6 @@ def analyze_run(run_dir, reference: str | None = None, n_resamples: int = stats.
     analyses = {name: analyze_variant(ref, ds, n_resamples, seed) for name, ds in sorted(datasets.items(), key=_order)}
     floor = analyses.get(FLOOR_VARIANT) if ref.attrs.get("variant") == FLOOR_REFERENCE else None
     set_floor(analyses, floor)
-    from moetrace.tracer.analysis.decompose import plant_of
-
     return RunAnalysis(Path(run_dir), ref.attrs["variant"], ref.attrs.get("model", "?"), plant_of(ref),
                        analyses, floor, {ref.attrs["variant"]: ref, **datasets})
 
@@ -176,36 +178,48 @@ def dequant_pairs(run: RunAnalysis) -> list[tuple[str, str]]:
             if n.endswith("-bf16") and not n.startswith("orig-") and n[: -len("bf16")] + "fp32" in names]
 
 
-def format_headlines(run: RunAnalysis) -> str:
-    """A human table: one row per variant, headline figures, and their multiples of the noise floor."""
-    keys = [f for f in FIGURES if any(f[0] in a.figures for a in run.variants.values())]
-    main = [k for k in keys if k[0] != "top1_disagreement"]  # the floor table shows it; agreement reads easier
-    lines = [f"headline figures vs {run.reference} on {run.model} (free mode; 95% bootstrap intervals below)"]
-    width = max([len(n) for n in run.variants] + [7])
-    lines.append(f"{'variant':<{width}}  " + "  ".join(f"{k[1]:>14}" for k in main))
+def headline_tables(run: RunAnalysis) -> list[Table]:
+    """The headline figures (one row per variant), their multiples of the noise floor (when the run has
+    one) and their bootstrap intervals, as tables for the terminal and the report."""
+    keys = [c for c in FIGURES if any(c.key in a.figures for a in run.variants.values())]
+    name = Column("variant", "variant", str, align="left")
+    # Agreement reads easier than disagreement; the floor table shows the error-like one.
+    main = Table([name] + [c for c in keys if c.key != "top1_disagreement"],
+                 title=f"headline figures vs {run.reference} on {run.model} (free mode)")
     for a in run.variants.values():
-        cells = [k[2].format(a.figures[k[0]]) if k[0] in a.figures else "-" for k in main]
-        lines.append(f"{a.name:<{width}}  " + "  ".join(f"{c:>14}" for c in cells))
+        main.add({"variant": a.name, **a.figures})
+    tables = [main]
     if run.floor is not None:
-        lines.append(f"as multiples of the noise floor ({FLOOR_VARIANT} vs {FLOOR_REFERENCE}):")
-        xkeys = [k for k in keys if k[3]]
-        lines.append(f"{'variant':<{width}}  " + "  ".join(f"{k[1]:>14}" for k in xkeys))
+        xkeys = [replace(c, fmt="{:.1f}x", description=f"{c.header} / the noise floor's") for c in keys
+                 if c.key in ERROR_LIKE]
+        floor = Table([name] + xkeys, title=f"as multiples of the noise floor ({FLOOR_VARIANT} vs {FLOOR_REFERENCE}):")
         for a in run.variants.values():
-            cells = [f"{a.x_floor[k[0]]:.1f}x" if k[0] in a.x_floor else "-" for k in xkeys]
-            lines.append(f"{a.name:<{width}}  " + "  ".join(f"{c:>14}" for c in cells))
-    else:
-        lines.append(f"(no noise floor: the run has no {FLOOR_VARIANT} store against {FLOOR_REFERENCE})")
+            floor.add({"variant": a.name, **a.x_floor})
+        tables.append(floor)
+    ci = Table([name, Column("figure", "figure", str, align="left"), Column("value", "value", "{:.3e}"),
+                Column("lo", "low", "{:.3e}"), Column("hi", "high", "{:.3e}")],
+               title=f"{int(round(100 * stats.LEVEL))}% bootstrap intervals over tokens:")
+    header = {c.key: c.header for c in FIGURES}
     for a in run.variants.values():
-        parts = [f"{k} {a.figures[k]:.3e} [{a.ci[k][0]:.3e}, {a.ci[k][1]:.3e}]" for k in CI_KEYS if k in a.ci]
-        if parts:
-            lines.append(f"  {a.name}: " + "; ".join(parts))
-    return "\n".join(lines)
+        for k in CI_KEYS:
+            if k in a.ci:
+                ci.add({"variant": a.name, "figure": header[k], "value": a.figures[k], "lo": a.ci[k][0],
+                        "hi": a.ci[k][1]})
+    return tables + [ci]
+
+
+def format_headlines(run: RunAnalysis) -> str:
+    """The headline tables (:func:`headline_tables`) for the terminal."""
+    text = [t.to_text() for t in headline_tables(run)]
+    if run.floor is None:
+        text.insert(1, f"(no noise floor: the run has no {FLOOR_VARIANT} store against {FLOOR_REFERENCE})")
+    return "\n".join(text)
 
 
 def headlines_to_dict(run: RunAnalysis) -> dict:
     """A JSON-ready dict of the headline figures, intervals and floor multiples."""
     def clean(d):
-        return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in d.items()}
+        return {k: json_number(v) for k, v in d.items()}
 
     return {
         "run_dir": str(run.run_dir), "reference": run.reference, "model": run.model, "plant": run.plant,
@@ -264,7 +278,7 @@ def open_floor(ref: xr.Dataset, var_path, mode: str = "free") -> xr.Dataset | No
         return None
     try:
         ds = open_trace(path)
-        compare.check_comparable(ref, ds)
+        check_comparable(ref, ds)
     except MoetraceError:
         return None
     return ds if mode in ds["mode"].values else None

@@ -14,16 +14,15 @@ import html
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from moetrace.errors import MoetraceError
-from moetrace.tracer.render import plots as plots
 from moetrace.tracer.analysis import stats as stats
-from moetrace.tracer.analysis.summary import (CI_KEYS, FIGURES, FLOOR_VARIANT, RunAnalysis, analyze_run, dequant_pairs,
-                                      pair_difference)
-from moetrace.tracer.analysis.decompose import summary_lines
-from moetrace.tracer.analysis.output import format_output
-from moetrace.tracer.analysis.routing import load_movers
+from moetrace.tracer.analysis.decompose import decomposition_table, summary_lines
+from moetrace.tracer.analysis.output import output_table
+from moetrace.tracer.analysis.routing import flip_lines, margin_table, movers_table, routing_table
+from moetrace.tracer.analysis.summary import (FLOOR_REFERENCE, FLOOR_VARIANT, RunAnalysis, analyze_run, dequant_pairs,
+                                              headline_tables, pair_difference)
+from moetrace.tracer.render import plots as plots
+from moetrace.tracer.render.table import Column, Table
 
 
 @dataclass
@@ -40,118 +39,72 @@ class Report:
         return self.out_dir / "index.html"
 
 
-def _fmt(x, spec="{:.3e}") -> str:
-    if x is None or (isinstance(x, float) and np.isnan(x)):
-        return "-"
-    return spec.format(x)
-
-
-def _table(headers, rows) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def _img(name: str, alt: str) -> str:
     return f'<p><img src="{html.escape(name)}" alt="{html.escape(alt)}"></p>'
 
 
 def _headline_html(run: RunAnalysis) -> str:
-    keys = [f for f in FIGURES if any(f[0] in a.figures for a in run.variants.values())]
-    rows = [[a.name] + [_fmt(a.figures.get(k[0]), k[2]) if k[0] in a.figures else "-" for k in keys]
-            for a in run.variants.values()]
-    out = _table(["variant"] + [k[1] for k in keys], rows)
-    if run.floor is not None:
-        xkeys = [k for k in keys if k[3]]
-        rows = [[a.name] + [_fmt(a.x_floor.get(k[0]), "{:.1f}x") for k in xkeys] for a in run.variants.values()]
-        out += f"<h3>As multiples of the noise floor ({FLOOR_VARIANT} vs {html.escape(run.reference)})</h3>"
-        out += _table(["variant"] + [k[1] for k in xkeys], rows)
-    else:
-        out += f"<p>No noise floor: the run has no {FLOOR_VARIANT} store against orig-fp32.</p>"
-    rows = [[a.name, k, _fmt(a.figures[k]), _fmt(a.ci[k][0]), _fmt(a.ci[k][1])]
-            for a in run.variants.values() for k in CI_KEYS if k in a.ci]
-    out += "<h3>95% bootstrap intervals over tokens</h3>" + _table(["variant", "figure", "value", "low", "high"], rows)
+    main, *rest = headline_tables(run)
+    out = main.to_html()
+    if run.floor is None:
+        out += f"<p>No noise floor: the run has no {FLOOR_VARIANT} store against {FLOOR_REFERENCE}.</p>"
+    for t in rest:
+        out += f"<h3>{html.escape(t.title.rstrip(':'))}</h3>" + t.to_html()
     return out
 
 
 def _decomposition_html(a, run) -> str:
-    dec = a.decomposition
-    cols = ["local", "local_p99", "propagated", "inherited", "gain", "growth", "amplified"] + (
-        ["routing_forced"] if "routing_forced" in dec else [])
-    floor = run.floor.decomposition if run.floor is not None and run.floor.decomposition is not None else None
-    rows = []
-    for i, L in enumerate(dec["layer"].values):
-        row = [int(L)] + [_fmt(float(dec[c].values[i]), "{:.3f}" if c == "gain" else "{:.3e}") for c in cols]
-        if floor is not None:
-            row.append(_fmt(float(dec["local"].values[i] / floor["local"].values[i]), "{:.1f}x"))
-        rows.append(row)
-    headers = ["layer"] + [c.replace("routing_forced", "fixed routing") for c in cols] + (
-        ["local x floor"] if floor is not None else [])
-    summary = "".join(f"<li>{html.escape(s)}</li>" for s in summary_lines(dec))
-    return f"<ul>{summary}</ul>" + _table(headers, rows)
+    floor = run.floor.decomposition if run.floor is not None and a is not run.floor else None
+    summary = "".join(f"<li>{html.escape(s)}</li>" for s in summary_lines(a.decomposition))
+    return f"<ul>{summary}</ul>" + decomposition_table(a.decomposition, floor).to_html()
 
 
 def _routing_html(a, run) -> str:
     rd = a.routing
-    cols = [c for c in ("topk_overlap", "top1_flip", "any_flip", "mass_moved", "flip_own", "flip_upstream") if c in rd]
     floor = run.floor.routing if run.floor is not None and a is not run.floor else None
-    rows = []
-    for i, L in enumerate(rd["layer"].values):
-        row = [int(L)] + [_fmt(float(rd[c].values[i]), "{:.3f}" if c != "mass_moved" else "{:.2e}") for c in cols]
-        if floor is not None:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                row += [_fmt(float(rd["any_flip"].values[i] / floor["any_flip"].values[i]), "{:.1f}x"),
-                        _fmt(float(rd["mass_moved"].values[i] / floor["mass_moved"].values[i]), "{:.1f}x")]
-        rows.append(row)
-    out = _table(["layer"] + cols + (["any_flip x floor", "mass_moved x floor"] if floor is not None else []), rows)
-    rows = [[f"[{lo:g}, {hi:g})", int(c), int(h), _fmt(float(r), "{:.3f}")]
-            for lo, hi, c, h, r in zip(rd.margin_lo.values, rd.margin_hi.values, rd.bin_count.values,
-                                       rd.bin_flips.values, rd.bin_flip_rate.values)]
-    out += "<h4>Set-flip rate by the reference's k/(k+1) logit margin</h4>"
-    out += _table(["margin", "layer-tokens", "flipped", "rate"], rows)
-    mv = load_movers(rd)
-    rows = [[kind, r["layer"], r["expert"], f"{r['change']:+d}", r["ref_tokens"]]
-            for kind in ("gained", "lost") for r in mv[kind]]
-    out += "<h4>Experts that gained and lost the most tokens</h4>"
-    out += _table(["", "layer", "expert", "tokens", "reference tokens"], rows)
-    first = rd["first_flip_layer"].values
-    n = rd["layers_flipped"].values
-    out += (f"<p>First flipped layer per token: "
-            + html.escape(", ".join(f"layer {int(L)}: {int((first == L).sum())}" for L in rd["layer"].values
-                                    if (first == L).any()) or "none")
-            + f"; never: {int((first < 0).sum())} of {first.size} tokens. Layers flipped per token: mean "
-            f"{n.mean():.2f}, max {int(n.max()) if n.size else 0}.</p>")
-    return out
+    out = routing_table(rd, floor).to_html()
+    for t in (margin_table(rd), movers_table(rd)):
+        out += f"<h4>{html.escape(t.title.rstrip(':').capitalize())}</h4>" + t.to_html(legend=False)
+    return out + "".join(f"<p>{html.escape(line)}</p>" for line in flip_lines(rd))
+
+
+# The columns of a BF16-vs-FP32 dequantization comparison (:func:`pair_difference` rows, flattened).
+PAIR_COLUMNS = (
+    Column("a", "bf16", str, align="left"), Column("b", "fp32", str, align="left"),
+    Column("kl_a", "KL bf16", "{:.3e}", "KL(ref || bf16) mean, nats"),
+    Column("kl_b", "KL fp32", "{:.3e}", "KL(ref || fp32) mean, nats"),
+    Column("kl_diff", "KL difference", "{:+.3e}", "KL bf16 - KL fp32 (paired over the same tokens)"),
+    Column("kl_diff_lo", "low", "{:+.2e}"), Column("kl_diff_hi", "high", "{:+.2e}"),
+    Column("kl_direct", "KL(fp32||bf16)", "{:.3e}", "the direct divergence of bf16 from fp32, mean"),
+    Column("kl_direct_lo", "low", "{:.2e}"), Column("kl_direct_hi", "high", "{:.2e}"),
+    Column("kl_floor", "floor KL", "{:.3e}", "KL(ref || orig-bf16) mean: the noise floor"),
+    Column("diff_x_floor", "|difference| x floor", "{:.2f}x", "|KL difference| / floor KL"),
+    Column("direct_x_floor", "direct x floor", "{:.2f}x", "KL(fp32||bf16) / floor KL"),
+)
+
+
+def pair_table(pairs) -> Table:
+    """The dequantization pairs of a run (:func:`pair_difference` results), with 95% intervals."""
+    t = Table(list(PAIR_COLUMNS), title="BF16 vs FP32 dequantization of the same weights (95% intervals):")
+    for p in pairs:
+        lo_hi = {f"{k}_{end}": p[f"{k}_ci"][i] for k in ("kl_diff", "kl_direct") for i, end in enumerate(("lo", "hi"))}
+        t.add({**p, **lo_hi})
+    if not any("kl_floor" in p for p in pairs):
+        t.columns = [c for c in t.columns if c.key not in ("kl_floor", "diff_x_floor", "direct_x_floor")]
+    return t
 
 
 def _pairs_html(pairs) -> str:
     if not pairs:
         return ""
-    rows = [[p["a"], p["b"], _fmt(p["kl_a"]), _fmt(p["kl_b"]),
-             f"{_fmt(p['kl_diff'], '{:+.3e}')} [{_fmt(p['kl_diff_ci'][0], '{:+.2e}')}, "
-             f"{_fmt(p['kl_diff_ci'][1], '{:+.2e}')}]",
-             f"{_fmt(p['kl_direct'])} [{_fmt(p['kl_direct_ci'][0], '{:.2e}')}, {_fmt(p['kl_direct_ci'][1], '{:.2e}')}]",
-             _fmt(p.get("kl_floor")), _fmt(p.get("diff_x_floor"), "{:.2f}x"), _fmt(p.get("direct_x_floor"), "{:.2f}x")]
-            for p in pairs]
     return ("<h2>BF16 vs FP32 dequantization</h2><p>The same quantized weights dequantized to BF16 and to FP32: "
             "the difference of their KL against the reference (paired bootstrap), their direct divergence "
-            "KL(fp32 || bf16), and both against the noise floor's KL.</p>"
-            + _table(["bf16", "fp32", "KL bf16", "KL fp32", "KL difference [95%]", "KL(fp32||bf16) [95%]",
-                      "floor KL", "|difference| x floor", "direct x floor"], rows))
+            "KL(fp32 || bf16), and both against the noise floor's KL.</p>" + pair_table(pairs).to_html())
 
 
 def pair_lines(pairs) -> list[str]:
-    """One sentence per dequantization pair, for the command line."""
-    out = []
-    for p in pairs:
-        s = (f"{p['a']} vs {p['b']}: KL {p['kl_a']:.3e} vs {p['kl_b']:.3e}, difference {p['kl_diff']:+.3e} "
-             f"[{p['kl_diff_ci'][0]:+.2e}, {p['kl_diff_ci'][1]:+.2e}]; direct KL({p['b']} || {p['a']}) "
-             f"{p['kl_direct']:.3e}")
-        if "kl_floor" in p:
-            s += (f"; noise floor KL {p['kl_floor']:.3e}: |difference| = {p['diff_x_floor']:.2f}x, direct = "
-                  f"{p['direct_x_floor']:.2f}x the floor")
-        out.append(s)
-    return out
+    """The dequantization pairs for the command line: their table, or nothing without pairs."""
+    return [pair_table(pairs).to_text()] if pairs else []
 
 
 def write_report(run_dir, out_dir=None, reference: str | None = None, n_resamples: int = stats.N_RESAMPLES,
@@ -206,7 +159,8 @@ def write_report(run_dir, out_dir=None, reference: str | None = None, n_resample
             parts += ["<h3>Routing</h3>", _routing_html(a, run), _img(f.name, "expert load change")]
         if a.output is not None:
             floor_om = run.floor.output if run.floor is not None and a is not run.floor else None
-            parts += ["<h3>Output</h3>", f"<pre>{html.escape(format_output(a.output, floor_om))}</pre>"]
+            t = output_table(a.output, floor_om)
+            parts += ["<h3>Output</h3>", f"<p>{html.escape(t.title.rstrip(':'))}.</p>", t.to_html()]
         sections.append("\n".join(parts))
     plant = f", planted fault {html.escape(run.plant)} (layer:expert:projection)" if run.plant else ""
     page = f"""<!DOCTYPE html>
@@ -216,6 +170,7 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1250px; colo
 table {{ border-collapse: collapse; margin: 0.6em 0 1.2em; font-size: 13px; }}
 th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
 th {{ background: #f2f2f2; }} td:first-child {{ text-align: left; }}
+ul.legend {{ font-size: 12px; color: #555; margin-top: -0.8em; }}
 img {{ max-width: 100%; }} pre {{ background: #f7f7f7; padding: 0.6em; overflow-x: auto; }}
 </style></head><body>
 <h1>moetrace report: {html.escape(run_dir.name)}</h1>

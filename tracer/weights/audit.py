@@ -1,8 +1,10 @@
 """The weight audit: every weight matrix, reference vs what a file type dequantizes it to.
 
-For each matrix (per expert and projection for the MoE experts) four figures, from the
-reference (as stored, usually BF16) and the dequantized weights (float32, or rounded to a
-compute dtype when one is asked for); see :func:`matrix_metrics` for the arithmetic:
+For each matrix (per expert and projection for the MoE experts) the four figures of
+:data:`moetrace.tracer.analysis.common.ERROR_METRICS` (the same names and definitions as the
+hidden-state comparison), from the reference (as stored, usually BF16) and the dequantized
+weights (float32, or rounded to a compute dtype when one is asked for); see
+:func:`matrix_metrics` for the arithmetic:
 
 - ``cosine``: <a, b> / (|a| |b|); 1 for an exact copy, 0 when the dequantized matrix is all zeros;
 - ``rel_error``: |b - a| / |a|;
@@ -36,8 +38,10 @@ import numpy as np
 import torch
 
 from moetrace.errors import MoetraceError
+from moetrace.tracer.analysis.common import ERROR_METRICS, METRIC_NAMES
+from moetrace.tracer.render.table import Column, Table
 
-METRICS = ("cosine", "rel_error", "sqnr_db", "max_abs_error")
+METRICS = METRIC_NAMES  # cosine, rel_error, sqnr_db, max_abs_error: the names compare's hidden_error uses
 PROJS = ("gate", "up", "down")
 _PROJ_OF = {"ffn_gate_exps": "gate", "ffn_up_exps": "up", "ffn_down_exps": "down"}
 DEFAULT_THRESHOLD = 0.98
@@ -282,13 +286,31 @@ def ranked(ds) -> list[dict]:
     return out
 
 
-def _json_number(x):
-    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+# The ranked rows' columns: every key of a :func:`ranked` row is a JSON column; the rank is the table's own.
+AUDIT_COLUMNS = (
+    Column("rank", "rank", "{:d}", json=False),
+    Column("tensor", "tensor", str, align="left"),
+    Column("layer", "layer", "{:d}", table=False),
+    Column("expert", "expert", "{:d}", missing=""),
+    Column("proj", "proj", str, table=False),
+    Column("type", "type", str),
+    *(Column(m.name, m.header, m.fmt, m.description) for m in ERROR_METRICS),
+    Column("flagged", "", lambda f: "FLAGGED" if f else "", "cosine below the threshold", align="left"),
+)
+
+
+def audit_table(ds, top: int | None = None) -> Table:
+    """The audited matrices, worst first (:func:`ranked`); only the first ``top`` when given."""
+    rows = ranked(ds)
+    t = Table(list(AUDIT_COLUMNS))
+    for i, r in enumerate(rows if top is None else rows[:top]):
+        t.add({"rank": i + 1, **r})
+    return t
 
 
 def summary_json(ds, path=None, top: int = 10) -> dict:
     """The audit's summary for scripts: counts, the worst ``top`` rows and every flagged row (inf/NaN as null)."""
-    rows = [{k: _json_number(v) for k, v in r.items()} for r in ranked(ds)]
+    rows = audit_table(ds).records()
     return {
         "model": ds.attrs["model"], "weights": ds.attrs["weights"], "compute": ds.attrs["compute"],
         "threshold": ds.attrs["threshold"], "store": str(path) if path else None,
@@ -302,20 +324,14 @@ def format_audit(ds, path=None, top: int = 10) -> str:
     rows = ranked(ds)
     a = ds.attrs
     L, E = ds.sizes["layer"], ds.sizes["expert"]
-    lines = [
+    table = audit_table(ds, top)
+    table.title = (
         f"Weight audit of {a['model']} "
         f"{'as stored in ' + a['gguf'] if a.get('gguf') else 'under ' + a['weights']}, dequantized to {a['compute']}: "
         f"{L * E * len(PROJS)} expert matrices ({L} layers x {E} experts x {len(PROJS)}) and "
-        f"{ds.sizes['tensor']} other matrices; {a['n_flagged']} below cosine {a['threshold']:g}",
-        f"{'rank':>4}  {'tensor':32} {'expert':>6} {'type':>5} {'cosine':>9} {'rel err':>9} {'SQNR dB':>8} "
-        f"{'max err':>9}",
-    ]
-    for i, r in enumerate(rows[:top]):
-        exp = "" if r["expert"] is None else str(r["expert"])
-        lines.append(
-            f"{i + 1:>4}  {r['tensor']:32} {exp:>6} {r['type']:>5} {r['cosine']:9.5f} {r['rel_error']:9.3e} "
-            f"{r['sqnr_db']:8.2f} {r['max_abs_error']:9.3e}" + ("  FLAGGED" if r["flagged"] else "")
-        )
+        f"{ds.sizes['tensor']} other matrices; {a['n_flagged']} below cosine {a['threshold']:g}"
+    )
+    lines = [table.to_text()]
     flagged_beyond = [r for r in rows[top:] if r["flagged"]]
     if flagged_beyond:
         lines.append(f"  ... and {len(flagged_beyond)} more flagged matrices (see --json or the store)")
