@@ -15,6 +15,7 @@ llama.cpp's convert script.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -75,27 +76,37 @@ class Sites:
     router: str = "mlp.gate"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ExpertFusion:
     """How per-expert checkpoint keys fuse into transformers 5's expert tensors.
 
     Attributes:
-        pattern: regex of a per-expert key inside a layer, with groups ``expert`` and ``proj``.
+        key: a per-expert key inside a layer, with ``{expert}`` and ``{proj}`` fields.
         fused: fused key -> the projections stacked along its rows (dim 1), in order.
     """
 
-    pattern: str = r"mlp\.experts\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.weight"
+    key: str = "mlp.experts.{expert}.{proj}_proj.weight"
     fused: dict = field(default_factory=lambda: {"mlp.experts.gate_up_proj": ("gate", "up"),
                                                  "mlp.experts.down_proj": ("down",)})
-
-    def per_expert_key(self, expert: int, proj: str) -> str:
-        """The per-expert key of ``proj`` of ``expert`` (inside a layer), as the checkpoints name it."""
-        return self.pattern.replace(r"(?P<expert>\d+)", str(expert)).replace(
-            r"(?P<proj>gate|up|down)", proj).replace("\\", "")
 
     @property
     def projs(self) -> tuple[str, ...]:
         return tuple(p for ps in self.fused.values() for p in ps)
+
+    @cached_property
+    def _pattern(self) -> re.Pattern:
+        projs = "|".join(map(re.escape, self.projs))
+        return re.compile(re.escape(self.key).replace(r"\{expert\}", r"(?P<expert>\d+)")
+                          .replace(r"\{proj\}", f"(?P<proj>{projs})"))
+
+    def match(self, key: str) -> tuple[str, int] | None:
+        """(proj, expert) of a per-expert key inside a layer, or None for any other key."""
+        m = self._pattern.fullmatch(key)
+        return (m["proj"], int(m["expert"])) if m else None
+
+    def per_expert_key(self, expert: int, proj: str) -> str:
+        """The per-expert key of ``proj`` of ``expert`` inside a layer."""
+        return self.key.format(expert=expert, proj=proj)
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,6 +128,8 @@ class Family:
         fusion: how per-expert checkpoint keys fuse.
         gguf_config: config entries a GGUF file has no key for (the engine's fixed behaviour).
         gguf_extra: extra hyperparameters, ``(gguf key suffix, config key, value type name)``.
+        dim_keys: extra shape symbols of this family -> the config key holding each
+            (``{"kv_lora": "kv_lora_rank"}`` for a latent-attention family).
     """
 
     name: str
@@ -135,6 +148,23 @@ class Family:
     fusion: ExpertFusion | None = ExpertFusion()
     gguf_config: dict = field(default_factory=dict)
     gguf_extra: tuple = ()
+    dim_keys: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        # A family file is data a user may write: check it when it is made, naming what is wrong.
+        for hf, shape in {**self.tensors, **self.global_tensors}.items():
+            valid = (*SHAPE_SYMBOLS, *self.dim_keys)
+            bad = [s for s in shape if not isinstance(s, int) and s not in valid]
+            if bad:
+                raise MoetraceError(f"family {self.name}: tensor {hf} has shape symbol {bad[0]!r}; "
+                                    f"valid: {', '.join(valid)}")
+        for what, names in (("fused", [n for ps in self.fused.values() for n in ps]),
+                            ("expert_projs", list(self.expert_projs.values()))):
+            missing = [n for n in names if n not in self.tensors]
+            if missing:
+                raise MoetraceError(f"family {self.name}: {what} names {missing[0]!r}, which is not in its tensors")
+        if self.routing.scoring not in ("softmax", "sigmoid"):
+            raise MoetraceError(f"family {self.name}: router scoring {self.routing.scoring!r}; valid: softmax, sigmoid")
 
     # -- sizes, read through the config keys ------------------------------------------------
     def n_experts(self, config) -> int:
@@ -169,6 +199,7 @@ class Family:
             "experts": self.n_experts(config), "expert_width": self.expert_width(config),
             "shared_width": int(getattr(config, k.shared_width, 0) or 0) if k.shared_width else 0,
             "ffn_width": int(getattr(config, "intermediate_size", 0) or 0),
+            **{sym: int(getattr(config, key)) for sym, key in self.dim_keys.items()},
         }
 
     # -- tensor names -------------------------------------------------------------------------
@@ -195,14 +226,10 @@ class Family:
 
         A fused key maps to a tuple of stems, one per row block (gate_up -> ffn_gate_exps, ffn_up_exps).
         """
-        stem = lambda hf: self._gguf_name("model.layers.0." + hf)[len("blk.0."):-len(".weight")]  # noqa: E731
+        unfused = self.layer_stems_unfused
         in_fused = {n for parts in self.fused.values() for n in parts}
-        out: dict = {}
-        for hf in self.tensors:
-            if hf not in in_fused:
-                out[hf] = stem(hf)
-        for key, parts in self.fused.items():
-            out[key] = tuple(stem(p) for p in parts)
+        out: dict = {hf: stem for hf, stem in unfused.items() if hf not in in_fused}
+        out.update({key: tuple(unfused[p] for p in parts) for key, parts in self.fused.items()})
         return out
 
     def gguf_layer_names(self, layer: int) -> dict[str, str | tuple[str, ...]]:
@@ -222,6 +249,7 @@ class Family:
 
     @cached_property
     def layer_stems_unfused(self) -> dict[str, str]:
+        """Unfused transformers name inside a layer -> GGUF stem, from gguf-py's map."""
         return {hf: self._gguf_name("model.layers.0." + hf)[len("blk.0."):-len(".weight")] for hf in self.tensors}
 
     @staticmethod

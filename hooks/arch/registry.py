@@ -42,7 +42,9 @@ def register(family: Family) -> Family:
         clash = set(other.model_types) & set(family.model_types)
         if clash or other.gguf_arch == family.gguf_arch:
             what = f"model type {sorted(clash)[0]!r}" if clash else f"GGUF architecture {family.gguf_arch!r}"
-            raise MoetraceError(f"family {family.name!r} cannot be registered: {what} is served by family {other.name!r}")
+            raise MoetraceError(
+                f"family {family.name!r} cannot be registered: {what} is served by family {other.name!r}"
+            )
     _families[family.name] = family
     return family
 

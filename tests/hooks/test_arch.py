@@ -34,7 +34,8 @@ def test_qwen3_moe_gguf_names_are_llama_cpp_names():
         "input_layernorm.weight": "blk.7.attn_norm.weight", "self_attn.q_proj.weight": "blk.7.attn_q.weight",
         "self_attn.k_proj.weight": "blk.7.attn_k.weight", "self_attn.v_proj.weight": "blk.7.attn_v.weight",
         "self_attn.o_proj.weight": "blk.7.attn_output.weight", "self_attn.q_norm.weight": "blk.7.attn_q_norm.weight",
-        "self_attn.k_norm.weight": "blk.7.attn_k_norm.weight", "post_attention_layernorm.weight": "blk.7.ffn_norm.weight",
+        "self_attn.k_norm.weight": "blk.7.attn_k_norm.weight",
+        "post_attention_layernorm.weight": "blk.7.ffn_norm.weight",
         "mlp.gate.weight": "blk.7.ffn_gate_inp.weight", "mlp.experts.down_proj": "blk.7.ffn_down_exps.weight",
         "mlp.experts.gate_up_proj": ("blk.7.ffn_gate_exps.weight", "blk.7.ffn_up_exps.weight"),
     }
@@ -64,6 +65,16 @@ def test_a_clashing_family_is_refused():
     with pytest.raises(MoetraceError, match="model type 'qwen3_moe' is served by family 'qwen3_moe'"):
         arch.register(clone)
     assert "qwen3_moe_again" not in [f.name for f in arch.families()]
+
+
+def test_family_data_is_checked_when_made():
+    import dataclasses
+
+    fam = arch.by_model_type("qwen3_moe")
+    with pytest.raises(MoetraceError, match="shape symbol 'width'; valid: vocab, hidden"):
+        dataclasses.replace(fam, name="x", tensors={**fam.tensors, "mlp.gate.weight": ("experts", "width")})
+    with pytest.raises(MoetraceError, match="router scoring 'relu'; valid: softmax, sigmoid"):
+        dataclasses.replace(fam, name="x", routing=arch.Router(scoring="relu"))
 
 
 def test_a_bad_family_file_is_one_line_error(tmp_path):
@@ -172,6 +183,22 @@ def test_family_file_gives_gguf_names_and_shapes(tmp_path):
         specs = W.gguf_specs(src)
         assert specs["blk.1.attn_q_norm.weight"] == (64,) and specs["blk.1.ffn_gate_exps.weight"] == (4, 64, 64)
         state = W.gguf_tensors_of_layer(src.layer_state(1), 1, fam)
-        assert {n: tuple(t.shape) for n, t in state.items()} == {n: s for n, s in specs.items() if n.startswith("blk.1.")}
+        layer_specs = {n: s for n, s in specs.items() if n.startswith("blk.1.")}
+        assert {n: tuple(t.shape) for n, t in state.items()} == layer_specs
+
+        # Round trip through a GGUF file: the family's metadata written, and read back into an olmoe config.
+        from moetrace.tracer.sources.gguf import GGUFSource
+        from moetrace.tracer.weights.gguf_writer import write_gguf
+
+        out = write_gguf(src, "pure_q8_0", tmp_path / "olmoe.gguf", cache=False)
+        back = GGUFSource(out.path)
+        assert back.family is fam and back.config.model_type == "olmoe"
+        for key in ("hidden_size", "intermediate_size", "num_experts", "num_experts_per_tok", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "vocab_size", "norm_topk_prob"):
+            assert getattr(back.config, key) == getattr(src.config, key), key
+        back.check_matches(src)
+        got = back.layer_state(1)
+        want = {k: tuple(v.shape) for k, v in src.layer_state(1).items()}
+        assert {k: tuple(v.shape) for k, v in got.items()} == want
     finally:
         arch.unregister(fam.name)

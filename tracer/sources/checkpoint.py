@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -177,7 +176,7 @@ class CheckpointSource:
     def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
         """Every tensor of decoder layer ``layer``, keyed by its name inside the layer.
 
-        Per-expert keys (the family's ``fusion.pattern``, e.g. ``mlp.experts.E.{gate,up,down}_proj.weight``)
+        Per-expert keys (the family's ``fusion.key``, e.g. ``mlp.experts.E.{gate,up,down}_proj.weight``)
         are fused on read into transformers 5.x's fused tensors (``fusion.fused``: e.g.
         ``mlp.experts.gate_up_proj`` (E, 2I, H), gate in [:, :I] and up in [:, I:], and
         ``mlp.experts.down_proj`` (E, H, I)), as transformers' own conversion mapping fuses them
@@ -185,16 +184,15 @@ class CheckpointSource:
         """
         prefix = self.family.layer_prefix(layer)
         fusion = self.family.fusion
-        per_expert = re.compile(fusion.pattern) if fusion is not None else None
         state: dict[str, torch.Tensor] = {}
         experts: dict[tuple[str, int], str] = {}  # (proj, expert) -> HF name
         with self._reader() as read:
             for k in self._index:
                 if not k.startswith(prefix):
                     continue
-                m = per_expert.fullmatch(k[len(prefix):]) if per_expert is not None else None
+                m = fusion.match(k[len(prefix):]) if fusion is not None else None
                 if m:
-                    experts[(m["proj"], int(m["expert"]))] = k
+                    experts[m] = k
                 else:
                     state[k[len(prefix):]] = read(k)
             if experts:

@@ -348,7 +348,9 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
     ctx = context if context is not None else getattr(types, "context", None)
     family = family or getattr(types, "family", None)
     if family is None:
-        raise MoetraceError("internal: variant_layer_state needs the model's family (types from tensor_types carry it)")
+        from moetrace.errors import InternalError
+
+        raise InternalError("variant_layer_state needs the model's family (types from tensor_types carry it)")
     names = family.gguf_layer_names(layer)
     out = {}
     for key, w in ref.items():
@@ -358,7 +360,8 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
             if all(t == "F32" for t in ts):
                 v = w.to(torch.float32) if cast else w
             else:
-                v = torch.cat([dequantized(part, n, t, ctx) for part, n, t in zip(_row_blocks(w, len(g)), g, ts)], dim=1)
+                parts = zip(_row_blocks(w, len(g)), g, ts)
+                v = torch.cat([dequantized(part, n, t, ctx) for part, n, t in parts], dim=1)
         else:
             t = types.get(g) if g else None
             v = w if not cast and t in (None, "F32") else dequantized(w, g or key, t, ctx)
