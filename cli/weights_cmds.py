@@ -87,9 +87,9 @@ def quantize(file_type, output, model, imatrix_file, plant, no_cache, as_json, q
     """Write a GGUF file of the model quantized to FILE_TYPE, as llama-quantize would.
 
     llama.cpp's tensor names, shapes and per-tensor types (see `moetrace recipe`), block bytes
-    bit-exact with ggml, and qwen3moe metadata. Tensors are quantized one at a time (experts a
-    few at a time) and streamed to the file; quantized bytes are kept in the cache, so
-    quantizing what a run or audit already quantized only copies them.
+    bit-exact with ggml, and the GGUF metadata of the model's family (qwen3moe, ...). Tensors are
+    quantized one at a time (experts a few at a time) and streamed to the file; quantized bytes
+    are kept in the cache, so quantizing what a run or audit already quantized only copies them.
     """
     from moetrace.kernels import recipes
     from moetrace.cli.progress import Steps

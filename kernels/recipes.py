@@ -425,31 +425,24 @@ def summarize(
     return RecipeSummary(ft.name, rows)
 
 
-def qwen3moe_specs(
-    *, n_layer: int = 48, hidden: int = 2048, n_head: int = 32, n_head_kv: int = 4, head_dim: int = 128,
-    n_expert: int = 128, moe_ff: int = 768, vocab: int = 151936, tied: bool = False, dtype: str = "BF16",
-) -> tuple[list[TensorSpec], ModelShape]:
-    """The tensors of a ``qwen3moe`` GGUF (defaults: Qwen3-30B-A3B) and its :class:`ModelShape`.
+def model_shape_of(family, config) -> ModelShape:
+    """The :class:`ModelShape` of a model, its sizes read through its family (``moetrace.hooks.arch``)."""
+    return ModelShape(n_layer=int(config.num_hidden_layers), n_expert=family.n_experts(config),
+                      n_head=int(config.num_attention_heads), n_head_kv=int(config.num_key_value_heads),
+                      arch=family.gguf_arch)
 
-    2-D and 3-D weights are ``dtype`` (as a BF16 conversion writes them); norms and the router F32.
+
+def family_specs(family, config, dtype: str = "BF16") -> tuple[list[TensorSpec], ModelShape]:
+    """The tensors of a model's GGUF file, as its family names and shapes them, and its :class:`ModelShape`.
+
+    Args:
+        family: a ``moetrace.hooks.arch.Family``.
+        config: a transformers config (or any object with its attributes).
+        dtype: the stored type of 2-D and 3-D weights (as a BF16 conversion writes them); 1-D
+            tensors and the router are F32, as convert_hf_to_gguf keeps them.
     """
-    specs = [TensorSpec("token_embd.weight", (vocab, hidden), dtype), TensorSpec("output_norm.weight", (hidden,))]
-    if not tied:
-        specs.append(TensorSpec("output.weight", (vocab, hidden), dtype))
-    for i in range(n_layer):
-        p = f"blk.{i}."
-        specs += [
-            TensorSpec(p + "attn_norm.weight", (hidden,)),
-            TensorSpec(p + "attn_q.weight", (n_head * head_dim, hidden), dtype),
-            TensorSpec(p + "attn_k.weight", (n_head_kv * head_dim, hidden), dtype),
-            TensorSpec(p + "attn_v.weight", (n_head_kv * head_dim, hidden), dtype),
-            TensorSpec(p + "attn_q_norm.weight", (head_dim,)),
-            TensorSpec(p + "attn_k_norm.weight", (head_dim,)),
-            TensorSpec(p + "attn_output.weight", (hidden, n_head * head_dim), dtype),
-            TensorSpec(p + "ffn_norm.weight", (hidden,)),
-            TensorSpec(p + "ffn_gate_inp.weight", (n_expert, hidden)),
-            TensorSpec(p + "ffn_gate_exps.weight", (n_expert, moe_ff, hidden), dtype),
-            TensorSpec(p + "ffn_up_exps.weight", (n_expert, moe_ff, hidden), dtype),
-            TensorSpec(p + "ffn_down_exps.weight", (n_expert, hidden, moe_ff), dtype),
-        ]
-    return specs, ModelShape(n_layer=n_layer, n_expert=n_expert, n_head=n_head, n_head_kv=n_head_kv, arch="qwen3moe")
+    specs = [
+        TensorSpec(name, shape, "F32" if len(shape) < 2 or "ffn_gate_inp" in name else dtype)
+        for name, shape in family.gguf_specs(config).items()
+    ]
+    return specs, model_shape_of(family, config)

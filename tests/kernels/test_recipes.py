@@ -8,13 +8,26 @@ loader's weight_name_comparer for the tensor order), not produced by moetrace's 
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 
+from moetrace.hooks import arch
 from moetrace.kernels import FormatError
 from moetrace.kernels.recipes import (
-    FILE_TYPES, ModelShape, TensorSpec, assign_types, parse_file_type, qwen3moe_specs, summarize,
+    FILE_TYPES, ModelShape, TensorSpec, assign_types, family_specs, parse_file_type, summarize,
 )
+
+
+def qwen3moe_specs(*, n_layer=48, hidden=2048, n_head=32, n_head_kv=4, head_dim=128, n_expert=128, moe_ff=768,
+                   vocab=151936, tied=False):
+    """The tensors of a qwen3moe GGUF (defaults: Qwen3-30B-A3B), through the family registry."""
+    config = SimpleNamespace(
+        model_type="qwen3_moe", num_hidden_layers=n_layer, hidden_size=hidden, num_attention_heads=n_head,
+        num_key_value_heads=n_head_kv, head_dim=head_dim, num_experts=n_expert, num_experts_per_tok=8,
+        moe_intermediate_size=moe_ff, vocab_size=vocab, tie_word_embeddings=tied,
+    )
+    return family_specs(arch.family_of(config), config)
 
 # use_more_bits(i, 48) = i < 6 || i >= 42 || (i - 6) % 3 == 2, written out.
 MORE_BITS_48 = {0, 1, 2, 3, 4, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35, 38, 41, 42, 43, 44, 45, 46, 47}

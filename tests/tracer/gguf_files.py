@@ -9,7 +9,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moetrace.tracer.naming import GLOBAL_TENSORS, gguf_layer_names
+# llama.cpp's qwen3moe tensor names (convert_hf_to_gguf.py), written out here so these files do not
+# depend on moetrace's own name table (the family's, derived from gguf-py).
+_LAYER = {
+    "input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k",
+    "self_attn.v_proj.weight": "attn_v", "self_attn.o_proj.weight": "attn_output",
+    "self_attn.q_norm.weight": "attn_q_norm", "self_attn.k_norm.weight": "attn_k_norm",
+    "post_attention_layernorm.weight": "ffn_norm", "mlp.gate.weight": "ffn_gate_inp",
+    "mlp.experts.gate_up_proj": ("ffn_gate_exps", "ffn_up_exps"), "mlp.experts.down_proj": "ffn_down_exps",
+}
+
+
+def gguf_layer_names(layer: int) -> dict:
+    """HF name inside layer ``layer`` -> GGUF name(s)."""
+    full = lambda s: f"blk.{layer}.{s}.weight"  # noqa: E731
+    return {hf: tuple(map(full, s)) if isinstance(s, tuple) else full(s) for hf, s in _LAYER.items()}
 
 
 def model_tensors(source):
@@ -27,7 +41,7 @@ def model_tensors(source):
                 yield g, w
     yield "output_norm.weight", source.tensor("model.norm.weight").float()
     if source.has("lm_head.weight"):
-        yield GLOBAL_TENSORS["lm_head.weight"], source.tensor("lm_head.weight").float()
+        yield "output.weight", source.tensor("lm_head.weight").float()
 
 
 def write_gguf(source, path, types=None, arch: str = "qwen3moe", default: str = "F32", edit=None) -> None:

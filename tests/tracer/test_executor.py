@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import moetrace
-from moetrace.hooks.qwen3_moe import Qwen3MoeAdapter
+from moetrace.hooks import arch
 from moetrace.hooks.sites import capture
 
 
@@ -88,7 +88,7 @@ def test_capture_removes_hooks_and_does_not_change_output(tiny_source):
     mask, pe = m.context(h, torch.arange(7))
     with torch.no_grad():
         plain = layer(h, attention_mask=mask, position_embeddings=pe)
-        with capture(layer, Qwen3MoeAdapter()) as rec:
+        with capture(layer, arch.by_model_type("qwen3_moe")) as rec:
             hooked = layer(h, attention_mask=mask, position_embeddings=pe)
     assert torch.equal(plain, hooked)
     assert set(rec) == {"resid", "attn_out", "moe_out", "router_logits", "topk_idx", "topk_weight"}
@@ -100,7 +100,7 @@ def test_capture_removes_hooks_when_forward_raises(tiny_source):
     m, layer = _layer(tiny_source)
     bad = torch.randn(1, 5, tiny_source.config.hidden_size + 1)  # wrong width: the forward raises
     with pytest.raises(RuntimeError):
-        with capture(layer, Qwen3MoeAdapter()):
+        with capture(layer, arch.by_model_type("qwen3_moe")):
             layer(bad, attention_mask=None, position_embeddings=m.context(bad[..., :-1], torch.arange(5))[1])
     assert _hook_count(layer) == 0
 

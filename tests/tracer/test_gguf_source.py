@@ -158,7 +158,9 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(MoetraceError, match=r"architecture 'llama' .* not supported yet; supported: qwen3moe"):
+    # The message lists the registered families (redesigned with the family registry).
+    with pytest.raises(MoetraceError, match=r"architecture 'llama' .* not supported; supported families: "
+                                            r"qwen3_moe \(model type qwen3_moe, GGUF qwen3moe\)"):
         open_source(str(tmp_path / "llama.gguf"))
 
 

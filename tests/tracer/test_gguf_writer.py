@@ -29,7 +29,7 @@ def _reference(source, name):
     L = W.layer_of(name)
     if L < 0:
         return W.global_tensor(source, name)
-    return W.gguf_tensors_of_layer(source.layer_state(L), L)[name]
+    return W.gguf_tensors_of_layer(source.layer_state(L), L, W.family_of(source))[name]
 
 
 def test_names_shapes_and_types_are_llama_cpp_s(written, tiny_source):

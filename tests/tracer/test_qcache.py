@@ -122,8 +122,8 @@ def test_nan_is_reported_with_the_tensor_name_and_expert(tiny_source):
 
 
 def _fake_source(hidden):
-    cfg = SimpleNamespace(hidden_size=hidden, moe_intermediate_size=64, num_experts=4, num_attention_heads=2,
-                          num_key_value_heads=1, head_dim=32, vocab_size=100, num_hidden_layers=2,
+    cfg = SimpleNamespace(model_type="qwen3_moe", hidden_size=hidden, moe_intermediate_size=64, num_experts=4,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=100, num_hidden_layers=2,
                           tie_word_embeddings=False)
     return SimpleNamespace(config=cfg, model_hash="fake", model_id="fake")
 

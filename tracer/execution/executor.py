@@ -35,9 +35,8 @@ from pathlib import Path
 import torch
 
 from moetrace.errors import MoetraceError
-from moetrace.hooks.qwen3_moe import adapter_for
+from moetrace.hooks import arch
 from moetrace.hooks.sites import ALL_SITES, LAYER_SITES, capture
-from moetrace.tracer.naming import GLOBAL_TENSORS
 from moetrace.tracer.store.zarr_store import Tokens, TraceWriter
 from moetrace.tracer.variants import REFERENCE, Variant
 from moetrace.tracer.weights.derive import tensor_types, variant_global, variant_layer_state
@@ -84,13 +83,13 @@ class RunConfig:
         return cls(**d)
 
 
-def _check_supported(config, source) -> None:
+def _check_supported(config, source, family) -> None:
     """Refuse, by name, the layer kinds the executor cannot run faithfully yet."""
-    dense = list(getattr(config, "mlp_only_layers", None) or [])
+    dense = family.dense_layers(config)
     if dense:
         raise MoetraceError(
-            f"{source.model_id}: layers {dense} have a dense MLP (mlp_only_layers); moetrace traces models whose "
-            f"every decoder layer is a mixture of experts"
+            f"{source.model_id}: layers {dense} have a dense MLP ({family.keys.dense_layers}/"
+            f"{family.keys.sparse_step}); moetrace traces models whose every decoder layer is a mixture of experts"
         )
 
 
@@ -106,8 +105,9 @@ class _Model:
         # from_pretrained would; its config and modules are the templates of every layer.
         self.config = skeleton.config
         self.skeleton = skeleton
-        _check_supported(self.config, source)
-        self.adapter = adapter_for(self.config)
+        self.family = arch.family_of(self.config)
+        _check_supported(self.config, source, self.family)
+        self.adapter = self.family  # module paths of the sites and how the router speaks
         rotary_cls = type(skeleton.model.rotary_emb)
         self.rotary = rotary_cls(config=self.config)  # real buffers, on the CPU
         self._free: dict[tuple, list[torch.nn.Module]] = {}
@@ -224,7 +224,8 @@ class _VariantWeights:
         self.gguf = gguf_src if variant.weights == "gguf" else None
         if self.gguf is not None:
             self.types = self.gguf.ggml_types()
-            self.globals = {hf: self.gguf.tensor(hf).to(variant.dtype) for hf in GLOBAL_TENSORS if self.gguf.has(hf)}
+            self.globals = {hf: self.gguf.tensor(hf).to(variant.dtype) for hf in self.gguf.family.global_names
+                            if self.gguf.has(hf)}
         else:
             self.types = tensor_types(source, variant)
             self.globals = variant_global(source, variant, self.types)
@@ -447,8 +448,8 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
     ref_sites = sorted(set(layer_sites) | ({"topk_idx"} if need_ref_topk else set()))
     n_layers = source.num_layers
     sizes = {
-        "layers": n_layers, "hidden": cfg.hidden_size, "expert": cfg.num_experts,
-        "k": cfg.num_experts_per_tok, "vocab": cfg.vocab_size,
+        "layers": n_layers, "hidden": cfg.hidden_size, "expert": model.family.n_experts(cfg),
+        "k": model.family.top_k(cfg), "vocab": cfg.vocab_size,
     }
     base_attrs = {"model": source.model_id, "model_hash": source.model_hash, "seed": config.seed,
                   "config": config.to_dict(), "reference": ref.name}

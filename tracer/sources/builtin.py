@@ -27,7 +27,17 @@ from pathlib import Path
 import numpy as np
 
 from moetrace.errors import MoetraceError
-from moetrace.tracer.naming import EXPERT_PROJS
+
+# The family whose checkpoint folders the generator writes (its tensor names in generate_tensors);
+# every other fact about it (config keys, expert projections) comes from the family registry.
+MODEL_TYPE = "qwen3_moe"
+
+
+def family():
+    """The :class:`~moetrace.hooks.arch.Family` of the built-in models."""
+    from moetrace.hooks import arch
+
+    return arch.by_model_type(MODEL_TYPE)
 
 GENERATOR_VERSION = 3  # bump when generation changes, so cached folders are regenerated
 
@@ -87,9 +97,10 @@ class Plant:
     @classmethod
     def parse(cls, text: str) -> "Plant":
         parts = text.split(":")
-        if len(parts) != 3 or parts[2] not in EXPERT_PROJS:
+        projs = family().expert_projs
+        if len(parts) != 3 or parts[2] not in projs:
             raise MoetraceError(
-                f"invalid --plant {text!r}; expected LAYER:EXPERT:PROJ with PROJ one of {', '.join(EXPERT_PROJS)}"
+                f"invalid --plant {text!r}; expected LAYER:EXPERT:PROJ with PROJ one of {', '.join(projs)}"
             )
         try:
             layer, expert = int(parts[0]), int(parts[1])
@@ -219,21 +230,22 @@ def _pid_alive(pid: int) -> bool:
 
 
 def hf_config_dict(shape: BuiltinShape) -> dict:
-    """The config.json of a built-in model (transformers' Qwen3MoeConfig fields)."""
+    """The config.json of a built-in model (its family's transformers config fields)."""
+    f = family()
     return {
-        "architectures": ["Qwen3MoeForCausalLM"],
-        "model_type": "qwen3_moe",
+        "architectures": [f.hf_architecture],
+        "model_type": MODEL_TYPE,
         "vocab_size": shape.vocab,
         "hidden_size": shape.hidden,
         "intermediate_size": shape.expert_width * 3,
-        "moe_intermediate_size": shape.expert_width,
+        f.keys.expert_width: shape.expert_width,
         "num_hidden_layers": shape.layers,
         "num_attention_heads": shape.heads,
         "num_key_value_heads": shape.kv_heads,
         "head_dim": shape.head_dim,
-        "num_experts": shape.experts,
-        "num_experts_per_tok": shape.top_k,
-        "norm_topk_prob": True,
+        f.keys.experts: shape.experts,
+        f.keys.top_k: shape.top_k,
+        f.keys.norm_topk: True,
         "decoder_sparse_step": 1,
         "mlp_only_layers": [],
         "hidden_act": "silu",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,13 +16,9 @@ from pathlib import Path
 import torch
 
 from moetrace.errors import MoetraceError
+from moetrace.hooks import arch
 from moetrace.tracer.sources import builtin as builtin
 from moetrace.tracer.sources import validate
-from moetrace.tracer.naming import layer_prefix
-
-SUPPORTED_MODEL_TYPES = ("qwen3_moe",)
-# Per-expert keys inside a decoder layer, as checkpoints before transformers 5 store them.
-_PER_EXPERT = re.compile(r"mlp\.experts\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.weight")
 
 
 class ByteTokenizer:
@@ -67,11 +62,9 @@ class CheckpointSource:
             raise MoetraceError(f"{str(self.folder)!r} has no config.json; a model is a transformers checkpoint folder")
         raw = validate.read_json(self.folder / "config.json", "config")
         validate.check_config(raw, self.folder / "config.json")
-        if raw.get("model_type") not in SUPPORTED_MODEL_TYPES:
-            raise MoetraceError(
-                f"model type {raw.get('model_type')!r} of {str(self.folder)!r} is not supported yet; "
-                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+        self.family = arch.by_model_type(raw.get("model_type"), where=repr(str(self.folder)))
+        # Through transformers' own config class, so its defaults and derived values exist;
+        # sizes are then read through the family (family.head_dim(config), ...), never the raw dict.
         self.config = AutoConfig.from_pretrained(str(self.folder), local_files_only=True)
         self.model_id = model_id or str(self.folder.resolve())
         self._headers: dict[str, tuple[dict, int]] = {}  # shard -> (checked safetensors header, data offset)
@@ -182,25 +175,27 @@ class CheckpointSource:
     def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
         """Every tensor of decoder layer ``layer``, keyed by its name inside the layer.
 
-        Per-expert keys (``mlp.experts.E.{gate,up,down}_proj.weight``, as Qwen3-30B-A3B ships) are
-        fused on read into transformers 5.x's ``mlp.experts.gate_up_proj`` (E, 2I, H), gate in
-        [:, :I] and up in [:, I:], and ``mlp.experts.down_proj`` (E, H, I), as transformers'
-        own conversion mapping fuses them in ``from_pretrained``.
+        Per-expert keys (the family's ``fusion.key``, e.g. ``mlp.experts.E.{gate,up,down}_proj.weight``)
+        are fused on read into transformers 5.x's fused tensors (``fusion.fused``: e.g.
+        ``mlp.experts.gate_up_proj`` (E, 2I, H), gate in [:, :I] and up in [:, I:], and
+        ``mlp.experts.down_proj`` (E, H, I)), as transformers' own conversion mapping fuses them
+        in ``from_pretrained``.
         """
-        prefix = layer_prefix(layer)
+        prefix = self.family.layer_prefix(layer)
+        fusion = self.family.fusion
         state: dict[str, torch.Tensor] = {}
         experts: dict[tuple[str, int], str] = {}  # (proj, expert) -> HF name
         with self._reader() as read:
             for k in self._index:
                 if not k.startswith(prefix):
                     continue
-                m = _PER_EXPERT.fullmatch(k[len(prefix):])
+                m = fusion.match(k[len(prefix):]) if fusion is not None else None
                 if m:
-                    experts[(m["proj"], int(m["expert"]))] = k
+                    experts[m] = k
                 else:
                     state[k[len(prefix):]] = read(k)
             if experts:
-                if "mlp.experts.gate_up_proj" in state or "mlp.experts.down_proj" in state:
+                if any(key in state for key in fusion.fused):
                     raise MoetraceError(
                         f"layer {layer} of {str(self.folder)!r} holds both fused and per-expert expert weights; "
                         f"a checkpoint has one or the other"
@@ -209,38 +204,45 @@ class CheckpointSource:
         return state
 
     def _fuse_experts(self, layer: int, keys: dict[tuple[str, int], str], read) -> dict[str, torch.Tensor]:
-        n = int(self.config.num_experts)
+        fusion = self.family.fusion
+        n = self.family.n_experts(self.config)
+        prefix = self.family.layer_prefix(layer)
         for e in range(n):
-            for proj in ("gate", "up", "down"):
+            for proj in fusion.projs:
                 if (proj, e) not in keys:
                     raise MoetraceError(
-                        f"{str(self.folder)!r} lacks {layer_prefix(layer)}mlp.experts.{e}.{proj}_proj.weight; "
-                        f"a per-expert checkpoint needs gate, up and down for experts 0..{n - 1}"
+                        f"{str(self.folder)!r} lacks {prefix}{fusion.per_expert_key(e, proj)}; a per-expert "
+                        f"checkpoint needs {', '.join(fusion.projs)} for experts 0..{n - 1}"
                     )
         extra = sorted(e for _, e in keys if e >= n)
         if extra:
             raise MoetraceError(
-                f"layer {layer} of {str(self.folder)!r} has expert {extra[0]}, but config.json says num_experts={n}"
+                f"layer {layer} of {str(self.folder)!r} has expert {extra[0]}, but config.json says "
+                f"{self.family.keys.experts}={n}"
             )
-        gate_up = down = None
-        # Expert by expert into preallocated fused tensors: peak memory is the fused layer plus one expert.
+        return {fused: self._fuse_one(projs, n, keys, read) for fused, projs in fusion.fused.items()}
+
+    def _fuse_one(self, projs: tuple[str, ...], n: int, keys, read) -> torch.Tensor:
+        """(E, sum of rows, cols): the projections ``projs`` of every expert stacked along rows, expert by expert.
+
+        Peak memory is the fused tensor plus one expert's matrices.
+        """
+        out = None
         for e in range(n):
-            g, u, d = (read(keys[(p, e)]) for p in ("gate", "up", "down"))  # (I, H), (I, H), (H, I)
-            if gate_up is None:
-                gate_up = torch.empty((n, 2 * g.shape[0], g.shape[1]), dtype=g.dtype)  # (E, 2I, H)
-                down = torch.empty((n, *d.shape), dtype=d.dtype)  # (E, H, I)
-            half = gate_up.shape[1] // 2
-            for proj, t, want in (("gate", g, (half, gate_up.shape[2])), ("up", u, (half, gate_up.shape[2])),
-                                  ("down", d, tuple(down.shape[1:]))):
-                if tuple(t.shape) != want or t.dtype != gate_up.dtype:
+            mats = [read(keys[(p, e)]) for p in projs]  # each (rows, cols)
+            if out is None:
+                rows = mats[0].shape[0]
+                out = torch.empty((n, rows * len(projs), mats[0].shape[1]), dtype=mats[0].dtype)  # (E, rows*P, cols)
+            rows = out.shape[1] // len(projs)
+            for i, (p, t) in enumerate(zip(projs, mats)):
+                want = (rows, out.shape[2])
+                if tuple(t.shape) != want or t.dtype != out.dtype:
                     raise MoetraceError(
-                        f"{keys[(proj, e)]} in {str(self.folder)!r} is {t.dtype} {tuple(t.shape)}; "
-                        f"expert 0 makes it {gate_up.dtype} {want}"
+                        f"{keys[(p, e)]} in {str(self.folder)!r} is {t.dtype} {tuple(t.shape)}; "
+                        f"expert 0 makes it {out.dtype} {want}"
                     )
-            gate_up[e, :half] = g
-            gate_up[e, half:] = u
-            down[e] = d
-        return {"mlp.experts.gate_up_proj": gate_up, "mlp.experts.down_proj": down}
+                out[e, i * rows:(i + 1) * rows] = t
+        return out
 
     @property
     def num_layers(self) -> int:

@@ -6,9 +6,10 @@ decoder layer at a time: F32, F16 and BF16 tensors come back as they are stored,
 are dequantized to float32 with :func:`moetrace.kernels.dequantize` (bit-exact with ggml), one
 expert at a time from the 3-D expert tensors.
 
-Names and shapes (arch ``qwen3moe``; GGUFReader reverses ggml's ``ne``, so shapes are HF's
-[out, in]): ``blk.N.ffn_gate_exps`` and ``ffn_up_exps`` (E, I, H) become the two halves of
-``mlp.experts.gate_up_proj`` (E, 2I, H); ``ffn_down_exps`` (E, H, I) is ``mlp.experts.down_proj``.
+Names and shapes come from the file's family (``general.architecture`` looked up in the family
+registry, :mod:`moetrace.hooks.arch`); GGUFReader reverses ggml's ``ne``, so shapes are HF's
+[out, in]. A fused transformers tensor is its GGUF tensors concatenated along rows: e.g.
+``blk.N.ffn_gate_exps`` and ``ffn_up_exps`` (E, I, H) become ``mlp.experts.gate_up_proj`` (E, 2I, H).
 """
 
 from __future__ import annotations
@@ -21,10 +22,7 @@ import numpy as np
 import torch
 
 from moetrace.errors import MoetraceError
-from moetrace.tracer.naming import GLOBAL_TENSORS, LAYER_TENSORS
-
-# GGUF general.architecture -> transformers model_type.
-SUPPORTED_ARCHS = {"qwen3moe": "qwen3_moe"}
+from moetrace.hooks import arch as arch_registry
 _FLOAT = {"F32": None, "F16": None, "BF16": torch.bfloat16}
 
 
@@ -48,11 +46,8 @@ class GGUFSource:
             raise MoetraceError(f"GGUF file {str(self.path)!r} does not exist")
         self.reader = _open_reader(self.path)
         self.arch = self._field("general.architecture", required=True)
-        if self.arch not in SUPPORTED_ARCHS:
-            raise MoetraceError(
-                f"GGUF architecture {self.arch!r} of {str(self.path)!r} is not supported yet; "
-                f"supported: {', '.join(SUPPORTED_ARCHS)}"
-            )
+        self.family = arch_registry.by_gguf_arch(self.arch, where=repr(str(self.path)))
+        self._globals = self.family.global_names  # HF name -> GGUF name, outside the layers
         self._tensors = {t.name: t for t in self.reader.tensors}
         self._check_extents()
         self.config = self._config()
@@ -82,53 +77,7 @@ class GGUFSource:
                 )
 
     def _config(self):
-        from transformers import AutoConfig
-
-        a = self.arch
-        req = lambda k: self._field(f"{a}.{k}", required=True)  # noqa: E731
-        hidden = int(req("embedding_length"))
-        heads = int(req("attention.head_count"))
-        head_dim = int(self._field(f"{a}.attention.key_length", default=hidden // heads))
-        if "token_embd.weight" not in self._tensors:
-            raise MoetraceError(f"GGUF file {str(self.path)!r} has no token_embd.weight tensor")
-        vocab = int(self._tensors["token_embd.weight"].shape[-1])  # ne = (hidden, vocab)
-        gate = self._tensors.get("blk.0.ffn_gate_exps.weight")
-        expert_ff = self._field(f"{a}.expert_feed_forward_length")
-        if expert_ff is None and gate is not None:
-            expert_ff = int(gate.shape[1])  # ne = (hidden, I, E)
-        if expert_ff is None:
-            raise MoetraceError(f"GGUF file {str(self.path)!r} lacks {a}.expert_feed_forward_length")
-        scaling = self._field(f"{a}.rope.scaling.type")
-        if scaling not in (None, "none"):
-            raise MoetraceError(
-                f"GGUF file {str(self.path)!r} uses RoPE scaling {scaling!r}, which moetrace does not support yet"
-            )
-        d = {
-            "architectures": ["Qwen3MoeForCausalLM"],
-            "model_type": SUPPORTED_ARCHS[a],
-            "vocab_size": vocab,
-            "hidden_size": hidden,
-            "intermediate_size": int(self._field(f"{a}.feed_forward_length", default=3 * int(expert_ff))),
-            "moe_intermediate_size": int(expert_ff),
-            "num_hidden_layers": int(req("block_count")),
-            "num_attention_heads": heads,
-            "num_key_value_heads": int(self._field(f"{a}.attention.head_count_kv", default=heads)),
-            "head_dim": head_dim,
-            "num_experts": int(req("expert_count")),
-            "num_experts_per_tok": int(req("expert_used_count")),
-            "norm_topk_prob": True,  # llama.cpp's qwen3moe graph always renormalizes the top-k weights
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-            "hidden_act": "silu",
-            "max_position_embeddings": int(self._field(f"{a}.context_length", default=4096)),
-            "rms_norm_eps": _f32(req("attention.layer_norm_rms_epsilon")),
-            "rope_parameters": {"rope_type": "default",
-                                "rope_theta": _f32(self._field(f"{a}.rope.freq_base", default=1_000_000.0))},
-            "tie_word_embeddings": "output.weight" not in self._tensors,
-            "attention_bias": False,
-            "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
-        }
-        return AutoConfig.for_model(**d)
+        return self.family.config_from_gguf(self._field, self._tensors, str(self.path))
 
     def _hash(self) -> str:
         # The metadata and tensor table (everything before the tensor data) plus the file size:
@@ -158,15 +107,15 @@ class GGUFSource:
         return {name: tuple(int(x) for x in reversed(t.shape.tolist())) for name, t in self._tensors.items()}
 
     def has(self, name: str) -> bool:
-        g = GLOBAL_TENSORS.get(name)
+        g = self._globals.get(name)
         return g is not None and g in self._tensors
 
     def tensor(self, name: str) -> torch.Tensor:
         """A tensor outside the decoder layers by its HF name (embedding, final norm, output head)."""
-        if name not in GLOBAL_TENSORS or GLOBAL_TENSORS[name] not in self._tensors:
+        if not self.has(name):
             raise MoetraceError(f"tensor {name!r} not found in {str(self.path)!r}")
         try:
-            return self._read(GLOBAL_TENSORS[name])
+            return self._read(self._globals[name])
         finally:
             self._drop_pages()
 
@@ -176,14 +125,13 @@ class GGUFSource:
             raise MoetraceError(f"layer {layer} is outside {str(self.path)!r} (layers 0..{self.num_layers - 1})")
         out = {}
         try:
-            for hf, stem in LAYER_TENSORS.items():
-                if isinstance(stem, tuple):  # gate_up: gate ++ up along the row axis
-                    gate, up = (f"blk.{layer}.{s}.weight" for s in stem)
-                    out[hf] = self._read_experts([gate, up])
-                elif stem.endswith("_exps"):
-                    out[hf] = self._read_experts([f"blk.{layer}.{stem}.weight"])
+            for hf, g in self.family.gguf_layer_names(layer).items():
+                if isinstance(g, tuple):  # a fused tensor: its GGUF tensors concatenated along rows
+                    out[hf] = self._read_experts(list(g))
+                elif len(self._get(g).shape) == 3:  # 3-D expert tensors: one expert at a time
+                    out[hf] = self._read_experts([g])
                 else:
-                    out[hf] = self._read(f"blk.{layer}.{stem}.weight")
+                    out[hf] = self._read(g)
         finally:
             self._drop_pages()
         return out
@@ -238,13 +186,21 @@ class GGUFSource:
         """
         from moetrace.tracer.weights.derive import gguf_specs
 
+        rf, ff = arch_registry.family_of(reference.config), self.family
+        if rf is not ff:
+            raise MoetraceError(
+                f"GGUF file {str(self.path)!r} does not match the reference {reference.model_id}: the file is "
+                f"{ff.name} (GGUF {self.arch}), the reference is {rf.name}"
+            )
         rc, fc = reference.config, self.config
-        for key, what in (("num_experts_per_tok", "expert_used_count"), ("num_attention_heads", "attention.head_count"),
-                          ("num_key_value_heads", "attention.head_count_kv"), ("head_dim", "attention.key_length")):
-            if int(getattr(rc, key)) != int(getattr(fc, key)):
+        for key, what, size in ((ff.keys.top_k, "expert_used_count", ff.top_k),
+                                ("num_attention_heads", "attention.head_count", lambda c: c.num_attention_heads),
+                                ("num_key_value_heads", "attention.head_count_kv", lambda c: c.num_key_value_heads),
+                                ("head_dim", "attention.key_length", ff.head_dim)):
+            if int(size(rc)) != int(size(fc)):
                 raise MoetraceError(
                     f"GGUF file {str(self.path)!r} does not match the reference {reference.model_id}: "
-                    f"{self.arch}.{what} is {getattr(fc, key)} in the file, the reference has {key}={getattr(rc, key)}"
+                    f"{self.arch}.{what} is {size(fc)} in the file, the reference has {key}={size(rc)}"
                 )
         want = gguf_specs(reference)
         have = self.shapes()
@@ -259,10 +215,11 @@ class GGUFSource:
                     f"GGUF file {str(self.path)!r} does not match the reference {reference.model_id}: "
                     f"tensor {name} is {have[name]} in the file, the reference has {tuple(shape)}"
                 )
-        if "output.weight" in have and "output.weight" not in want:
+        out_name = self._globals["lm_head.weight"]
+        if out_name in have and out_name not in want:
             raise MoetraceError(
                 f"GGUF file {str(self.path)!r} does not match the reference {reference.model_id}: the file has "
-                f"output.weight, the reference ties its output head to the embedding"
+                f"{out_name}, the reference ties its output head to the embedding"
             )
 
 
@@ -334,12 +291,6 @@ def _open_reader(path: Path):
         else:
             what = f"its header is truncated or corrupted ({what})"
         raise MoetraceError(f"cannot read GGUF file {str(path)!r}: {what}") from None
-
-
-def _f32(value) -> float:
-    # GGUF stores these as float32: 1e-6 comes back as 9.99999997e-07. The shortest decimal
-    # that rounds to the same float32 gives the value the checkpoint's config.json had.
-    return float(str(np.float32(value)))
 
 
 def _float_dtype(t) -> torch.dtype:

@@ -168,8 +168,8 @@ def audit(source, weights: str, *, threshold: float = DEFAULT_THRESHOLD, imatrix
         ctx = context_for(source, imatrix, str(imatrix_file) if imatrix_file else None, cache=cache)
         types = W.file_type_types(source, ftype, has_imatrix=imatrix is not None, context=ctx)
     dtype = COMPUTE_DTYPES[compute] if compute else None
-    c = source.config
-    n_layer, n_exp = int(c.num_hidden_layers), int(c.num_experts)
+    c, family = source.config, W.family_of(source)
+    n_layer, n_exp = int(c.num_hidden_layers), family.n_experts(c)
 
     ex = {m: np.full((n_layer, n_exp, len(PROJS)), np.nan) for m in METRICS}
     ex_type = np.full((n_layer, len(PROJS)), "", dtype=object)
@@ -177,12 +177,12 @@ def audit(source, weights: str, *, threshold: float = DEFAULT_THRESHOLD, imatrix
 
     for name in ("token_embd.weight", "output.weight"):
         if name in types:
-            deq = None if file is None else {name: file.tensor(W.hf_global_name(name))}
+            deq = None if file is None else {name: file.tensor(W.hf_global_name(name, family))}
             _, _, other = audit_tensors({name: W.global_tensor(source, name)}, types, ctx, dtype, deq)
             rows += [(n, -1, t, met) for n, t, met in other]
     for L in range(n_layer):
-        deq = None if file is None else W.gguf_tensors_of_layer(file.layer_state(L), L)
-        experts, etypes, other = audit_tensors(W.gguf_tensors_of_layer(source.layer_state(L), L), types, ctx, dtype,
+        deq = None if file is None else W.gguf_tensors_of_layer(file.layer_state(L), L, family)
+        experts, etypes, other = audit_tensors(W.gguf_tensors_of_layer(source.layer_state(L), L, family), types, ctx, dtype,
                                                deq)
         for proj, met in experts.items():
             p = PROJS.index(proj)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from moetrace.errors import MoetraceError
-from moetrace.tracer.naming import GLOBAL_TENSORS, LAYER_TENSORS, gguf_layer_names
+from moetrace.hooks import arch
 from moetrace.tracer.variants import Variant
 
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -35,11 +35,13 @@ _BLK = re.compile(r"blk\.(\d+)\.(.+)\.weight$")
 class TensorTypes(dict):
     """GGUF tensor name -> GGML type name, plus the :class:`QuantContext` to derive weights with.
 
-    A plain dict to every caller; ``context`` (None for no cache) travels with it, so the
-    executor's ``variant_layer_state(ref, layer, variant, types)`` finds the cache on its own.
+    A plain dict to every caller; ``context`` (None for no cache) and ``family`` (the model's
+    :class:`~moetrace.hooks.arch.Family`) travel with it, so the executor's
+    ``variant_layer_state(ref, layer, variant, types)`` finds the cache and the tensor names on its own.
     """
 
     context = None
+    family = None
 
 
 def never_quantized(gguf_name: str, ndim: int) -> bool:
@@ -59,6 +61,7 @@ def tensor_types(source, variant: Variant, *, has_imatrix: bool = False, context
             default (the quantized-weight cache), None/False for none, or a QuantContext.
     """
     out = TensorTypes(_types(source, variant, has_imatrix))
+    out.family = family_of(source)
     if context is True:
         from moetrace.tracer.weights.qcache import context_for
 
@@ -106,36 +109,21 @@ def file_type_types(source, file_type: str, *, has_imatrix: bool = False, contex
     return tensor_types(source, Variant(ft.name, "fp32"), has_imatrix=has_imatrix, context=context)
 
 
+def family_of(source) -> arch.Family:
+    """The family of a source (its own, or looked up from its config's model type)."""
+    return getattr(source, "family", None) or arch.family_of(source.config)
+
+
 def model_shape(source):
+    """The hyperparameters llama.cpp's type rules consult (a ``recipes.ModelShape``), read through the family."""
     from moetrace.kernels import recipes
 
-    c = source.config
-    return recipes.ModelShape(
-        n_layer=c.num_hidden_layers, n_expert=c.num_experts, n_head=c.num_attention_heads,
-        n_head_kv=c.num_key_value_heads, arch="qwen3moe",
-    )
+    return recipes.model_shape_of(family_of(source), source.config)
 
 
 def gguf_specs(source) -> dict[str, tuple[int, ...]]:
     """GGUF name -> shape as gguf.GGUFReader reports it (HF's [out, in]; (E, rows, row length) for experts)."""
-    c = source.config
-    h, f, e = c.hidden_size, c.moe_intermediate_size, c.num_experts
-    qd, kvd = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    out: dict[str, tuple[int, ...]] = {"token_embd.weight": (c.vocab_size, h)}
-    for i in range(c.num_hidden_layers):
-        b = f"blk.{i}."
-        out.update({
-            b + "attn_norm.weight": (h,), b + "attn_q.weight": (qd, h), b + "attn_k.weight": (kvd, h),
-            b + "attn_v.weight": (kvd, h), b + "attn_output.weight": (h, qd),
-            b + "attn_q_norm.weight": (c.head_dim,), b + "attn_k_norm.weight": (c.head_dim,),
-            b + "ffn_norm.weight": (h,), b + "ffn_gate_inp.weight": (e, h),
-            b + "ffn_gate_exps.weight": (e, f, h), b + "ffn_up_exps.weight": (e, f, h),
-            b + "ffn_down_exps.weight": (e, h, f),
-        })
-    out["output_norm.weight"] = (h,)
-    if not getattr(c, "tie_word_embeddings", False):
-        out["output.weight"] = (c.vocab_size, h)
-    return out
+    return family_of(source).gguf_specs(source.config)
 
 
 def tensor_order(names) -> list[str]:
@@ -344,30 +332,36 @@ def apply_type(w: torch.Tensor, type_name: str | None, imatrix: torch.Tensor | N
 
 
 def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Variant, types: dict[str, str], *,
-                        context=None, cast: bool = True):
+                        context=None, cast: bool = True, family=None):
     """A decoder layer's weights under ``variant``, in its compute dtype.
 
     Args:
         ref: the reference layer state, keyed by name inside the layer.
         types: GGUF name -> GGML type (empty for ``orig``).
         context: a QuantContext (cache, imatrix); default: the one ``types`` carries.
+        family: the model's family; default: the one ``types`` carries.
         cast: False leaves the cast to the compute dtype to the caller: tensors kept as they
             are stored (F32 types) come back as the reference's own tensors, others in float32.
             The executor then casts while copying into reused buffers, which saves allocating
             (and the kernel zeroing) a new layer's worth of memory per layer.
     """
     ctx = context if context is not None else getattr(types, "context", None)
-    names = gguf_layer_names(layer)
+    family = family or getattr(types, "family", None)
+    if family is None:
+        from moetrace.errors import InternalError
+
+        raise InternalError("variant_layer_state needs the model's family (types from tensor_types carry it)")
+    names = family.gguf_layer_names(layer)
     out = {}
     for key, w in ref.items():
         g = names.get(key)
-        if isinstance(g, tuple):  # fused gate/up: (E, 2F, H) = gate (E, F, H) ++ up (E, F, H)
-            tg, tu = types.get(g[0], "F32"), types.get(g[1], "F32")
-            if tg == tu == "F32":
+        if isinstance(g, tuple):  # fused, e.g. gate_up (E, 2F, H) = gate (E, F, H) ++ up (E, F, H)
+            ts = [types.get(n, "F32") for n in g]
+            if all(t == "F32" for t in ts):
                 v = w.to(torch.float32) if cast else w
             else:
-                half = w.shape[1] // 2
-                v = torch.cat([dequantized(w[:, :half], g[0], tg, ctx), dequantized(w[:, half:], g[1], tu, ctx)], dim=1)
+                parts = zip(_row_blocks(w, len(g)), g, ts)
+                v = torch.cat([dequantized(part, n, t, ctx) for part, n, t in parts], dim=1)
         else:
             t = types.get(g) if g else None
             v = w if not cast and t in (None, "F32") else dequantized(w, g or key, t, ctx)
@@ -379,7 +373,7 @@ def variant_global(source, variant: Variant, types: dict[str, str], *, context=N
     """Embedding, final norm and output head under ``variant`` (HF names)."""
     ctx = context if context is not None else getattr(types, "context", None)
     out = {}
-    for hf, g in GLOBAL_TENSORS.items():
+    for hf, g in family_of(source).global_names.items():
         if not source.has(hf):
             continue
         out[hf] = dequantized(source.tensor(hf), g, types.get(g), ctx).to(variant.dtype)
@@ -388,20 +382,21 @@ def variant_global(source, variant: Variant, types: dict[str, str], *, context=N
 
 # -- reference tensors under GGUF names ---------------------------------------------------
 
-_STEM_TO_HF = {stem: hf for hf, stem in LAYER_TENSORS.items() if isinstance(stem, str)}
-_GLOBAL_TO_HF = {g: hf for hf, g in GLOBAL_TENSORS.items()}
+def _row_blocks(w: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """A fused (E, n*rows, cols) tensor's ``n`` row blocks (views), in the order its GGUF tensors list them."""
+    rows = w.shape[1] // n
+    return [w[:, i * rows:(i + 1) * rows] for i in range(n)]
 
 
-def gguf_tensors_of_layer(layer_state: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
-    """A layer's reference tensors under GGUF names, gate_up split into ffn_gate_exps and ffn_up_exps (views)."""
+def gguf_tensors_of_layer(layer_state: dict[str, torch.Tensor], layer: int, family) -> dict[str, torch.Tensor]:
+    """A layer's reference tensors under GGUF names, fused tensors split into their GGUF tensors (views)."""
     out = {}
-    for key, g in gguf_layer_names(layer).items():
+    for key, g in family.gguf_layer_names(layer).items():
         if key not in layer_state:
             continue
         w = layer_state[key]
         if isinstance(g, tuple):
-            half = w.shape[1] // 2
-            out[g[0]], out[g[1]] = w[:, :half], w[:, half:]
+            out.update(zip(g, _row_blocks(w, len(g))))
         else:
             out[g] = w
     return out
@@ -409,12 +404,12 @@ def gguf_tensors_of_layer(layer_state: dict[str, torch.Tensor], layer: int) -> d
 
 def global_tensor(source, gguf_name: str) -> torch.Tensor:
     """A tensor outside the decoder layers (``token_embd``, ``output_norm``, ``output``) by GGUF name."""
-    return source.tensor(_GLOBAL_TO_HF[gguf_name])
+    return source.tensor(hf_global_name(gguf_name, family_of(source)))
 
 
-def hf_global_name(gguf_name: str) -> str:
+def hf_global_name(gguf_name: str, family) -> str:
     """The HF name of a tensor outside the decoder layers (``token_embd.weight`` -> ``model.embed_tokens.weight``)."""
-    return _GLOBAL_TO_HF[gguf_name]
+    return {g: hf for hf, g in family.global_names.items()}[gguf_name]
 
 
 def layer_of(gguf_name: str) -> int:

@@ -4,7 +4,8 @@
 (``blk.N.ffn_down_exps.weight``), shapes (ggml ``ne``; ``gguf.GGUFReader`` shows HF's
 [out, in]), the GGML type :func:`moetrace.tracer.weights.derive.tensor_types` assigns to each tensor
 for the file type, block bytes from :mod:`moetrace.kernels` (bit-exact with ggml), and the
-``qwen3moe`` metadata llama.cpp and transformers' GGUF loader read (see :func:`qwen3moe_metadata`).
+metadata llama.cpp and transformers' GGUF loader read, under the model family's architecture name
+(see :func:`gguf_metadata`; the hyperparameters come from the family, :mod:`moetrace.hooks.arch`).
 
 Memory stays bounded: the header and tensor table are written first (sizes are known from the
 types), then the data one tensor at a time in llama.cpp's order (tensors outside the layers,
@@ -30,8 +31,6 @@ import torch
 
 from moetrace.errors import MoetraceError
 
-ARCH = "qwen3moe"
-
 # llama.cpp file type name -> general.file_type (llama_ftype). A pure_TYPE file is what
 # `llama-quantize --pure` writes for the file type whose default type is TYPE.
 _FTYPE_IDS = {
@@ -50,63 +49,27 @@ def ftype_id(file_type: str) -> int:
     return _FTYPE_IDS[_PURE_FTYPE[ft.default_type] if ft.pure else ft.name]
 
 
-def _rope(config) -> tuple[float, dict]:
-    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    return float(theta), params
+def gguf_metadata(family, config, *, name: str, file_type: str, imatrix_file: str | None = None,
+                  imatrix_entries: int = 0, imatrix_datasets=(), imatrix_chunks: int = 0) -> list[tuple]:
+    """The key-value pairs of a GGUF file of ``family``, as ``(key, value, gguf.GGUFValueType)``.
 
-
-def qwen3moe_metadata(config, *, name: str, file_type: str, imatrix_file: str | None = None,
-                      imatrix_entries: int = 0, imatrix_datasets=(), imatrix_chunks: int = 0) -> list[tuple]:
-    """The key-value pairs of a qwen3moe GGUF, as ``(key, value, gguf.GGUFValueType)``.
-
-    What convert_hf_to_gguf.py writes for Qwen3-MoE (Qwen2MoeModel.set_gguf_parameters) plus
-    what llama-quantize adds (file type, quantization version, imatrix provenance). The keys
-    transformers' GGUF loader maps to Qwen3MoeConfig (integrations/ggml.py, "qwen3_moe") are all
-    present: context_length, block_count, feed_forward_length, embedding_length,
-    rope.freq_base, attention.key_length, head_count, head_count_kv, layer_norm_rms_epsilon,
-    vocab_size, expert_count, expert_used_count. Its mapping has no key for
-    ``moe_intermediate_size``: llama.cpp's ``expert_feed_forward_length`` is written, and a loader
-    needs it passed in a config for models whose expert width is not Qwen3MoeConfig's default 768.
+    What convert_hf_to_gguf.py writes (general keys, then the architecture's hyperparameters
+    from :meth:`~moetrace.hooks.arch.Family.gguf_metadata`) plus what llama-quantize adds (file
+    type, quantization version, imatrix provenance).
     """
     import gguf
 
     V = gguf.GGUFValueType
-    a = ARCH
     c = config
-    theta, rope = _rope(c)
     kv: list[tuple] = [
-        ("general.architecture", a, V.STRING),
+        ("general.architecture", family.gguf_arch, V.STRING),
         ("general.type", gguf.GGUFType.MODEL, V.STRING),
         ("general.name", name, V.STRING),
         ("general.quantized_by", "moetrace", V.STRING),
         ("general.file_type", ftype_id(file_type), V.UINT32),
         ("general.quantization_version", gguf.GGML_QUANT_VERSION, V.UINT32),
-        (f"{a}.context_length", int(c.max_position_embeddings), V.UINT32),
-        (f"{a}.embedding_length", int(c.hidden_size), V.UINT32),
-        (f"{a}.feed_forward_length", int(getattr(c, "intermediate_size", 0) or 3 * c.moe_intermediate_size), V.UINT32),
-        (f"{a}.block_count", int(c.num_hidden_layers), V.UINT32),
-        (f"{a}.attention.head_count", int(c.num_attention_heads), V.UINT32),
-        (f"{a}.attention.head_count_kv", int(c.num_key_value_heads), V.UINT32),
-        (f"{a}.rope.freq_base", theta, V.FLOAT32),
-        (f"{a}.attention.layer_norm_rms_epsilon", float(c.rms_norm_eps), V.FLOAT32),
-        (f"{a}.attention.key_length", int(c.head_dim), V.UINT32),
-        (f"{a}.attention.value_length", int(c.head_dim), V.UINT32),
-        (f"{a}.expert_count", int(c.num_experts), V.UINT32),
-        (f"{a}.expert_used_count", int(c.num_experts_per_tok), V.UINT32),
-        (f"{a}.expert_feed_forward_length", int(c.moe_intermediate_size), V.UINT32),
-        (f"{a}.expert_weights_norm", bool(getattr(c, "norm_topk_prob", True)), V.BOOL),
-        (f"{a}.vocab_size", int(c.vocab_size), V.UINT32),
+        *family.gguf_metadata(c),
     ]
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in (None, "default"):
-        if rope_type not in ("linear", "yarn"):
-            raise MoetraceError(f"RoPE scaling {rope_type!r} has no GGUF encoding in moetrace; supported: linear, yarn")
-        kv.append((f"{a}.rope.scaling.type", rope_type, V.STRING))
-        kv.append((f"{a}.rope.scaling.factor", float(rope["factor"]), V.FLOAT32))
-        if "original_max_position_embeddings" in rope:
-            kv.append((f"{a}.rope.scaling.original_context_length", int(rope["original_max_position_embeddings"]),
-                       V.UINT32))
     kv.append(("tokenizer.ggml.model", "none", V.STRING))
     for key, attr in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
         tid = getattr(c, attr, None)
@@ -148,7 +111,9 @@ def load_imatrix_for(source, imatrix_file) -> tuple[dict | None, object | None]:
         return None, None
     from moetrace.kernels.imatrix import load_imatrix
 
-    im = load_imatrix(imatrix_file, n_expert=int(source.config.num_experts))
+    from moetrace.tracer.weights.derive import family_of
+
+    im = load_imatrix(imatrix_file, n_expert=family_of(source).n_experts(source.config))
     return im.values, im
 
 
@@ -184,6 +149,7 @@ def write_gguf(source, file_type: str, path, *, imatrix_file=None, cache=True, p
     from moetrace.tracer.weights.qcache import context_for
 
     ft = recipes.parse_file_type(file_type)
+    family = W.family_of(source)
     imatrix, im = load_imatrix_for(source, imatrix_file)
     ctx = context_for(source, imatrix, str(imatrix_file) if imatrix_file else None, cache=cache)
     types = W.file_type_types(source, ft.name, has_imatrix=imatrix is not None, context=ctx)
@@ -195,11 +161,11 @@ def write_gguf(source, file_type: str, path, *, imatrix_file=None, cache=True, p
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        writer = gguf.GGUFWriter(tmp, arch=ARCH)
+        writer = gguf.GGUFWriter(tmp, arch=family.gguf_arch)
     except OSError as e:
         raise MoetraceError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
-    for key, value, vtype in qwen3moe_metadata(
-        source.config, name=getattr(source, "model_id", "model"), file_type=ft.name, imatrix_file=imatrix_file,
+    for key, value, vtype in gguf_metadata(
+        family, source.config, name=getattr(source, "model_id", "model"), file_type=ft.name, imatrix_file=imatrix_file,
         imatrix_entries=len(imatrix or {}), imatrix_datasets=getattr(im, "datasets", ()),
         imatrix_chunks=getattr(im, "chunk_count", 0),
     ):
@@ -222,7 +188,7 @@ def write_gguf(source, file_type: str, path, *, imatrix_file=None, cache=True, p
             L = W.layer_of(n)
             if L >= 0 and L != layer:
                 state = {}  # free the previous layer before reading the next
-                state = W.gguf_tensors_of_layer(source.layer_state(L), L)
+                state = W.gguf_tensors_of_layer(source.layer_state(L), L, family)
                 layer = L
             w = state[n] if L >= 0 else W.global_tensor(source, n)
             t = types[n]

@@ -1,0 +1,327 @@
+"""What moetrace knows about one model family, as data, and the generic behaviour built on it.
+
+A :class:`Family` holds the facts of one architecture in the style of gguf-py's tensor tables:
+its transformers model types and GGUF architecture name, the config keys of its MoE sizes, the
+shapes of its tensors (transformers' [out, in] layout, in symbols of :meth:`Family.dims`), which
+fused transformers tensors are several GGUF tensors, how per-expert checkpoint keys fuse, where
+its sites are, and how its router speaks. Everything generic (GGUF names through gguf-py's
+``TensorNameMap``, GGUF metadata in both directions, forcing a routing choice) lives here; a
+family file holds the data and only the code that is truly its own, by subclassing.
+
+The GGUF tensor names are never written down: each unfused transformers name is looked up in
+gguf-py's map for the family's architecture (``gguf.get_tensor_name_map``), so they follow
+llama.cpp's convert script.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from moetrace.errors import MoetraceError
+
+# Shape symbols: a tensor's shape is a tuple of these (or ints); Family.dims gives their values.
+SHAPE_SYMBOLS = ("vocab", "hidden", "head_dim", "q_dim", "kv_dim", "experts", "expert_width", "shared_width",
+                 "ffn_width")
+
+
+@dataclass(frozen=True)
+class ConfigKeys:
+    """Names of the MoE facts in a transformers config (None: the family has no such key).
+
+    Attributes:
+        experts: routed experts per MoE layer.
+        top_k: experts chosen per token.
+        expert_width: one routed expert's intermediate width.
+        dense_layers: the list of layer indices whose MLP is dense.
+        sparse_step: every how many layers one is MoE (``decoder_sparse_step``).
+        norm_topk: whether the top-k weights are renormalized to sum to 1.
+        shared_width: the shared expert's intermediate width.
+    """
+
+    experts: str = "num_experts"
+    top_k: str = "num_experts_per_tok"
+    expert_width: str = "moe_intermediate_size"
+    dense_layers: str | None = "mlp_only_layers"
+    sparse_step: str | None = "decoder_sparse_step"
+    norm_topk: str | None = "norm_topk_prob"
+    shared_width: str | None = None
+
+
+@dataclass(frozen=True)
+class Router:
+    """How a family's router module speaks.
+
+    Attributes:
+        outputs: the order of ``logits``, ``weight`` and ``idx`` in the router module's output tuple.
+        scoring: ``softmax`` or ``sigmoid``: how logits become the probabilities top-k picks from.
+        norm_attr: the router module's attribute saying whether chosen weights are renormalized
+            (None: never).
+    """
+
+    outputs: tuple[str, str, str] = ("logits", "weight", "idx")
+    scoring: str = "softmax"
+    norm_attr: str | None = "norm_topk_prob"
+
+
+@dataclass(frozen=True)
+class Sites:
+    """Module paths of the sites inside a decoder layer (dotted, relative to the layer)."""
+
+    attention: str = "self_attn"
+    moe: str = "mlp"
+    router: str = "mlp.gate"
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertFusion:
+    """How per-expert checkpoint keys fuse into transformers 5's expert tensors.
+
+    Attributes:
+        key: a per-expert key inside a layer, with ``{expert}`` and ``{proj}`` fields.
+        fused: fused key -> the projections stacked along its rows (dim 1), in order.
+    """
+
+    key: str = "mlp.experts.{expert}.{proj}_proj.weight"
+    fused: dict = field(default_factory=lambda: {"mlp.experts.gate_up_proj": ("gate", "up"),
+                                                 "mlp.experts.down_proj": ("down",)})
+
+    @property
+    def projs(self) -> tuple[str, ...]:
+        return tuple(p for ps in self.fused.values() for p in ps)
+
+    @cached_property
+    def _pattern(self) -> re.Pattern:
+        projs = "|".join(map(re.escape, self.projs))
+        return re.compile(re.escape(self.key).replace(r"\{expert\}", r"(?P<expert>\d+)")
+                          .replace(r"\{proj\}", f"(?P<proj>{projs})"))
+
+    def match(self, key: str) -> tuple[str, int] | None:
+        """(proj, expert) of a per-expert key inside a layer, or None for any other key."""
+        m = self._pattern.fullmatch(key)
+        return (m["proj"], int(m["expert"])) if m else None
+
+    def per_expert_key(self, expert: int, proj: str) -> str:
+        """The per-expert key of ``proj`` of ``expert`` inside a layer."""
+        return self.key.format(expert=expert, proj=proj)
+
+
+@dataclass(frozen=True, eq=False)
+class Family:
+    """One architecture: data, plus the generic behaviour every family shares.
+
+    Attributes:
+        name: the family's name (listed in errors).
+        model_types: transformers ``model_type`` values it serves.
+        gguf_arch: the GGUF ``general.architecture`` name (one of ``gguf.MODEL_ARCH_NAMES``).
+        hf_architecture: the transformers class name written in a config built from GGUF.
+        tensors: unfused transformers name inside a decoder layer -> shape (symbols of :meth:`dims`).
+        global_tensors: transformers name outside the layers -> shape.
+        fused: fused transformers key -> the unfused names concatenated along dim 1 (rows) to make it.
+        expert_projs: projection name as users give it (``--plant 3:5:down``) -> unfused tensor name.
+        keys: config keys of the MoE facts.
+        routing: how the router speaks.
+        sites: module paths of the sites.
+        fusion: how per-expert checkpoint keys fuse.
+        gguf_config: config entries a GGUF file has no key for (the engine's fixed behaviour).
+        gguf_extra: extra hyperparameters, ``(gguf key suffix, config key, value type name)``.
+        dim_keys: extra shape symbols of this family -> the config key holding each
+            (``{"kv_lora": "kv_lora_rank"}`` for a latent-attention family).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    gguf_arch: str
+    hf_architecture: str
+    tensors: dict
+    global_tensors: dict = field(default_factory=lambda: {
+        "model.embed_tokens.weight": ("vocab", "hidden"), "model.norm.weight": ("hidden",),
+        "lm_head.weight": ("vocab", "hidden")})
+    fused: dict = field(default_factory=dict)
+    expert_projs: dict = field(default_factory=dict)
+    keys: ConfigKeys = ConfigKeys()
+    routing: Router = Router()
+    sites: Sites = Sites()
+    fusion: ExpertFusion | None = ExpertFusion()
+    gguf_config: dict = field(default_factory=dict)
+    gguf_extra: tuple = ()
+    dim_keys: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        # A family file is data a user may write: check it when it is made, naming what is wrong.
+        for hf, shape in {**self.tensors, **self.global_tensors}.items():
+            valid = (*SHAPE_SYMBOLS, *self.dim_keys)
+            bad = [s for s in shape if not isinstance(s, int) and s not in valid]
+            if bad:
+                raise MoetraceError(f"family {self.name}: tensor {hf} has shape symbol {bad[0]!r}; "
+                                    f"valid: {', '.join(valid)}")
+        for what, names in (("fused", [n for ps in self.fused.values() for n in ps]),
+                            ("expert_projs", list(self.expert_projs.values()))):
+            missing = [n for n in names if n not in self.tensors]
+            if missing:
+                raise MoetraceError(f"family {self.name}: {what} names {missing[0]!r}, which is not in its tensors")
+        if self.routing.scoring not in ("softmax", "sigmoid"):
+            raise MoetraceError(f"family {self.name}: router scoring {self.routing.scoring!r}; valid: softmax, sigmoid")
+
+    # -- sizes, read through the config keys ------------------------------------------------
+    def n_experts(self, config) -> int:
+        return int(getattr(config, self.keys.experts))
+
+    def top_k(self, config) -> int:
+        return int(getattr(config, self.keys.top_k))
+
+    def expert_width(self, config) -> int:
+        return int(getattr(config, self.keys.expert_width))
+
+    def head_dim(self, config) -> int:
+        """The attention head width; derived as transformers' modules derive it when the config has none."""
+        return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+    def dense_layers(self, config) -> list[int]:
+        """Indices of the decoder layers whose MLP is dense (no router, no experts)."""
+        n = int(config.num_hidden_layers)
+        dense = set(getattr(config, self.keys.dense_layers, None) or []) if self.keys.dense_layers else set()
+        step = int(getattr(config, self.keys.sparse_step, 1) or 1) if self.keys.sparse_step else 1
+        # transformers' rule: layer i is MoE when (i + 1) % step == 0 and it is not listed as dense.
+        dense |= {i for i in range(n) if (i + 1) % step}
+        return sorted(i for i in dense if 0 <= i < n)
+
+    def dims(self, config) -> dict[str, int]:
+        """The value of every shape symbol for ``config``."""
+        hd = self.head_dim(config)
+        k = self.keys
+        return {
+            "vocab": int(config.vocab_size), "hidden": int(config.hidden_size), "head_dim": hd,
+            "q_dim": int(config.num_attention_heads) * hd, "kv_dim": int(config.num_key_value_heads) * hd,
+            "experts": self.n_experts(config), "expert_width": self.expert_width(config),
+            "shared_width": int(getattr(config, k.shared_width, 0) or 0) if k.shared_width else 0,
+            "ffn_width": int(getattr(config, "intermediate_size", 0) or 0),
+            **{sym: int(getattr(config, key)) for sym, key in self.dim_keys.items()},
+        }
+
+    # -- tensor names -------------------------------------------------------------------------
+    @cached_property
+    def _name_map(self):
+        import gguf
+
+        archs = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+        if self.gguf_arch not in archs:
+            raise MoetraceError(f"family {self.name}: GGUF architecture {self.gguf_arch!r} is unknown to gguf-py")
+        return gguf.get_tensor_name_map(archs[self.gguf_arch], 1)
+
+    def _gguf_name(self, hf: str) -> str:
+        """GGUF name (``blk.0.attn_q.weight``) of a transformers name (``model.layers.0.self_attn.q_proj.weight``)."""
+        base = hf[: -len(".weight")] if hf.endswith(".weight") else hf
+        g = self._name_map.get_name(base)
+        if g is None:
+            raise MoetraceError(f"family {self.name}: gguf-py has no {self.gguf_arch} tensor for {hf!r}")
+        return g + ".weight"
+
+    @cached_property
+    def layer_stems(self) -> dict[str, str | tuple[str, ...]]:
+        """Transformers key inside a layer, as transformers 5 holds it -> GGUF stem(s) (``attn_q``).
+
+        A fused key maps to a tuple of stems, one per row block (gate_up -> ffn_gate_exps, ffn_up_exps).
+        """
+        unfused = self.layer_stems_unfused
+        in_fused = {n for parts in self.fused.values() for n in parts}
+        out: dict = {hf: stem for hf, stem in unfused.items() if hf not in in_fused}
+        out.update({key: tuple(unfused[p] for p in parts) for key, parts in self.fused.items()})
+        return out
+
+    def gguf_layer_names(self, layer: int) -> dict[str, str | tuple[str, ...]]:
+        """Transformers key inside layer ``layer`` -> full GGUF name(s)."""
+        full = lambda s: f"blk.{layer}.{s}.weight"  # noqa: E731
+        return {hf: tuple(map(full, s)) if isinstance(s, tuple) else full(s) for hf, s in self.layer_stems.items()}
+
+    @cached_property
+    def global_names(self) -> dict[str, str]:
+        """Transformers name outside the layers -> GGUF name."""
+        return {hf: self._gguf_name(hf) for hf in self.global_tensors}
+
+    @cached_property
+    def expert_stems(self) -> dict[str, str]:
+        """Projection name (``gate``) -> GGUF stem of its expert tensor (``ffn_gate_exps``)."""
+        return {p: self.layer_stems_unfused[hf] for p, hf in self.expert_projs.items()}
+
+    @cached_property
+    def layer_stems_unfused(self) -> dict[str, str]:
+        """Unfused transformers name inside a layer -> GGUF stem, from gguf-py's map."""
+        return {hf: self._gguf_name("model.layers.0." + hf)[len("blk.0."):-len(".weight")] for hf in self.tensors}
+
+    @staticmethod
+    def layer_prefix(layer: int) -> str:
+        """The transformers key prefix of decoder layer ``layer``."""
+        return f"model.layers.{layer}."
+
+    def gguf_specs(self, config) -> dict[str, tuple[int, ...]]:
+        """GGUF name -> shape as gguf.GGUFReader reports it (HF's [out, in]; (E, rows, row length) for experts)."""
+        d = self.dims(config)
+        shape = lambda sym: tuple(s if isinstance(s, int) else d[s] for s in sym)  # noqa: E731
+        g = self.global_names
+        out = {g["model.embed_tokens.weight"]: shape(self.global_tensors["model.embed_tokens.weight"])}
+        for i in range(int(config.num_hidden_layers)):
+            for hf, sym in self.tensors.items():
+                out[f"blk.{i}.{self.layer_stems_unfused[hf]}.weight"] = shape(sym)
+        for hf, sym in self.global_tensors.items():
+            if hf == "model.embed_tokens.weight" or (hf == "lm_head.weight" and getattr(config, "tie_word_embeddings",
+                                                                                         False)):
+                continue
+            out[g[hf]] = shape(sym)
+        return out
+
+    # -- GGUF metadata ------------------------------------------------------------------------
+    def gguf_metadata(self, config) -> list[tuple]:
+        """The architecture's hyperparameters as GGUF ``(key, value, GGUFValueType)`` (see :mod:`.gguf_meta`)."""
+        from moetrace.hooks.arch.gguf_meta import write_hparams
+
+        return write_hparams(self, config)
+
+    def config_from_gguf(self, field, tensors: dict, where: str):
+        """A transformers config from a GGUF file's metadata (see :func:`.gguf_meta.read_config`)."""
+        from moetrace.hooks.arch.gguf_meta import read_config
+
+        return read_config(self, field, tensors, where)
+
+    # -- sites and router ----------------------------------------------------------------------
+    def attention(self, layer: torch.nn.Module) -> torch.nn.Module:
+        return layer.get_submodule(self.sites.attention)
+
+    def moe(self, layer: torch.nn.Module) -> torch.nn.Module:
+        return layer.get_submodule(self.sites.moe)
+
+    def router(self, layer: torch.nn.Module) -> torch.nn.Module:
+        return layer.get_submodule(self.sites.router)
+
+    def router_outputs(self, out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits (token, expert), topk_idx (token, k), topk_weight (token, k)) from the router's output."""
+        parts = dict(zip(self.routing.outputs, out))
+        return parts["logits"], parts["idx"], parts["weight"]
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """(token, expert) the probabilities top-k picks from, in float32."""
+        if self.routing.scoring == "softmax":
+            return torch.softmax(logits, dim=-1, dtype=torch.float)
+        if self.routing.scoring == "sigmoid":
+            return torch.sigmoid(logits.float())
+        raise MoetraceError(f"family {self.name}: unknown router scoring {self.routing.scoring!r}; "
+                            f"valid: softmax, sigmoid")
+
+    def force_choice(self, router: torch.nn.Module, out, forced_idx: torch.Tensor):
+        """The router's output with ``forced_idx`` (token, k) as its choice.
+
+        The weights are the router's own probabilities at the forced experts, renormalized as
+        the router renormalizes its own choice, so only *which* experts run changes.
+        """
+        logits, _, _ = self.router_outputs(out)
+        probs = self.scores(logits)  # (token, expert)
+        idx = forced_idx.to(device=logits.device, dtype=torch.long).reshape(logits.shape[0], -1)  # (token, k)
+        w = probs.gather(-1, idx)  # (token, k)
+        attr = self.routing.norm_attr
+        if attr and getattr(router, attr, False):
+            w = w / w.sum(dim=-1, keepdim=True)
+        parts = {"logits": logits, "weight": w.to(logits.dtype), "idx": idx}
+        return tuple(parts[k] for k in self.routing.outputs)
