@@ -130,6 +130,7 @@ def _run_tokens(source, config, text, prompts_file, tokens_file, max_tokens, tru
     Returns:
         (tokens, number of sequences).
     """
+    from moetrace.hooks import arch
     from moetrace.tracer.execution import limits
     from moetrace.tracer.sources.prompts import read_token_ids, tokens_from_ids
 
@@ -145,8 +146,9 @@ def _run_tokens(source, config, text, prompts_file, tokens_file, max_tokens, tru
     n_seqs = len(set(tokens.seq.tolist()))
     longest = int(tokens.pos.max()) + 1
     streams = 1 + len(config.variants) * len([m for m in config.modes if m != "teacher"]) + 1
-    widest = max(int(getattr(cfg, "intermediate_size", 0) or 0),
-                 int(getattr(cfg, "moe_intermediate_size", 0) or 0) * int(getattr(cfg, "num_experts_per_tok", 1) or 1))
+    family = arch.family_of(cfg)
+    dims = family.dims(cfg)
+    widest = max(dims["ffn_width"], dims["shared_width"], dims["expert_width"] * family.top_k(cfg))
     need = limits.estimate_bytes(tokens.n, longest, int(cfg.hidden_size), int(cfg.vocab_size), streams, widest)
     limits.check_memory(need, limits.available_memory(), tokens.n)
     return tokens, n_seqs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from cli_runner import moetrace  # noqa: E402
 def cli_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli")
     p = moetrace("run", "--model", "builtin:tiny", "--variant", "orig-bf16", "--variant", "orig-fp16",
-                 "--text", "Hello experts.", "--out", str(out), "--run", "r1")
+                 "--text", "Hello experts.", "--out", str(out), "--run", "r1",
+                 env={**os.environ, "MOETRACE_PROGRESS": "lines"})  # a progress line per layer, though not a TTY
     return out / "r1", p
 
 
