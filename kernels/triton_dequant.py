@@ -12,6 +12,12 @@ bfloat16 is written as its bit pattern into an int16 view of the output: Triton'
 interpreter (``TRITON_INTERPRET=1``, used by the tests) cannot handle bf16 tensors, and one
 code path for both keeps the tested path the one that runs on the GPU.
 
+Block sizes and field offsets are not written here: each kernel takes them as CAPS
+``tl.constexpr`` arguments (``QK`` elements, ``TS`` bytes per block, ``O_<FIELD>`` byte offset of
+each field) that :func:`dequantize_triton` computes from the layout table, ``kernels/layouts.py``,
+the one the torch formats and the C kernels read. What stays in the kernels is how bits are packed
+inside a field (nibble halves, 2-bit fields, the 6-bit scale packing), as in ggml's C.
+
 The reference the tests compare against is gguf-py's ``gguf.quants.dequantize`` (numpy).
 """
 
@@ -22,8 +28,9 @@ import os
 import torch
 
 from moetrace.errors import MoetraceError
-from moetrace.kernels.base import BLOCK_SIZES, row_bytes
+from moetrace.kernels.base import row_bytes
 from moetrace.kernels.errors import FormatError
+from moetrace.kernels.layouts import LAYOUTS
 
 try:
     import triton
@@ -78,69 +85,88 @@ def _tile(n_blocks, BLOCKS: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr):
 # --- 32-element types -------------------------------------------------------------------------
 
 @triton.jit
-def _q4_0_kernel(q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr):
+def _q4_0_kernel(
+    q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr,
+    QK: tl.constexpr, TS: tl.constexpr, O_D: tl.constexpr, O_QS: tl.constexpr,
+):
     # dequantize_row_q4_0: d, qs[16]; element j < 16 low nibble of qs[j], j >= 16 high nibble of qs[j-16].
-    base, offs, e, mask = _tile(n_blocks, BLOCKS, 32, 18)
-    d = _ld_f16(q_ptr + base, mask)  # (BLOCKS, 1)
-    qb = _ld_u8(q_ptr + base + 2 + e % 16, mask)  # (BLOCKS, 32)
-    q = ((qb >> ((e // 16) * 4)) & 0xF) - 8
+    base, offs, e, mask = _tile(n_blocks, BLOCKS, QK, TS)
+    d = _ld_f16(q_ptr + base + O_D, mask)  # (BLOCKS, 1)
+    qb = _ld_u8(q_ptr + base + O_QS + e % (QK // 2), mask)  # (BLOCKS, QK)
+    q = ((qb >> ((e // (QK // 2)) * 4)) & 0xF) - 8
     _store(out_ptr, offs, d * q.to(tl.float32), mask, OUT)
 
 
 @triton.jit
-def _q4_1_kernel(q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr):
+def _q4_1_kernel(
+    q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr,
+    QK: tl.constexpr, TS: tl.constexpr, O_D: tl.constexpr, O_M: tl.constexpr, O_QS: tl.constexpr,
+):
     # dequantize_row_q4_1: d, m, qs[16]; value q * d + m.
-    base, offs, e, mask = _tile(n_blocks, BLOCKS, 32, 20)
-    d = _ld_f16(q_ptr + base, mask)
-    m = _ld_f16(q_ptr + base + 2, mask)
-    qb = _ld_u8(q_ptr + base + 4 + e % 16, mask)
-    q = (qb >> ((e // 16) * 4)) & 0xF
+    base, offs, e, mask = _tile(n_blocks, BLOCKS, QK, TS)
+    d = _ld_f16(q_ptr + base + O_D, mask)
+    m = _ld_f16(q_ptr + base + O_M, mask)
+    qb = _ld_u8(q_ptr + base + O_QS + e % (QK // 2), mask)
+    q = (qb >> ((e // (QK // 2)) * 4)) & 0xF
     _store(out_ptr, offs, d * q.to(tl.float32) + m, mask, OUT)
 
 
 @triton.jit
-def _q5_0_kernel(q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr):
+def _q5_0_kernel(
+    q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr,
+    QK: tl.constexpr, TS: tl.constexpr, O_D: tl.constexpr, O_QH: tl.constexpr, O_QS: tl.constexpr,
+):
     # dequantize_row_q5_0: d, qh (32 bits, bit j = 5th bit of element j), qs[16]; value (q - 16) * d.
-    base, offs, e, mask = _tile(n_blocks, BLOCKS, 32, 22)
-    d = _ld_f16(q_ptr + base, mask)
-    hb = (_ld_u8(q_ptr + base + 2 + e // 8, mask) >> (e % 8)) & 1
-    qb = _ld_u8(q_ptr + base + 6 + e % 16, mask)
-    q = (((qb >> ((e // 16) * 4)) & 0xF) | (hb << 4)) - 16
+    base, offs, e, mask = _tile(n_blocks, BLOCKS, QK, TS)
+    d = _ld_f16(q_ptr + base + O_D, mask)
+    hb = (_ld_u8(q_ptr + base + O_QH + e // 8, mask) >> (e % 8)) & 1
+    qb = _ld_u8(q_ptr + base + O_QS + e % (QK // 2), mask)
+    q = (((qb >> ((e // (QK // 2)) * 4)) & 0xF) | (hb << 4)) - 16
     _store(out_ptr, offs, d * q.to(tl.float32), mask, OUT)
 
 
 @triton.jit
-def _q5_1_kernel(q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr):
+def _q5_1_kernel(
+    q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr,
+    QK: tl.constexpr, TS: tl.constexpr, O_D: tl.constexpr, O_M: tl.constexpr, O_QH: tl.constexpr, O_QS: tl.constexpr,
+):
     # dequantize_row_q5_1: d, m, qh, qs[16]; value q * d + m.
-    base, offs, e, mask = _tile(n_blocks, BLOCKS, 32, 24)
-    d = _ld_f16(q_ptr + base, mask)
-    m = _ld_f16(q_ptr + base + 2, mask)
-    hb = (_ld_u8(q_ptr + base + 4 + e // 8, mask) >> (e % 8)) & 1
-    qb = _ld_u8(q_ptr + base + 8 + e % 16, mask)
-    q = ((qb >> ((e // 16) * 4)) & 0xF) | (hb << 4)
+    base, offs, e, mask = _tile(n_blocks, BLOCKS, QK, TS)
+    d = _ld_f16(q_ptr + base + O_D, mask)
+    m = _ld_f16(q_ptr + base + O_M, mask)
+    hb = (_ld_u8(q_ptr + base + O_QH + e // 8, mask) >> (e % 8)) & 1
+    qb = _ld_u8(q_ptr + base + O_QS + e % (QK // 2), mask)
+    q = ((qb >> ((e // (QK // 2)) * 4)) & 0xF) | (hb << 4)
     _store(out_ptr, offs, d * q.to(tl.float32) + m, mask, OUT)
 
 
 @triton.jit
-def _q8_0_kernel(q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr):
+def _q8_0_kernel(
+    q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr,
+    QK: tl.constexpr, TS: tl.constexpr, O_D: tl.constexpr, O_QS: tl.constexpr,
+):
     # dequantize_row_q8_0: d, qs[32] int8; value q * d.
-    base, offs, e, mask = _tile(n_blocks, BLOCKS, 32, 34)
-    d = _ld_f16(q_ptr + base, mask)
-    q = tl.load(q_ptr + base + 2 + e, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+    base, offs, e, mask = _tile(n_blocks, BLOCKS, QK, TS)
+    d = _ld_f16(q_ptr + base + O_D, mask)
+    q = tl.load(q_ptr + base + O_QS + e, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
     _store(out_ptr, offs, q * d, mask, OUT)
 
 
 # --- 256-element K types ----------------------------------------------------------------------
 
 @triton.jit
-def _q2_k_kernel(q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr):
+def _q2_k_kernel(
+    q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr,
+    QK: tl.constexpr, TS: tl.constexpr,
+    O_SCALES: tl.constexpr, O_QS: tl.constexpr, O_D: tl.constexpr, O_DMIN: tl.constexpr,
+):
     # dequantize_row_q2_K: scales[16] (low nibble scale, high nibble min), qs[64], d, dmin.
     # Element e: 2-bit field (e % 128) // 32 of qs[32 * (e // 128) + e % 32]; sub-block e // 16.
-    base, offs, e, mask = _tile(n_blocks, BLOCKS, 256, 84)
-    d = _ld_f16(q_ptr + base + 80, mask)
-    dmin = _ld_f16(q_ptr + base + 82, mask)
-    sc = _ld_u8(q_ptr + base + e // 16, mask)
-    qb = _ld_u8(q_ptr + base + 16 + 32 * (e // 128) + e % 32, mask)
+    base, offs, e, mask = _tile(n_blocks, BLOCKS, QK, TS)
+    d = _ld_f16(q_ptr + base + O_D, mask)
+    dmin = _ld_f16(q_ptr + base + O_DMIN, mask)
+    sc = _ld_u8(q_ptr + base + O_SCALES + e // 16, mask)
+    qb = _ld_u8(q_ptr + base + O_QS + 32 * (e // 128) + e % 32, mask)
     q = (qb >> (2 * ((e % 128) // 32))) & 3
     dl = d * (sc & 0xF).to(tl.float32)
     ml = dmin * (sc >> 4).to(tl.float32)
@@ -148,44 +174,52 @@ def _q2_k_kernel(q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constex
 
 
 @triton.jit
-def _q3_k_kernel(q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr):
+def _q3_k_kernel(
+    q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr,
+    QK: tl.constexpr, TS: tl.constexpr,
+    O_HMASK: tl.constexpr, O_QS: tl.constexpr, O_SCALES: tl.constexpr, O_D: tl.constexpr,
+):
     # dequantize_row_q3_K: hmask[32], qs[64], scales[12] (16 6-bit scales), d.
     # Low 2 bits as in Q2_K; the high bit is bit e // 32 of hmask[e % 32], and a clear bit means -4.
-    base, offs, e, mask = _tile(n_blocks, BLOCKS, 256, 110)
-    d = _ld_f16(q_ptr + base + 108, mask)
-    qb = _ld_u8(q_ptr + base + 32 + 32 * (e // 128) + e % 32, mask)
+    base, offs, e, mask = _tile(n_blocks, BLOCKS, QK, TS)
+    d = _ld_f16(q_ptr + base + O_D, mask)
+    qb = _ld_u8(q_ptr + base + O_QS + 32 * (e // 128) + e % 32, mask)
     ql = (qb >> (2 * ((e % 128) // 32))) & 3
-    hb = (_ld_u8(q_ptr + base + e % 32, mask) >> (e // 32)) & 1
+    hb = (_ld_u8(q_ptr + base + O_HMASK + e % 32, mask) >> (e // 32)) & 1
     q = ql - 4 * (1 - hb)
     j = e // 16  # scale j: low 4 bits in nibble j // 8 of scales[j % 8], high 2 bits in scales[8 + j % 4]
-    lo = (_ld_u8(q_ptr + base + 96 + j % 8, mask) >> (4 * (j // 8))) & 0xF
-    hi = (_ld_u8(q_ptr + base + 104 + j % 4, mask) >> (2 * (j // 4))) & 3
+    lo = (_ld_u8(q_ptr + base + O_SCALES + j % 8, mask) >> (4 * (j // 8))) & 0xF
+    hi = (_ld_u8(q_ptr + base + O_SCALES + 8 + j % 4, mask) >> (2 * (j // 4))) & 3
     dl = d * ((lo | (hi << 4)) - 32).to(tl.float32)
     _store(out_ptr, offs, dl * q.to(tl.float32), mask, OUT)
 
 
 @triton.jit
-def _k_scale_min(q_ptr, base, j, mask):
-    # get_scale_min_k4: 8 6-bit (scale, min) pairs packed in scales[12] at byte offset 4 of the block.
+def _k_scale_min(q_ptr, base, j, mask, O_SCALES: tl.constexpr):
+    # get_scale_min_k4: 8 6-bit (scale, min) pairs packed in scales[12] at byte O_SCALES of the block.
     # Both cases are computed on in-range bytes and the right one chosen, so no load goes negative.
     ja = j % 4
-    a = _ld_u8(q_ptr + base + 4 + ja, mask)
-    b = _ld_u8(q_ptr + base + 8 + ja, mask)
-    c = _ld_u8(q_ptr + base + 12 + ja, mask)
+    a = _ld_u8(q_ptr + base + O_SCALES + ja, mask)
+    b = _ld_u8(q_ptr + base + O_SCALES + 4 + ja, mask)
+    c = _ld_u8(q_ptr + base + O_SCALES + 8 + ja, mask)
     sc = tl.where(j < 4, a & 63, (c & 0xF) | ((a >> 6) << 4))
     mn = tl.where(j < 4, b & 63, (c >> 4) | ((b >> 6) << 4))
     return sc, mn
 
 
 @triton.jit
-def _q4_k_kernel(q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr):
+def _q4_k_kernel(
+    q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr,
+    QK: tl.constexpr, TS: tl.constexpr,
+    O_D: tl.constexpr, O_DMIN: tl.constexpr, O_SCALES: tl.constexpr, O_QS: tl.constexpr,
+):
     # dequantize_row_q4_K: d, dmin, scales[12], qs[128]; element e: nibble (e // 32) % 2 of
     # qs[32 * (e // 64) + e % 32], sub-block j = e // 32; value (d * sc) * q - dmin * m.
-    base, offs, e, mask = _tile(n_blocks, BLOCKS, 256, 144)
-    d = _ld_f16(q_ptr + base, mask)
-    dmin = _ld_f16(q_ptr + base + 2, mask)
-    sc, mn = _k_scale_min(q_ptr, base, e // 32, mask)
-    qb = _ld_u8(q_ptr + base + 16 + 32 * (e // 64) + e % 32, mask)
+    base, offs, e, mask = _tile(n_blocks, BLOCKS, QK, TS)
+    d = _ld_f16(q_ptr + base + O_D, mask)
+    dmin = _ld_f16(q_ptr + base + O_DMIN, mask)
+    sc, mn = _k_scale_min(q_ptr, base, e // 32, mask, O_SCALES)
+    qb = _ld_u8(q_ptr + base + O_QS + 32 * (e // 64) + e % 32, mask)
     q = (qb >> (4 * ((e // 32) % 2))) & 0xF
     d1 = d * sc.to(tl.float32)
     m1 = dmin * mn.to(tl.float32)
@@ -193,15 +227,19 @@ def _q4_k_kernel(q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constex
 
 
 @triton.jit
-def _q5_k_kernel(q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr):
+def _q5_k_kernel(
+    q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr,
+    QK: tl.constexpr, TS: tl.constexpr,
+    O_D: tl.constexpr, O_DMIN: tl.constexpr, O_SCALES: tl.constexpr, O_QH: tl.constexpr, O_QS: tl.constexpr,
+):
     # dequantize_row_q5_K: d, dmin, scales[12], qh[32], qs[128]; low 4 bits as Q4_K,
     # the 5th bit is bit e // 32 of qh[e % 32].
-    base, offs, e, mask = _tile(n_blocks, BLOCKS, 256, 176)
-    d = _ld_f16(q_ptr + base, mask)
-    dmin = _ld_f16(q_ptr + base + 2, mask)
-    sc, mn = _k_scale_min(q_ptr, base, e // 32, mask)
-    hb = (_ld_u8(q_ptr + base + 16 + e % 32, mask) >> (e // 32)) & 1
-    qb = _ld_u8(q_ptr + base + 48 + 32 * (e // 64) + e % 32, mask)
+    base, offs, e, mask = _tile(n_blocks, BLOCKS, QK, TS)
+    d = _ld_f16(q_ptr + base + O_D, mask)
+    dmin = _ld_f16(q_ptr + base + O_DMIN, mask)
+    sc, mn = _k_scale_min(q_ptr, base, e // 32, mask, O_SCALES)
+    hb = (_ld_u8(q_ptr + base + O_QH + e % 32, mask) >> (e // 32)) & 1
+    qb = _ld_u8(q_ptr + base + O_QS + 32 * (e // 64) + e % 32, mask)
     q = ((qb >> (4 * ((e // 32) % 2))) & 0xF) | (hb << 4)
     d1 = d * sc.to(tl.float32)
     m1 = dmin * mn.to(tl.float32)
@@ -209,26 +247,43 @@ def _q5_k_kernel(q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constex
 
 
 @triton.jit
-def _q6_k_kernel(q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr):
+def _q6_k_kernel(
+    q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr,
+    QK: tl.constexpr, TS: tl.constexpr,
+    O_QL: tl.constexpr, O_QH: tl.constexpr, O_SCALES: tl.constexpr, O_D: tl.constexpr,
+):
     # dequantize_row_q6_K: ql[128], qh[64], scales[16] int8, d. In each 128-element half h:
     # low 4 bits = nibble r // 64 of ql[64h + r % 64], high 2 bits = field r // 32 of qh[32h + r % 32].
-    base, offs, e, mask = _tile(n_blocks, BLOCKS, 256, 210)
-    d = _ld_f16(q_ptr + base + 208, mask)
+    base, offs, e, mask = _tile(n_blocks, BLOCKS, QK, TS)
+    d = _ld_f16(q_ptr + base + O_D, mask)
     h = e // 128
     r = e % 128
-    lo = (_ld_u8(q_ptr + base + 64 * h + r % 64, mask) >> (4 * (r // 64))) & 0xF
-    hi = (_ld_u8(q_ptr + base + 128 + 32 * h + r % 32, mask) >> (2 * (r // 32))) & 3
+    lo = (_ld_u8(q_ptr + base + O_QL + 64 * h + r % 64, mask) >> (4 * (r // 64))) & 0xF
+    hi = (_ld_u8(q_ptr + base + O_QH + 32 * h + r % 32, mask) >> (2 * (r // 32))) & 3
     q = (lo | (hi << 4)) - 32
-    sc = tl.load(q_ptr + base + 192 + e // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+    sc = tl.load(q_ptr + base + O_SCALES + e // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
     _store(out_ptr, offs, (d * sc) * q.to(tl.float32), mask, OUT)
 
 
-# type -> (kernel, blocks per program). Tiles of 2048 elements: 64 blocks of 32, 8 of 256.
+_TILE_ELEMS = 2048  # elements per program by default: 64 blocks of 32, 8 of 256
+
+
+def _layout_constexprs(type_name: str) -> dict[str, int]:
+    """The layout constexprs of ``type_name``'s kernel, from the table: ``QK`` (elements per block),
+    ``TS`` (bytes per block) and ``O_<FIELD>`` (each field's byte offset)."""
+    lay = LAYOUTS[type_name]
+    args = {"QK": lay.elems, "TS": lay.bytes}
+    args.update({f"O_{field.upper()}": lay.offset(field) for field, _ in lay.fields})
+    return args
+
+
+_KERNEL_FNS = {
+    "Q4_0": _q4_0_kernel, "Q4_1": _q4_1_kernel, "Q5_0": _q5_0_kernel, "Q5_1": _q5_1_kernel, "Q8_0": _q8_0_kernel,
+    "Q2_K": _q2_k_kernel, "Q3_K": _q3_k_kernel, "Q4_K": _q4_k_kernel, "Q5_K": _q5_k_kernel, "Q6_K": _q6_k_kernel,
+}
+# type -> (kernel, default blocks per program, layout constexprs).
 _KERNELS = {
-    "Q4_0": (_q4_0_kernel, 64), "Q4_1": (_q4_1_kernel, 64), "Q5_0": (_q5_0_kernel, 64),
-    "Q5_1": (_q5_1_kernel, 64), "Q8_0": (_q8_0_kernel, 64),
-    "Q2_K": (_q2_k_kernel, 8), "Q3_K": (_q3_k_kernel, 8), "Q4_K": (_q4_k_kernel, 8),
-    "Q5_K": (_q5_k_kernel, 8), "Q6_K": (_q6_k_kernel, 8),
+    name: (fn, _TILE_ELEMS // LAYOUTS[name].elems, _layout_constexprs(name)) for name, fn in _KERNEL_FNS.items()
 }
 TRITON_TYPES: tuple[str, ...] = tuple(_KERNELS)
 """GGML types :func:`dequantize_triton` handles."""
@@ -261,7 +316,7 @@ def dequantize_triton(
     key = type_name.upper()
     if key not in _KERNELS:
         raise FormatError(f"no Triton kernel for GGML type {type_name!r}; valid types: {', '.join(TRITON_TYPES)}")
-    kernel, bpp = _KERNELS[key]
+    kernel, bpp, layout = _KERNELS[key]
     if blocks_per_program is not None:
         if blocks_per_program < 1 or blocks_per_program & (blocks_per_program - 1):
             raise MoetraceError(f"blocks_per_program must be a power of two, got {blocks_per_program}")
@@ -283,10 +338,10 @@ def dequantize_triton(
     lead = tuple(q.shape[:-1])
     out_kind = _OUT_KIND[dtype]
     out = torch.empty(lead + (n_per_row,), dtype=torch.int16 if out_kind == _OUT_BF16_BITS else dtype, device=q.device)
-    n_blocks = q.numel() // BLOCK_SIZES[key][1]
+    n_blocks = q.numel() // layout["TS"]
     if n_blocks:
         q = q.contiguous()
         grid = (triton.cdiv(n_blocks, bpp),)
         # No FMA contraction: ggml and gguf-py round the product before adding the min.
-        kernel[grid](q, out, n_blocks, BLOCKS=bpp, OUT=out_kind, enable_fp_fusion=False)
+        kernel[grid](q, out, n_blocks, BLOCKS=bpp, OUT=out_kind, **layout, enable_fp_fusion=False)
     return out.view(torch.bfloat16) if out_kind == _OUT_BF16_BITS else out

@@ -33,6 +33,9 @@
 #include "ckernels.h"
 #include "common.h"
 
+/* Sizes and offsets come from layouts.h; the lane layout below is written for this block length. */
+_Static_assert(MT_QK_K == 256, "Q4_K/Q5_K super-blocks are 8 sub-blocks of 32 and Q2_K's 16 of 16, one per lane");
+
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -300,13 +303,15 @@ static void finish_k4_block(int nmax, int use_imatrix, const float *x, const flo
             }
         }
     }
-    mt_store_fp16(y, d_block);
-    mt_store_fp16(y + 2, m_block);
-    uint8_t *sc = y + 4;
+    /* Q4_K and Q5_K share d, dmin and scales; they differ after them (Q5_K's qh, then qs). */
+    uint8_t *dp = y + (nmax == 15 ? MT_Q4_K_D : MT_Q5_K_D), *mp = y + (nmax == 15 ? MT_Q4_K_DMIN : MT_Q5_K_DMIN);
+    mt_store_fp16(dp, d_block);
+    mt_store_fp16(mp, m_block);
+    uint8_t *sc = y + (nmax == 15 ? MT_Q4_K_SCALES : MT_Q5_K_SCALES);
     pack_scales_k4(ls, lm, sc);
 
-    uint8_t L[256];
-    const float d16 = mt_load_fp16(y), m16 = mt_load_fp16(y + 2);
+    uint8_t L[MT_QK_K];
+    const float d16 = mt_load_fp16(dp), m16 = mt_load_fp16(mp);
     for (int j = 0; j < 8; ++j) {
         uint8_t s, m;
         get_scale_min_k4(j, sc, &s, &m);
@@ -318,9 +323,9 @@ static void finish_k4_block(int nmax, int use_imatrix, const float *x, const flo
         requantize(32, nmax, x + 32 * j, d, m16 * (float)m, L + 32 * j);
     }
     if (nmax == 15)
-        pack_q4_k(L, y + 16);
+        pack_q4_k(L, y + MT_Q4_K_QS);
     else
-        pack_q5_k(L, y + 16, y + 48);
+        pack_q5_k(L, y + MT_Q5_K_QH, y + MT_Q5_K_QS);
 }
 
 /* The rest of quantize_row_q2_K_ref / _impl for one super-block after the search (16 sub-block
@@ -356,12 +361,12 @@ static void finish_q2_k_block(int use_imatrix, const float *x, const float *scal
         m_block = make_qp_quants(16, 15, mins, lm, sw);
         for (int j = 0; j < 16; ++j) sc[j] = (uint8_t)(ls[j] | (lm[j] << 4));
     }
-    memcpy(y, sc, 16);
-    mt_store_fp16(y + 80, d_block);
-    mt_store_fp16(y + 82, m_block);
+    memcpy(y + MT_Q2_K_SCALES, sc, MT_Q2_K_SCALES_SIZE);
+    mt_store_fp16(y + MT_Q2_K_D, d_block);
+    mt_store_fp16(y + MT_Q2_K_DMIN, m_block);
 
-    uint8_t L[256];
-    const float d16 = mt_load_fp16(y + 80), m16 = mt_load_fp16(y + 82);
+    uint8_t L[MT_QK_K];
+    const float d16 = mt_load_fp16(y + MT_Q2_K_D), m16 = mt_load_fp16(y + MT_Q2_K_DMIN);
     for (int j = 0; j < 16; ++j) {
         const float d = d16 * (float)(sc[j] & 0xF);
         if (!d) {
@@ -370,7 +375,7 @@ static void finish_q2_k_block(int use_imatrix, const float *x, const float *scal
         }
         requantize(16, 3, x + 16 * j, d, m16 * (float)(sc[j] >> 4), L + 16 * j);
     }
-    pack_q2_k(L, y + 16);
+    pack_q2_k(L, y + MT_Q2_K_QS);
 }
 
 /* ---------------------------------------------------------------- instantiations */

@@ -212,7 +212,7 @@ MT_INLINE void SFX(quantize_k4_pair)(const int nmax, const int use_imatrix, cons
         for (int j = 0; j < 8; ++j)
             for (int i = 0; i < 32; ++i) xt[i * QKX_LANES + 8 * h + j] = xb[32 * j + i];
     }
-    const int nan_input = any_nan(x0, 256) | any_nan(x1, 256);
+    const int nan_input = any_nan(x0, MT_QK_K) | any_nan(x1, MT_QK_K);
     if (!use_imatrix) {
         /* weights: the sub-block's rms plus |x| (sw is not used) */
         float s2[QKX_LANES], av[QKX_LANES];
@@ -226,12 +226,12 @@ MT_INLINE void SFX(quantize_k4_pair)(const int nmax, const int use_imatrix, cons
     } else {
         /* weights: qw * sqrtf(sigma2 + x*x), sigma2 = 2*sum(x*x)/256 over the super-block */
         float sa = 0.f, sb = 0.f;
-        for (int k = 0; k < 256; ++k) {
+        for (int k = 0; k < MT_QK_K; ++k) {
             sa += x0[k] * x0[k];
             sb += x1[k] * x1[k];
         }
         float sig[QKX_LANES], qt[32 * QKX_LANES];
-        for (int j = 0; j < QKX_LANES; ++j) sig[j] = 2.f * (j < 8 ? sa : sb) / 256.f;
+        for (int j = 0; j < QKX_LANES; ++j) sig[j] = 2.f * (j < 8 ? sa : sb) / (float)MT_QK_K;
         for (int h = 0; h < 2; ++h) {
             const float *qb = h ? q1 : q0;
             for (int j = 0; j < 8; ++j)
@@ -255,7 +255,7 @@ MT_INLINE void SFX(quantize_k4_rows_)(const int nmax, const int use_imatrix, con
                                       int64_t n_rows, int64_t n_per_row, const float *imatrix,
                                       const float *mults, int nmult) {
     const int64_t nb = n_per_row / MT_QK_K, total = n_rows * nb;
-    const int64_t bytes = nmax == 15 ? 144 : 176;
+    const int64_t bytes = nmax == 15 ? MT_Q4_K_BYTES : MT_Q5_K_BYTES;
     for (int64_t g = 0; g < total; g += 2) {
         const int64_t g1 = g + 1 < total ? g + 1 : g;
         const float *q0 = use_imatrix ? imatrix + (g % nb) * MT_QK_K : NULL;
@@ -287,15 +287,15 @@ MT_INLINE void SFX(quantize_q2_k_block)(const int use_imatrix, const float *rest
     float scales[16], mins[16], sw[16];
     for (int j = 0; j < 16; ++j)
         for (int i = 0; i < 16; ++i) xt[i * QKX_LANES + j] = x[16 * j + i];
-    const int nan_input = any_nan(x, 256);
+    const int nan_input = any_nan(x, MT_QK_K);
     if (!use_imatrix) {
         for (int j = 0; j < 16; ++j) sw[j] = 0.f; /* not used */
         for (int k = 0; k < 16 * QKX_LANES; ++k) wt[k] = fabsf(xt[k]);
         SFX(qkx_search)(16, 3, xt, wt, mults, nmult, 1, 0, nan_input, scales, mins, lt);
     } else {
         float s = 0.f;
-        for (int k = 0; k < 256; ++k) s += x[k] * x[k];
-        const float sigma2 = s / 256.f;
+        for (int k = 0; k < MT_QK_K; ++k) s += x[k] * x[k];
+        const float sigma2 = s / (float)MT_QK_K;
         for (int j = 0; j < 16; ++j)
             for (int i = 0; i < 16; ++i) wt[i * QKX_LANES + j] = qw[16 * j + i];
         for (int k = 0; k < 16 * QKX_LANES; ++k) wt[k] = wt[k] * sqrtf(sigma2 + xt[k] * xt[k]);
@@ -312,9 +312,9 @@ static void SFX(quantize_q2_k_rows)(const float *x, uint8_t *y, int64_t n_rows, 
     const int64_t nb = n_per_row / MT_QK_K, total = n_rows * nb;
     for (int64_t g = 0; g < total; ++g) {
         if (imatrix)
-            SFX(quantize_q2_k_block)(1, x + g * MT_QK_K, imatrix + (g % nb) * MT_QK_K, mults, nmult, y + g * 84);
+            SFX(quantize_q2_k_block)(1, x + g * MT_QK_K, imatrix + (g % nb) * MT_QK_K, mults, nmult, y + g * MT_Q2_K_BYTES);
         else
-            SFX(quantize_q2_k_block)(0, x + g * MT_QK_K, NULL, mults, nmult, y + g * 84);
+            SFX(quantize_q2_k_block)(0, x + g * MT_QK_K, NULL, mults, nmult, y + g * MT_Q2_K_BYTES);
     }
 }
 

@@ -25,6 +25,10 @@
 #include "ckernels.h"
 #include "common.h"
 
+/* Sizes and offsets come from layouts.h; the vector code below is written for these block lengths. */
+_Static_assert(MT_QK == 32, "legacy blocks are taken as 8 vectors of 4 floats (4 of 8 on AVX2), qh as one uint32");
+_Static_assert(MT_QK_K == 256, "Q3_K and Q6_K super-blocks are taken as 16 sub-blocks of 16");
+
 #include <float.h>
 #include <stdlib.h>
 #include <stdint.h>
@@ -326,7 +330,7 @@ static void q6_k_block(const float *x, const float *qw, uint8_t *y) {
         if (abs_scale > max_abs_scale) { max_abs_scale = abs_scale; max_scale = scale; }
     }
     if (max_abs_scale < MT_GROUP_MAX_EPS) {
-        memset(y, 0, 210);
+        memset(y, 0, MT_Q6_K_BYTES);
         return;
     }
     const float iscale = -128.f / max_scale;
@@ -346,7 +350,7 @@ static void q6_k_block(const float *x, const float *qw, uint8_t *y) {
             for (int t = 0; t < 4; ++t) L[16 * j + 4 * q + t] = (int8_t)l[t];
         }
     }
-    uint8_t *ql = y, *qh = y + 128;
+    uint8_t *ql = y + MT_Q6_K_QL, *qh = y + MT_Q6_K_QH;
     for (int j = 0; j < MT_QK_K; j += 128) {
         for (int l = 0; l < 32; ++l) {
             const uint8_t q1 = (uint8_t)L[j + l], q2 = (uint8_t)L[j + l + 32];
@@ -358,16 +362,16 @@ static void q6_k_block(const float *x, const float *qw, uint8_t *y) {
         ql += 64;
         qh += 32;
     }
-    memcpy(y + 192, sc, 16);
-    y[208] = (uint8_t)(dh & 0xff);
-    y[209] = (uint8_t)(dh >> 8);
+    memcpy(y + MT_Q6_K_SCALES, sc, MT_Q6_K_SCALES_SIZE);
+    y[MT_Q6_K_D] = (uint8_t)(dh & 0xff);
+    y[MT_Q6_K_D + 1] = (uint8_t)(dh >> 8);
 }
 
 static int quantize_q6_k(const float *x, uint8_t *y, int64_t n_rows, int64_t n_per_row, const float *imatrix) {
     const int64_t nb = n_per_row / MT_QK_K;
     for (int64_t r = 0; r < n_rows; ++r)
         for (int64_t i = 0; i < nb; ++i)
-            q6_k_block(x + (r * nb + i) * MT_QK_K, imatrix ? imatrix + i * MT_QK_K : NULL, y + (r * nb + i) * 210);
+            q6_k_block(x + (r * nb + i) * MT_QK_K, imatrix ? imatrix + i * MT_QK_K : NULL, y + (r * nb + i) * MT_Q6_K_BYTES);
     return 0;
 }
 
@@ -479,7 +483,7 @@ static void q3_k_block(const float *x, const float *qw, uint8_t *y) {
     } else {
         float sumx2 = 0.f;
         for (int j = 0; j < MT_QK_K; ++j) sumx2 += x[j] * x[j];
-        const float sigma2 = 2.f * sumx2 / 256.f;
+        const float sigma2 = 2.f * sumx2 / (float)MT_QK_K;
         float weight[16], sw[16];
         for (int j = 0; j < 16; ++j) {
             const float *xg = x + 16 * j;
@@ -504,7 +508,7 @@ static void q3_k_block(const float *x, const float *qw, uint8_t *y) {
             for (int t = 0; t < 4; ++t) L[16 * j + 4 * q + t] = (int8_t)l[t];
         }
     }
-    uint8_t *hmask = y, *qs = y + 32, *sc = y + 96;
+    uint8_t *hmask = y + MT_Q3_K_HMASK, *qs = y + MT_Q3_K_QS, *sc = y + MT_Q3_K_SCALES;
     /* bit k of hmask[m] is bit 2 of code 32k+m; the low 2 bits go to qs (L - 4 == L & 3 for L > 3) */
     for (int m = 0; m < 32; ++m) {
         unsigned b = 0;
@@ -515,22 +519,22 @@ static void q3_k_block(const float *x, const float *qw, uint8_t *y) {
     for (int j = 0; j < MT_QK_K; j += 128)
         for (int l = 0; l < 32; ++l)
             qs[j / 4 + l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
-    memset(sc, 0, 12);
+    memset(sc, 0, MT_Q3_K_SCALES_SIZE);
     for (int j = 0; j < 16; ++j) {
         const int l = ls[j];
         if (j < 8) sc[j] = (uint8_t)(l & 0xF);
         else sc[j - 8] |= (uint8_t)((l & 0xF) << 4);
         sc[j % 4 + 8] |= (uint8_t)((l >> 4) << (2 * (j / 4)));
     }
-    y[108] = (uint8_t)(dh & 0xff);
-    y[109] = (uint8_t)(dh >> 8);
+    y[MT_Q3_K_D] = (uint8_t)(dh & 0xff);
+    y[MT_Q3_K_D + 1] = (uint8_t)(dh >> 8);
 }
 
 static int quantize_q3_k(const float *x, uint8_t *y, int64_t n_rows, int64_t n_per_row, const float *imatrix) {
     const int64_t nb = n_per_row / MT_QK_K;
     for (int64_t r = 0; r < n_rows; ++r)
         for (int64_t i = 0; i < nb; ++i)
-            q3_k_block(x + (r * nb + i) * MT_QK_K, imatrix ? imatrix + i * MT_QK_K : NULL, y + (r * nb + i) * 110);
+            q3_k_block(x + (r * nb + i) * MT_QK_K, imatrix ? imatrix + i * MT_QK_K : NULL, y + (r * nb + i) * MT_Q3_K_BYTES);
     return 0;
 }
 
@@ -562,7 +566,7 @@ static void q8_0_ref_block(const float *xb, uint8_t *yb) {
             const v4f fr = v - __builtin_convertvector(t, v4f); /* exact */
             t = t - (fr >= 0.5f) + (fr <= -0.5f);              /* roundf: half away from zero */
             const v4c c = __builtin_convertvector(t, v4c);
-            memcpy(yb + 2 + 4 * k, &c, 4);
+            memcpy(yb + MT_Q8_0_QS + 4 * k, &c, 4);
         }
     }
 }
@@ -687,15 +691,15 @@ static inline void affine_ref(const float *x, int nmax, float *d_out, float *min
 static void q4_0_ref_block(const float *x, uint8_t *y) {
     v4i q[8];
     const float d = symmetric_ref(x, 8, q);
-    mt_store_fp16(y, d);
-    pack_codes(q, NULL, y + 2);
+    mt_store_fp16(y + MT_Q4_0_D, d);
+    pack_codes(q, NULL, y + MT_Q4_0_QS);
 }
 
 static void q5_0_ref_block(const float *x, uint8_t *y) {
     v4i q[8];
     const float d = symmetric_ref(x, 16, q);
-    mt_store_fp16(y, d);
-    pack_codes(q, y + 2, y + 6);
+    mt_store_fp16(y + MT_Q5_0_D, d);
+    pack_codes(q, y + MT_Q5_0_QH, y + MT_Q5_0_QS);
 }
 
 static void q4_1_ref_block(const float *x, uint8_t *y) {
@@ -706,18 +710,18 @@ static void q4_1_ref_block(const float *x, uint8_t *y) {
         const v4i t = v4i_int8(q[k]);
         q[k] = v4i_select(t > 15, v4i_set1(15), t);
     }
-    mt_store_fp16(y, d);
-    mt_store_fp16(y + 2, min);
-    pack_codes(q, NULL, y + 4);
+    mt_store_fp16(y + MT_Q4_1_D, d);
+    mt_store_fp16(y + MT_Q4_1_M, min);
+    pack_codes(q, NULL, y + MT_Q4_1_QS);
 }
 
 static void q5_1_ref_block(const float *x, uint8_t *y) {
     v4i q[8];
     float d, min;
     affine_ref(x, 31, &d, &min, q); /* (uint8_t)(x0 + 0.5f): no clamp in ggml */
-    mt_store_fp16(y, d);
-    mt_store_fp16(y + 2, min);
-    pack_codes(q, y + 4, y + 8);
+    mt_store_fp16(y + MT_Q5_1_D, d);
+    mt_store_fp16(y + MT_Q5_1_M, min);
+    pack_codes(q, y + MT_Q5_1_QH, y + MT_Q5_1_QS);
 }
 
 /* All the reference paths, row range by row range: the blocks of a row range are contiguous. */
@@ -725,13 +729,13 @@ typedef void (*ref_blocks_fn)(const float *x, uint8_t *y, int64_t nb);
 
 #define DEFINE_REF_BLOCKS(fname, ref_block, bytes)                                \
     static void fname(const float *x, uint8_t *y, int64_t nb) {                   \
-        for (int64_t b = 0; b < nb; ++b) ref_block(x + 32 * b, y + (bytes) * b); \
+        for (int64_t b = 0; b < nb; ++b) ref_block(x + MT_QK * b, y + (bytes) * b); \
     }
-DEFINE_REF_BLOCKS(q4_0_ref_generic, q4_0_ref_block, 18)
-DEFINE_REF_BLOCKS(q4_1_ref_generic, q4_1_ref_block, 20)
-DEFINE_REF_BLOCKS(q5_0_ref_generic, q5_0_ref_block, 22)
-DEFINE_REF_BLOCKS(q5_1_ref_generic, q5_1_ref_block, 24)
-DEFINE_REF_BLOCKS(q8_0_ref_generic, q8_0_ref_block, 34)
+DEFINE_REF_BLOCKS(q4_0_ref_generic, q4_0_ref_block, MT_Q4_0_BYTES)
+DEFINE_REF_BLOCKS(q4_1_ref_generic, q4_1_ref_block, MT_Q4_1_BYTES)
+DEFINE_REF_BLOCKS(q5_0_ref_generic, q5_0_ref_block, MT_Q5_0_BYTES)
+DEFINE_REF_BLOCKS(q5_1_ref_generic, q5_1_ref_block, MT_Q5_1_BYTES)
+DEFINE_REF_BLOCKS(q8_0_ref_generic, q8_0_ref_block, MT_Q8_0_BYTES)
 
 static ref_blocks_fn q4_0_ref_blocks = q4_0_ref_generic, q4_1_ref_blocks = q4_1_ref_generic,
                      q5_0_ref_blocks = q5_0_ref_generic, q5_1_ref_blocks = q5_1_ref_generic,
@@ -859,15 +863,15 @@ AVX2_FN static inline void symmetric_ref_avx2(const float *x, uint8_t *y, int64_
     const __m256 off = _mm256_set1_ps((float)nlev + 0.5f);
     const __m256i top = _mm256_set1_epi8((char)(2 * nlev - 1));
     for (int64_t g = 0; g < ng; ++g) {
-        const float *xg = x + 32 * REF_GROUP * g;
+        const float *xg = x + MT_QK * REF_GROUP * g;
         uint8_t *yg = y + bytes * REF_GROUP * g;
         float mx[REF_GROUP], idb[REF_GROUP];
-        for (int b = 0; b < REF_GROUP; ++b) mx[b] = first_absmax32_8(xg + 32 * b);
+        for (int b = 0; b < REF_GROUP; ++b) mx[b] = first_absmax32_8(xg + MT_QK * b);
         const __m256 d = _mm256_div_ps(_mm256_loadu_ps(mx), _mm256_set1_ps((float)-nlev));
         _mm256_storeu_ps(idb, inv_or_zero8(d));
-        store_fp16_8(yg, bytes, 0, fp16_bits8(d));
+        store_fp16_8(yg, bytes, nlev == 8 ? MT_Q4_0_D : MT_Q5_0_D, fp16_bits8(d));
         for (int b = 0; b < REF_GROUP; ++b) {
-            const float *xb = xg + 32 * b;
+            const float *xb = xg + MT_QK * b;
             const __m256 id = _mm256_set1_ps(idb[b]);
             __m256i q[4];
             for (int k = 0; k < 4; ++k)
@@ -875,12 +879,12 @@ AVX2_FN static inline void symmetric_ref_avx2(const float *x, uint8_t *y, int64_
             /* MIN(2*nlev-1, (int8_t)t) */
             const __m256i c = _mm256_min_epi8(low_bytes32(q[0], q[1], q[2], q[3]), top);
             uint8_t *yb = yg + bytes * b;
-            if (nlev == 8) store_codes32(c, NULL, yb + 2);
-            else store_codes32(c, yb + 2, yb + 6);
+            if (nlev == 8) store_codes32(c, NULL, yb + MT_Q4_0_QS);
+            else store_codes32(c, yb + MT_Q5_0_QH, yb + MT_Q5_0_QS);
         }
     }
-    if (nlev == 8) q4_0_ref_generic(x + 32 * REF_GROUP * ng, y + bytes * REF_GROUP * ng, nb - REF_GROUP * ng);
-    else q5_0_ref_generic(x + 32 * REF_GROUP * ng, y + bytes * REF_GROUP * ng, nb - REF_GROUP * ng);
+    if (nlev == 8) q4_0_ref_generic(x + MT_QK * REF_GROUP * ng, y + bytes * REF_GROUP * ng, nb - REF_GROUP * ng);
+    else q5_0_ref_generic(x + MT_QK * REF_GROUP * ng, y + bytes * REF_GROUP * ng, nb - REF_GROUP * ng);
 }
 
 /* Q4_1 (nmax 15, codes clamped to 15 as int8) / Q5_1 (nmax 31, low 8 bits). */
@@ -889,54 +893,54 @@ AVX2_FN static inline void affine_ref_avx2(const float *x, uint8_t *y, int64_t n
     const __m256 half = _mm256_set1_ps(0.5f);
     const __m256i top = _mm256_set1_epi8(15);
     for (int64_t g = 0; g < ng; ++g) {
-        const float *xg = x + 32 * REF_GROUP * g;
+        const float *xg = x + MT_QK * REF_GROUP * g;
         uint8_t *yg = y + bytes * REF_GROUP * g;
         float mn[REF_GROUP], mx[REF_GROUP], idb[REF_GROUP];
-        for (int b = 0; b < REF_GROUP; ++b) first_minmax32_8(xg + 32 * b, &mn[b], &mx[b]);
+        for (int b = 0; b < REF_GROUP; ++b) first_minmax32_8(xg + MT_QK * b, &mn[b], &mx[b]);
         const __m256 minv = _mm256_loadu_ps(mn);
         const __m256 d = _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(mx), minv), _mm256_set1_ps((float)nmax));
         _mm256_storeu_ps(idb, inv_or_zero8(d));
-        store_fp16_8(yg, bytes, 0, fp16_bits8(d));
-        store_fp16_8(yg, bytes, 2, fp16_bits8(minv));
+        store_fp16_8(yg, bytes, nmax == 15 ? MT_Q4_1_D : MT_Q5_1_D, fp16_bits8(d));
+        store_fp16_8(yg, bytes, nmax == 15 ? MT_Q4_1_M : MT_Q5_1_M, fp16_bits8(minv));
         for (int b = 0; b < REF_GROUP; ++b) {
-            const float *xb = xg + 32 * b;
+            const float *xb = xg + MT_QK * b;
             const __m256 id = _mm256_set1_ps(idb[b]), m = _mm256_set1_ps(mn[b]);
             __m256i q[4];
             for (int k = 0; k < 4; ++k)
                 q[k] = cvtt8(_mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xb + 8 * k), m), id), half));
             __m256i c = low_bytes32(q[0], q[1], q[2], q[3]);
             uint8_t *yb = yg + bytes * b;
-            if (nmax == 15) store_codes32(_mm256_min_epi8(c, top), NULL, yb + 4);
-            else store_codes32(c, yb + 4, yb + 8);
+            if (nmax == 15) store_codes32(_mm256_min_epi8(c, top), NULL, yb + MT_Q4_1_QS);
+            else store_codes32(c, yb + MT_Q5_1_QH, yb + MT_Q5_1_QS);
         }
     }
-    if (nmax == 15) q4_1_ref_generic(x + 32 * REF_GROUP * ng, y + bytes * REF_GROUP * ng, nb - REF_GROUP * ng);
-    else q5_1_ref_generic(x + 32 * REF_GROUP * ng, y + bytes * REF_GROUP * ng, nb - REF_GROUP * ng);
+    if (nmax == 15) q4_1_ref_generic(x + MT_QK * REF_GROUP * ng, y + bytes * REF_GROUP * ng, nb - REF_GROUP * ng);
+    else q5_1_ref_generic(x + MT_QK * REF_GROUP * ng, y + bytes * REF_GROUP * ng, nb - REF_GROUP * ng);
 }
 
-AVX2_FN static void q4_0_ref_avx2(const float *x, uint8_t *y, int64_t nb) { symmetric_ref_avx2(x, y, nb, 8, 18); }
-AVX2_FN static void q5_0_ref_avx2(const float *x, uint8_t *y, int64_t nb) { symmetric_ref_avx2(x, y, nb, 16, 22); }
-AVX2_FN static void q4_1_ref_avx2(const float *x, uint8_t *y, int64_t nb) { affine_ref_avx2(x, y, nb, 15, 20); }
-AVX2_FN static void q5_1_ref_avx2(const float *x, uint8_t *y, int64_t nb) { affine_ref_avx2(x, y, nb, 31, 24); }
+AVX2_FN static void q4_0_ref_avx2(const float *x, uint8_t *y, int64_t nb) { symmetric_ref_avx2(x, y, nb, 8, MT_Q4_0_BYTES); }
+AVX2_FN static void q5_0_ref_avx2(const float *x, uint8_t *y, int64_t nb) { symmetric_ref_avx2(x, y, nb, 16, MT_Q5_0_BYTES); }
+AVX2_FN static void q4_1_ref_avx2(const float *x, uint8_t *y, int64_t nb) { affine_ref_avx2(x, y, nb, 15, MT_Q4_1_BYTES); }
+AVX2_FN static void q5_1_ref_avx2(const float *x, uint8_t *y, int64_t nb) { affine_ref_avx2(x, y, nb, 31, MT_Q5_1_BYTES); }
 
 /* Q8_0: d = amax/127, q = roundf(x*id) (0 where x*id is not finite, as in q8_0_ref_block). */
 AVX2_FN static void q8_0_ref_avx2(const float *x, uint8_t *y, int64_t nb) {
     const int64_t ng = nb / REF_GROUP;
     for (int64_t g = 0; g < ng; ++g) {
-        const float *xg = x + 32 * REF_GROUP * g;
-        uint8_t *yg = y + 34 * REF_GROUP * g;
+        const float *xg = x + MT_QK * REF_GROUP * g;
+        uint8_t *yg = y + MT_Q8_0_BYTES * REF_GROUP * g;
         float am[REF_GROUP], idb[REF_GROUP];
         for (int b = 0; b < REF_GROUP; ++b) {
             __m256 v[4];
-            load32_8(xg + 32 * b, v);
+            load32_8(xg + MT_QK * b, v);
             const __m256 a = _mm256_max_ps(_mm256_max_ps(abs8(v[0]), abs8(v[1])), _mm256_max_ps(abs8(v[2]), abs8(v[3])));
             am[b] = _mm256_cvtss_f32(bcast_max8(a));
         }
         const __m256 d = _mm256_div_ps(_mm256_loadu_ps(am), _mm256_set1_ps(127.f));
         _mm256_storeu_ps(idb, inv_or_zero8(d));
-        store_fp16_8(yg, 34, 0, fp16_bits8(d));
+        store_fp16_8(yg, MT_Q8_0_BYTES, MT_Q8_0_D, fp16_bits8(d));
         for (int b = 0; b < REF_GROUP; ++b) {
-            const float *xb = xg + 32 * b;
+            const float *xb = xg + MT_QK * b;
             const __m256 id = _mm256_set1_ps(idb[b]);
             __m256i q[4];
             for (int k = 0; k < 4; ++k) {
@@ -948,10 +952,10 @@ AVX2_FN static void q8_0_ref_avx2(const float *x, uint8_t *y, int64_t nb) {
                 q[k] = _mm256_add_epi32(_mm256_sub_epi32(t, _mm256_castps_si256(_mm256_cmp_ps(fr, _mm256_set1_ps(0.5f), _CMP_GE_OQ))),
                                         _mm256_castps_si256(_mm256_cmp_ps(fr, _mm256_set1_ps(-0.5f), _CMP_LE_OQ)));
             }
-            _mm256_storeu_si256((__m256i *)(yg + 34 * b + 2), low_bytes32(q[0], q[1], q[2], q[3]));
+            _mm256_storeu_si256((__m256i *)(yg + MT_Q8_0_BYTES * b + MT_Q8_0_QS), low_bytes32(q[0], q[1], q[2], q[3]));
         }
     }
-    q8_0_ref_generic(x + 32 * REF_GROUP * ng, y + 34 * REF_GROUP * ng, nb - REF_GROUP * ng);
+    q8_0_ref_generic(x + MT_QK * REF_GROUP * ng, y + MT_Q8_0_BYTES * REF_GROUP * ng, nb - REF_GROUP * ng);
 }
 #endif
 
@@ -960,7 +964,7 @@ AVX2_FN static void q8_0_ref_avx2(const float *x, uint8_t *y, int64_t nb) {
 
 /* ggml's per-element weights: qw * sqrtf(sigma2 + x*x). */
 static inline void legacy_weights(const float *x, const float *qw, float sigma2, float *w) {
-    for (int j = 0; j < 32; ++j) w[j] = qw[j] * sqrtf(sigma2 + x[j] * x[j]);
+    for (int j = 0; j < MT_QK; ++j) w[j] = qw[j] * sqrtf(sigma2 + x[j] * x[j]);
 }
 
 static float row_sigma2(const float *x, int64_t n) {
@@ -970,17 +974,17 @@ static float row_sigma2(const float *x, int64_t n) {
 }
 
 static void q4_0_impl_block(const float *x, const float *w, uint8_t *y) {
-    int8_t L[32];
-    const float d = make_qx_quants(32, 8, x, L, w);
-    mt_store_fp16(y, d);
-    pack_q4(y + 2, (const uint8_t *)L);
+    int8_t L[MT_QK];
+    const float d = make_qx_quants(MT_QK, 8, x, L, w);
+    mt_store_fp16(y + MT_Q4_0_D, d);
+    pack_q4(y + MT_Q4_0_QS, (const uint8_t *)L);
 }
 
 static void q5_0_impl_block(const float *x, const float *w, uint8_t *y) {
-    int8_t L[32];
-    const float d = make_qx_quants(32, 16, x, L, w);
-    mt_store_fp16(y, d);
-    pack_q5(y + 2, y + 6, (const uint8_t *)L);
+    int8_t L[MT_QK];
+    const float d = make_qx_quants(MT_QK, 16, x, L, w);
+    mt_store_fp16(y + MT_Q5_0_D, d);
+    pack_q5(y + MT_Q5_0_QH, y + MT_Q5_0_QS, (const uint8_t *)L);
 }
 
 /* make_qkx3_quants(32, nmax, x, weights, L, &the_min, Laux, -0.9f, 0.05f, 36, use_mad=false) on 8
@@ -1002,25 +1006,25 @@ typedef void (*qkx3_fn)(const float *const *xs, const float *const *ws, int nmax
 #define QK3_ISEL(m, a, b) (((m) & (a)) | (~(m) & (b)))
 
 #define DEFINE_QKX3(NAME, ATTR, VF, VI, NV)                                                                     \
-    ATTR static void NAME(const float *const *xs, const float *const *ws, int nmax, float *scale_out,          \
+    ATTR static void NAME(const float *const *xs, const float *const *ws, int nmax, float *scale_out,           \
                           float *the_min_out, uint8_t *L_out) {                                                 \
         enum { W_ = (int)(sizeof(VF) / sizeof(float)) };                                                        \
         const VF zero = {0};                                                                                    \
         const VI izero = {0};                                                                                   \
         const float fnmax = (float)nmax;                                                                        \
-        VF X[32][NV], W[32][NV], mx[NV], mn[NV], flat_min[NV], sum_w[NV], sum_x[NV], scale[NV], best_mad[NV];   \
-        VI flat[NV], L[32][NV];                                                                                 \
+        VF X[MT_QK][NV], W[MT_QK][NV], mx[NV], mn[NV], flat_min[NV], sum_w[NV], sum_x[NV], scale[NV], best_mad[NV]; \
+        VI flat[NV], L[MT_QK][NV];                                                                              \
         for (int b = 0; b < QK3_LANES; ++b) {                                                                   \
             const float *xb = xs[b];                                                                            \
             float lo = xb[0], hi = xb[0];                                                                       \
-            for (int i = 1; i < 32; ++i) {                                                                      \
+            for (int i = 1; i < MT_QK; ++i) {                                                                   \
                 if (xb[i] < lo) lo = xb[i];                                                                     \
                 if (xb[i] > hi) hi = xb[i];                                                                     \
             }                                                                                                   \
             if (lo > 0.f) lo = 0.f;                                                                             \
             mx[b / W_][b % W_] = hi;                                                                            \
             flat_min[b / W_][b % W_] = lo;                                                                      \
-            for (int i = 0; i < 32; ++i) {                                                                      \
+            for (int i = 0; i < MT_QK; ++i) {                                                                   \
                 X[i][b / W_][b % W_] = xb[i];                                                                   \
                 W[i][b / W_][b % W_] = ws[b][i];                                                                \
             }                                                                                                   \
@@ -1028,7 +1032,7 @@ typedef void (*qkx3_fn)(const float *const *xs, const float *const *ws, int nmax
         for (int v = 0; v < NV; ++v) {                                                                          \
             sum_w[v] = W[0][v];                                                                                 \
             sum_x[v] = W[0][v] * X[0][v];                                                                       \
-            for (int i = 1; i < 32; ++i) {                                                                      \
+            for (int i = 1; i < MT_QK; ++i) {                                                                   \
                 sum_w[v] += W[i][v];                                                                            \
                 sum_x[v] += W[i][v] * X[i][v];                                                                  \
             }                                                                                                   \
@@ -1037,7 +1041,7 @@ typedef void (*qkx3_fn)(const float *const *xs, const float *const *ws, int nmax
             const VF iscale = fnmax / (mx[v] - mn[v]);                                                          \
             scale[v] = 1.f / iscale;                                                                            \
             best_mad[v] = zero;                                                                                 \
-            for (int i = 0; i < 32; ++i) {                                                                      \
+            for (int i = 0; i < MT_QK; ++i) {                                                                   \
                 VI l = ((VI)(iscale * (X[i][v] - mn[v]) + MAGIC) & 0x007fffff) - 0x00400000; /* nearest_int */  \
                 l = QK3_ISEL(l < 0, izero, l);                                                                  \
                 L[i][v] = QK3_ISEL(l > nmax, izero + nmax, l);                                                  \
@@ -1049,9 +1053,9 @@ typedef void (*qkx3_fn)(const float *const *xs, const float *const *ws, int nmax
             const float c = -0.9f + 0.05f * (float)is + fnmax;                                                  \
             for (int v = 0; v < NV; ++v) {                                                                      \
                 const VF iscale = c / (mx[v] - mn[v]);                                                          \
-                VF lf[32];                                                                                      \
+                VF lf[MT_QK];                                                                                   \
                 VF sum_l = zero, sum_l2 = zero, sum_xl = zero;                                                  \
-                for (int i = 0; i < 32; ++i) {                                                                  \
+                for (int i = 0; i < MT_QK; ++i) {                                                               \
                     const VF t = iscale * (X[i][v] - mn[v]);                                                    \
                     /* inf or NaN (min at or near max) gives 0, as the torch kernel's guard does */             \
                     const VF r = (VF)((t > 0.f) & (VI)(((QK3_SEL(VF, VI, t < fnmax, t, zero + fnmax)) + MAGIC) - MAGIC)); \
@@ -1068,7 +1072,7 @@ typedef void (*qkx3_fn)(const float *const *xs, const float *const *ws, int nmax
                 this_min = QK3_SEL(VF, VI, pos, zero, this_min);                                                \
                 this_scale = QK3_SEL(VF, VI, pos, sum_xl / sum_l2, this_scale);                                 \
                 VF mad = zero;                                                                                  \
-                for (int i = 0; i < 32; ++i) {                                                                  \
+                for (int i = 0; i < MT_QK; ++i) {                                                               \
                     const VF diff = (this_scale * lf[i] + this_min) - X[i][v];                                  \
                     mad += W[i][v] * (diff * diff);                                                             \
                 }                                                                                               \
@@ -1076,7 +1080,7 @@ typedef void (*qkx3_fn)(const float *const *xs, const float *const *ws, int nmax
                 int any = 0;                                                                                    \
                 for (int k = 0; k < W_; ++k) any |= take[k];                                                    \
                 if (any) {                                                                                      \
-                    for (int i = 0; i < 32; ++i)                                                                \
+                    for (int i = 0; i < MT_QK; ++i)                                                             \
                         L[i][v] = QK3_ISEL(take, __builtin_convertvector(lf[i], VI), L[i][v]);                  \
                     best_mad[v] = QK3_SEL(VF, VI, take, mad, best_mad[v]);                                      \
                     scale[v] = QK3_SEL(VF, VI, take, this_scale, scale[v]);                                     \
@@ -1089,12 +1093,12 @@ typedef void (*qkx3_fn)(const float *const *xs, const float *const *ws, int nmax
             if (flat[v][k]) {                                                                                   \
                 scale_out[b] = 0.f;                                                                             \
                 the_min_out[b] = -flat_min[v][k];                                                               \
-                memset(L_out + 32 * b, 0, 32);                                                                  \
+                memset(L_out + MT_QK * b, 0, MT_QK);                                                            \
                 continue;                                                                                       \
             }                                                                                                   \
             scale_out[b] = scale[v][k];                                                                         \
             the_min_out[b] = -mn[v][k];                                                                         \
-            for (int i = 0; i < 32; ++i) L_out[32 * b + i] = (uint8_t)L[i][v][k];                               \
+            for (int i = 0; i < MT_QK; ++i) L_out[MT_QK * b + i] = (uint8_t)L[i][v][k];                         \
         }                                                                                                       \
     }
 
@@ -1107,41 +1111,49 @@ static qkx3_fn make_qkx3_quants_x8 = qkx3_generic;
 
 static int quantize_legacy_impl(const float *x, uint8_t *y, int64_t n_rows, int64_t n_per_row,
                                 const float *imatrix, enum mt_type type) {
-    const int64_t nb = n_per_row / 32;
-    const int bytes = type == MT_Q4_0 ? 18 : type == MT_Q4_1 ? 20 : type == MT_Q5_0 ? 22 : 24;
+    const int64_t nb = n_per_row / MT_QK;
+    const int bytes = type == MT_Q4_0   ? MT_Q4_0_BYTES
+                      : type == MT_Q4_1 ? MT_Q4_1_BYTES
+                      : type == MT_Q5_0 ? MT_Q5_0_BYTES
+                                        : MT_Q5_1_BYTES;
     for (int64_t r = 0; r < n_rows; ++r) {
         const float *xr = x + r * n_per_row;
         uint8_t *yr = y + r * nb * bytes;
         const float sigma2 = row_sigma2(xr, n_per_row);
         if (type == MT_Q4_0 || type == MT_Q5_0) {
             for (int64_t ib = 0; ib < nb; ++ib) {
-                float w[32];
-                legacy_weights(xr + 32 * ib, imatrix + 32 * ib, sigma2, w);
-                if (type == MT_Q4_0) q4_0_impl_block(xr + 32 * ib, w, yr + bytes * ib);
-                else q5_0_impl_block(xr + 32 * ib, w, yr + bytes * ib);
+                float w[MT_QK];
+                legacy_weights(xr + MT_QK * ib, imatrix + MT_QK * ib, sigma2, w);
+                if (type == MT_Q4_0) q4_0_impl_block(xr + MT_QK * ib, w, yr + bytes * ib);
+                else q5_0_impl_block(xr + MT_QK * ib, w, yr + bytes * ib);
             }
             continue;
         }
         const int nmax = type == MT_Q4_1 ? 15 : 31;
         for (int64_t ib0 = 0; ib0 < nb; ib0 += QK3_LANES) {
-            float w[QK3_LANES][32];
+            float w[QK3_LANES][MT_QK];
             const float *xs[QK3_LANES], *ws[QK3_LANES];
             const int nlanes = nb - ib0 < QK3_LANES ? (int)(nb - ib0) : QK3_LANES;
             for (int b = 0; b < QK3_LANES; ++b) {
                 const int64_t ib = ib0 + (b < nlanes ? b : nlanes - 1); /* spare lanes repeat a block */
-                if (b < nlanes) legacy_weights(xr + 32 * ib, imatrix + 32 * ib, sigma2, w[b]);
-                xs[b] = xr + 32 * ib;
+                if (b < nlanes) legacy_weights(xr + MT_QK * ib, imatrix + MT_QK * ib, sigma2, w[b]);
+                xs[b] = xr + MT_QK * ib;
                 ws[b] = w[b < nlanes ? b : nlanes - 1];
             }
             float scale[QK3_LANES], the_min[QK3_LANES];
-            uint8_t L[QK3_LANES * 32];
+            uint8_t L[QK3_LANES * MT_QK];
             make_qkx3_quants_x8(xs, ws, nmax, scale, the_min, L);
             for (int b = 0; b < nlanes; ++b) {
                 uint8_t *yb = yr + bytes * (ib0 + b);
-                mt_store_fp16(yb, scale[b]);
-                mt_store_fp16(yb + 2, -the_min[b]);
-                if (type == MT_Q4_1) pack_q4(yb + 4, L + 32 * b);
-                else pack_q5(yb + 4, yb + 8, L + 32 * b);
+                if (type == MT_Q4_1) {
+                    mt_store_fp16(yb + MT_Q4_1_D, scale[b]);
+                    mt_store_fp16(yb + MT_Q4_1_M, -the_min[b]);
+                    pack_q4(yb + MT_Q4_1_QS, L + MT_QK * b);
+                } else {
+                    mt_store_fp16(yb + MT_Q5_1_D, scale[b]);
+                    mt_store_fp16(yb + MT_Q5_1_M, -the_min[b]);
+                    pack_q5(yb + MT_Q5_1_QH, yb + MT_Q5_1_QS, L + MT_QK * b);
+                }
             }
         }
     }
@@ -1151,7 +1163,7 @@ static int quantize_legacy_impl(const float *x, uint8_t *y, int64_t n_rows, int6
 #define LEGACY_QUANTIZER(fname, TYPE, ref_blocks)                                                         \
     static int fname(const float *x, uint8_t *y, int64_t n_rows, int64_t n_per_row, const float *imatrix) { \
         if (imatrix) return quantize_legacy_impl(x, y, n_rows, n_per_row, imatrix, TYPE);                 \
-        ref_blocks(x, y, n_rows * (n_per_row / 32));                                                      \
+        ref_blocks(x, y, n_rows * (n_per_row / MT_QK));                                                      \
         return 0;                                                                                          \
     }
 
@@ -1163,7 +1175,7 @@ LEGACY_QUANTIZER(quantize_q5_1, MT_Q5_1, q5_1_ref_blocks)
 /* Q8_0: the importance matrix is ignored, as in ggml. */
 static int quantize_q8_0(const float *x, uint8_t *y, int64_t n_rows, int64_t n_per_row, const float *imatrix) {
     (void)imatrix;
-    q8_0_ref_blocks(x, y, n_rows * (n_per_row / 32));
+    q8_0_ref_blocks(x, y, n_rows * (n_per_row / MT_QK));
     return 0;
 }
 

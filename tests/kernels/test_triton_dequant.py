@@ -108,6 +108,35 @@ def test_random_bytes_with_tail_and_3d(td, type_name):
         assert_bits_equal(got, want, block, f"{type_name} random {dtype}")
 
 
+@pytest.mark.parametrize("type_name", TYPES)
+def test_kernels_take_every_offset_from_the_layout(td, ggml_vectors, type_name):
+    # The kernels read block sizes and field offsets only from their constexpr arguments (which the
+    # wrapper computes from kernels/layouts.py): repack golden blocks with the fields in reverse order,
+    # launch with that layout's offsets, and the values must not change. A literal offset left in a
+    # kernel would read the wrong bytes here.
+    from moetrace.kernels.layouts import LAYOUTS
+
+    lay = LAYOUTS[type_name]
+    kernel, _, args = td._KERNELS[type_name]
+    assert kernel.arg_names[5:] == list(args), f"{type_name} kernel parameters vs the table: {kernel.arg_names}"
+    q = _golden(ggml_vectors, type_name, rows=8)
+    blocks = q.reshape(-1, lay.bytes)
+    rev = [name for name, _ in reversed(lay.fields)]
+    packed = np.ascontiguousarray(np.concatenate([blocks[:, lay.span(name)] for name in rev], axis=1))
+    alt = dict(args)
+    off = 0
+    for name in rev:
+        alt[f"O_{name.upper()}"] = off
+        off += lay.size(name)
+    moved = [k for k in args if k.startswith("O_") and alt[k] == args[k]]
+    assert not moved, f"reversing {type_name}'s fields leaves {moved} in place; the test would not see them"
+    n_blocks = blocks.shape[0]
+    out = torch.empty(n_blocks * lay.elems, dtype=torch.float32)
+    kernel[(n_blocks // 4,)](torch.from_numpy(packed), out, n_blocks, BLOCKS=4, OUT=0, **alt)
+    assert_bits_equal(out.reshape(q.shape[0], -1), _reference(q, type_name, torch.float32), lay.elems,
+                      f"{type_name} fields reversed")
+
+
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 def test_bf16_rounding_ties_and_nan(td):
     # Q8_0 values q * d chosen to land exactly halfway between bf16 numbers, plus NaN and Inf scales.
