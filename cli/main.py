@@ -187,21 +187,30 @@ def diff(reference, variant, mode, as_json):
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def variants(as_json):
-    """The variant grammar and every valid variant name."""
+    """The variant grammar, the compute paths and every valid variant name."""
+    from moetrace.kernels import compute
     from moetrace.tracer import variants as V
 
     names = V.all_variant_names()
+    paths = compute.names()
     if as_json:
-        click.echo(json.dumps({"weights": V.valid_weights(), "compute": list(V.COMPUTE_DTYPES), "variants": names},
-                              indent=2))
+        click.echo(json.dumps({
+            "grammar": ["WEIGHTS-COMPUTE", "WEIGHTS-DEQw-COMPUTE"], "weights": V.valid_weights(), "compute": paths,
+            "dequant": {c: V.dequant_names(c) for c in paths},
+            "paths": {c: {"summary": compute.PATHS[c].summary, "default_dequant": compute.PATHS[c].default_dequant}
+                      for c in paths},
+            "variants": names}, indent=2))
         return
     click.echo(V.GRAMMAR.strip())
     click.echo("")
     click.echo("Valid weights: " + ", ".join(V.valid_weights()))
-    click.echo("Valid compute: " + ", ".join(V.COMPUTE_DTYPES))
-    click.echo(f"Valid variants ({len(names)}):")
+    click.echo("Valid compute paths:")
+    for c in paths:
+        deq = ", ".join(V.dequant_names(c)) or "none (block bytes)"
+        click.echo(f"  {c}: {compute.PATHS[c].summary}; DEQw: {deq}")
+    click.echo(f"Valid variants ({len(names)}, each also with a DEQw word its path takes):")
     for w in V.valid_weights():
-        click.echo("  " + "  ".join(f"{w}-{c}" for c in V.COMPUTE_DTYPES))
+        click.echo("  " + "  ".join(f"{w}-{c}" for c in paths))
 
 
 @main.command()

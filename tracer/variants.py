@@ -1,4 +1,4 @@
-"""Variants: named numeric treatments of the reference model, written ``WEIGHTS-COMPUTE``.
+"""Variants: named numeric treatments of the reference model, written ``WEIGHTS-COMPUTE`` or ``WEIGHTS-DEQw-COMPUTE``.
 
 ``WEIGHTS`` says what the weights are:
 
@@ -9,19 +9,35 @@
 - ``gguf``: the tensors of the GGUF file given with ``--gguf FILE``, dequantized (bit-exact with
   ggml); the file must have the reference's tensor names and shapes.
 
-``COMPUTE`` says the arithmetic: ``fp32``, ``bf16`` or ``fp16`` (weights dequantized to that dtype,
-activations and matmuls in it). Routers and norms are never quantized (llama.cpp keeps them F32).
+``COMPUTE`` names a compute path, the arithmetic (moetrace.kernels.compute): ``fp32``, ``bf16``
+or ``fp16`` run transformers' modules in that dtype (activations and matmuls).
+
+``DEQw`` (optional) is the dtype the weights are dequantized to, when it differs from the
+path's own: ``fp32w``, ``bf16w`` or ``fp16w``. Weights are dequantized in float32, rounded to
+it (every weight: norms and router too, as a model loaded in that dtype holds them), then cast
+to the arithmetic dtype. Without it a path dequantizes to its default, the compute dtype for the
+simple paths:
+
+- ``q4_k_m-bf16``: dequantize to bf16 and compute in bf16;
+- ``q4_k_m-bf16w-fp32``: dequantize to bf16, compute in fp32 (the rounding of the weights alone);
+- ``q4_k_m-bf16w-bf16`` is the same variant as ``q4_k_m-bf16`` and is named so.
+
+Routers and norms are never quantized (llama.cpp keeps them F32).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import functools
+from dataclasses import dataclass
 
 import torch
 
 from moetrace.errors import MoetraceError
 
+# Dtype names weights can be dequantized to and the simple paths compute in (kept for callers that
+# map a compute name to its dtype).
 COMPUTE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEQUANT_SUFFIX = "w"  # ``bf16w``: the dequantization word in a variant name
 REFERENCE = "orig-fp32"
 
 
@@ -57,43 +73,75 @@ def valid_weights() -> list[str]:
     return ["orig"] + file_types() + [f"pure_{t.lower()}" for t in quantizable_types()] + ["gguf"]
 
 
+def compute_names() -> list[str]:
+    """Every compute path name (moetrace.kernels.compute registry)."""
+    from moetrace.kernels import compute
+
+    return compute.names()
+
+
 @dataclass(frozen=True)
 class Variant:
     """A parsed, checked variant name.
 
     Attributes:
         weights: ``orig``, a file type (``q4_k_m``), ``pure_TYPE`` or ``gguf``.
-        compute: ``fp32``, ``bf16`` or ``fp16``.
+        compute: the compute path's name (``fp32``, ``bf16``, ``fp16``, ...).
+        dequant: the dtype name weights are dequantized to (``bf16``), or None for a path that
+            takes block bytes; None when constructing means the path's default.
     """
 
     weights: str
     compute: str
+    dequant: str | None = None
 
     def __post_init__(self):
-        if self.compute not in COMPUTE_DTYPES:
+        from moetrace.kernels import compute
+
+        paths = compute_names()
+        if self.compute not in paths:
             raise MoetraceError(
-                f"unknown compute {self.compute!r} in variant {self.name!r}; valid compute: {', '.join(COMPUTE_DTYPES)}"
+                f"unknown compute {self.compute!r} in variant {self.name!r}; valid compute: {', '.join(paths)}"
             )
         valid = valid_weights()
         if self.weights not in valid:
             raise MoetraceError(
                 f"unknown variant weights {self.weights!r} in {self.name!r}; valid weights: {', '.join(valid)}"
             )
+        try:
+            path = compute.get(self.compute, self.dequant)
+        except MoetraceError as e:
+            raise MoetraceError(f"variant {self.name!r}: {e}") from None
+        object.__setattr__(self, "dequant", path.dequant)  # resolved: equal variants compare equal
 
     @property
     def name(self) -> str:
+        """The canonical name: the ``DEQw`` word only where it differs from the path's default."""
+        from moetrace.kernels import compute
+
+        default = compute.PATHS[self.compute].default_dequant if self.compute in compute.PATHS else None
+        if self.dequant and self.dequant != default:
+            return f"{self.weights}-{self.dequant}{DEQUANT_SUFFIX}-{self.compute}"
         return f"{self.weights}-{self.compute}"
+
+    @functools.cached_property
+    def path(self):
+        """The compute path object (a ``moetrace.kernels.compute.ComputePath``)."""
+        from moetrace.kernels import compute
+
+        return compute.get(self.compute, self.dequant)
 
     @property
     def dtype(self) -> torch.dtype:
-        return COMPUTE_DTYPES[self.compute]
+        """The arithmetic dtype: the dtype hidden states flow in between layers."""
+        return self.path.dtype
 
     @property
     def pure_type(self) -> str | None:
         return self.weights[len("pure_"):].upper() if self.weights.startswith("pure_") else None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"weights": self.weights, "compute": self.compute, "dequant": self.dequant}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Variant":
@@ -101,21 +149,40 @@ class Variant:
 
     @classmethod
     def parse(cls, text: str) -> "Variant":
-        """Parse ``WEIGHTS-COMPUTE``; the error lists every valid choice."""
-        weights, sep, compute = text.strip().lower().rpartition("-")
-        if not sep or not weights:
+        """Parse ``WEIGHTS-COMPUTE`` or ``WEIGHTS-DEQw-COMPUTE``; the error lists every valid choice."""
+        rest, sep, compute = text.strip().lower().rpartition("-")
+        head, sep2, word = rest.rpartition("-")
+        dequant = None
+        if sep2 and head and word.endswith(DEQUANT_SUFFIX):
+            if word[: -len(DEQUANT_SUFFIX)] not in COMPUTE_DTYPES and head in valid_weights():
+                raise MoetraceError(
+                    f"unknown dequantization {word!r} in variant {text!r}; valid DEQw: "
+                    f"{', '.join(d + DEQUANT_SUFFIX for d in COMPUTE_DTYPES)}"
+                )
+            if word[: -len(DEQUANT_SUFFIX)] in COMPUTE_DTYPES:
+                rest, dequant = head, word[: -len(DEQUANT_SUFFIX)]
+        if not sep or not rest:
             raise MoetraceError(
-                f"invalid variant {text!r}; expected WEIGHTS-COMPUTE, e.g. pure_q8_0-bf16; "
-                f"valid weights: {', '.join(valid_weights())}; valid compute: {', '.join(COMPUTE_DTYPES)}"
+                f"invalid variant {text!r}; expected WEIGHTS-COMPUTE or WEIGHTS-DEQw-COMPUTE, e.g. pure_q8_0-bf16 or "
+                f"q4_k_m-bf16w-fp32; valid weights: {', '.join(valid_weights())}; valid compute: "
+                f"{', '.join(compute_names())}; valid DEQw: {', '.join(d + DEQUANT_SUFFIX for d in COMPUTE_DTYPES)}"
             )
-        return cls(weights, compute)
+        return cls(rest, compute, dequant)
 
     def __str__(self) -> str:
         return self.name
 
 
 def all_variant_names() -> list[str]:
-    return [f"{w}-{c}" for w in valid_weights() for c in COMPUTE_DTYPES]
+    """Every ``WEIGHTS-COMPUTE`` name (each also takes a ``DEQw`` word; see the grammar)."""
+    return [f"{w}-{c}" for w in valid_weights() for c in compute_names()]
+
+
+def dequant_names(compute: str) -> list[str]:
+    """The ``DEQw`` words compute path ``compute`` takes."""
+    from moetrace.kernels import compute as C
+
+    return [d + DEQUANT_SUFFIX for d in C.PATHS[compute].dequants] if compute in compute_names() else []
 
 
 GRAMMAR = __doc__

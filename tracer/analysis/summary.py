@@ -173,9 +173,25 @@ def analyze_run(run_dir, reference: str | None = None, n_resamples: int = stats.
 def dequant_pairs(run: RunAnalysis) -> list[tuple[str, str]]:
     """(W-bf16, W-fp32) pairs of quantized weights W traced in both compute dtypes: where BF16
     dequantization can be read against FP32 dequantization of the same weights."""
-    names = set(run.variants)
-    return [(n, n[: -len("bf16")] + "fp32") for n in sorted(names)
-            if n.endswith("-bf16") and not n.startswith("orig-") and n[: -len("bf16")] + "fp32" in names]
+    from moetrace.errors import MoetraceError
+    from moetrace.tracer.variants import Variant
+
+    parsed = {}
+    for n in run.variants:
+        try:
+            parsed[n] = Variant.parse(n)
+        except MoetraceError:  # a store whose name is no variant (renamed by hand) pairs with nothing
+            continue
+    by_name = {v.name: n for n, v in parsed.items()}
+    pairs = []
+    for n in sorted(parsed):
+        v = parsed[n]
+        if v.weights == "orig" or (v.compute, v.dequant) != ("bf16", "bf16"):
+            continue
+        twin = Variant(v.weights, "fp32").name
+        if twin in by_name:
+            pairs.append((n, by_name[twin]))
+    return pairs
 
 
 def headline_tables(run: RunAnalysis) -> list[Table]:

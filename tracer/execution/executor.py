@@ -39,7 +39,7 @@ from moetrace.hooks import arch
 from moetrace.hooks.sites import ALL_SITES, LAYER_SITES, capture
 from moetrace.tracer.store.zarr_store import Tokens, TraceWriter
 from moetrace.tracer.variants import REFERENCE, Variant
-from moetrace.tracer.weights.derive import tensor_types, variant_global, variant_layer_state
+from moetrace.tracer.weights.derive import LayerState, layer_roles, tensor_types, variant_global, variant_layer_state
 
 MODES = ("free", "teacher", "routing")
 
@@ -113,15 +113,24 @@ class _Model:
         self._free: dict[tuple, list[torch.nn.Module]] = {}
         self._templates: dict[int, tuple] = {}
 
-    def layer(self, index: int, state: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.nn.Module:
-        """Decoder layer ``index`` computing in ``dtype``, its tensors copied (and cast) from ``state``.
+    def layer(self, index: int, state: dict, path) -> torch.nn.Module:
+        """Decoder layer ``index`` prepared by compute ``path``, holding the weights of ``state``.
+
+        Args:
+            index: the layer index.
+            state: the layer's weights in the form ``path`` asked for (name inside the layer ->
+                tensor or block weight).
+            path: a ``moetrace.kernels.compute.ComputePath``, or a torch dtype for the simple
+                path computing in it (``torch.bfloat16``: ``bf16``).
 
         A module handed back with :meth:`release` is reused for the next layer of the same
-        structure and dtype: its per-layer attributes (``layer_idx``, ...) are set from that
-        layer's skeleton and ``state`` is cast into its existing tensors. Deep-copying a fresh
-        module costs more than a small model's layer forward, and fresh tensors for every layer
-        cost a page-faulted, kernel-zeroed allocation of the whole layer.
+        structure and path (``path.pool_key``): its per-layer attributes (``layer_idx``, ...)
+        are set from that layer's skeleton and the path loads ``state`` into its existing
+        tensors. Deep-copying a fresh module costs more than a small model's layer forward, and
+        fresh tensors for every layer cost a page-faulted, kernel-zeroed allocation of the whole
+        layer.
         """
+        path = _as_path(path)
         skel = self.skeleton.model.layers[index]
         if index not in self._templates:
             # Per skeleton layer, computed once: its structure key, and the public attributes of
@@ -130,7 +139,7 @@ class _Model:
                      for _, m in skel.named_modules()]
             self._templates[index] = (self._structure(skel), attrs)
         structure, attrs = self._templates[index]
-        key = (structure, dtype)
+        key = (structure, path.pool_key)
         pool = self._free.get(key)
         if pool:
             layer = pool.pop()
@@ -140,23 +149,12 @@ class _Model:
             layer = copy.deepcopy(skel).eval()
             layer._moetrace_modules = [m for _, m in layer.named_modules()]
             layer._moetrace_key = key
-            layer._moetrace_tensors = None
-        tensors = layer._moetrace_tensors  # the module's own tensors, by name (None: not allocated)
-        if tensors is None:
-            # A fresh copy, or tensors dropped at the end of a run: allocate them.
-            tensors = layer.state_dict(keep_vars=True)
-            if set(tensors) != set(state):
-                raise KeyError(f"layer {index}: state and module differ in {sorted(set(tensors) ^ set(state))[:5]}")
-            owned = {k: torch.empty(v.shape, dtype=dtype).copy_(v) for k, v in state.items()}
-            layer.load_state_dict(owned, strict=True, assign=True)
-            layer._moetrace_tensors = layer.state_dict(keep_vars=True)
-        else:
-            if tensors.keys() != state.keys():
-                raise KeyError(f"layer {index}: state and module differ in {sorted(set(tensors) ^ set(state))[:5]}")
-            with torch.no_grad():
-                for name, t in tensors.items():
-                    t.copy_(state[name])
-        layer._moetrace_dtype = dtype
+            layer._moetrace_tensors = None  # not allocated: the path's load allocates them
+            path.prepare(layer)
+        try:
+            path.load(layer, state)
+        except KeyError as e:
+            raise KeyError(f"layer {index}: {e.args[0]}") from None
         return layer
 
     # The module skeletons of recently traced models, so a process that traces the same model
@@ -182,7 +180,7 @@ class _Model:
                 layer._moetrace_tensors = None
 
     def release(self, layer: torch.nn.Module) -> None:
-        """Hand a layer back; its tensors are kept for the next layer of the same structure and dtype."""
+        """Hand a layer back; its tensors are kept for the next layer of the same structure and path."""
         self._free.setdefault(layer._moetrace_key, []).append(layer)
 
     @staticmethod
@@ -216,27 +214,52 @@ def _cat(records: list[dict]) -> dict:
     return {k: torch.cat([r[k] for r in records], dim=0) for k in records[0]}
 
 
+def _as_path(path):
+    """A compute path object; a torch dtype stands for the simple path computing in it."""
+    if isinstance(path, torch.dtype):
+        from moetrace.kernels import compute
+
+        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        return compute.get(names[path])
+    return path
+
+
 class _VariantWeights:
-    """Where one variant's weights come from: derived from the reference's, or a GGUF file's own (``gguf``)."""
+    """Where one variant's weights come from: derived from the reference's, or a GGUF file's own (``gguf``).
+
+    Both come in the form the variant's compute path asks for (see moetrace.kernels.compute).
+    """
 
     def __init__(self, source, variant: Variant, gguf_src=None):
+        from moetrace.kernels.compute import ROLES, role_of
+
         self.variant = variant
+        self.family = arch.family_of(source.config)
+        path = variant.path
         self.gguf = gguf_src if variant.weights == "gguf" else None
         if self.gguf is not None:
+            if any(path.weight_form(r).blocks for r in ROLES):
+                raise MoetraceError(
+                    f"variant {variant.name}: compute path {variant.compute!r} takes GGUF block bytes, which gguf "
+                    f"variants do not provide yet; use a file type (e.g. q4_k_m-{variant.compute})"
+                )
             self.types = self.gguf.ggml_types()
-            self.globals = {hf: self.gguf.tensor(hf).to(variant.dtype) for hf in self.gguf.family.global_names
-                            if self.gguf.has(hf)}
+            dense = {hf: self.gguf.tensor(hf) for hf in self.gguf.family.global_names if self.gguf.has(hf)}
         else:
             self.types = tensor_types(source, variant)
-            self.globals = variant_global(source, variant, self.types)
+            dense = variant_global(source, variant, self.types)
+        names = self.family.global_names  # HF name -> GGUF name
+        self.globals = {hf: path.global_weight(role_of(names[hf]), w) for hf, w in dense.items()}
 
-    def layer(self, L: int, ref_state, gguf_state) -> dict[str, torch.Tensor]:
-        """Layer L's weights, not yet cast to the compute dtype (``ref_state``/``gguf_state``: callables, read once).
+    def layer(self, L: int, ref_state, gguf_state) -> dict:
+        """Layer L's weights in the path's form, not yet rounded (``ref_state``/``gguf_state``: callables, read once).
 
-        :meth:`_Model.layer` casts them while copying into the module's tensors.
+        The compute path's ``load`` rounds and casts them while copying into the module's tensors.
         """
         if self.gguf is not None:
-            return dict(gguf_state())
+            out = LayerState(gguf_state())
+            out.roles = layer_roles(L, self.family)
+            return out
         return variant_layer_state(ref_state(), L, self.variant, self.types, cast=False)
 
 
@@ -409,6 +432,9 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
               resume: bool = False, prefetch: bool | None = None):
     """Trace the reference and the variants of ``config`` over ``tokens`` into ``run_dir``.
 
+    The steps: prepare the output folder, plan the run, open the stores, embed the tokens,
+    run every layer (:func:`_run_layer`), the output head (:func:`_write_logits`), finish.
+
     Args:
         source: a model source (moetrace.tracer.sources.checkpoint).
         config: the run configuration.
@@ -431,6 +457,46 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
         MoetraceError: bad input, a GGUF file that does not match the reference, or a write
             that failed (the stores are then left marked incomplete, and the message says so).
     """
+    run_dir = _prepare_output(run_dir)
+    run = _plan(source, config, tokens, progress)
+    all_paths = {v.name: run_dir / f"{v.name}.zarr" for v in [run.ref] + run.variants}
+    writers, start, done = _open_writers(run_dir, run.ref, run.variants, config, tokens, run.sizes, run.base_attrs,
+                                         write_reference, resume, source.model_hash)
+    run.variants = [v for v in run.variants if v.name not in done]  # complete stores need no work
+    if resume:
+        run.emit("resume", layer=start, layers=run.n_layers, complete=done)
+    run.writers = {name: _Guarded(w) for name, w in writers.items()}
+    stack = contextlib.ExitStack()
+    try:
+        _embed(run, start, all_paths)
+        loader = _open_loader(run, stack, prefetch)
+        with torch.inference_mode():
+            for L in range(start, run.n_layers):
+                _run_layer(run, L, loader)
+            run.layer_now = run.n_layers
+            _write_logits(run)
+        loader.close()
+        for w in run.writers.values():
+            w.finish()
+    except _WriteFailed as e:
+        _release(run.writers)
+        where = f"at layer {run.layer_now}" if run.layer_now < run.n_layers else "writing the output logits"
+        raise MoetraceError(
+            f"writing the trace store {e.path} failed ({e.err.strerror or e.err}; noticed {where}); "
+            f"the run stopped and its stores in {run_dir} are left marked incomplete (layers_done says how far "
+            f"they got); free space or fix the cause, then continue with the same command and --resume"
+        ) from e.err
+    except BaseException:
+        _release(run.writers)  # the stores stay marked incomplete
+        raise
+    finally:
+        stack.close()
+        run.model.drop_tensors()
+    return all_paths
+
+
+def _prepare_output(run_dir) -> Path:
+    """The run folder, created and checked writable before any work."""
     run_dir = Path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -439,6 +505,44 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
         probe.unlink()
     except OSError as e:
         raise MoetraceError(f"cannot write to output folder {str(run_dir)!r}: {e.strerror}") from None
+    return run_dir
+
+
+@dataclass
+class _Run:
+    """What the steps of one run share: the plan, then the streams and stores as the run goes."""
+
+    source: object
+    config: RunConfig
+    tokens: Tokens
+    model: _Model
+    ref: Variant
+    variants: list[Variant]
+    layer_sites: list[str]
+    ref_sites: list[str]
+    sizes: dict
+    base_attrs: dict
+    gguf_src: object = None
+    progress: object = None
+    writers: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict)  # variant name -> _VariantWeights
+    ref_h: list = field(default_factory=list)  # the reference's hidden states, per sequence (1, T_s, H)
+    streams: dict = field(default_factory=dict)  # (variant name, mode) -> per sequence (1, T_s, H)
+    ctx: dict = field(default_factory=dict)  # arithmetic dtype -> per sequence (mask, position embeddings)
+    layer_now: int = 0
+
+    @property
+    def n_layers(self) -> int:
+        return self.sizes["layers"]
+
+    def emit(self, event, **info):
+        if self.progress:
+            self.progress(event, **info)
+
+
+def _plan(source, config: RunConfig, tokens: Tokens, progress) -> _Run:
+    """The model, the parsed variants, the sites each records, the store sizes and attributes;
+    a GGUF file is checked against the reference before any store is touched."""
     model = _Model.for_source(source)
     cfg = model.config
     ref = Variant.parse(config.reference)
@@ -453,126 +557,116 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
     }
     base_attrs = {"model": source.model_id, "model_hash": source.model_hash, "seed": config.seed,
                   "config": config.to_dict(), "reference": ref.name}
-
-    def emit(event, **info):
-        if progress:
-            progress(event, **info)
-
     gguf_src = None
     if config.gguf:
         from moetrace.tracer.sources.gguf import GGUFSource
 
         gguf_src = GGUFSource(config.gguf)
         gguf_src.check_matches(source)  # before any store is touched
-    all_paths = {v.name: run_dir / f"{v.name}.zarr" for v in [ref] + variants}
-    writers, start, done = _open_writers(run_dir, ref, variants, config, tokens, sizes, base_attrs,
-                                         write_reference, resume, source.model_hash)
-    variants = [v for v in variants if v.name not in done]  # complete stores need no work
-    if resume:
-        emit("resume", layer=start, layers=n_layers, complete=done)
-    writers = {name: _Guarded(w) for name, w in writers.items()}
-    layer_now = start
-    stack = contextlib.ExitStack()
-    try:
-        seqs = [torch.from_numpy(s) for s in tokens.sequences()]
-        positions = [torch.from_numpy(tokens.pos[tokens.seq == s]).long() for s in sorted(set(tokens.seq.tolist()))]
-        weights = {v.name: _VariantWeights(source, v, gguf_src) for v in [ref] + variants}
+    return _Run(source, config, tokens, model, ref, variants, layer_sites, ref_sites, sizes, base_attrs,
+                gguf_src=gguf_src, progress=progress)
 
-        def embed(v: Variant, ids):
-            return torch.nn.functional.embedding(ids, weights[v.name].globals["model.embed_tokens.weight"]).unsqueeze(0)
 
-        ref_h = [embed(ref, ids) for ids in seqs]  # per sequence (1, T_s, H)
-        ctx = {ref.dtype: [model.context(h, p) for h, p in zip(ref_h, positions)]}
-        streams: dict[tuple[str, str], list[torch.Tensor]] = {}
-        for v in variants:
-            if v.dtype not in ctx:
-                ctx[v.dtype] = [model.context(embed(v, ids), p) for ids, p in zip(seqs, positions)]
-            for m in config.modes:
-                if m != "teacher":
-                    streams[(v.name, m)] = [embed(v, ids) for ids in seqs]
-        if start > 0:  # resuming: every stream's input to layer `start` is its stored output of layer start-1
-            from moetrace.tracer.execution.resume import read_streams
+def _embed(run: _Run, start: int, all_paths: dict) -> None:
+    """Every stream's input to layer ``start``: the embedded tokens, or (resuming) the stored
+    output of layer start-1; and the mask and position embeddings of each arithmetic dtype."""
+    tokens, modes = run.tokens, run.config.modes
+    seqs = [torch.from_numpy(s) for s in tokens.sequences()]
+    positions = [torch.from_numpy(tokens.pos[tokens.seq == s]).long() for s in sorted(set(tokens.seq.tolist()))]
+    run.weights = {v.name: _VariantWeights(run.source, v, run.gguf_src) for v in [run.ref] + run.variants}
 
-            ref_h = read_streams(all_paths[ref.name], "free", start - 1, tokens, ref.dtype)
-            for (name, m) in streams:
-                streams[(name, m)] = read_streams(all_paths[name], m, start - 1, tokens, Variant.parse(name).dtype)
+    def embed(v: Variant, ids):
+        return v.path.embed(run.weights[v.name].globals["model.embed_tokens.weight"], ids)  # (1, T, H)
 
-        if hasattr(source, "mapped"):  # one memory map of each checkpoint shard for the whole run
-            stack.enter_context(source.mapped())
-        layer_numel = max(sum(p.numel() for p in layer.parameters()) for layer in model.skeleton.model.layers)
-        loader = _LayerLoader(source, gguf_src, weights, [ref] + variants, n_layers, layer_numel, prefetch)
-        stack.callback(loader.close)
-        with torch.inference_mode():
-            for L in range(start, n_layers):
-                layer_now = L
-                emit("layer_start", layer=L, layers=n_layers)
-                states = loader.get(L)
-                # Reference.
-                layer = model.layer(L, states.pop(ref.name), ref.dtype)
-                recs, ref_in = [], ref_h
-                ref_h = []
-                for s, h in enumerate(ref_in):
-                    mask, pe = ctx[ref.dtype][s]
-                    with capture(layer, model.adapter, ref_sites) as rec:
-                        ref_h.append(layer(h, attention_mask=mask, position_embeddings=pe))
-                    recs.append(rec)
-                ref_rec = _cat(recs)
-                if ref.name in writers:
-                    writers[ref.name].write_layer("free", L, ref_rec)
-                ref_topk = [r["topk_idx"] for r in recs] if need_ref_topk else None
-                model.release(layer)
-                # Variants, each in every mode.
-                for v in variants:
-                    layer = model.layer(L, states.pop(v.name), v.dtype)
-                    for m in config.modes:
-                        recs = []
-                        for s in range(len(seqs)):
-                            mask, pe = ctx[v.dtype][s]
-                            h = ref_in[s].to(v.dtype) if m == "teacher" else streams[(v.name, m)][s]
-                            forced = ref_topk[s] if m == "routing" else None
-                            with capture(layer, model.adapter, layer_sites, forced_topk=forced) as rec:
-                                out = layer(h, attention_mask=mask, position_embeddings=pe)
-                            if m != "teacher":
-                                streams[(v.name, m)][s] = out
-                            recs.append(rec)
-                        writers[v.name].write_layer(m, L, _cat(recs))
-                    model.release(layer)
-                for w in writers.values():
-                    w.mark_layers_done(L + 1)
-                del states  # the layer's weights, freed by reference counting
-                emit("layer_done", layer=L, layers=n_layers)
-            layer_now = n_layers
+    run.ref_h = [embed(run.ref, ids) for ids in seqs]  # per sequence (1, T_s, H)
+    run.ctx = {run.ref.dtype: [run.model.context(h, p) for h, p in zip(run.ref_h, positions)]}
+    for v in run.variants:
+        if v.dtype not in run.ctx:
+            run.ctx[v.dtype] = [run.model.context(embed(v, ids), p) for ids, p in zip(seqs, positions)]
+        for m in modes:
+            if m != "teacher":
+                run.streams[(v.name, m)] = [embed(v, ids) for ids in seqs]
+    if start > 0:  # resuming: every stream's input to layer `start` is its stored output of layer start-1
+        from moetrace.tracer.execution.resume import read_streams
 
-            # Final norm and output head.
-            def head(v: Variant, hs: list[torch.Tensor]) -> torch.Tensor:
-                g = weights[v.name].globals
-                norm = model.norm(g["model.norm.weight"])
-                w = g.get("lm_head.weight", g["model.embed_tokens.weight"])  # tied embeddings
-                return torch.cat([torch.nn.functional.linear(norm(h), w)[0] for h in hs], dim=0)  # (token, vocab)
+        run.ref_h = read_streams(all_paths[run.ref.name], "free", start - 1, tokens, run.ref.dtype)
+        for (name, m) in run.streams:
+            run.streams[(name, m)] = read_streams(all_paths[name], m, start - 1, tokens, Variant.parse(name).dtype)
 
-            if ref.name in writers:
-                writers[ref.name].write_logits("free", head(ref, ref_h))
-            for v in variants:
-                for m in config.modes:
-                    hs = [h.to(v.dtype) for h in ref_h] if m == "teacher" else streams[(v.name, m)]
-                    writers[v.name].write_logits(m, head(v, hs))
-        loader.close()
-        for w in writers.values():
-            w.finish()
-    except _WriteFailed as e:
-        for w in writers.values():
-            w.writer.release()
-        where = f"at layer {layer_now}" if layer_now < n_layers else "writing the output logits"
-        raise MoetraceError(
-            f"writing the trace store {e.path} failed ({e.err.strerror or e.err}; noticed {where}); "
-            f"the run stopped and its stores in {run_dir} are left marked incomplete (layers_done says how far "
-            f"they got); free space or fix the cause, then continue with the same command and --resume"
-        ) from e.err
-    except BaseException:
-        for w in writers.values():
-            w.writer.release()  # the store stays marked incomplete
-        raise
-    finally:
-        stack.close()
-        model.drop_tensors()
-    return all_paths
+
+def _open_loader(run: _Run, stack: contextlib.ExitStack, prefetch: bool | None) -> "_LayerLoader":
+    """The layer-weights loader (closed with ``stack``); the checkpoint stays memory-mapped for the run."""
+    if hasattr(run.source, "mapped"):  # one memory map of each checkpoint shard for the whole run
+        stack.enter_context(run.source.mapped())
+    layer_numel = max(sum(p.numel() for p in layer.parameters()) for layer in run.model.skeleton.model.layers)
+    loader = _LayerLoader(run.source, run.gguf_src, run.weights, [run.ref] + run.variants, run.n_layers,
+                          layer_numel, prefetch)
+    stack.callback(loader.close)
+    return loader
+
+
+def _run_layer(run: _Run, L: int, loader: "_LayerLoader") -> None:
+    """Layer L for the reference, then for every variant in every mode; its sites written."""
+    run.layer_now = L
+    run.emit("layer_start", layer=L, layers=run.n_layers)
+    states = loader.get(L)
+    ref_in = run.ref_h
+    ref_recs = _forward(run, L, run.ref, states.pop(run.ref.name), {"free": ref_in}, run.ref_sites, None)
+    run.ref_h = ref_recs["free"][1]
+    if run.ref.name in run.writers:
+        run.writers[run.ref.name].write_layer("free", L, _cat(ref_recs["free"][0]))
+    ref_topk = [r["topk_idx"] for r in ref_recs["free"][0]] if "routing" in run.config.modes else None
+    for v in run.variants:
+        inputs = {m: [h.to(v.dtype) for h in ref_in] if m == "teacher" else run.streams[(v.name, m)]
+                  for m in run.config.modes}
+        recs = _forward(run, L, v, states.pop(v.name), inputs, run.layer_sites, ref_topk)
+        for m, (rec, out) in recs.items():
+            if m != "teacher":
+                run.streams[(v.name, m)] = out
+            run.writers[v.name].write_layer(m, L, _cat(rec))
+    for w in run.writers.values():
+        w.mark_layers_done(L + 1)
+    del states  # the layer's weights, freed by reference counting
+    run.emit("layer_done", layer=L, layers=run.n_layers)
+
+
+def _forward(run: _Run, L: int, v: Variant, state: dict, inputs: dict, sites: list[str], ref_topk) -> dict:
+    """Variant ``v``'s layer L on each mode's inputs (per sequence (1, T_s, H)), recording ``sites``.
+
+    Returns:
+        mode -> (records per sequence, outputs per sequence (1, T_s, H)).
+    """
+    layer = run.model.layer(L, state, v.path)
+    out = {}
+    for m, hs in inputs.items():
+        recs, outs = [], []
+        for s, h in enumerate(hs):
+            mask, pe = run.ctx[v.dtype][s]
+            forced = ref_topk[s] if m == "routing" else None
+            with capture(layer, run.model.adapter, sites, forced_topk=forced) as rec:
+                outs.append(layer(h, attention_mask=mask, position_embeddings=pe))
+            recs.append(rec)
+        out[m] = (recs, outs)
+    run.model.release(layer)
+    return out
+
+
+def _write_logits(run: _Run) -> None:
+    """Final norm and output head of every stream (teacher mode: on the reference's last hidden states)."""
+    def head(v: Variant, hs: list[torch.Tensor]) -> torch.Tensor:
+        g = run.weights[v.name].globals
+        norm = run.model.norm(g["model.norm.weight"])
+        w = g.get("lm_head.weight", g["model.embed_tokens.weight"])  # tied embeddings
+        return torch.cat([v.path.head(norm, w, h) for h in hs], dim=0)  # (token, vocab)
+
+    if run.ref.name in run.writers:
+        run.writers[run.ref.name].write_logits("free", head(run.ref, run.ref_h))
+    for v in run.variants:
+        for m in run.config.modes:
+            hs = [h.to(v.dtype) for h in run.ref_h] if m == "teacher" else run.streams[(v.name, m)]
+            run.writers[v.name].write_logits(m, head(v, hs))
+
+
+def _release(writers: dict) -> None:
+    for w in writers.values():
+        w.writer.release()

@@ -101,21 +101,23 @@ def matrix_metrics(ref: torch.Tensor, deq: torch.Tensor) -> dict[str, np.ndarray
 
 
 def parse_weights(text: str) -> tuple[str, str | None]:
-    """``q4_k_m`` or ``q4_k_m-bf16`` -> (file type, compute or None); errors list the valid choices."""
+    """``q4_k_m``, ``q4_k_m-bf16`` or ``q4_k_m-bf16w-fp32`` -> (file type, dtype name the weights are
+    dequantized to, or None); a name with a compute part is parsed as a variant (moetrace.tracer.variants).
+    Errors list the valid choices."""
     from moetrace.kernels import recipes
-    from moetrace.tracer.variants import COMPUTE_DTYPES
+    from moetrace.tracer.variants import Variant
 
     t = text.strip().lower()
-    compute = None
-    head, sep, tail = t.rpartition("-")
-    if sep and tail in COMPUTE_DTYPES:
-        t, compute = head, tail
+    dequant = None
+    if "-" in t:
+        v = Variant.parse(t)
+        t, dequant = v.weights, v.dequant
     if t == "gguf":  # the tensors of a GGUF file (audit(gguf=...))
-        return "gguf", compute
+        return "gguf", dequant
     if t == "orig":
         raise MoetraceError("--variant orig has nothing to audit: the weights are the reference; give a file type "
                             f"({', '.join(recipes.FILE_TYPES)})")
-    return recipes.parse_file_type(t).name, compute
+    return recipes.parse_file_type(t).name, dequant
 
 
 def audit(source, weights: str, *, threshold: float = DEFAULT_THRESHOLD, imatrix_file=None, cache=True,

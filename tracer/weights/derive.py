@@ -331,19 +331,43 @@ def apply_type(w: torch.Tensor, type_name: str | None, imatrix: torch.Tensor | N
     return dequantized(w, name or "(unnamed)", type_name, context if name else None, imatrix)
 
 
+class LayerState(dict):
+    """A layer's weights by name inside the layer, plus ``roles``: name -> weight role (moetrace.kernels.compute)."""
+
+    roles: dict[str, str] = {}
+
+
+def layer_roles(layer: int, family) -> dict[str, str]:
+    """Name inside decoder layer ``layer`` -> its weight role (``attention``, ``experts``, ...), from its GGUF name."""
+    from moetrace.kernels.compute import role_of
+
+    return {key: role_of(g[0] if isinstance(g, tuple) else g) for key, g in family.gguf_layer_names(layer).items()}
+
+
+def _blocks(w: torch.Tensor, name: str, type_name: str, ctx):
+    from moetrace.kernels.compute import BlockWeight
+
+    return BlockWeight(quantized_bytes(w, name, type_name, ctx), type_name, tuple(w.shape))
+
+
 def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Variant, types: dict[str, str], *,
-                        context=None, cast: bool = True, family=None):
-    """A decoder layer's weights under ``variant``, in its compute dtype.
+                        context=None, cast: bool = True, family=None) -> LayerState:
+    """A decoder layer's weights under ``variant``, in the form its compute path asks for per role.
+
+    Dense forms are dequantized in float32 and rounded to the form's dtype; a block form gives
+    the GGUF block bytes (:class:`moetrace.kernels.compute.BlockWeight`) of every quantized tensor
+    (a fused tensor: a tuple of its parts, in its GGUF tensors' order), and float-typed tensors dense.
 
     Args:
         ref: the reference layer state, keyed by name inside the layer.
         types: GGUF name -> GGML type (empty for ``orig``).
         context: a QuantContext (cache, imatrix); default: the one ``types`` carries.
         family: the model's family; default: the one ``types`` carries.
-        cast: False leaves the cast to the compute dtype to the caller: tensors kept as they
-            are stored (F32 types) come back as the reference's own tensors, others in float32.
-            The executor then casts while copying into reused buffers, which saves allocating
-            (and the kernel zeroing) a new layer's worth of memory per layer.
+        cast: False leaves the rounding of dense weights to the compute path
+            (``ComputePath.load``): tensors kept as they are stored (F32 types) come back as the
+            reference's own tensors, others in float32. The path then rounds while copying into
+            reused buffers, which saves allocating (and the kernel zeroing) a new layer's worth
+            of memory per layer.
     """
     ctx = context if context is not None else getattr(types, "context", None)
     family = family or getattr(types, "family", None)
@@ -352,31 +376,46 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
 
         raise InternalError("variant_layer_state needs the model's family (types from tensor_types carry it)")
     names = family.gguf_layer_names(layer)
-    out = {}
+    path = variant.path
+    out = LayerState()
+    out.roles = layer_roles(layer, family)
     for key, w in ref.items():
         g = names.get(key)
+        form = path.weight_form(out.roles.get(key, "other"))
         if isinstance(g, tuple):  # fused, e.g. gate_up (E, 2F, H) = gate (E, F, H) ++ up (E, F, H)
             ts = [types.get(n, "F32") for n in g]
+            parts = _row_blocks(w, len(g))
+            if form.blocks and not any(t in FLOAT_TYPES for t in ts):
+                out[key] = tuple(_blocks(part, n, t, ctx) for part, n, t in zip(parts, g, ts))
+                continue
             if all(t == "F32" for t in ts):
                 v = w.to(torch.float32) if cast else w
             else:
-                parts = zip(_row_blocks(w, len(g)), g, ts)
-                v = torch.cat([dequantized(part, n, t, ctx) for part, n, t in parts], dim=1)
+                v = torch.cat([dequantized(part, n, t, ctx) for part, n, t in zip(parts, g, ts)], dim=1)
         else:
             t = types.get(g) if g else None
+            if form.blocks and t is not None and t not in FLOAT_TYPES:
+                out[key] = _blocks(w, g, t, ctx)
+                continue
             v = w if not cast and t in (None, "F32") else dequantized(w, g or key, t, ctx)
-        out[key] = v.to(variant.dtype) if cast else v
+        out[key] = v.to(form.dtype) if cast and form.dtype is not None else v
     return out
 
 
 def variant_global(source, variant: Variant, types: dict[str, str], *, context=None) -> dict[str, torch.Tensor]:
-    """Embedding, final norm and output head under ``variant`` (HF names)."""
+    """Embedding, final norm and output head under ``variant`` (HF names), dense and rounded to
+    the dequantization dtype of their role (block forms are not offered outside the layers yet)."""
+    from moetrace.kernels.compute import role_of
+
     ctx = context if context is not None else getattr(types, "context", None)
+    path = variant.path
     out = {}
     for hf, g in family_of(source).global_names.items():
         if not source.has(hf):
             continue
-        out[hf] = dequantized(source.tensor(hf), g, types.get(g), ctx).to(variant.dtype)
+        w = dequantized(source.tensor(hf), g, types.get(g), ctx)
+        dtype = path.weight_form(role_of(g)).dtype
+        out[hf] = w.to(dtype) if dtype is not None else w
     return out
 
 
