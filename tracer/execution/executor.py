@@ -38,6 +38,7 @@ from moetrace.errors import MoetraceError
 from moetrace.hooks.qwen3_moe import adapter_for
 from moetrace.hooks.sites import ALL_SITES, LAYER_SITES, capture
 from moetrace.tracer.naming import GLOBAL_TENSORS
+from moetrace.tracer.store import location as store_loc
 from moetrace.tracer.store.zarr_store import Tokens, TraceWriter
 from moetrace.tracer.variants import REFERENCE, Variant
 from moetrace.tracer.weights.derive import tensor_types, variant_global, variant_layer_state
@@ -375,7 +376,7 @@ def _open_writers(run_dir: Path, ref: Variant, variants: list[Variant], config: 
     from moetrace.tracer.execution import resume as R
 
     def new(v: Variant, modes):
-        return TraceWriter(run_dir / f"{v.name}.zarr", sizes, tokens, modes, config.sites,
+        return TraceWriter(store_loc.join(run_dir, f"{v.name}.zarr"), sizes, tokens, modes, config.sites,
                            {**base_attrs, "variant": v.name, "modes": list(modes)})
 
     wanted = ([ref] if write_reference else []) + variants
@@ -384,7 +385,7 @@ def _open_writers(run_dir: Path, ref: Variant, variants: list[Variant], config: 
     writers, done, starts = {}, [], []
     try:
         for v in wanted:
-            path = run_dir / f"{v.name}.zarr"
+            path = store_loc.join(run_dir, f"{v.name}.zarr")
             attrs = R.store_state(path)
             if attrs is None:
                 writers[v.name] = new(v, ["free"] if v is ref else config.modes)
@@ -402,6 +403,32 @@ def _open_writers(run_dir: Path, ref: Variant, variants: list[Variant], config: 
             w.release()
         raise
     return writers, min(starts, default=sizes["layers"]), done
+
+
+def _prepare_output(run_dir):
+    """The run's location (a Path for a local folder, a URL string), checked writable.
+
+    Raises:
+        MoetraceError: the folder or bucket cannot be written.
+    """
+    run_dir = store_loc.as_location(run_dir)
+    if isinstance(run_dir, Path):
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".moetrace-write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise MoetraceError(f"cannot write to output folder {str(run_dir)!r}: {e.strerror}") from None
+        return run_dir
+    fs, root = store_loc.filesystem(run_dir)
+    try:
+        fs.pipe_file(f"{root}/.moetrace-write-test", b"")
+        fs.rm_file(f"{root}/.moetrace-write-test")
+    except Exception as e:  # the client's errors differ per service: no credentials, no bucket, denied
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise MoetraceError(f"cannot write to output location {run_dir!r}: {msg}") from None
+    return run_dir
 
 
 def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None, write_reference: bool = True,
@@ -430,14 +457,7 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
         MoetraceError: bad input, a GGUF file that does not match the reference, or a write
             that failed (the stores are then left marked incomplete, and the message says so).
     """
-    run_dir = Path(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".moetrace-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise MoetraceError(f"cannot write to output folder {str(run_dir)!r}: {e.strerror}") from None
+    run_dir = _prepare_output(run_dir)
     model = _Model.for_source(source)
     cfg = model.config
     ref = Variant.parse(config.reference)
@@ -463,7 +483,7 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
 
         gguf_src = GGUFSource(config.gguf)
         gguf_src.check_matches(source)  # before any store is touched
-    all_paths = {v.name: run_dir / f"{v.name}.zarr" for v in [ref] + variants}
+    all_paths = {v.name: store_loc.join(run_dir, f"{v.name}.zarr") for v in [ref] + variants}
     writers, start, done = _open_writers(run_dir, ref, variants, config, tokens, sizes, base_attrs,
                                          write_reference, resume, source.model_hash)
     variants = [v for v in variants if v.name not in done]  # complete stores need no work
