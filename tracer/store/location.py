@@ -71,12 +71,12 @@ def zarr_store(loc, read_only: bool, storage_options: dict | None = None):
     loc = as_location(loc)
     if isinstance(loc, Path):
         return LocalStore(loc, read_only=read_only)
-    fs, path = filesystem(loc, storage_options)
-    if not fs.async_impl:  # zarr's FsspecStore wants an async file system; wrap a sync one
-        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
-
-        fs = AsyncFileSystemWrapper(fs)
-    return FsspecStore(fs, path=path, read_only=read_only)
+    # zarr makes its own asynchronous file system instance, bound to zarr's event loop (fsspec's
+    # synchronous one lives on another loop and cannot serve zarr's calls).
+    try:
+        return FsspecStore.from_url(loc, storage_options=storage_options, read_only=read_only)
+    except ImportError as e:
+        raise MoetraceError(f"cannot use {loc!r}: {e}; for s3:// URLs install moetrace[s3]") from None
 
 
 def listing(loc, storage_options: dict | None = None) -> dict[str, int]:

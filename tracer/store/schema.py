@@ -195,8 +195,6 @@ def quiet():
     thread and moetrace writes from another, and ``warnings.catch_warnings`` restoring the filters
     from one thread would undo them in the other.
     """
-    if not getattr(quiet, "installed", False):
-        for pattern in _QUIET:
-            warnings.filterwarnings("ignore", message=pattern)
-        quiet.installed = True
+    for pattern in _QUIET:  # re-added each time (no duplicates): a test harness may reset the filters
+        warnings.filterwarnings("ignore", message=pattern)
     yield
