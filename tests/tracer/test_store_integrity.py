@@ -20,8 +20,8 @@ LAYER = 2  # the damaged layer
 CHUNK = f"resid/c.0.{LAYER}.0.0"  # mode 0 (free), layer 2 of resid
 
 
-def damage(store, how: str) -> None:
-    f = store / CHUNK
+def damage(store, how: str, chunk: str = CHUNK) -> None:
+    f = store / chunk
     data = bytearray(f.read_bytes())
     if how == "delete":
         f.unlink()
@@ -58,18 +58,24 @@ def test_damage_is_an_error_naming_store_variable_layer(damaged_run):
     assert np.isfinite(ok).all()
 
 
-@pytest.mark.parametrize("damaged_run", ["delete", "truncate", "flip"], indirect=True)
+@pytest.mark.parametrize("how", ["delete", "truncate", "flip"])
 @pytest.mark.parametrize("command", ["diff", "report", "decompose", "routing"])
-def test_cli_commands_refuse_damaged_store_in_one_line(damaged_run, command, tmp_path):
-    run_dir, how = damaged_run
-    ref, var = str(run_dir / "orig-fp32.zarr"), str(run_dir / "orig-bf16.zarr")
-    args = {"diff": ["diff", ref, var], "decompose": ["decompose", ref, var], "routing": ["routing", ref, var],
+def test_cli_commands_refuse_damaged_store_in_one_line(tiny_run, how, command, tmp_path):
+    """A flipped byte fails on read, so the damaged variable is one the command reads (routing reads
+    the routing sites, not resid)."""
+    var = "topk_idx" if command == "routing" else "resid"
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+    damage(run_dir / "orig-bf16.zarr", how, f"{var}/c.0.{LAYER}.0.0")
+    ref, var_store = str(run_dir / "orig-fp32.zarr"), str(run_dir / "orig-bf16.zarr")
+    args = {"diff": ["diff", ref, var_store], "decompose": ["decompose", ref, var_store],
+            "routing": ["routing", ref, var_store],
             "report": ["report", str(run_dir), "--out", str(tmp_path / "report"), "--quiet"]}[command]
     p = run_cli(*args, check=False, timeout=300)
     assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-    assert "orig-bf16.zarr" in lines[0] and f"resid of layer {LAYER} (free)" in lines[0], lines[0]
+    assert "orig-bf16.zarr" in lines[0] and f"{var} of layer {LAYER} (free)" in lines[0], lines[0]
     assert "relL2" not in p.stdout  # no table of numbers from the damaged store
 
 
