@@ -6,10 +6,10 @@ process so the ratios compare like with like:
 - plain: transformers' Qwen3MoeForCausalLM forward (weights already in memory, fp32), the baseline;
 - traced: moetrace's executor for the reference with all sites recorded and written to Zarr
   (weights read layer by layer from the safetensors checkpoint, as a real run does);
-- traced, buffered writes (with ``--buffered``): the same with the chunk files written through
-  the page cache (``MOETRACE_DIRECT_IO=0``) instead of with O_DIRECT, the store's default where the
-  file system takes it. Off by default: the writeback of its dirty pages runs during the other
-  cases' timings too;
+- traced, old store (with ``--old-store REV``): the same with the store writer of git revision REV
+  (default ddf4e83, the last hand-written one: its own shard files and O_DIRECT), loaded from
+  ``git show REV:tracer/store/zarr_store.py`` into a module of its own, so the cost of writing
+  through zarr's API is measured against it in the same process, interleaved;
 - traced, no sites: the same executor recording nothing, which separates the cost of the
   hooks and the store from the cost of layer-by-layer execution;
 - load + plain forward: ``from_pretrained`` and the forward, the end-to-end cost a user of
@@ -21,6 +21,7 @@ the current directory); deleting a run's output between runs would land the file
 work for the deletion in the next run's timing.
 
     python benchmarks/bench_trace_overhead.py [--model builtin:] [--tokens 1024] [--repeats 5] [--out DIR]
+        [--old-store [REV]]
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=1024, help="tokens per sequence")
     ap.add_argument("--sequences", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--buffered", action="store_true", help="also time traced runs with buffered chunk writes")
+    ap.add_argument("--old-store", nargs="?", const="ddf4e83", default=None, metavar="REV",
+                    help="also time traced runs with the store writer of git revision REV (default ddf4e83)")
     ap.add_argument("--out", default=None, help="folder for the runs' outputs (a temporary folder under the "
                     "current directory by default; deleted at the end either way)")
     args = ap.parse_args()
@@ -74,22 +76,29 @@ def main():
     out_root = Path(tempfile.mkdtemp(prefix="moetrace-bench-", dir=args.out or "."))
     count = itertools.count()
 
-    def traced(sites, direct_io=True):
-        os.environ["MOETRACE_DIRECT_IO"] = "1" if direct_io else "0"
+    from moetrace.tracer.execution import executor
+
+    writers = {"new": executor.TraceWriter, "old": _old_writer(args.old_store) if args.old_store else None}
+
+    def traced(sites, store="new"):
         d = out_root / f"run{next(count)}"
-        t = time.perf_counter()
-        run_trace(src, RunConfig(model=args.model, variants=[], sites=list(sites)), tokens, d)
-        return time.perf_counter() - t
+        executor.TraceWriter = writers[store]
+        try:
+            t = time.perf_counter()
+            run_trace(src, RunConfig(model=args.model, variants=[], sites=list(sites)), tokens, d)
+            return time.perf_counter() - t
+        finally:
+            executor.TraceWriter = writers["new"]
 
     cases = {
         "plain forward": plain,
         "traced, all sites": lambda: traced(ALL_SITES),
-        "traced, buffered writes": lambda: traced(ALL_SITES, direct_io=False),
+        "traced, old store": lambda: traced(ALL_SITES, store="old"),
         "traced, no sites": lambda: traced([]),
         "load + plain forward": load_and_plain,
     }
-    if not args.buffered:
-        del cases["traced, buffered writes"]
+    if not args.old_store:
+        del cases["traced, old store"]
     try:
         for fn in cases.values():  # warm-up: caches, allocator, lazy imports
             fn()
@@ -101,7 +110,6 @@ def main():
                 times[k].append(inner if inner is not None else time.perf_counter() - t)
         nbytes = sum(f.stat().st_size for f in (out_root / "run0").rglob("*") if f.is_file() and f.name.startswith("c"))
     finally:
-        os.environ.pop("MOETRACE_DIRECT_IO", None)
         shutil.rmtree(out_root, ignore_errors=True)
     base = statistics.median(times["plain forward"])
     print(f"{src.model_id}: {src.num_layers} layers, {tokens.n} tokens, torch threads {torch.get_num_threads()}, "
@@ -118,6 +126,28 @@ def main():
     print(f"  recording itself (all sites / no sites): {all_sites / no_sites:.2f}x")
     e2e = statistics.median(times["load + plain forward"])
     print(f"  end to end (traced, all sites / load + plain forward): {all_sites / e2e:.2f}x")
+    if args.old_store:
+        old = times["traced, old store"]
+        paired = statistics.median(x / y for x, y in zip(times["traced, all sites"], old))
+        print(f"  zarr's writer against the old store ({args.old_store}), all sites: "
+              f"{all_sites / statistics.median(old):.2f}x of medians, {paired:.2f}x paired")
+
+
+def _old_writer(rev: str):
+    """The TraceWriter of git revision ``rev``'s tracer/store/zarr_store.py, as a module of its own."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    src = subprocess.run(["git", "show", f"{rev}:tracer/store/zarr_store.py"], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    path = Path(tempfile.mkdtemp(prefix="moetrace-old-store-")) / "old_zarr_store.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("moetrace_old_zarr_store", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod.TraceWriter
 
 
 if __name__ == "__main__":

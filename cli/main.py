@@ -126,7 +126,9 @@ def _progress_printer(quiet: bool):
               help="Cut sequences longer than the model's max_position_embeddings instead of refusing them.")
 @click.option("--plant", default=None, help="Built-in models: plant a fault in LAYER:EXPERT:PROJ (gate, up or down).")
 @click.option("--sites", default=None, help="Comma-separated sites to record (default: all).")
-@click.option("--out", "out_dir", default="traces", show_default=True, type=click.Path(), help="Folder of runs.")
+@click.option("--out", "out_dir", default="traces", show_default=True,
+              help="Folder or URL of runs (s3://bucket/traces with moetrace[s3]; credentials and endpoint from the "
+                   "AWS_* environment variables).")
 @click.option("--run", "run_name", default=None, help="Run name: stores go to OUT/RUN/VARIANT.zarr (default: from the model).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed recorded with the run.")
 @click.option("--gguf", "gguf", type=click.Path(), default=None,

@@ -13,6 +13,7 @@ from moetrace.hooks.sites import ALL_SITES
 from moetrace.tracer.analysis import compare as compare
 from moetrace.tracer.execution.executor import RunConfig, run_trace
 from moetrace.tracer.sources.prompts import DEMO_TEXT, read_prompts, tokenize
+from moetrace.tracer.store import location as store_loc
 from moetrace.tracer.store.zarr_store import open_trace
 
 
@@ -23,7 +24,7 @@ def default_run_name(model_id: str) -> str:
 
 @dataclass
 class RunResult:
-    run_dir: Path
+    run_dir: Path | str  # a local folder, or the run's URL
     reference: str
     stores: dict
     diffs: dict  # variant name -> diff Dataset (the first recorded mode: free where recorded)
@@ -43,8 +44,8 @@ class RunResult:
         return "\n\n".join(parts)
 
 
-def _reusable_reference(path: Path, model_hash: str, token_ids: np.ndarray, sites: list[str]) -> bool:
-    if not path.exists():
+def _reusable_reference(path, model_hash: str, token_ids: np.ndarray, sites: list[str]) -> bool:
+    if not store_loc.exists(path):
         return False
     try:
         ds = open_trace(path)
@@ -82,12 +83,13 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
     log(f"Opening model {model} ...")
     source = open_source(model, plant=plant)
     tokens, n_seqs = _run_tokens(source, config, text, prompts_file, tokens_file, max_tokens, truncate)
-    run_dir = Path(out_dir) / (run_name or default_run_name(source.model_id))
+    # A local folder (a Path, as before) or a URL such as s3://bucket/traces (a str).
+    run_dir = store_loc.join(out_dir, run_name or default_run_name(source.model_id))
     ref_name = config.reference
-    reuse = _reusable_reference(run_dir / f"{ref_name}.zarr", source.model_hash, tokens.ids, sites)
+    reuse = _reusable_reference(store_loc.join(run_dir, f"{ref_name}.zarr"), source.model_hash, tokens.ids, sites)
     log(f"Tracing {source.model_id}: {source.num_layers} layers, {tokens.n} tokens in {n_seqs} sequence(s); "
         f"reference {ref_name}{' (already recorded)' if reuse else ''}, variants {', '.join(config.variants)}")
-    if resume and not any(run_dir.glob("*.zarr")):
+    if resume and not any(n.endswith(".zarr") for n in store_loc.names(run_dir)):
         raise MoetraceError(f"nothing to resume: {str(run_dir)!r} holds no trace stores; run without --resume")
 
     def on_progress(event, **info):
@@ -101,7 +103,7 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
 
     stores = run_trace(source, config, tokens, run_dir, progress=on_progress, write_reference=not reuse,
                        resume=resume)
-    ref_ds = open_trace(run_dir / f"{ref_name}.zarr")
+    ref_ds = open_trace(store_loc.join(run_dir, f"{ref_name}.zarr"))
     diffs = {}
     for v in config.variants:
         if v == ref_name:

@@ -73,23 +73,29 @@ def test_failed_write_leaves_store_incomplete_and_says_so(tmp_path, tiny_source,
     """A write that fails at layer 2: the error says the stores are incomplete; --resume then finishes them exactly.
 
     The failure is a real one from the operating system, whatever the writer's mechanism: once
-    layer 0 is traced, a file-size limit (RLIMIT_FSIZE, with SIGXFSZ ignored so the write returns
-    EFBIG, as a full disk makes a write raise) stops every hidden-size shard file just before
-    layer 2's slot.
+    every store has recorded layers 0 and 1 done, a file-size limit (RLIMIT_FSIZE, with SIGXFSZ
+    ignored so the write returns EFBIG, as a full disk makes a write raise) stops every chunk file
+    of a hidden-size site, one (mode, layer) slab each.
     """
     import resource
     import signal
+    import time
 
     from moetrace.tracer.store import zarr_store as S
 
     run_dir = tmp_path / "full"
     T, H = tiny_tokens.n, tiny_source.config.hidden_size
-    limit = S._align(tiny_source.num_layers * 16) + 2 * S._align(T * H * 4)  # end of layer 1's slot
+    limit = T * H * 4  # below a resid chunk (its bytes and a 4-byte checksum)
     old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
     old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     def block_layer_2(event, **info):
-        if event == "layer_done" and info["layer"] == 0:
+        if event == "layer_start" and info["layer"] == 2:
+            # The writer threads land layer 1 and then its mark while layer 2 computes: wait for them.
+            deadline = time.time() + 60
+            while any(S.layers_done(p) < 2 for p in run_dir.glob("*.zarr")):
+                assert time.time() < deadline, "layer 1 never landed"
+                time.sleep(0.01)
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
 
     cfg = RunConfig(model="builtin:tiny", variants=["orig-bf16"], modes=["free", "teacher", "routing"])

@@ -73,153 +73,17 @@ def test_second_writer_refused(tiny_run, tmp_path, tiny_source, tiny_tokens):
         run_trace(tiny_source, RunConfig(model="builtin:tiny", variants=["orig-bf16"]), tiny_tokens, run_dir)
 
 
-@pytest.mark.parametrize("dtype, fill", [("float32", np.nan), ("int16", -1)])
-def test_sharded_array_metadata_is_what_zarr_itself_writes(tmp_path, dtype, fill):
-    """The per-layer arrays' metadata (shards of every layer, one raw chunk per layer, the index first
-    and without checksum) equals zarr's own for the same sharding codec."""
-    import json
-
-    import zarr
-    from zarr.codecs import BytesCodec, ShardingCodec
-
-    from moetrace.tracer.store.zarr_store import _sharded_meta
-
-    g = zarr.open_group(tmp_path / "z.zarr", mode="w", zarr_format=3)
-    g.create_array("a", shape=(2, 3, 7, 5), chunks=(1, 3, 7, 5), dtype=dtype, fill_value=fill,
-                   serializer=ShardingCodec(chunk_shape=(1, 1, 7, 5), codecs=[BytesCodec()],
-                                            index_codecs=[BytesCodec()], index_location="start"),
-                   compressors=None, filters=None, dimension_names=("mode", "layer", "token", "hidden"),
-                   chunk_key_encoding={"name": "default", "separator": "."})
-    theirs = json.loads((tmp_path / "z.zarr" / "a" / "zarr.json").read_text())
-    ours = _sharded_meta((2, 3, 7, 5), (1, 3, 7, 5), (1, 1, 7, 5), dtype, fill, ("mode", "layer", "token", "hidden"))
-    assert ours == theirs
-
-
-@pytest.mark.parametrize("refuse", [None, "open", "write"])
-def test_shard_files_read_back_exactly_with_holes_and_rewrites(tmp_path, tiny_tokens, monkeypatch, refuse):
-    """Layers land in one shard file per array and mode, in any order, written with O_DIRECT or, where the
-    file system refuses it at open or at write, buffered: zarr and xarray read every written layer back
-    exactly, layers not written as the fill value, one dask chunk per layer; a layer written again (a
-    resumed run) replaces its slot."""
-    import errno as errno_mod
-
-    import torch
-    import zarr
-
-    from moetrace.tracer.store import zarr_store as S
-
-    real_open, real_pwrite = os.open, os.pwrite
-    if refuse is None:
-        try:
-            os.close(os.open(tmp_path / "probe", os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o644))
-        except OSError:
-            pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT (the refused cases test the buffered path)")
-    direct_fds = set()
-
-    def fake_open(path, flags, *a, **k):
-        if flags & os.O_DIRECT and refuse == "open":
-            raise OSError(errno_mod.EINVAL, "Invalid argument")
-        fd = real_open(path, flags, *a, **k)
-        (direct_fds.add if flags & os.O_DIRECT else direct_fds.discard)(fd)  # a closed fd's number is reused
-        return fd
-
-    direct_writes = []
-
-    def fake_pwrite(fd, data, offset):
-        if fd in direct_fds:
-            if refuse == "write":
-                raise OSError(errno_mod.EINVAL, "Invalid argument")
-            direct_writes.append(offset)
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "open", fake_open)
-    monkeypatch.setattr(os, "pwrite", fake_pwrite)
-    T, L = tiny_tokens.n, 4
-    sizes = {"layers": L, "hidden": 8, "expert": 4, "k": 3, "vocab": 16}
-    path = tmp_path / "v.zarr"
-    w = S.TraceWriter(path, sizes, tiny_tokens, ["free", "teacher"], ["resid", "topk_idx"],
-                      {"variant": "v", "model": "m"})
-    rng = np.random.default_rng(0)
-    want = {(m, layer): (rng.standard_normal((T, 8), dtype=np.float32), rng.integers(0, 4, (T, 3), dtype=np.int16))
-            for m in ("free", "teacher") for layer in range(L)}
-    written = [("free", 2), ("free", 0), ("teacher", 3), ("free", 0)]  # layer 1 never; free/0 twice
-    for i, (m, layer) in enumerate(written):
-        r, k = want[(m, layer)]
-        if i == 1:  # first write of free/0 with other values, then replaced by the third write
-            r = r + 1
-        w.write_layer(m, layer, {"resid": torch.from_numpy(r), "topk_idx": torch.from_numpy(k)})
-    w.flush()
-    w.finish()
-    assert sorted(p.name for p in (path / "resid").iterdir()) == ["c.0.0.0.0", "c.1.0.0.0", "zarr.json"]
-    ds = moetrace.open_trace(path)
-    assert ds.resid.chunks[1] == (1,) * L  # one dask chunk per layer
-    arr = zarr.open_array(path / "resid", mode="r")
-    for mi, m in enumerate(("free", "teacher")):
-        for layer in range(L):
-            got_r = ds.resid.sel(mode=m, layer=layer).values
-            got_k = ds.topk_idx.sel(mode=m, layer=layer).values
-            if (m, layer) in written:
-                assert np.array_equal(got_r, want[(m, layer)][0]) and np.array_equal(arr[mi, layer], got_r)
-                assert np.array_equal(got_k, want[(m, layer)][1])
-            else:
-                assert np.isnan(got_r).all() and (got_k == -1).all()
-    assert bool(direct_writes) == (refuse is None)  # O_DIRECT wrote, or nothing did where it was refused
-
-
-def test_store_of_the_earlier_layout_resumes_per_chunk_files(tmp_path, tiny_tokens, monkeypatch):
-    """A store written by an earlier version (one raw chunk file per layer) is continued in its own layout."""
-    import torch
-
-    from moetrace.tracer.store import zarr_store as S
-    from moetrace.tracer.execution.resume import ResumedWriter
-
-    sizes = {"layers": 2, "hidden": 8, "expert": 4, "k": 2, "vocab": 16}
-    path = tmp_path / "v.zarr"
-    with monkeypatch.context() as mp:  # the earlier version's metadata: a (1, 1, T, H) chunk per file
-        mp.setattr(S, "_sharded_meta", lambda shape, shard, inner, *a: S._array_meta(shape, inner, *a))
-        w = S.TraceWriter(path, sizes, tiny_tokens, ["free"], ["resid"], {"variant": "v", "model": "m"})
-        w.write_layer("free", 0, {"resid": torch.zeros(tiny_tokens.n, 8)})
-        w.mark_layers_done(1)
-        w.flush()
-        w.release()
-    r = ResumedWriter(path)
-    assert r.layers_done == 1 and "resid" in r._raw_chunks and not r._sharded
-    r.write_layer("free", 1, {"resid": torch.ones(tiny_tokens.n, 8)})
-    r.mark_layers_done(2)
-    r.finish()
-    assert (path / "resid" / "c.0.1.0.0").is_file()
-    ds = moetrace.open_trace(path)
-    assert np.array_equal(ds.resid.sel(mode="free").values[:, 0, 0], [0.0, 1.0])
-
-
-@pytest.mark.parametrize("dtype, fill, compressors", [("float32", np.nan, None), ("int16", -1, None)])
-def test_array_metadata_is_what_zarr_itself_writes(tmp_path, dtype, fill, compressors):
-    """The writer creates its arrays' zarr.json directly; it must equal zarr's own for the same settings."""
-    import json
-
-    import zarr
-
-    from moetrace.tracer.store.zarr_store import _array_meta
-
-    g = zarr.open_group(tmp_path / "z.zarr", mode="w", zarr_format=3)
-    g.create_array("a", shape=(2, 3, 7, 5), chunks=(1, 1, 7, 5), dtype=dtype, fill_value=fill,
-                   dimension_names=("mode", "layer", "token", "hidden"), compressors=compressors,
-                   chunk_key_encoding={"name": "default", "separator": "."})
-    theirs = json.loads((tmp_path / "z.zarr" / "a" / "zarr.json").read_text())
-    ours = _array_meta((2, 3, 7, 5), (1, 1, 7, 5), dtype, fill, ("mode", "layer", "token", "hidden"))
-    assert ours == theirs
-
-
 def test_logits_chunked_by_token_read_back_exactly(tmp_path, tiny_tokens, monkeypatch):
-    """Logits are split into token chunks (the last one padded); zarr and xarray read back the values written."""
-    import json
-
+    """Logits are split into token chunks (the last one partial); zarr and xarray read back the values written."""
     import torch
     import zarr
 
+    from moetrace.tracer.store import schema
     from moetrace.tracer.store import zarr_store as S
 
-    monkeypatch.setattr(S, "LOGIT_CHUNK_BYTES", 4 * 300 * 7)  # 7 tokens per chunk at vocab 300
+    from moetrace.tracer.store import schema
+
+    monkeypatch.setattr(schema, "LOGIT_CHUNK_BYTES", 4 * 300 * 7)  # 7 tokens per chunk at vocab 300
     T = tiny_tokens.n
     assert T % 7, "the test needs a partial edge chunk"
     sizes = {"layers": 2, "hidden": 8, "expert": 4, "k": 2, "vocab": 300}
@@ -233,9 +97,8 @@ def test_logits_chunked_by_token_read_back_exactly(tmp_path, tiny_tokens, monkey
     for m in w.modes:
         w.write_logits(m, logits[m])
     w.finish()
-    meta = json.loads((tmp_path / "v.zarr" / "logits" / "zarr.json").read_text())
-    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [1, 7, 300]
     arr = zarr.open_array(tmp_path / "v.zarr" / "logits", mode="r")
+    assert arr.chunks == (1, 7, 300)
     ds = moetrace.open_trace(tmp_path / "v.zarr")
     for i, m in enumerate(w.modes):
         assert np.array_equal(arr[i], logits[m].numpy())
@@ -263,9 +126,9 @@ def test_lock_held_from_creation_to_finish(tmp_path, tiny_tokens):
 
 
 def test_store_layout_reads_like_xarrays_own(tmp_path, tiny_tokens):
-    """The writer lays out the group and its coordinates itself; xarray must read them back exactly as
-    the same coordinates written by xarray's own to_zarr, and the consolidated metadata must equal
-    what zarr's consolidate_metadata makes of the same store."""
+    """The writer creates the group and its coordinates through zarr; xarray must read them back exactly
+    as the same coordinates written by xarray's own to_zarr, and the consolidated metadata must be
+    what zarr's consolidate_metadata makes of the same store (nothing written since)."""
     import json
 
     import zarr
@@ -309,10 +172,11 @@ def test_progress_marker_exact_while_attribute_lags(tmp_path, tiny_tokens, monke
 
     import torch
 
+    from moetrace.tracer.store import schema
     from moetrace.tracer.store import zarr_store as S
     from moetrace.tracer.execution.resume import store_state
 
-    monkeypatch.setattr(S, "ATTRS_INTERVAL_S", 3600.0)  # the attribute never refreshes within this test
+    monkeypatch.setattr(schema, "ATTRS_INTERVAL_S", 3600.0)  # the attribute never refreshes within this test
     sizes = {"layers": 3, "hidden": 8, "expert": 4, "k": 2, "vocab": 16}
     path = tmp_path / "v.zarr"
     w = S.TraceWriter(path, sizes, tiny_tokens, ["free"], ["resid"], {"variant": "v", "model": "m"})
@@ -343,9 +207,10 @@ def test_progress_attribute_refreshed_when_interval_passed(tmp_path, tiny_tokens
 
     import torch
 
+    from moetrace.tracer.store import schema
     from moetrace.tracer.store import zarr_store as S
 
-    monkeypatch.setattr(S, "ATTRS_INTERVAL_S", 0.0)  # every layer
+    monkeypatch.setattr(schema, "ATTRS_INTERVAL_S", 0.0)  # every layer
     sizes = {"layers": 2, "hidden": 8, "expert": 4, "k": 2, "vocab": 16}
     w = S.TraceWriter(tmp_path / "v.zarr", sizes, tiny_tokens, ["free"], ["resid"], {"variant": "v", "model": "m"})
     w.write_layer("free", 0, {"resid": torch.zeros(tiny_tokens.n, 8)})
@@ -353,53 +218,3 @@ def test_progress_attribute_refreshed_when_interval_passed(tmp_path, tiny_tokens
     w.flush()
     assert json.loads((tmp_path / "v.zarr" / "zarr.json").read_text())["attributes"]["layers_done"] == 1
     w.release()
-
-
-@pytest.mark.parametrize("nbytes", [740, 4096, 3 * 4096 + 12])
-@pytest.mark.parametrize("refuse", [None, "open", "write"])
-def test_chunk_written_exactly_direct_or_buffered(tmp_path, monkeypatch, nbytes, refuse):
-    """A chunk file holds exactly the array's bytes, whether O_DIRECT wrote it (padded to the alignment,
-    then truncated) or the file system refused O_DIRECT at open or at write and the buffered path did."""
-    import errno as errno_mod
-    import threading
-
-    from moetrace.tracer.store import zarr_store as S
-
-    real_open, real_pwrite = os.open, os.pwrite
-    used = []
-
-    def fake_open(path, flags, *a, **k):
-        direct = bool(flags & os.O_DIRECT)
-        if direct and refuse == "open":
-            raise OSError(errno_mod.EINVAL, "Invalid argument")
-        fd = real_open(path, flags, *a, **k)
-        if direct:
-            used.append(fd)
-        return fd
-
-    def fake_pwrite(fd, data, offset):
-        if fd in used and refuse == "write":
-            raise OSError(errno_mod.EINVAL, "Invalid argument")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "open", fake_open)
-    monkeypatch.setattr(os, "pwrite", fake_pwrite)
-    monkeypatch.setattr(S, "STAGING_BYTES", 8192)  # the largest case goes through the staging buffer in pieces
-    arr = np.random.default_rng(nbytes).standard_normal(nbytes // 4, dtype=np.float32)
-    arr = np.frombuffer(arr.tobytes() + bytes(nbytes % 4), dtype=np.uint8)  # any byte length
-    out = {}
-
-    def write():  # in a thread of its own, as the store's writer: the fallback is remembered per thread
-        path = tmp_path / "a" / "c.0"
-        S._write_chunk(path, arr)
-        out["bytes"] = path.read_bytes()
-        out["fallback"] = getattr(S._direct, "works", True) is False
-
-    t = threading.Thread(target=write)
-    t.start()
-    t.join()
-    assert out["bytes"] == arr.tobytes()
-    assert not (tmp_path / "a" / "c.0.tmp").exists()
-    if refuse is None and not used:
-        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT; the buffered path wrote the chunk")
-    assert out["fallback"] == (refuse is not None)

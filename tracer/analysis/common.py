@@ -112,12 +112,11 @@ def check_comparable(ref: xr.Dataset, var: xr.Dataset) -> None:
 
 def open_pair(reference_path, variant_path) -> tuple[xr.Dataset, xr.Dataset]:
     """Open a reference's and a variant's trace store (``moetrace.open_trace``), each checked to exist."""
-    from pathlib import Path
-
+    from moetrace.tracer.store import location
     from moetrace.tracer.store.zarr_store import open_trace
 
     for p in (reference_path, variant_path):
-        if not Path(p).exists():
+        if not location.exists(p):  # a local folder or a URL
             raise MoetraceError(f"trace store {str(p)!r} does not exist")
     return open_trace(reference_path), open_trace(variant_path)
 

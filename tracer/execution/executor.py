@@ -37,6 +37,7 @@ import torch
 from moetrace.errors import MoetraceError
 from moetrace.hooks import arch
 from moetrace.hooks.sites import ALL_SITES, LAYER_SITES, capture
+from moetrace.tracer.store import location as store_loc
 from moetrace.tracer.store.zarr_store import Tokens, TraceWriter
 from moetrace.tracer.variants import REFERENCE, Variant
 from moetrace.tracer.weights.derive import LayerState, layer_roles, tensor_types, variant_global, variant_layer_state
@@ -399,7 +400,7 @@ def _open_writers(run_dir: Path, ref: Variant, variants: list[Variant], config: 
     from moetrace.tracer.execution import resume as R
 
     def new(v: Variant, modes):
-        return TraceWriter(run_dir / f"{v.name}.zarr", sizes, tokens, modes, config.sites,
+        return TraceWriter(store_loc.join(run_dir, f"{v.name}.zarr"), sizes, tokens, modes, config.sites,
                            {**base_attrs, "variant": v.name, "modes": list(modes)})
 
     wanted = ([ref] if write_reference else []) + variants
@@ -408,7 +409,7 @@ def _open_writers(run_dir: Path, ref: Variant, variants: list[Variant], config: 
     writers, done, starts = {}, [], []
     try:
         for v in wanted:
-            path = run_dir / f"{v.name}.zarr"
+            path = store_loc.join(run_dir, f"{v.name}.zarr")
             attrs = R.store_state(path)
             if attrs is None:
                 writers[v.name] = new(v, ["free"] if v is ref else config.modes)
@@ -459,7 +460,7 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
     """
     run_dir = _prepare_output(run_dir)
     run = _plan(source, config, tokens, progress)
-    all_paths = {v.name: run_dir / f"{v.name}.zarr" for v in [run.ref] + run.variants}
+    all_paths = {v.name: store_loc.join(run_dir, f"{v.name}.zarr") for v in [run.ref] + run.variants}
     writers, start, done = _open_writers(run_dir, run.ref, run.variants, config, tokens, run.sizes, run.base_attrs,
                                          write_reference, resume, source.model_hash)
     run.variants = [v for v in run.variants if v.name not in done]  # complete stores need no work
@@ -495,16 +496,29 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
     return all_paths
 
 
-def _prepare_output(run_dir) -> Path:
-    """The run folder, created and checked writable before any work."""
-    run_dir = Path(run_dir)
+def _prepare_output(run_dir):
+    """The run's location (a Path for a local folder, a URL string), checked writable.
+
+    Raises:
+        MoetraceError: the folder or bucket cannot be written.
+    """
+    run_dir = store_loc.as_location(run_dir)
+    if isinstance(run_dir, Path):
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".moetrace-write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise MoetraceError(f"cannot write to output folder {str(run_dir)!r}: {e.strerror}") from None
+        return run_dir
+    fs, root = store_loc.filesystem(run_dir)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".moetrace-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise MoetraceError(f"cannot write to output folder {str(run_dir)!r}: {e.strerror}") from None
+        fs.pipe_file(f"{root}/.moetrace-write-test", b"")
+        fs.rm_file(f"{root}/.moetrace-write-test")
+    except Exception as e:  # the client's errors differ per service: no credentials, no bucket, denied
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise MoetraceError(f"cannot write to output location {run_dir!r}: {msg}") from None
     return run_dir
 
 

@@ -1,0 +1,200 @@
+"""The trace store's schema: one Zarr v3 store per run and variant, ``RUN/VARIANT.zarr``.
+
+This module is the one place the schema is defined. Every store opens with plain
+``xarray.open_zarr(path_or_url)``.
+
+=================  ===============================  =======  =============================================
+variable           dims                             dtype    what
+=================  ===============================  =======  =============================================
+``resid``          (mode, layer, token, hidden)     float32  the decoder layer's output hidden state
+``attn_out``       (mode, layer, token, hidden)     float32  attention output, before the residual add
+``moe_out``        (mode, layer, token, hidden)     float32  MoE block output, before the residual add
+``router_logits``  (mode, layer, token, expert)     float32  router logits
+``topk_idx``       (mode, layer, token, k)          int16    chosen experts (-1 where not yet written)
+``topk_weight``    (mode, layer, token, k)          float32  their routing weights
+``logits``         (mode, token, vocab)             float32  final logits
+=================  ===============================  =======  =============================================
+
+Coordinates: ``mode`` (``free``, ``teacher``, ``routing``), ``layer``, ``token`` (0..T-1 over all
+sequences), and along ``token``: ``token_id``, ``seq``, ``pos``, ``token_text``.
+Attributes: ``moetrace_version``, ``model``, ``model_hash``, ``variant``, ``modes``, ``sites``,
+``seed``, ``torch_version``, ``transformers_version``, ``complete``, ``layers_done``, ``created``,
+and ``config`` (the run's configuration as JSON).
+
+Layout. Every array is created through zarr-python's ``create_array``: per-layer arrays hold one
+(mode, layer) slab per chunk, one object per chunk (key ``c.M.L.0.0``); logits one chunk of tokens
+per object (:func:`logit_chunk_tokens`). Every chunk is raw little-endian bytes followed by a
+CRC-32C checksum (zarr's ``bytes`` then ``crc32c`` codecs), so a flipped byte or a truncated chunk
+fails its read instead of returning other numbers (see tracer/store/reader.py, which also checks
+that no chunk is missing: zarr would read a missing chunk as the fill value). Chunks are written
+even where they equal the fill value (``write_empty_chunks``), so "every chunk present" is the
+rule for a healthy store.
+
+Per-chunk objects rather than zarr's sharding: zarr writes a shard whole, so adding one layer to a
+shard of every layer rewrites all the layers before it; and a missing per-chunk object is
+visible in the store's listing.
+
+Progress. ``complete`` turns true only after the last layer and the logits are written, so a run
+killed midway leaves a store that reads as incomplete. After every layer the writer creates an
+empty marker object ``.moetrace-layers-done.N`` (and removes the one before), and at most every
+:data:`ATTRS_INTERVAL_S` seconds it also copies N into the ``layers_done`` attribute; readers take
+the larger (rewriting ``zarr.json`` after every layer costs more than the layer on a small model,
+on ext4, where replacing a file with unwritten data starts its writeback at once).
+
+Earlier layouts. Stores of earlier moetrace versions (raw chunks without checksum, one object per
+chunk or one hand-written shard per array and mode) are read, with the same missing-chunk check,
+but their bytes carry no checksum; ``--resume`` refuses them (see tracer/execution/resume.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+
+# Per-layer sites: name -> (last dimension, dtype). Dims are (mode, layer, token, last).
+LAYER_VARS = {
+    "resid": ("hidden", "float32"),
+    "attn_out": ("hidden", "float32"),
+    "moe_out": ("hidden", "float32"),
+    "router_logits": ("expert", "float32"),
+    "topk_idx": ("k", "int16"),
+    "topk_weight": ("k", "float32"),
+}
+LOCK_NAME = ".moetrace-writer.lock"
+PROGRESS_PREFIX = ".moetrace-layers-done."
+# The layers_done attribute of an incomplete store is refreshed at most this often (seconds);
+# the marker object is exact after every layer.
+ATTRS_INTERVAL_S = 2.0
+# Chunk keys "c.M.L.0.0": one flat folder per array. With "/" every chunk needs its own nested
+# folders, and creating them cost more than writing the chunks (measured: 48 one-megabyte chunks
+# in 150 ms nested, 20 ms flat).
+CHUNK_SEPARATOR = "."
+# Coordinates along ``token`` besides the dimension itself (xarray's "coordinates" group attribute).
+TOKEN_COORDS = ("pos", "seq", "token_id", "token_text")
+# Logits are chunked along tokens so a chunk stays near this size whatever the vocabulary
+# (a real vocabulary of 152k entries over 100k tokens would otherwise be one 60 GB chunk).
+LOGIT_CHUNK_BYTES = 64 << 20
+CHECKSUM_BYTES = 4  # the crc32c codec appends 4 bytes to every chunk
+
+
+@dataclass
+class Tokens:
+    """The tokens of a run, flattened over sequences.
+
+    Attributes:
+        ids: (token,) int64 token ids.
+        seq: (token,) sequence index of each token.
+        pos: (token,) position of each token inside its sequence.
+        text: (token,) the token's text (its byte for built-in models).
+    """
+
+    ids: np.ndarray
+    seq: np.ndarray
+    pos: np.ndarray
+    text: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.ids.shape[0])
+
+    def sequences(self) -> list[np.ndarray]:
+        """The token ids of each sequence, in order."""
+        return [self.ids[self.seq == s] for s in np.unique(self.seq)]
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One data array of the schema: its shape, chunk shape, dtype, fill value and dimension names."""
+
+    name: str
+    shape: tuple
+    chunks: tuple
+    dtype: str
+    fill: float | int
+    dims: tuple
+
+
+def logit_chunk_tokens(n_tokens: int, vocab: int) -> int:
+    return max(1, min(n_tokens, LOGIT_CHUNK_BYTES // (4 * vocab)))
+
+
+def data_specs(sizes: dict, n_modes: int, n_tokens: int, sites) -> list[ArraySpec]:
+    """The data arrays of a store recording ``sites``.
+
+    Args:
+        sizes: ``layers``, ``hidden``, ``expert``, ``k``, ``vocab``.
+    """
+    m, L, T = n_modes, sizes["layers"], n_tokens
+    out = []
+    for name, (last, dtype) in LAYER_VARS.items():
+        if name in sites:
+            n = sizes[last]
+            out.append(ArraySpec(name, (m, L, T, n), (1, 1, T, n), dtype, -1 if dtype == "int16" else float("nan"),
+                                 ("mode", "layer", "token", last)))
+    if "logits" in sites:
+        V = sizes["vocab"]
+        out.append(ArraySpec("logits", (m, T, V), (1, logit_chunk_tokens(T, V), V), "float32", float("nan"),
+                             ("mode", "token", "vocab")))
+    return out
+
+
+def coordinates(modes, n_layers: int, tokens: Tokens) -> dict:
+    """name -> (dims, values) of the store's coordinate arrays."""
+    return {
+        "mode": (("mode",), np.array(list(modes), dtype=object)),
+        "layer": (("layer",), np.arange(n_layers, dtype=np.int64)),
+        "token": (("token",), np.arange(tokens.n, dtype=np.int64)),
+        "token_id": (("token",), tokens.ids.astype(np.int64)),
+        "seq": (("token",), tokens.seq.astype(np.int32)),
+        "pos": (("token",), tokens.pos.astype(np.int32)),
+        "token_text": (("token",), np.asarray(tokens.text, dtype=object)),
+    }
+
+
+def base_attrs(attrs: dict, modes, sites) -> dict:
+    """The store's attributes: versions, modes, sites, progress, creation time, then ``attrs``."""
+    import torch
+    import transformers
+
+    import moetrace
+
+    out = {
+        "moetrace_version": moetrace.__version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "modes": list(modes),
+        "sites": list(sites),
+        "complete": False,
+        "layers_done": 0,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "coordinates": " ".join(TOKEN_COORDS),
+    }
+    out.update(attrs)
+    return out
+
+
+_QUIET = [
+    # zarr warns that consolidated metadata and string dtypes are not yet in the v3 spec, and that
+    # the lock and progress markers are no Zarr nodes; xarray reads the stores, and the warnings
+    # would bury moetrace's own output.
+    ".*[Cc]onsolidated metadata.*",
+    ".*not recognized as a component of a Zarr hierarchy.*",
+    ".*(vlen-utf8|VariableLengthUTF8|string).*Zarr format 3.*",
+]
+
+
+@contextmanager
+def quiet():
+    """Silence zarr's warnings about these stores (see ``_QUIET``).
+
+    The filters are installed process-wide and left in place: zarr warns from its own event loop
+    thread and moetrace writes from another, and ``warnings.catch_warnings`` restoring the filters
+    from one thread would undo them in the other.
+    """
+    for pattern in _QUIET:  # re-added each time (no duplicates): a test harness may reset the filters
+        warnings.filterwarnings("ignore", message=pattern)
+    yield
