@@ -41,7 +41,7 @@ class RunResult:
         parts = [format_diff(d) for d in self.diffs.values()]
         if self.builtin_id:  # a synthetic model's figures must not read as a real model's quality
             parts.append(f"({self.builtin_id} is a synthetic model calibrated to a trained LM's next-token entropy "
-                         f"and residual scale; its figures show the method, not a real model's quality)")
+                         f"and top-1 margins; its figures show the method, not a real model's quality)")
         parts.append(f"Traces in {self.run_dir}/ (open with moetrace.open_traces('{self.run_dir}') "
                      f"or xarray.open_zarr on one store).")
         return "\n\n".join(parts)
