@@ -28,6 +28,7 @@ class RunResult:
     reference: str
     stores: dict
     diffs: dict  # variant name -> diff Dataset (the first recorded mode: free where recorded)
+    builtin_id: str | None = None  # the model id when the model is a built-in synthetic one
 
     def summary_json(self) -> dict:
         return {
@@ -39,6 +40,9 @@ class RunResult:
 
     def summary_text(self) -> str:
         parts = [format_diff(d) for d in self.diffs.values()]
+        if self.builtin_id:  # a synthetic model's figures must not read as a real model's quality
+            parts.append(f"({self.builtin_id} is a synthetic model calibrated to a trained LM's next-token entropy "
+                         f"and top-1 margins; its figures show the method, not a real model's quality)")
         parts.append(f"Traces in {self.run_dir}/ (open with moetrace.open_traces('{self.run_dir}') "
                      f"or xarray.open_zarr on one store).")
         return "\n\n".join(parts)
@@ -110,7 +114,8 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
             continue
         # The summary compares the first mode recorded: free where it was, else teacher or routing alone.
         diffs[v] = compare.diff(ref_ds, open_trace(stores[v]), config.modes[0])
-    return RunResult(run_dir, ref_name, stores, diffs)
+    return RunResult(run_dir, ref_name, stores, diffs,
+                     builtin_id=f"builtin:{source.builtin.preset}" if getattr(source, "builtin", None) else None)
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*")

@@ -123,3 +123,73 @@ def test_bad_builtin_spec(spec, msg):
 
 def test_plant_parse_roundtrip():
     assert str(Plant.parse("5:3:down")) == "5:3:down"
+
+
+# Calibration bounds: where a trained byte- or small-vocabulary LM's next-token distribution sits on
+# English text. Entropy: a strong byte-level model predicts with about 1 nat (1.2-1.4 bits/byte),
+# a bigram model of English bytes with about 2.3 nats; a random head over 256 bytes gives a
+# near-Gaussian spread whose argmax any nudge flips.
+ENTROPY_RANGE = (1.0, 2.5)  # nats, mean over tokens
+PEAKED_SHARE = 0.6  # most tokens with a top-1 probability over calibration.PEAKED (0.5): a trained LM is sure
+MARGIN_MIN = np.log(4.0)  # nats: on half the tokens the top token is at least 4x as likely as the runner-up
+RMS_GROWTH_MIN = 1.2  # the residual's RMS grows with depth, last layer at least 1.2x the first
+MASSIVE_MIN = 4.0  # the outlier channels' RMS at least 4x the median channel's at every layer
+
+
+def _assert_calibrated(cal):
+    from moetrace.tracer.analysis.calibration import format_calibration
+
+    text = format_calibration(cal)
+    assert ENTROPY_RANGE[0] <= float(cal["entropy_mean"]) <= ENTROPY_RANGE[1], text
+    assert float(cal["top1_peaked"]) >= PEAKED_SHARE, text
+    assert float(cal["top1_margin_median"]) >= MARGIN_MIN, text
+    rms = cal["resid_rms"].values
+    assert (np.diff(rms) > 0).all() and float(cal["resid_rms_growth"]) >= RMS_GROWTH_MIN, text
+    assert float(cal["massive_ratio"].min()) >= MASSIVE_MIN, text
+
+
+def test_tiny_is_calibrated_like_a_trained_lm(tiny_run):
+    import moetrace
+    from moetrace.tracer.analysis.calibration import calibration
+
+    _, stores = tiny_run
+    _assert_calibrated(calibration(moetrace.open_trace(stores["orig-fp32"])))
+
+
+def test_mini_is_calibrated_like_a_trained_lm(tmp_path):
+    """The demo's model on the demo's text, with the planted fault (the reference computes the same function)."""
+    import moetrace
+    from moetrace.tracer.analysis.calibration import calibration
+    from moetrace.tracer.execution.executor import RunConfig, run_trace
+    from moetrace.tracer.sources.checkpoint import open_source
+    from moetrace.tracer.sources.prompts import DEMO_TEXT, tokenize
+
+    source = open_source("builtin:mini", plant="5:3:down")
+    cfg = RunConfig(model="builtin:mini", variants=["orig-bf16"], sites=["resid", "logits"], plant="5:3:down")
+    stores = run_trace(source, cfg, tokenize([DEMO_TEXT], source.tokenizer), tmp_path / "mini")
+    _assert_calibrated(calibration(moetrace.open_trace(stores["orig-fp32"])))
+
+
+def test_a_random_head_fails_the_calibration_bounds(tiny_run):
+    """The bounds can fail: the same trace with a random Gaussian head (the old built-in head) is flat."""
+    import moetrace
+    from moetrace.tracer.analysis.calibration import calibration
+
+    _, stores = tiny_run
+    ref = moetrace.open_trace(stores["orig-fp32"]).load()
+    h, v = ref.sizes["hidden"], ref.sizes["vocab"]
+    x = ref.resid.isel(layer=-1).values  # (mode, token, hidden)
+    x = x / np.sqrt((x ** 2).mean(-1, keepdims=True))
+    head = np.random.default_rng(0).standard_normal((v, h)) * 4.0 / np.sqrt(h)
+    ref["logits"] = (ref.logits.dims, (x @ head.T).astype(np.float32))
+    cal = calibration(ref)
+    assert float(cal["top1_margin_median"]) < MARGIN_MIN or float(cal["top1_peaked"]) < PEAKED_SHARE
+
+
+def test_run_summary_says_a_builtin_model_is_synthetic(tmp_path):
+    from moetrace.tracer import api
+
+    res = api.run("builtin:tiny", ["orig-bf16"], text="Experts route tokens.", sites=["resid", "logits"],
+                  out_dir=tmp_path, run_name="t")
+    assert "(builtin:tiny is a synthetic model calibrated to" in res.summary_text()
+    assert res.summary_text().count("synthetic") == 1

@@ -9,6 +9,9 @@ for error propagation in real LLMs:
 - a few outlier hidden channels, large in the embeddings and fed by the experts' down
   projections, as the "massive activations" of real residual streams;
 - routers whose logits have a spread of about 2.5, so top-k margins are not all near zero;
+- an output head built from the embeddings (as tied heads are) that makes the model a peaked
+  "bigram" predictor: next-token entropy and top-1 margins like a trained LM's, not the flat
+  distribution of a random head, whose argmax any nudge flips (see :func:`_lm_head`);
 - optionally a planted fault in one expert matrix (see :func:`_plant`): its weights shrink to
   magnitudes where GGUF's fp16 block scales lose their precision, while its partner projection
   grows by the inverse factor, so the reference computes the same function and only the
@@ -39,7 +42,7 @@ def family():
 
     return arch.by_model_type(MODEL_TYPE)
 
-GENERATOR_VERSION = 3  # bump when generation changes, so cached folders are regenerated
+GENERATOR_VERSION = 4  # bump when generation changes, so cached folders are regenerated
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,17 @@ OVERRIDABLE = ("layers", "seed")
 # Q4_0 0.994. With q4_k_m-bf16 the planted layer then has the highest teacher-forced (local)
 # error of builtin:mini's 16 layers, mean and p99 over tokens.
 PLANT_STD = 4.7e-6
+
+# The output calibration (see _lm_head): each input byte has SUCCESSORS likely next bytes whose
+# logits fall off by a per-byte decay drawn from SUCCESSOR_DECAY, the first several nats above
+# the bulk, the head scaled by HEAD_SCALE (see _head_scale), which sets the next-token
+# entropy on text: 2.4 gives about 1.5 nats mean on builtin:mini and tiny, inside the 1-2.5 of
+# trained byte-level and small-vocabulary LMs.
+SUCCESSORS = 4
+SUCCESSOR_DECAY = (0.3, 0.95)
+HEAD_SCALE = 2.4
+HEAD_DEPTH_EXP = 0.7
+OUTLIER_NORM = 0.05  # the final norm's weight on the outlier channels
 
 @dataclass(frozen=True)
 class Plant:
@@ -309,8 +323,48 @@ def generate_tensors(shape: BuiltinShape, plant: Plant | None = None):
             _plant(shape, plant, gate_up, down)
         yield p + "mlp.experts.gate_up_proj", gate_up
         yield p + "mlp.experts.down_proj", down
-    yield "model.norm.weight", (1.0 + 0.1 * _rng(shape, "norm").standard_normal(h)).astype(np.float32)
-    yield "lm_head.weight", _t(_rng(shape, "lm_head"), (shape.vocab, h), 4.0 / np.sqrt(h))
+    norm = (1.0 + 0.1 * _rng(shape, "norm").standard_normal(h)).astype(np.float32)
+    norm[out_ch] = OUTLIER_NORM  # trained final norms mute the massive channels, which carry no token identity
+    yield "model.norm.weight", norm
+    yield "lm_head.weight", _lm_head(shape, emb, out_ch)
+
+
+def _lm_head(shape: BuiltinShape, emb: np.ndarray, out_ch: np.ndarray) -> np.ndarray:
+    """An output head that makes the model a peaked "bigram" predictor, as trained LMs are peaked.
+
+    A random head over 256 bytes gives Gaussian logits: the top two tokens sit a fraction of a
+    nat apart and any nudge flips the argmax, which no trained model does. The residual stream
+    keeps the current token's embedding (cosine about 0.9 after the first layer, 0.3 after 16),
+    so a head built from the embeddings, as tied heads are, reads it: output token v holds
+    ``c * sum_k a_k(x) * unit(emb[x])`` for the input tokens x = perm_k(v) it succeeds. Each input
+    token thus gets SUCCESSORS likely next tokens with strengths ``decay(x) ** k``, decay drawn per
+    token (near 0: one sure successor; near 1: several), and the other tokens a Gaussian bulk.
+
+    Returns:
+        (vocab, hidden) float32.
+    """
+    rng = _rng(shape, "lm_head")
+    e = emb.astype(np.float64)
+    e[:, out_ch] = 0.0  # the final norm mutes these channels
+    e /= np.linalg.norm(e, axis=1, keepdims=True)  # (vocab, hidden) unit rows
+    decay = rng.uniform(*SUCCESSOR_DECAY, size=shape.vocab)  # (vocab,) per input token
+    head = np.zeros_like(e)
+    for k in range(SUCCESSORS):
+        perm = rng.permutation(shape.vocab)  # output v is input perm[v]'s k-th successor
+        head += (decay[perm] ** k)[:, None] * e[perm]
+    return (_head_scale(shape) * head).astype(np.float32)
+
+
+def _head_scale(shape: BuiltinShape) -> float:
+    """The head's scale c: HEAD_SCALE * (layers / 16) ** HEAD_DEPTH_EXP * sqrt(256 / hidden).
+
+    The successor logit is ``c * |norm(h)| * rho``, with ``|norm(h)|`` about sqrt(hidden) (hence the
+    width factor) and rho the cosine of the last residual with the input embedding, which falls with
+    depth as layers add their outputs (0.9 after one layer, 0.3 after 16 on builtin:mini); the rest
+    of the residual makes the bulk. The depth exponent is fit so builtin:tiny (4 layers) and
+    builtin:mini (16) land at a similar entropy.
+    """
+    return HEAD_SCALE * (shape.layers / 16) ** HEAD_DEPTH_EXP * np.sqrt(256 / shape.hidden)
 
 
 def _plant(shape: BuiltinShape, plant: Plant, gate_up: np.ndarray, down: np.ndarray) -> None:
