@@ -119,7 +119,9 @@ def diff_table(d: xr.Dataset) -> Table:
 
 def format_diff(d: xr.Dataset) -> str:
     """A human table of :func:`diff`, and its output figures."""
-    lines = [diff_table(d).to_text()]
+    head = f"{d.attrs['variant']} vs {d.attrs['reference']} ({d.attrs['mode']} mode) on {d.attrs['model']}"
+    # A run that recorded no layer sites (--sites logits) has only the output figures.
+    lines = [diff_table(d).to_text()] if "layer" in d.dims else [head, "(no layer sites recorded)"]
     if "kl_mean" in d:
         lines.append(f"output: KL(ref || variant) mean {float(d['kl_mean']):.3e} nats, "
                      f"top-1 agreement {100 * float(d['top1_agreement']):.1f}%")
@@ -129,4 +131,5 @@ def format_diff(d: xr.Dataset) -> str:
 def diff_to_dict(d: xr.Dataset) -> dict:
     """A JSON-ready dict: attrs, ``layers`` (one dict per layer) and the scalar output metrics."""
     scalars = {v: json_number(d[v].values) for v in d.data_vars if d[v].ndim == 0}
-    return {**d.attrs, "layers": diff_table(d).records(), "output": scalars}
+    layers = diff_table(d).records() if "layer" in d.dims else []
+    return {**d.attrs, "layers": layers, "output": scalars}
