@@ -136,3 +136,9 @@ def test_demo_text_routes_to_demo_plant(tmp_path):
 
     idx = mt.open_trace(stores["orig-fp32"]).topk_idx.sel(mode="free", layer=int(layer)).values
     assert (idx == int(expert)).any(-1).sum() >= 10
+
+
+def test_a_run_of_the_logits_alone_summarizes_the_output(tmp_path):
+    p = moetrace("run", "--model", "builtin:tiny", "--variant", "orig-bf16", "--sites", "logits", "--text",
+                 "Hello experts.", "--out", str(tmp_path), "--run", "logits-only", "-q")
+    assert "(no layer sites recorded)" in p.stdout and "output: KL(ref || variant) mean" in p.stdout
