@@ -75,7 +75,9 @@ def open_trace(path, allow_incomplete: bool = False, storage_options: dict | Non
         )
     done = ds.sizes.get("layer", 0) if ds.attrs.get("complete") else int(ds.attrs.get("layers_done", 0))
     check_chunks_present(path, group, list(ds.data_vars), bool(ds.attrs.get("complete")), done, storage_options)
-    return _checked_reads(ds, group, str(path))
+    out = _checked_reads(ds, group, str(path))
+    out.encoding["source"] = str(path)  # messages name the store a trace came from (analysis.common.store_name)
+    return out
 
 
 def _encoded_size(meta) -> int | None:
