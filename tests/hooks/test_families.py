@@ -112,7 +112,8 @@ def test_every_mode_and_command(name, tmp_path):
     if fam.routing.norm_always or fam.gguf_config.get("norm_topk_prob"):
         np.testing.assert_allclose(w, 1.0, rtol=1e-2)  # bf16 weights renormalized: within bf16's 2**-8
     else:
-        assert (w < 1.0).all()  # OLMoE keeps the softmax mass of the chosen experts
+        # OLMoE keeps the softmax mass of the chosen experts: at most 1 (plus bf16 rounding), well under it on average
+        assert (w <= 1.0 + 2**-7).all() and w.mean() < 0.95, w.mean()
     for cmd in (["diff", str(ref), str(var)], ["diff", str(ref), str(var), "--mode", "teacher"],
                 ["decompose", str(ref), str(var)], ["routing", str(ref), str(var)],
                 ["report", str(run), "--out", str(tmp_path / "report"), "-q", "--resamples", "20"]):
