@@ -218,21 +218,33 @@ def variants(as_json):
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def models(as_json):
-    """The built-in synthetic models (nothing is downloaded; generated on first use and cached)."""
+    """The built-in synthetic models (nothing is downloaded; generated on first use and cached), then the model
+    families moetrace reads (checkpoint folders and GGUF files) with what has been checked for each."""
     from dataclasses import asdict
 
+    from moetrace.hooks.arch import families
     from moetrace.tracer.sources.builtin import DEFAULT_PRESET, PRESETS, cache_root
 
+    fams = {f.name: {"model_types": list(f.model_types), "gguf_arch": f.gguf_arch, "gguf_experts": f.gguf_experts,
+                     "checked": list(f.checked)} for f in families()}
     if as_json:
-        click.echo(json.dumps({f"builtin:{k}": asdict(v) for k, v in PRESETS.items()}, indent=2))
+        click.echo(json.dumps({**{f"builtin:{k}": asdict(v) for k, v in PRESETS.items()}, "families": fams},
+                              indent=2))
         return
     for name, s in PRESETS.items():
         mark = " (default, builtin:)" if name == DEFAULT_PRESET else ""
         click.echo(f"builtin:{name}{mark}")
         click.echo(f"    {s.description}")
         click.echo(f"    layers {s.layers}, hidden {s.hidden}, experts {s.experts} top-{s.top_k}, "
-                   f"expert width {s.expert_width}, heads {s.heads}/{s.kv_heads} of {s.head_dim}, vocab {s.vocab}")
+                   f"expert width {s.expert_width}, heads {s.heads}/{s.kv_heads} of {s.head_dim}, vocab {s.vocab}, "
+                   f"family {s.family}")
     click.echo(f"\nOverrides: builtin:NAME:layers=N,seed=S.  Cache: {cache_root()}")
+    click.echo("\nFamilies (checkpoint folders and GGUF files):")
+    for name, f in fams.items():
+        gguf = f["gguf_arch"] + {"any": "", "moe": " with experts", "dense": " without experts"}[f["gguf_experts"]]
+        click.echo(f"{name}: model type {'/'.join(f['model_types'])}, GGUF {gguf}")
+        for c in f["checked"]:
+            click.echo(f"    checked: {c}")
 
 
 @main.command()

@@ -144,8 +144,9 @@ class ModelShape:
 
     @property
     def is_70b(self) -> bool:
-        # llama.cpp's load_hparams: LLaMA with 80 layers is 70B when it uses GQA (65B otherwise).
-        return self.arch == "llama" and self.n_layer == 80 and self.n_head != self.n_head_kv
+        # llama.cpp's load_hparams: LLaMA with 80 layers is 70B when it uses GQA (65B otherwise);
+        # with 8 experts (Mixtral) the type comes from the layer count as 8x7B/8x22B instead.
+        return self.arch == "llama" and self.n_expert != 8 and self.n_layer == 80 and self.n_head != self.n_head_kv
 
 
 @dataclass(frozen=True)

@@ -59,12 +59,21 @@ class Router:
         outputs: the order of ``logits``, ``weight`` and ``idx`` in the router module's output tuple.
         scoring: ``softmax`` or ``sigmoid``: how logits become the probabilities top-k picks from.
         norm_attr: the router module's attribute saying whether chosen weights are renormalized
-            (None: never).
+            (None: see ``norm_always``).
+        norm_always: without a ``norm_attr``, whether the router always renormalizes its chosen
+            weights (Mixtral's does; False: never).
     """
 
     outputs: tuple[str, str, str] = ("logits", "weight", "idx")
     scoring: str = "softmax"
     norm_attr: str | None = "norm_topk_prob"
+    norm_always: bool = False
+
+    def renormalizes(self, router) -> bool:
+        """Whether ``router`` (the module) renormalizes its chosen weights to sum to 1."""
+        if self.norm_attr:
+            return bool(getattr(router, self.norm_attr, False))
+        return self.norm_always
 
 
 @dataclass(frozen=True)
@@ -83,11 +92,29 @@ class ExpertFusion:
     Attributes:
         key: a per-expert key inside a layer, with ``{expert}`` and ``{proj}`` fields.
         fused: fused key -> the projections stacked along its rows (dim 1), in order.
+        renames: checkpoint key prefix inside a layer -> transformers 5's prefix, for the other
+            keys of a per-expert checkpoint (Mixtral's ``block_sparse_moe.gate.weight`` is
+            ``mlp.gate.weight``), as transformers' conversion mapping renames them on load.
     """
 
     key: str = "mlp.experts.{expert}.{proj}_proj.weight"
     fused: dict = field(default_factory=lambda: {"mlp.experts.gate_up_proj": ("gate", "up"),
                                                  "mlp.experts.down_proj": ("down",)})
+    renames: dict = field(default_factory=dict)
+
+    def rename(self, key: str) -> str:
+        """A checkpoint key inside a layer under its transformers 5 name."""
+        for old, new in self.renames.items():
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+
+    def checkpoint_key(self, key: str) -> str:
+        """A transformers 5 key inside a layer under its name in a per-expert checkpoint (``rename`` reversed)."""
+        for old, new in self.renames.items():
+            if key.startswith(new):
+                return old + key[len(new):]
+        return key
 
     @property
     def projs(self) -> tuple[str, ...]:
@@ -130,6 +157,11 @@ class Family:
         gguf_extra: extra hyperparameters, ``(gguf key suffix, config key, value type name)``.
         dim_keys: extra shape symbols of this family -> the config key holding each
             (``{"kv_lora": "kv_lora_rank"}`` for a latent-attention family).
+        gguf_experts: which files of ``gguf_arch`` the family serves, by their
+            ``{arch}.expert_count``: ``any``, ``moe`` (expert_count > 0) or ``dense`` (none).
+            llama.cpp's ``llama`` architecture is both Mixtral (with experts) and dense Llama,
+            so two families may share a GGUF architecture when they split it this way.
+        checked: what has been checked for this family (``moetrace models`` and README list it).
     """
 
     name: str
@@ -149,6 +181,8 @@ class Family:
     gguf_config: dict = field(default_factory=dict)
     gguf_extra: tuple = ()
     dim_keys: dict = field(default_factory=dict)
+    gguf_experts: str = "any"
+    checked: tuple = ()
 
     def __post_init__(self):
         # A family file is data a user may write: check it when it is made, naming what is wrong.
@@ -163,8 +197,18 @@ class Family:
             missing = [n for n in names if n not in self.tensors]
             if missing:
                 raise MoetraceError(f"family {self.name}: {what} names {missing[0]!r}, which is not in its tensors")
+        if self.gguf_experts not in ("any", "moe", "dense"):
+            raise MoetraceError(f"family {self.name}: gguf_experts {self.gguf_experts!r}; valid: any, moe, dense")
         if self.routing.scoring not in ("softmax", "sigmoid"):
             raise MoetraceError(f"family {self.name}: router scoring {self.routing.scoring!r}; valid: softmax, sigmoid")
+
+    def serves_gguf(self, arch: str, n_experts: int | None) -> bool:
+        """Whether a GGUF file of architecture ``arch`` with ``n_experts`` experts (None: unknown) is this family's."""
+        if arch != self.gguf_arch:
+            return False
+        if n_experts is None or self.gguf_experts == "any":
+            return True
+        return (n_experts > 0) == (self.gguf_experts == "moe")
 
     # -- sizes, read through the config keys ------------------------------------------------
     def n_experts(self, config) -> int:
@@ -320,8 +364,7 @@ class Family:
         probs = self.scores(logits)  # (token, expert)
         idx = forced_idx.to(device=logits.device, dtype=torch.long).reshape(logits.shape[0], -1)  # (token, k)
         w = probs.gather(-1, idx)  # (token, k)
-        attr = self.routing.norm_attr
-        if attr and getattr(router, attr, False):
+        if self.routing.renormalizes(router):
             w = w / w.sum(dim=-1, keepdim=True)
         parts = {"logits": logits, "weight": w.to(logits.dtype), "idx": idx}
         return tuple(parts[k] for k in self.routing.outputs)

@@ -39,4 +39,9 @@ FAMILY = Family(
     # llama.cpp's qwen3moe graph always renormalizes the top-k weights, and every layer is MoE.
     gguf_config={"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "hidden_act": "silu",
                  "attention_bias": False},
+    checked=(
+        "reference logits and every layer's resid equal transformers' fp32 forward (fused keys; per-expert fused on read)",
+        "GGUF written by quantize loads in transformers' own GGUF loader",
+        "llama.cpp recipe (Qwen3-30B-A3B's table in NUMERICS.md)",
+    ),
 )

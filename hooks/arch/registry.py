@@ -40,7 +40,9 @@ def register(family: Family) -> Family:
         if other.name == family.name:
             continue
         clash = set(other.model_types) & set(family.model_types)
-        if clash or other.gguf_arch == family.gguf_arch:
+        # One GGUF architecture may serve two families only when its expert count tells them apart.
+        split = {other.gguf_experts, family.gguf_experts} == {"moe", "dense"}
+        if clash or (other.gguf_arch == family.gguf_arch and not split):
             what = f"model type {sorted(clash)[0]!r}" if clash else f"GGUF architecture {family.gguf_arch!r}"
             raise MoetraceError(
                 f"family {family.name!r} cannot be registered: {what} is served by family {other.name!r}"
@@ -103,9 +105,13 @@ def families() -> list[Family]:
     return list(_families.values())
 
 
+def _gguf_label(f: Family) -> str:
+    return f.gguf_arch + {"any": "", "moe": " with experts", "dense": " without experts"}[f.gguf_experts]
+
+
 def supported() -> str:
     """The supported families for a message: ``qwen3_moe (model type qwen3_moe, GGUF qwen3moe), ...``."""
-    return ", ".join(f"{f.name} (model type {'/'.join(f.model_types)}, GGUF {f.gguf_arch})" for f in families())
+    return ", ".join(f"{f.name} (model type {'/'.join(f.model_types)}, GGUF {_gguf_label(f)})" for f in families())
 
 
 def by_model_type(model_type, where: str = "") -> Family:
@@ -121,16 +127,32 @@ def by_model_type(model_type, where: str = "") -> Family:
     raise MoetraceError(f"model type {model_type!r}{of} is not supported; supported families: {supported()}")
 
 
-def by_gguf_arch(arch, where: str = "") -> Family:
+def by_gguf_arch(arch, where: str = "", n_experts: int | None = None) -> Family:
     """The family of GGUF architecture ``arch`` (``general.architecture``).
 
+    Args:
+        arch: the architecture name.
+        where: the file, for messages.
+        n_experts: the file's ``{arch}.expert_count`` (0 when absent; None: not known). It tells
+            apart families that share an architecture (``llama`` with experts is Mixtral).
+
     Raises:
-        MoetraceError: no family has it; the message lists the supported ones.
+        MoetraceError: no family has it, or the architecture's families all need experts the
+            file has not (or the reverse); the message lists the supported ones.
     """
-    for f in families():
-        if f.gguf_arch == arch:
-            return f
     of = f" of {where}" if where else ""
+    same = [f for f in families() if f.gguf_arch == arch]
+    found = [f for f in same if f.serves_gguf(arch, n_experts)]
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise MoetraceError(f"GGUF architecture {arch!r}{of} is served by families {', '.join(f.name for f in found)}, "
+                            f"told apart by {arch}.expert_count; give the file's expert count")
+    if same:
+        kind = "with experts" if n_experts else "without experts (a dense model)"
+        raise MoetraceError(f"GGUF architecture {arch!r}{of} {kind} is not supported; moetrace serves {arch!r} as "
+                            f"{', '.join(f'{f.name} ({_gguf_label(f)})' for f in same)}; supported families: "
+                            f"{supported()}")
     raise MoetraceError(f"GGUF architecture {arch!r}{of} is not supported; supported families: {supported()}")
 
 

@@ -18,7 +18,9 @@ from moetrace.hooks import arch
 
 from cli_runner import moetrace as moetrace_cli
 
-OLMOE_FILE = Path(__file__).resolve().parents[1] / "fixtures" / "families" / "olmoe.py"
+# Relative L2 error of float32 results whose sums ran in another order (a few ulps of 2**-24 each).
+FP32_REORDER = 1e-6
+TOY_FILE = Path(__file__).resolve().parents[1] / "fixtures" / "families" / "toy_olmoe.py"
 
 
 def test_qwen3_moe_is_found_by_model_type_and_gguf_arch():
@@ -46,15 +48,17 @@ def test_qwen3_moe_gguf_names_are_llama_cpp_names():
 
 
 @pytest.mark.parametrize("lookup, value, what", [
-    (arch.by_model_type, "llama", "model type 'llama'"),
-    (arch.by_gguf_arch, "llama", "GGUF architecture 'llama'"),
+    (arch.by_model_type, "bert", "model type 'bert'"),
+    (arch.by_gguf_arch, "bert", "GGUF architecture 'bert'"),
 ])
 def test_unsupported_lists_the_families_in_one_line(lookup, value, what):
     with pytest.raises(MoetraceError) as e:
         lookup(value)
     msg = str(e.value)
     assert msg.startswith(what) and "\n" not in msg
-    assert "supported families: qwen3_moe (model type qwen3_moe, GGUF qwen3moe)" in msg
+    assert "supported families: " in msg
+    for fam in arch.families():
+        assert f"{fam.name} (model type {fam.model_types[0]}, GGUF {fam.gguf_arch}" in msg
 
 
 def test_a_clashing_family_is_refused():
@@ -120,8 +124,9 @@ def test_checkpoint_without_head_dim_traces_and_quantizes(tiny_source, tiny_toke
 
 # -- a family from a file outside the package, end to end ---------------------------------------
 
-def _tiny_olmoe(folder: Path) -> Path:
-    """A real transformers OLMoE checkpoint: 2 layers, 4 experts top-2, widths 64, byte vocabulary."""
+def _tiny_olmoe(folder: Path):
+    """A real transformers OLMoE checkpoint saved under model type ``toy_olmoe``: 2 layers, 4 experts top-2,
+    widths 64, byte vocabulary. Returns (folder, the fp32 model it was saved from)."""
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     torch.manual_seed(0)
@@ -133,20 +138,23 @@ def _tiny_olmoe(folder: Path) -> Path:
         for layer in model.model.layers:
             layer.mlp.gate.weight.normal_(0.0, 0.5)
     model.save_pretrained(str(folder))
-    return folder
+    # Reloaded as a user's from_pretrained would (the experts and attention implementations it picks).
+    model = OlmoeForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "toy_olmoe"  # the alias only the family file outside the package registers
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder, model
 
 
 def test_family_file_outside_the_package_runs_end_to_end(tmp_path):
-    """An OLMoE family defined in tests/fixtures/families/olmoe.py, registered through MOETRACE_FAMILIES.
+    """A family defined in tests/fixtures/families/toy_olmoe.py, registered through MOETRACE_FAMILIES.
 
-    Exercises: lookup by a model type moetrace does not ship, config keys that differ from Qwen3-MoE
+    Exercises: lookup by a model type neither moetrace nor transformers ships (the file registers it), config keys that differ from Qwen3-MoE
     (expert width in intermediate_size, no dense-layer keys), tensor names derived from gguf-py's
-    olmoe table (q_norm/k_norm widths), llama.cpp's q8_0 recipe on them, the executor's sizes and
+    llada-moe table (q_norm/k_norm widths), llama.cpp's q8_0 recipe on them, the executor's sizes and
     sites, routing mode's forced choice, and the reference equal to transformers' own forward.
     """
-    from transformers import AutoModelForCausalLM
-
-    folder = _tiny_olmoe(tmp_path / "olmoe")
+    folder, model = _tiny_olmoe(tmp_path / "olmoe")
     text = "Experts route tokens."
     args = ["run", "--model", str(folder), "--variant", "q8_0-fp32", "--mode", "free", "--mode", "routing",
             "--text", text, "--out", str(tmp_path / "traces"), "--run", "olmoe", "-q"]
@@ -154,32 +162,49 @@ def test_family_file_outside_the_package_runs_end_to_end(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != arch.ENV_VAR}
     refused = moetrace_cli(*args, check=False, env=env)
     assert refused.returncode == 2
-    assert refused.stderr.strip().count("\n") == 0 and "model type 'olmoe'" in refused.stderr
-    assert "supported families: qwen3_moe" in refused.stderr
+    assert refused.stderr.strip().count("\n") == 0 and "model type 'toy_olmoe'" in refused.stderr
+    assert "supported families: " in refused.stderr and "toy_olmoe" not in refused.stderr.split("supported")[1]
 
-    moetrace_cli(*args, env={**env, arch.ENV_VAR: str(OLMOE_FILE)})
+    moetrace_cli(*args, env={**env, arch.ENV_VAR: str(TOY_FILE)})
     ref = moetrace.open_trace(tmp_path / "traces" / "olmoe" / "orig-fp32.zarr")
     var = moetrace.open_trace(tmp_path / "traces" / "olmoe" / "q8_0-fp32.zarr")
     assert ref.sizes["expert"] == 4 and ref.sizes["k"] == 2 and ref.sizes["layer"] == 2
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     ids = torch.tensor([list(text.encode())])
     with torch.no_grad():
         expect = model(ids).logits[0].numpy()
-    assert np.array_equal(ref.logits.sel(mode="free").values, expect)
+    # The reference equals transformers' forward bit for bit when traced in this process. The CLI's
+    # subprocess differs from this process's forward by float32 rounding (max about 1e-7 relative
+    # on this 64-wide model; the same on main before this family moved), so its store is held to
+    # the fp32-reordering level here.
+    rel = np.linalg.norm(ref.logits.sel(mode="free").values - expect) / np.linalg.norm(expect)
+    assert rel < FP32_REORDER, rel
+    from moetrace.tracer.execution.executor import RunConfig, run_trace
+    from moetrace.tracer.sources.checkpoint import open_source
+    from moetrace.tracer.sources.prompts import tokenize
+
+    (fam,) = arch.load_family_file(TOY_FILE)
+    try:
+        src = open_source(str(folder))
+        stores = run_trace(src, RunConfig(model=str(folder), variants=[]), tokenize([text], src.tokenizer),
+                           tmp_path / "inproc")
+        got = moetrace.open_trace(stores["orig-fp32"]).logits.sel(mode="free").values
+        assert np.array_equal(got, expect)
+    finally:
+        arch.unregister(fam.name)
     # routing mode runs the reference's experts; q8_0 leaves the weights close but not equal
     assert np.array_equal(var.topk_idx.sel(mode="routing").values, ref.topk_idx.sel(mode="free").values)
     assert not np.array_equal(var.resid.sel(mode="free").values, ref.resid.sel(mode="free").values)
 
 
 def test_family_file_gives_gguf_names_and_shapes(tmp_path):
-    """The OLMoE family's GGUF table comes from gguf-py's olmoe map; q_norm spans all heads."""
+    """The toy family's GGUF table comes from gguf-py's llada-moe map; q_norm spans all heads."""
     from moetrace.tracer.sources.checkpoint import open_source
     from moetrace.tracer.weights import derive as W
 
-    (fam,) = arch.load_family_file(OLMOE_FILE)
+    (fam,) = arch.load_family_file(TOY_FILE)
     try:
-        src = open_source(str(_tiny_olmoe(tmp_path / "olmoe")))
+        src = open_source(str(_tiny_olmoe(tmp_path / "olmoe")[0]))
         specs = W.gguf_specs(src)
         assert specs["blk.1.attn_q_norm.weight"] == (64,) and specs["blk.1.ffn_gate_exps.weight"] == (4, 64, 64)
         state = W.gguf_tensors_of_layer(src.layer_state(1), 1, fam)
@@ -192,7 +217,7 @@ def test_family_file_gives_gguf_names_and_shapes(tmp_path):
 
         out = write_gguf(src, "pure_q8_0", tmp_path / "olmoe.gguf", cache=False)
         back = GGUFSource(out.path)
-        assert back.family is fam and back.config.model_type == "olmoe"
+        assert back.family is fam and back.config.model_type == "toy_olmoe"
         for key in ("hidden_size", "intermediate_size", "num_experts", "num_experts_per_tok", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "vocab_size", "norm_topk_prob"):
             assert getattr(back.config, key) == getattr(src.config, key), key

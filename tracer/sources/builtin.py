@@ -1,8 +1,9 @@
 """Built-in synthetic MoE models: deterministic from a seed, generated locally, cached on disk.
 
-A built-in model is a real transformers Qwen3-MoE checkpoint folder (config.json and BF16
-safetensors with transformers 5.x fused expert keys) that moetrace writes itself, so every
-command reads it through the same path as a user's checkpoint. The weights imitate what matters
+A built-in model is a real transformers checkpoint folder of its preset's family (config.json
+and BF16 safetensors; Qwen3-MoE with transformers 5.x fused expert keys by default, Mixtral and
+OLMoE with the per-expert keys their released checkpoints ship) that moetrace writes itself, so
+every command reads it through the same path as a user's checkpoint. The weights imitate what matters
 for error propagation in real LLMs:
 
 - heavy-tailed entries (Student t, 5 degrees of freedom) rounded to BF16, as checkpoints ship;
@@ -31,16 +32,16 @@ import numpy as np
 
 from moetrace.errors import MoetraceError
 
-# The family whose checkpoint folders the generator writes (its tensor names in generate_tensors);
-# every other fact about it (config keys, expert projections) comes from the family registry.
+# The default family of the built-in models. generate_tensors names tensors as transformers 5
+# holds this family; checkpoint_tensors renames them for a preset's own family (from the registry).
 MODEL_TYPE = "qwen3_moe"
 
 
-def family():
-    """The :class:`~moetrace.hooks.arch.Family` of the built-in models."""
+def family(shape: "BuiltinShape | None" = None):
+    """The :class:`~moetrace.hooks.arch.Family` of a preset's shape (default: of the built-in models)."""
     from moetrace.hooks import arch
 
-    return arch.by_model_type(MODEL_TYPE)
+    return arch.by_model_type(shape.family if shape is not None else MODEL_TYPE)
 
 GENERATOR_VERSION = 4  # bump when generation changes, so cached folders are regenerated
 
@@ -60,6 +61,8 @@ class BuiltinShape:
     head_dim: int
     vocab: int = 256
     seed: int = 0
+    family: str = MODEL_TYPE  # the transformers model type of the family it is written as
+    expert_keys: str = "fused"  # "fused" (transformers 5's) or "per_expert" (as released checkpoints ship)
 
 
 PRESETS: dict[str, BuiltinShape] = {
@@ -75,6 +78,28 @@ PRESETS: dict[str, BuiltinShape] = {
         "Qwen3-30B-A3B's real widths (hidden 2048, 32/4 heads of 128, 128 experts top-8, expert width 768); "
         "choose layers with :layers=N (default 2)",
         layers=2, hidden=2048, experts=128, top_k=8, expert_width=768, heads=32, kv_heads=4, head_dim=128,
+    ),
+    "tiny-mixtral": BuiltinShape(
+        "for tests: Mixtral (8 experts top-2, per-expert keys), 4 layers, widths 256, 4/1 heads of 64",
+        layers=4, hidden=256, experts=8, top_k=2, expert_width=256, heads=4, kv_heads=1, head_dim=64,
+        family="mixtral", expert_keys="per_expert",
+    ),
+    "tiny-olmoe": BuiltinShape(
+        "for tests: OLMoE (16 experts top-4, not renormalized, per-expert keys), 4 layers, widths 256",
+        layers=4, hidden=256, experts=16, top_k=4, expert_width=256, heads=4, kv_heads=4, head_dim=64,
+        family="olmoe", expert_keys="per_expert",
+    ),
+    "mixtral-8x7b": BuiltinShape(
+        "Mixtral-8x7B's real widths (hidden 4096, 32/8 heads of 128, 8 experts top-2, expert width 14336); "
+        "choose layers with :layers=N (default 2; the real model has 32)",
+        layers=2, hidden=4096, experts=8, top_k=2, expert_width=14336, heads=32, kv_heads=8, head_dim=128,
+        family="mixtral", expert_keys="per_expert",
+    ),
+    "olmoe-1b-7b": BuiltinShape(
+        "OLMoE-1B-7B's real widths (hidden 2048, 16/16 heads of 128, 64 experts top-8, expert width 1024); "
+        "choose layers with :layers=N (default 2; the real model has 16)",
+        layers=2, hidden=2048, experts=64, top_k=8, expert_width=1024, heads=16, kv_heads=16, head_dim=128,
+        family="olmoe", expert_keys="per_expert",
     ),
 }
 DEFAULT_PRESET = "mini"
@@ -244,11 +269,16 @@ def _pid_alive(pid: int) -> bool:
 
 
 def hf_config_dict(shape: BuiltinShape) -> dict:
-    """The config.json of a built-in model (its family's transformers config fields)."""
-    f = family()
+    """The config.json of a built-in model (its family's transformers config fields).
+
+    The family's fixed behaviour (``gguf_config``: renormalization, activation, every layer MoE)
+    is written as its released checkpoints set it.
+    """
+    f = family(shape)
+    k = f.keys
     return {
         "architectures": [f.hf_architecture],
-        "model_type": MODEL_TYPE,
+        "model_type": f.model_types[0],
         "vocab_size": shape.vocab,
         "hidden_size": shape.hidden,
         "intermediate_size": shape.expert_width * 3,
@@ -257,11 +287,8 @@ def hf_config_dict(shape: BuiltinShape) -> dict:
         "num_attention_heads": shape.heads,
         "num_key_value_heads": shape.kv_heads,
         "head_dim": shape.head_dim,
-        f.keys.experts: shape.experts,
-        f.keys.top_k: shape.top_k,
-        f.keys.norm_topk: True,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [],
+        k.experts: shape.experts,
+        k.top_k: shape.top_k,
         "hidden_act": "silu",
         "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-6,
@@ -272,6 +299,7 @@ def hf_config_dict(shape: BuiltinShape) -> dict:
         "eos_token_id": None,
         "pad_token_id": None,
         "dtype": "bfloat16",
+        **f.gguf_config,
     }
 
 
@@ -389,12 +417,53 @@ def _plant(shape: BuiltinShape, plant: Plant, gate_up: np.ndarray, down: np.ndar
     views[partner] /= factor
 
 
+def checkpoint_tensors(shape: BuiltinShape, plant: Plant | None = None):
+    """Yield (name, float32 array) of every tensor as a checkpoint of the shape's family names it.
+
+    :func:`generate_tensors` names tensors as transformers 5 holds Qwen3-MoE; here each becomes
+    the family's: a tensor the family has not (Mixtral's q/k norms) is left out, a 1-D norm
+    weight of another width (OLMoE's whole-projection q/k norms) is resized to it (``np.resize``
+    repeats the values, same distribution), and with ``expert_keys="per_expert"`` the fused
+    expert tensors are split into the family's per-expert keys (``fusion.key``) and the other
+    keys take their checkpoint names (``fusion.renames`` reversed).
+    """
+    from types import SimpleNamespace
+
+    fam = family(shape)
+    fusion = fam.fusion
+    per_expert = shape.expert_keys == "per_expert"
+    if per_expert and fusion is None:
+        raise MoetraceError(f"built-in preset with family {fam.name}: the family has no per-expert keys")
+    dims = fam.dims(SimpleNamespace(**hf_config_dict(shape)))
+    layer_keys = fam.layer_stems  # transformers 5 keys inside a layer
+    for name, arr in generate_tensors(shape, plant):
+        if not name.startswith("model.layers."):
+            yield name, arr
+            continue
+        layer = int(name.split(".")[2])
+        prefix = fam.layer_prefix(layer)
+        inner = name[len(prefix):]
+        if inner not in layer_keys:
+            continue
+        if per_expert and inner in fusion.fused:
+            projs = fusion.fused[inner]
+            rows = arr.shape[1] // len(projs)
+            for e in range(arr.shape[0]):
+                for i, proj in enumerate(projs):
+                    yield prefix + fusion.per_expert_key(e, proj), arr[e, i * rows:(i + 1) * rows]
+            continue
+        want = tuple(dims[d] for d in fam.tensors.get(inner, ()))
+        if arr.ndim == 1 and want and arr.shape != want:
+            arr = np.resize(arr, want)
+        yield prefix + (fusion.checkpoint_key(inner) if per_expert else inner), arr
+
+
 def _write_checkpoint(model: BuiltinModel, folder: Path, progress=None) -> None:
     import torch
     from safetensors.torch import save_file
 
     tensors = {}
-    for name, arr in generate_tensors(model.shape, model.plant):
+    for name, arr in checkpoint_tensors(model.shape, model.plant):
         tensors[name] = torch.from_numpy(arr).to(torch.bfloat16)  # checkpoints ship BF16
         if progress:
             progress(name)

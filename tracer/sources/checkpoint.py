@@ -192,8 +192,9 @@ class CheckpointSource:
                 m = fusion.match(k[len(prefix):]) if fusion is not None else None
                 if m:
                     experts[m] = k
-                else:
-                    state[k[len(prefix):]] = read(k)
+                else:  # under transformers 5's name (Mixtral's block_sparse_moe.gate is mlp.gate)
+                    inner = k[len(prefix):]
+                    state[fusion.rename(inner) if fusion is not None else inner] = read(k)
             if experts:
                 if any(key in state for key in fusion.fused):
                     raise MoetraceError(

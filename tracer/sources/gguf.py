@@ -46,7 +46,9 @@ class GGUFSource:
             raise MoetraceError(f"GGUF file {str(self.path)!r} does not exist")
         self.reader = _open_reader(self.path)
         self.arch = self._field("general.architecture", required=True)
-        self.family = arch_registry.by_gguf_arch(self.arch, where=repr(str(self.path)))
+        # The expert count tells apart families sharing an architecture (llama: Mixtral or dense Llama).
+        n_experts = int(self._field(f"{self.arch}.expert_count", default=0) or 0)
+        self.family = arch_registry.by_gguf_arch(self.arch, where=repr(str(self.path)), n_experts=n_experts)
         self._globals = self.family.global_names  # HF name -> GGUF name, outside the layers
         self._tensors = {t.name: t for t in self.reader.tensors}
         self._check_extents()
