@@ -73,7 +73,8 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 # The types with compiled kernels (kernels/csrc): the header defines macros for these.
-C_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# Q8_1 and Q8_K are activation types, read and written by the engine emulation (engine_cpu.c).
+C_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_1", "Q8_K")
 
 
 def c_header() -> str:
