@@ -74,6 +74,8 @@ LAYOUTS: dict[str, Layout] = {
 
 # The types with compiled kernels (kernels/csrc): the header defines macros for these.
 C_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# Activation types the engine emulation (kernels/csrc/engine_cpu.c) writes and reads: in the header too.
+C_ACTIVATION_TYPES = ("Q8_1", "Q8_K")
 
 
 def c_header() -> str:
@@ -87,7 +89,7 @@ def c_header() -> str:
         f"#define MT_QK {QK}",
         f"#define MT_QK_K {QK_K}",
     ]
-    for name in C_TYPES:
+    for name in C_TYPES + C_ACTIVATION_TYPES:
         lay = LAYOUTS[name]
         out += ["", f"#define MT_{name}_ELEMS {lay.elems}", f"#define MT_{name}_BYTES {lay.bytes}"]
         for field, size in lay.fields:

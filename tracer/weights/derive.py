@@ -404,7 +404,8 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
 
 def variant_global(source, variant: Variant, types: dict[str, str], *, context=None) -> dict[str, torch.Tensor]:
     """Embedding, final norm and output head under ``variant`` (HF names), dense and rounded to
-    the dequantization dtype of their role (block forms are not offered outside the layers yet)."""
+    the dequantization dtype of their role, or the GGUF block bytes (:class:`BlockWeight`) where
+    the path asks for blocks and the tensor's type is quantized."""
     from moetrace.kernels.compute import role_of
 
     ctx = context if context is not None else getattr(types, "context", None)
@@ -413,8 +414,13 @@ def variant_global(source, variant: Variant, types: dict[str, str], *, context=N
     for hf, g in family_of(source).global_names.items():
         if not source.has(hf):
             continue
-        w = dequantized(source.tensor(hf), g, types.get(g), ctx)
-        dtype = path.weight_form(role_of(g)).dtype
+        form = path.weight_form(role_of(g))
+        t = types.get(g)
+        if form.blocks and t is not None and t not in FLOAT_TYPES:
+            out[hf] = _blocks(source.tensor(hf), g, t, ctx)
+            continue
+        w = dequantized(source.tensor(hf), g, t, ctx)
+        dtype = form.dtype
         out[hf] = w.to(dtype) if dtype is not None else w
     return out
 

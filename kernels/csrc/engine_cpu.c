@@ -1,0 +1,298 @@
+/* llama.cpp's CPU matmul, emulated bit for bit: activations quantized to the weight type's
+ * vec_dot_type (quantize_row_q8_0_ref / q8_1_ref / q8_K_ref) and ggml's generic (scalar reference)
+ * vec_dot_<type>_<vec_dot_type> per (weight row, token).
+ *
+ * What must match ggml exactly is the float arithmetic: which float32 products are formed and the
+ * order they are added in. The integer parts (sums of code products inside a block) are exact, so
+ * they may be formed in any order; the float parts follow the generic C code:
+ *  - legacy 32-element blocks: one float32 accumulator over blocks, the per-block term as ggml
+ *    writes it (Q4_0: (sumi*dx)*dy; Q8_0: sumi*(dx*dy); Q5_0: (dx*dy)*sumi;
+ *    Q4_1/Q5_1: (dx*dy)*sumi + mx*sy);
+ *  - Q3_K/Q4_K/Q5_K/Q6_K: eight float32 lane accumulators (lane l holds elements j with j % 8 == l)
+ *    over super-blocks, sums[l] += (dx*dy)*aux[l]; for Q4_K/Q5_K one more accumulator takes
+ *    -= (dminx*dy)*sum(bsums*mins); at the end sumf += sums[0..7] in order;
+ *  - Q2_K: one accumulator, sumf += (dy*dx)*isum - (dy*dminx)*summs.
+ * -ffp-contract=off (setup.py) keeps a*b+c two roundings, as ggml's generic build has them.
+ *
+ * Speed: each weight row is decoded once into int8 codes and per-16 scales, then dotted with every
+ * token's quantized activations (the loops over 8 or 32 int8 lanes vectorize). */
+#include <stdlib.h>
+
+#include "common.h"
+#include "engine_cpu.h"
+
+#define QK MT_QK
+
+/* ------------------------------------------------------------------ activation quantizers */
+
+/* quantize_row_q8_0_ref: d = amax/127 (fp16), q = roundf(x * (1/d)). */
+void mt_quantize_q8_0(const float *x, uint8_t *y, int64_t n) {
+    for (int64_t b = 0; b < n / QK; b++, x += QK, y += MT_Q8_0_BYTES) {
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+        const float d = amax / 127.0f;
+        const float id = d ? 1.0f / d : 0.0f;
+        mt_store_fp16(y + MT_Q8_0_D, d);
+        int8_t *qs = (int8_t *)(y + MT_Q8_0_QS);
+        for (int j = 0; j < QK; j++) qs[j] = (int8_t)roundf(x[j] * id);
+    }
+}
+
+/* quantize_row_q8_1_ref: as Q8_0, plus s = fp16(d * sum(q)) with d the float32 (unrounded) scale. */
+void mt_quantize_q8_1(const float *x, uint8_t *y, int64_t n) {
+    for (int64_t b = 0; b < n / QK; b++, x += QK, y += MT_Q8_1_BYTES) {
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+        const float d = amax / 127.0f;
+        const float id = d ? 1.0f / d : 0.0f;
+        mt_store_fp16(y + MT_Q8_1_D, d);
+        int8_t *qs = (int8_t *)(y + MT_Q8_1_QS);
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            qs[j] = (int8_t)roundf(x[j] * id);
+            sum += qs[j];
+        }
+        mt_store_fp16(y + MT_Q8_1_S, (float)sum * d);
+    }
+}
+
+/* quantize_row_q8_K_ref: iscale = -127/max with max the signed value of largest magnitude (the
+ * first one), q = MIN(127, nearest_int(iscale*x)), d = 1/iscale (float32), bsums = sums of 16 codes.
+ * An all-zero block gets d = 0 and zero codes (ggml leaves its bsums unwritten; we write zeros). */
+void mt_quantize_q8_k(const float *x, uint8_t *y, int64_t n) {
+    for (int64_t b = 0; b < n / MT_QK_K; b++, x += MT_QK_K, y += MT_Q8_K_BYTES) {
+        float max = 0.0f, amax = 0.0f;
+        for (int j = 0; j < MT_QK_K; j++) {
+            const float ax = fabsf(x[j]);
+            if (ax > amax) {
+                amax = ax;
+                max = x[j];
+            }
+        }
+        int8_t *qs = (int8_t *)(y + MT_Q8_K_QS);
+        int16_t bsums[MT_QK_K / 16] = {0};
+        float d = 0.0f;
+        if (amax != 0.0f) {
+            const float iscale = -127.0f / max;
+            for (int j = 0; j < MT_QK_K; j++) {
+                const int v = mt_nearest_int(iscale * x[j]);
+                qs[j] = (int8_t)(v < 127 ? v : 127);
+            }
+            for (int g = 0; g < MT_QK_K / 16; g++) {
+                int s = 0;
+                for (int l = 0; l < 16; l++) s += qs[16 * g + l];
+                bsums[g] = (int16_t)s;
+            }
+            d = 1.0f / iscale;
+        } else {
+            memset(qs, 0, MT_QK_K);
+        }
+        memcpy(y + MT_Q8_K_D, &d, 4);
+        memcpy(y + MT_Q8_K_BSUMS, bsums, sizeof bsums);
+    }
+}
+
+/* ------------------------------------------------------------------ weight rows, decoded */
+
+/* One weight row decoded: a[n] int8 codes in element order (with the type's offset applied), for
+ * K-quants the scale (sc) and min (mn) of each 16-element group, and per block the float32 scale d
+ * and dm (dmin for K-quants, m for Q4_1/Q5_1). */
+typedef struct {
+    int8_t *a;
+    int16_t *sc, *mn;
+    float *d, *dm;
+} mt_row;
+
+static void k4_scale_min(const uint8_t *q, int j, int *sc, int *m) { /* ggml's get_scale_min_k4 */
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+static void decode_row(int t, const uint8_t *w, int64_t n, mt_row *r) {
+    if (t == MT_ENG_Q2_K || t == MT_ENG_Q3_K || t == MT_ENG_Q4_K || t == MT_ENG_Q5_K || t == MT_ENG_Q6_K) {
+        for (int64_t i = 0; i < n / MT_QK_K; i++) {
+            int8_t *a = r->a + i * MT_QK_K;
+            int16_t *sc = r->sc + i * 16, *mn = r->mn + i * 16;
+            if (t == MT_ENG_Q2_K) {
+                const uint8_t *b = w + i * MT_Q2_K_BYTES, *qs = b + MT_Q2_K_QS;
+                for (int g = 0; g < 16; g++) {
+                    sc[g] = b[MT_Q2_K_SCALES + g] & 0xF;
+                    mn[g] = b[MT_Q2_K_SCALES + g] >> 4;
+                }
+                for (int k = 0; k < 2; k++)
+                    for (int s = 0; s < 4; s++)
+                        for (int l = 0; l < 32; l++) a[128 * k + 32 * s + l] = (qs[32 * k + l] >> (2 * s)) & 3;
+                r->d[i] = mt_load_fp16(b + MT_Q2_K_D);
+                r->dm[i] = mt_load_fp16(b + MT_Q2_K_DMIN);
+            } else if (t == MT_ENG_Q3_K) {
+                const uint8_t *b = w + i * MT_Q3_K_BYTES, *qs = b + MT_Q3_K_QS, *hm = b + MT_Q3_K_HMASK;
+                const uint8_t *s12 = b + MT_Q3_K_SCALES;
+                for (int g = 0; g < 16; g++) {
+                    const int lo = g < 8 ? s12[g] & 0xF : s12[g - 8] >> 4;
+                    const int hi = (s12[8 + g % 4] >> (2 * (g / 4))) & 3;
+                    sc[g] = (int16_t)((lo | (hi << 4)) - 32);
+                    mn[g] = 0;
+                }
+                for (int k = 0; k < 2; k++)
+                    for (int s = 0; s < 4; s++) {
+                        const uint8_t m = (uint8_t)(1u << (4 * k + s));
+                        for (int l = 0; l < 32; l++)
+                            a[128 * k + 32 * s + l] = (int8_t)(((qs[32 * k + l] >> (2 * s)) & 3) - ((hm[l] & m) ? 0 : 4));
+                    }
+                r->d[i] = mt_load_fp16(b + MT_Q3_K_D);
+            } else if (t == MT_ENG_Q4_K || t == MT_ENG_Q5_K) {
+                const int five = t == MT_ENG_Q5_K;
+                const uint8_t *b = w + i * (five ? MT_Q5_K_BYTES : MT_Q4_K_BYTES);
+                const uint8_t *s12 = b + (five ? MT_Q5_K_SCALES : MT_Q4_K_SCALES);
+                const uint8_t *qs = b + (five ? MT_Q5_K_QS : MT_Q4_K_QS), *qh = five ? b + MT_Q5_K_QH : NULL;
+                for (int j = 0; j < 8; j++) {
+                    int s, m;
+                    k4_scale_min(s12, j, &s, &m);
+                    sc[2 * j] = sc[2 * j + 1] = (int16_t)s;
+                    mn[2 * j] = mn[2 * j + 1] = (int16_t)m;
+                }
+                for (int j = 0; j < 4; j++)
+                    for (int l = 0; l < 32; l++) {
+                        int lo = qs[32 * j + l] & 0xF, hi = qs[32 * j + l] >> 4;
+                        if (five) {
+                            lo += (qh[l] & (1u << (2 * j))) ? 16 : 0;
+                            hi += (qh[l] & (1u << (2 * j + 1))) ? 16 : 0;
+                        }
+                        a[64 * j + l] = (int8_t)lo;
+                        a[64 * j + 32 + l] = (int8_t)hi;
+                    }
+                r->d[i] = mt_load_fp16(b + (five ? MT_Q5_K_D : MT_Q4_K_D));
+                r->dm[i] = mt_load_fp16(b + (five ? MT_Q5_K_DMIN : MT_Q4_K_DMIN));
+            } else { /* Q6_K */
+                const uint8_t *b = w + i * MT_Q6_K_BYTES, *ql = b + MT_Q6_K_QL, *qh = b + MT_Q6_K_QH;
+                for (int g = 0; g < 16; g++) {
+                    sc[g] = (int8_t)b[MT_Q6_K_SCALES + g];
+                    mn[g] = 0;
+                }
+                for (int k = 0; k < 2; k++, ql += 64, qh += 32)
+                    for (int l = 0; l < 32; l++) {
+                        int8_t *o = a + 128 * k;
+                        o[l] = (int8_t)(((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32);
+                        o[l + 32] = (int8_t)(((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
+                        o[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+                        o[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+                    }
+                r->d[i] = mt_load_fp16(b + MT_Q6_K_D);
+            }
+        }
+        return;
+    }
+    for (int64_t i = 0; i < n / QK; i++) {
+        int8_t *a = r->a + i * QK;
+        if (t == MT_ENG_Q8_0) {
+            const uint8_t *b = w + i * MT_Q8_0_BYTES;
+            memcpy(a, b + MT_Q8_0_QS, QK);
+            r->d[i] = mt_load_fp16(b + MT_Q8_0_D);
+            continue;
+        }
+        const int bytes = t == MT_ENG_Q4_0 ? MT_Q4_0_BYTES : t == MT_ENG_Q4_1 ? MT_Q4_1_BYTES
+                        : t == MT_ENG_Q5_0 ? MT_Q5_0_BYTES : MT_Q5_1_BYTES;
+        const uint8_t *b = w + i * bytes;
+        const uint8_t *qs = b + (t == MT_ENG_Q4_0 ? MT_Q4_0_QS : t == MT_ENG_Q4_1 ? MT_Q4_1_QS
+                               : t == MT_ENG_Q5_0 ? MT_Q5_0_QS : MT_Q5_1_QS);
+        uint32_t qh = 0;
+        if (t == MT_ENG_Q5_0) memcpy(&qh, b + MT_Q5_0_QH, 4);
+        if (t == MT_ENG_Q5_1) memcpy(&qh, b + MT_Q5_1_QH, 4);
+        const int off = (t == MT_ENG_Q4_0) ? 8 : (t == MT_ENG_Q5_0) ? 16 : 0;
+        for (int j = 0; j < 16; j++) {
+            a[j] = (int8_t)(((qs[j] & 0xF) | (((qh >> j) & 1) << 4)) - off);
+            a[j + 16] = (int8_t)(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - off);
+        }
+        r->d[i] = mt_load_fp16(b);
+        if (t == MT_ENG_Q4_1) r->dm[i] = mt_load_fp16(b + MT_Q4_1_M);
+        if (t == MT_ENG_Q5_1) r->dm[i] = mt_load_fp16(b + MT_Q5_1_M);
+    }
+}
+
+/* ------------------------------------------------------------------ dots of a decoded row */
+
+static float dot_legacy(int t, const mt_row *r, const uint8_t *y, int64_t n) {
+    const int q81 = t == MT_ENG_Q4_1 || t == MT_ENG_Q5_1;
+    const int ybytes = q81 ? MT_Q8_1_BYTES : MT_Q8_0_BYTES, yqs = q81 ? MT_Q8_1_QS : MT_Q8_0_QS;
+    float sumf = 0.0f;
+    for (int64_t i = 0; i < n / QK; i++, y += ybytes) {
+        const int8_t *restrict a = r->a + i * QK, *restrict q8 = (const int8_t *)(y + yqs);
+        int sumi = 0;
+        for (int j = 0; j < QK; j++) sumi += a[j] * q8[j];
+        const float dx = r->d[i], dy = mt_load_fp16(y);
+        switch (t) {
+        case MT_ENG_Q4_0: sumf += (float)sumi * dx * dy; break;
+        case MT_ENG_Q8_0: sumf += (float)sumi * (dx * dy); break;
+        case MT_ENG_Q5_0: sumf += (dx * dy) * (float)sumi; break;
+        default: sumf += (dx * dy) * (float)sumi + r->dm[i] * mt_load_fp16(y + MT_Q8_1_S); break;
+        }
+    }
+    return sumf;
+}
+
+static float dot_k(int t, const mt_row *r, const uint8_t *y, int64_t n) {
+    float sums[8] = {0}, sumf = 0.0f;
+    for (int64_t i = 0; i < n / MT_QK_K; i++, y += MT_Q8_K_BYTES) {
+        const int8_t *restrict a = r->a + i * MT_QK_K, *restrict q8 = (const int8_t *)(y + MT_Q8_K_QS);
+        const int16_t *sc = r->sc + i * 16, *mn = r->mn + i * 16;
+        float yd;
+        int16_t bsums[16];
+        memcpy(&yd, y + MT_Q8_K_D, 4);
+        memcpy(bsums, y + MT_Q8_K_BSUMS, sizeof bsums);
+        int32_t aux[8] = {0};
+        for (int g = 0; g < 16; g++) {
+            const int32_t s = sc[g];
+            int32_t p[8];
+            for (int l = 0; l < 8; l++) p[l] = q8[16 * g + l] * a[16 * g + l] + q8[16 * g + 8 + l] * a[16 * g + 8 + l];
+            for (int l = 0; l < 8; l++) aux[l] += s * p[l];
+        }
+        if (t == MT_ENG_Q2_K) {
+            int isum = 0, summs = 0;
+            for (int l = 0; l < 8; l++) isum += aux[l];
+            for (int g = 0; g < 16; g++) summs += bsums[g] * mn[g];
+            const float dall = yd * r->d[i], dmin = yd * r->dm[i];
+            sumf += dall * (float)isum - dmin * (float)summs;
+            continue;
+        }
+        const float d = r->d[i] * yd;
+        for (int l = 0; l < 8; l++) sums[l] += d * (float)aux[l];
+        if (t == MT_ENG_Q4_K || t == MT_ENG_Q5_K) {
+            int sumi = 0;
+            for (int g = 0; g < 16; g++) sumi += bsums[g] * mn[g];
+            const float dmin = r->dm[i] * yd;
+            sumf -= dmin * (float)sumi;
+        }
+    }
+    if (t != MT_ENG_Q2_K)
+        for (int l = 0; l < 8; l++) sumf += sums[l];
+    return sumf;
+}
+
+int mt_engine_matmul(int t, const uint8_t *w, int64_t row_bytes, int64_t r0, int64_t r1, const uint8_t *act,
+                     int64_t act_row_bytes, int64_t n_tokens, int64_t n, float *out, int64_t n_rows) {
+    const int k = t >= MT_ENG_Q2_K;
+    const int64_t nb = n / (k ? MT_QK_K : QK);
+    mt_row r;
+    r.a = malloc((size_t)n);
+    r.sc = malloc(sizeof(int16_t) * (size_t)(n / 16 + 1));
+    r.mn = malloc(sizeof(int16_t) * (size_t)(n / 16 + 1));
+    r.d = malloc(sizeof(float) * (size_t)nb);
+    r.dm = malloc(sizeof(float) * (size_t)nb);
+    if (!r.a || !r.sc || !r.mn || !r.d || !r.dm) {
+        free(r.a), free(r.sc), free(r.mn), free(r.d), free(r.dm);
+        return 1;
+    }
+    for (int64_t row = r0; row < r1; row++) {
+        decode_row(t, w + row * row_bytes, n, &r);
+        for (int64_t tok = 0; tok < n_tokens; tok++)
+            out[tok * n_rows + row] = k ? dot_k(t, &r, act + tok * act_row_bytes, n)
+                                        : dot_legacy(t, &r, act + tok * act_row_bytes, n);
+    }
+    free(r.a), free(r.sc), free(r.mn), free(r.d), free(r.dm);
+    return 0;
+}
