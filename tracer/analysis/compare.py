@@ -88,14 +88,17 @@ def top1_agree(ref_logits: xr.DataArray, var_logits: xr.DataArray) -> xr.DataArr
                           dask="parallelized", output_dtypes=[bool])
 
 
-def diff(ref: xr.Dataset, var: xr.Dataset, mode: str = "free") -> xr.Dataset:
+def diff(ref: xr.Dataset, var: xr.Dataset, mode: str = "free", score_positions: str | None = None) -> xr.Dataset:
     """The core divergence summary of ``var`` (in ``mode``) against ``ref``.
 
     Returns:
         A Dataset with, per layer: ``resid_rel_l2_mean``, ``resid_rel_l2_p99``, ``resid_cosine_mean``,
         ``resid_cosine_p99`` (the 1st percentile, the worst tokens), ``topk_overlap``,
-        ``top1_flip``; and scalars ``kl_mean`` (nats) and ``top1_agreement`` of the logits.
+        ``top1_flip``; and scalars ``kl_mean`` (nats) and ``top1_agreement`` of the logits, on
+        the tokens ``score_positions`` selects (see moetrace.tracer.analysis.positions; default all).
     """
+    from moetrace.tracer.analysis import positions
+
     check_comparable(ref, var)
     require_mode(var, mode)
     out = xr.Dataset(attrs={**analysis_attrs(ref, var, mode=mode), **nonfinite_attrs(ref, var, mode)})
@@ -111,7 +114,11 @@ def diff(ref: xr.Dataset, var: xr.Dataset, mode: str = "free") -> xr.Dataset:
         out["topk_overlap"] = topk_overlap(ri, vi).mean("token")
         out["top1_flip"] = (ri.isel(k=0) != vi.isel(k=0)).mean("token")
     if "logits" in var and "logits" in ref:
-        rl, vl = reference(ref, "logits").load(), variant(var, "logits", mode).load()
+        keep = positions.mask(ref["pos"].values, score_positions)  # (token,)
+        rl = reference(ref, "logits").isel(token=keep).load()
+        vl = variant(var, "logits", mode).isel(token=keep).load()
+        out.attrs["score_positions"] = score_positions or "all"
+        out["scored_tokens"] = int(keep.sum())
         out["kl_mean"] = kl_per_token(rl, vl).mean("token", skipna=False)
         out["top1_agreement"] = top1_agree(rl, vl).mean("token")
     return out
@@ -140,7 +147,8 @@ def format_diff(d: xr.Dataset) -> str:
     lines = [diff_table(d).to_text(), *nonfinite_lines(d.attrs)]
     if "kl_mean" in d:
         lines.append(f"output: KL(ref || variant) mean {float(d['kl_mean']):.3e} nats, "
-                     f"top-1 agreement {100 * float(d['top1_agreement']):.1f}%")
+                     f"top-1 agreement {100 * float(d['top1_agreement']):.1f}% "
+                     f"({int(d['scored_tokens'])} tokens scored, positions {d.attrs['score_positions']})")
     return "\n".join(lines)
 
 

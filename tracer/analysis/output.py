@@ -87,7 +87,7 @@ def output_tokens(ref: xr.Dataset, var: xr.Dataset, mode: str = "free") -> xr.Da
 
 
 def output_metrics(ref: xr.Dataset, var: xr.Dataset, mode: str = "free", n_resamples: int = stats.N_RESAMPLES,
-                   seed: int = 0, level: float = stats.LEVEL) -> xr.Dataset:
+                   seed: int = 0, level: float = stats.LEVEL, score_positions: str | None = None) -> xr.Dataset:
     """Token summaries of :func:`output_tokens`, with bootstrap intervals on the headline figures.
 
     Returns:
@@ -95,12 +95,16 @@ def output_metrics(ref: xr.Dataset, var: xr.Dataset, mode: str = "free", n_resam
         ``top1_agreement``, ``dp_next_mean``, ``abs_dp_next_mean``, ``dnll_next_mean``,
         ``p_next_ref_mean``, ``tokens``, ``tokens_with_next``; and for each of ``kl_mean``,
         ``top1_agreement``, ``dp_next_mean``, ``dnll_next_mean`` a ``NAME_ci`` of dim (bound,)
-        = (lo, hi) at coverage ``level``, ``n_resamples`` resamples seeded by ``seed``.
+        = (lo, hi) at coverage ``level``, ``n_resamples`` resamples seeded by ``seed``. Only the
+        tokens ``score_positions`` selects count (moetrace.tracer.analysis.positions; default all).
     """
+    from moetrace.tracer.analysis import positions
+
     tok = output_tokens(ref, var, mode)
+    tok = tok.isel(token=positions.mask(ref["pos"].values, score_positions))
     kl = tok["kl"].values
     out = xr.Dataset(attrs={**analysis_attrs(ref, var, mode=mode), "ci_level": level, "n_resamples": n_resamples,
-                            "seed": seed})
+                            "seed": seed, "score_positions": score_positions or "all"})
     out["kl_mean"] = kl.mean()
     out["kl_median"] = np.median(kl)
     out["kl_p99"] = np.quantile(kl, 0.99)
