@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -133,16 +134,49 @@ def run_once(folder: Path, variants: list[str], tokens: int, out: Path, gguf: Pa
     # Without the quantized-weight cache, so every run quantizes (as a first run on a model does).
     env = {**os.environ, "MOETRACE_QCACHE": os.environ.get("MOETRACE_QCACHE", "0")}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    sampler = RssSampler(proc.pid)
+    sampler.start()
     lines = []
     for line in proc.stderr:
         lines.append(line)
+    sampler.stop()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"moetrace run failed ({proc.returncode}):\n{''.join(lines[-20:])}")
     per_layer = [float(m[1]) for m in (re.search(r"traced \(([\d.]+) s", ln) for ln in lines) if m]
-    return {"peak_rss": usage.ru_maxrss * 1024, "wall": wall, "per_layer": per_layer}
+    return {"peak_rss": usage.ru_maxrss * 1024, "wall": wall, "per_layer": per_layer, **sampler.peaks}
+
+
+class RssSampler(threading.Thread):
+    """Samples a process's RssFile and RssAnon (/proc/PID/status) every ``interval`` seconds; keeps the peaks.
+
+    The kernel keeps only the total's peak (VmHWM, ru_maxrss); its file-backed part (mapped
+    checkpoint pages) and anonymous part (tensors) are sampled, so their peaks can miss a
+    shorter spike than ``interval``.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.peaks = {"peak_rss_file": 0, "peak_rss_anon": 0}
+        self._stop = threading.Event()
+
+    def run(self):
+        while not self._stop.wait(self.interval):
+            try:
+                with open(f"/proc/{self.pid}/status") as f:
+                    fields = dict(line.split(":", 1) for line in f if line.startswith(("RssFile", "RssAnon")))
+            except OSError:
+                return
+            for key, name in (("RssFile", "peak_rss_file"), ("RssAnon", "peak_rss_anon")):
+                if key in fields:
+                    self.peaks[name] = max(self.peaks[name], int(fields[key].split()[0]) * 1024)
+
+    def stop(self):
+        self._stop.set()
+        self.join()
 
 
 def main():
@@ -181,20 +215,29 @@ def main():
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
-    print(f"\nQwen3-30B-A3B widths, one layer = {layer_bytes / 2**30:.2f} GiB of BF16 on disk; reference orig-fp32, "
-          f"variants {', '.join(variants)}, {args.tokens} tokens, all sites, torch threads from the default")
-    print(f"{'layers':>6} {'peak RSS GiB':>13} {'wall s':>8} {'s/layer (median)':>17}")
+    fp32_layer = 2 * layer_bytes  # the checkpoint is BF16
+    print(f"\nQwen3-30B-A3B widths, one layer = {layer_bytes / 2**30:.2f} GiB of BF16 on disk "
+          f"({fp32_layer / 2**30:.2f} GiB in fp32); reference orig-fp32, variants {', '.join(variants)}, "
+          f"{args.tokens} tokens, all sites, torch threads from the default")
+    print("peak RSS from the kernel (ru_maxrss); its file-backed (RssFile) and anonymous (RssAnon) parts sampled "
+          "every 50 ms from /proc/PID/status")
+    print(f"{'layers':>6} {'peak RSS GiB':>13} {'RssFile GiB':>12} {'RssAnon GiB':>12} {'x fp32 layer':>13} "
+          f"{'x first':>8} {'wall s':>8} {'s/layer (median)':>17}")
     medians = []
+    first = next(iter(results.values()))["peak_rss"]
     for n, r in results.items():
         pl = sorted(r["per_layer"])
         med = pl[len(pl) // 2] if pl else float("nan")
         medians += r["per_layer"]
-        print(f"{n:>6} {r['peak_rss'] / 2**30:>13.2f} {r['wall']:>8.1f} {med:>17.2f}")
+        print(f"{n:>6} {r['peak_rss'] / 2**30:>13.2f} {r['peak_rss_file'] / 2**30:>12.2f} "
+              f"{r['peak_rss_anon'] / 2**30:>12.2f} {r['peak_rss'] / fp32_layer:>13.2f} "
+              f"{r['peak_rss'] / first:>8.3f} {r['wall']:>8.1f} {med:>17.2f}")
     peaks = [r["peak_rss"] for r in results.values()]
     medians.sort()
     per = medians[len(medians) // 2]
     print(f"peak RSS spread over layer counts: {(max(peaks) - min(peaks)) / 2**30:.2f} GiB "
-          f"({(max(peaks) / min(peaks) - 1) * 100:.1f}%)")
+          f"({(max(peaks) / min(peaks) - 1) * 100:.1f}%); target: within 10%, and under 3x one fp32 layer "
+          f"plus activations")
     print(f"estimate for 48 layers: {48 * per:.0f} s ({48 * per / 60:.1f} min) of layers at {per:.2f} s/layer, "
           f"peak RSS about {max(peaks) / 2**30:.1f} GiB")
 

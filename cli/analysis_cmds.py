@@ -90,8 +90,11 @@ def routing(reference, variant, mode, as_json, floor):
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the bootstrap.")
 @click.option("--json", "as_json", is_flag=True, help="Print the headline figures as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.option("--score-positions", default="all", show_default=True, metavar="all|second-half:N",
+              help="Score the output figures (KL, top-1 agreement) only on these positions; second-half:N is "
+                   "llama-perplexity's --kl-divergence with -c N (see moetrace diff --help).")
 @friendly_errors
-def report(run_dir, out_dir, reference, resamples, seed, as_json, quiet):
+def report(run_dir, out_dir, reference, resamples, seed, as_json, quiet, score_positions):
     """Write a report folder for the run folder RUN: PNG plots and an index.html with every table.
 
     Plots: divergence curves of all variants, local/propagated error and gain per variant,
@@ -104,7 +107,7 @@ def report(run_dir, out_dir, reference, resamples, seed, as_json, quiet):
     from moetrace.tracer.render.report import pair_lines, write_report
 
     log = (lambda msg: None) if (quiet or as_json) else (lambda msg: click.echo(msg, err=True))
-    rep = write_report(run_dir, out_dir, reference, resamples, seed, log=log)
+    rep = write_report(run_dir, out_dir, reference, resamples, seed, log=log, score_positions=score_positions)
     if as_json:
         out = headlines_to_dict(rep.run)
         out["decomposition"] = {n: decomposition_to_dict(a.decomposition)

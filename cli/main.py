@@ -167,8 +167,12 @@ def run(model, variants, reference, modes, text, prompts_file, tokens_file, max_
 @click.argument("variant", type=click.Path())
 @click.option("--mode", default="free", show_default=True, type=click.Choice(["free", "teacher", "routing"]))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--score-positions", default="all", show_default=True, metavar="all|second-half:N",
+              help="Score KL and top-1 agreement only on these positions; second-half:N is llama-perplexity's "
+                   "--kl-divergence with -c N (positions N/2..N-2 of each chunk of N; give the same tokens as "
+                   "sequences of N with run --tokens).")
 @friendly_errors
-def diff(reference, variant, mode, as_json):
+def diff(reference, variant, mode, as_json, score_positions):
     """Per-layer divergence of VARIANT's trace store against REFERENCE's.
 
     Per layer: relative L2 error and cosine similarity of the residual stream (mean and worst
@@ -177,7 +181,7 @@ def diff(reference, variant, mode, as_json):
     """
     from moetrace.tracer import api
 
-    d = api.diff_stores(reference, variant, mode)
+    d = api.diff_stores(reference, variant, mode, score_positions)
     if as_json:
         from moetrace.tracer.analysis.compare import diff_to_dict
 

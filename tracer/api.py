@@ -161,11 +161,11 @@ def _run_tokens(source, config, text, prompts_file, tokens_file, max_tokens, tru
     return tokens, n_seqs
 
 
-def diff_stores(reference, variant, mode="free"):
+def diff_stores(reference, variant, mode="free", score_positions=None):
     """Open two stores and return :func:`moetrace.tracer.analysis.compare.diff` of them."""
     from moetrace.tracer.analysis.common import open_pair
 
-    return compare.diff(*open_pair(reference, variant), mode)
+    return compare.diff(*open_pair(reference, variant), mode, score_positions)
 
 
 def format_diff(d) -> str:

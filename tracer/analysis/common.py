@@ -163,3 +163,28 @@ def ratio(a, b) -> float:
     """``a / b`` as a float, NaN where ``b`` is zero or either is missing (a multiple of nothing)."""
     a, b = float(a), float(b)
     return a / b if b and not (math.isnan(a) or math.isnan(b)) else float("nan")
+
+
+def nonfinite_attrs(ref: xr.Dataset, var: xr.Dataset, mode: str) -> dict:
+    """Where the reference's stream and the variant's ``mode`` stream first held an Inf or NaN (the
+    run's ``nonfinite`` store attribute, see moetrace.tracer.execution.nonfinite), as analysis
+    attributes ``nonfinite_reference`` and ``nonfinite_variant``; absent where a stream stayed finite."""
+    out = {}
+    for key, ds, m in (("nonfinite_reference", ref, "free"), ("nonfinite_variant", var, mode)):
+        found = (ds.attrs.get("nonfinite") or {}).get(m)
+        if found:
+            out[key] = dict(found)
+    return out
+
+
+def nonfinite_lines(attrs: dict) -> list[str]:
+    """One line per stream of an analysis result that became non-finite (see :func:`nonfinite_attrs`)."""
+    lines = []
+    for key, who in (("nonfinite_reference", "reference"), ("nonfinite_variant", "variant")):
+        f = attrs.get(key)
+        if f:
+            where = "the output logits" if f["layer"] < 0 else f"layer {f['layer']}, site {f['site']}"
+            lines.append(f"non-finite: the {who} {attrs.get(who)} first holds {f['kind']} at {where}, token "
+                         f"{f['token']}; figures from there on are NaN or inf (an overflow is a finding, e.g. fp16 "
+                         f"beyond 65504)")
+    return lines

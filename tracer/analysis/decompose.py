@@ -49,14 +49,14 @@ import xarray as xr
 
 from moetrace.errors import MoetraceError
 from moetrace.tracer.analysis.common import (analysis_attrs, check_comparable, floor_multiples, json_number, reference,
-                                             require_mode, variant)
+                                             nonfinite_attrs, nonfinite_lines, require_mode, variant)
 from moetrace.tracer.render.table import Column, Table, layer_table
 
 PER_LAYER = ("local", "propagated", "inherited", "gain", "growth", "amplified")
 
 
 def _norm(x: xr.DataArray, dim: str = "hidden") -> xr.DataArray:
-    return np.sqrt((x * x).sum(dim))
+    return np.sqrt((x * x).sum(dim, skipna=False))  # a NaN (an overflow) stays NaN
 
 
 def decompose_tokens(ref: xr.Dataset, var: xr.Dataset) -> xr.Dataset:
@@ -105,10 +105,13 @@ def decompose(ref: xr.Dataset, var: xr.Dataset) -> xr.Dataset:
     tok = decompose_tokens(ref, var)
     # The token reductions are the only heavy part (lazy on Dask); the rest is on (layer,) arrays.
     # One compute for both, so a Dask-backed trace is read once.
-    means = tok.mean("token").assign(local_p99=tok["local"].quantile(0.99, "token").drop_vars("quantile")).compute()
+    # skipna=False: a token whose stream overflowed (Inf/NaN) makes its layer's figures NaN, never
+    # a mean over the tokens that happened to stay finite.
+    means = tok.mean("token", skipna=False).assign(
+        local_p99=tok["local"].quantile(0.99, "token", skipna=False).drop_vars("quantile")).compute()
     p99 = means["local_p99"]
     incoming = means["propagated"].shift(layer=1)  # NaN at the first layer
-    out = xr.Dataset(attrs=analysis_attrs(ref, var, plant=plant_of(var)))
+    out = xr.Dataset(attrs={**analysis_attrs(ref, var, plant=plant_of(var)), **nonfinite_attrs(ref, var, "free")})
     out["local"] = means["local"]
     out["propagated"] = means["propagated"]
     out["inherited"] = means["inherited"]
@@ -163,8 +166,9 @@ def max_local_layer(dec: xr.Dataset) -> tuple[int, float]:
 
 
 def summary_lines(dec: xr.Dataset, top: int = 3) -> list[str]:
-    """Plain sentences: where the error grows most and why, and the layer with the highest local error."""
-    lines = []
+    """Plain sentences: where a stream first overflowed, where the error grows most and why, and the layer
+    with the highest local error."""
+    lines = nonfinite_lines(dec.attrs)
     for row in growth_summary(dec, top):
         first = np.isnan(row["amplified"])
         why = {

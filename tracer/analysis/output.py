@@ -22,7 +22,7 @@ import xarray as xr
 from moetrace.tracer.analysis import stats as stats
 from moetrace.tracer.analysis.common import (analysis_attrs, check_comparable, json_number, ratio, reference,
                                              require_sites, variant)
-from moetrace.tracer.analysis.compare import log_softmax
+from moetrace.tracer.analysis.compare import log_softmax, top1_agree
 from moetrace.tracer.render.table import Column, Table
 
 CI_FIGURES = {"kl_mean": ("kl", "mean"), "top1_agreement": ("top1_agree", "mean"),
@@ -53,10 +53,6 @@ def _logp_at_np(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.where(ids >= 0, got, np.nan)
 
 
-def _argmax_np(logits: np.ndarray) -> np.ndarray:
-    return logits.argmax(-1)
-
-
 def _apply(fn, *args, core):
     return xr.apply_ufunc(fn, *args, input_core_dims=core, dask="parallelized", output_dtypes=[np.float64],
                           dask_gufunc_kwargs={"allow_rechunk": True})
@@ -78,7 +74,7 @@ def output_tokens(ref: xr.Dataset, var: xr.Dataset, mode: str = "free") -> xr.Da
     next_id = xr.DataArray(np.where(nxt >= 0, ref["token_id"].values[np.maximum(nxt, 0)], -1), dims="token")
     out = xr.Dataset({
         "kl": _apply(_kl_np, rl, vl, core=[["vocab"], ["vocab"]]),
-        "top1_agree": (_apply(_argmax_np, rl, core=[["vocab"]]) == _apply(_argmax_np, vl, core=[["vocab"]])),
+        "top1_agree": top1_agree(rl, vl),
         "lp_ref": _apply(_logp_at_np, rl, next_id, core=[["vocab"], []]),
         "lp_var": _apply(_logp_at_np, vl, next_id, core=[["vocab"], []]),
     }).compute()
@@ -91,7 +87,7 @@ def output_tokens(ref: xr.Dataset, var: xr.Dataset, mode: str = "free") -> xr.Da
 
 
 def output_metrics(ref: xr.Dataset, var: xr.Dataset, mode: str = "free", n_resamples: int = stats.N_RESAMPLES,
-                   seed: int = 0, level: float = stats.LEVEL) -> xr.Dataset:
+                   seed: int = 0, level: float = stats.LEVEL, score_positions: str | None = None) -> xr.Dataset:
     """Token summaries of :func:`output_tokens`, with bootstrap intervals on the headline figures.
 
     Returns:
@@ -99,12 +95,16 @@ def output_metrics(ref: xr.Dataset, var: xr.Dataset, mode: str = "free", n_resam
         ``top1_agreement``, ``dp_next_mean``, ``abs_dp_next_mean``, ``dnll_next_mean``,
         ``p_next_ref_mean``, ``tokens``, ``tokens_with_next``; and for each of ``kl_mean``,
         ``top1_agreement``, ``dp_next_mean``, ``dnll_next_mean`` a ``NAME_ci`` of dim (bound,)
-        = (lo, hi) at coverage ``level``, ``n_resamples`` resamples seeded by ``seed``.
+        = (lo, hi) at coverage ``level``, ``n_resamples`` resamples seeded by ``seed``. Only the
+        tokens ``score_positions`` selects count (moetrace.tracer.analysis.positions; default all).
     """
+    from moetrace.tracer.analysis import positions
+
     tok = output_tokens(ref, var, mode)
+    tok = tok.isel(token=positions.mask(ref["pos"].values, score_positions))
     kl = tok["kl"].values
     out = xr.Dataset(attrs={**analysis_attrs(ref, var, mode=mode), "ci_level": level, "n_resamples": n_resamples,
-                            "seed": seed})
+                            "seed": seed, "score_positions": score_positions or "all"})
     out["kl_mean"] = kl.mean()
     out["kl_median"] = np.median(kl)
     out["kl_p99"] = np.quantile(kl, 0.99)

@@ -32,7 +32,7 @@ import xarray as xr
 
 from moetrace.errors import MoetraceError
 from moetrace.tracer.analysis.common import (analysis_attrs, check_comparable, floor_multiples, reference, require_mode,
-                                             require_sites, variant)
+                                             nonfinite_attrs, nonfinite_lines, require_sites, variant)
 from moetrace.tracer.render.table import Column, Table, layer_table
 
 # Edges of the k/(k+1) logit-margin bins (router logit units); the last bin is open.
@@ -135,7 +135,7 @@ def routing_diff(ref: xr.Dataset, var: xr.Dataset, mode: str = "free", margin_ed
     """
     tok = routing_tokens(ref, var, mode).compute()
     n_expert = int(reference(ref, "router_logits").sizes["expert"])
-    out = xr.Dataset(attrs=analysis_attrs(ref, var, mode=mode))
+    out = xr.Dataset(attrs={**analysis_attrs(ref, var, mode=mode), **nonfinite_attrs(ref, var, mode)})
     for name in ("topk_overlap", "top1_flip", "any_flip", "mass_moved"):
         out[name] = tok[name].astype("float64").mean("token")
     if mode == "free" and "teacher" in var["mode"].values:
@@ -269,7 +269,7 @@ def format_routing(rd: xr.Dataset, floor: xr.Dataset | None = None) -> str:
     """A human table of :func:`routing_diff` (see :func:`routing_table`), the flip rate by margin, and
     sentences on expert load and flips per token."""
     return "\n".join([routing_table(rd, floor).to_text(), margin_table(rd).to_text(), *mover_lines(rd),
-                      *flip_lines(rd)])
+                      *flip_lines(rd), *nonfinite_lines(rd.attrs)])
 
 
 def routing_to_dict(rd: xr.Dataset, floor: xr.Dataset | None = None) -> dict:

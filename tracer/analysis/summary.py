@@ -73,15 +73,16 @@ class VariantAnalysis:
 
 
 def analyze_variant(ref: xr.Dataset, var: xr.Dataset, n_resamples: int = stats.N_RESAMPLES,
-                    seed: int = 0) -> VariantAnalysis:
+                    seed: int = 0, score_positions: str | None = None) -> VariantAnalysis:
     """Diff, decomposition, routing diff and output metrics of ``var``, and its headline figures."""
     name = var.attrs.get("variant", "?")
     require_mode(var, "free", hint="the headline figures are free-running")
     modes = list(var["mode"].values)
-    d = compare.diff(ref, var, "free")
+    d = compare.diff(ref, var, "free", score_positions)
     dec = decompose(ref, var) if "teacher" in modes and "resid" in var else None
     rd = routing_diff(ref, var, "free") if "topk_idx" in var and "router_logits" in var else None
-    om = output_metrics(ref, var, "free", n_resamples, seed) if "logits" in var else None
+    om = (output_metrics(ref, var, "free", n_resamples, seed, score_positions=score_positions)
+          if "logits" in var else None)
     a = VariantAnalysis(name, d, dec, rd, om, None)
     if "resid" in var:
         last = ref["layer"].values[-1]
@@ -160,10 +161,11 @@ def _order(item) -> tuple:
 
 
 def analyze_run(run_dir, reference: str | None = None, n_resamples: int = stats.N_RESAMPLES,
-                seed: int = 0) -> RunAnalysis:
+                seed: int = 0, score_positions: str | None = None) -> RunAnalysis:
     """Analyse every variant of a run folder against its reference, with the noise floor when present."""
     ref, datasets = load_run(run_dir, reference)
-    analyses = {name: analyze_variant(ref, ds, n_resamples, seed) for name, ds in sorted(datasets.items(), key=_order)}
+    analyses = {name: analyze_variant(ref, ds, n_resamples, seed, score_positions)
+                for name, ds in sorted(datasets.items(), key=_order)}
     floor = analyses.get(FLOOR_VARIANT) if ref.attrs.get("variant") == FLOOR_REFERENCE else None
     set_floor(analyses, floor)
     return RunAnalysis(Path(run_dir), ref.attrs["variant"], ref.attrs.get("model", "?"), plant_of(ref),

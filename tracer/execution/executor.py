@@ -37,6 +37,7 @@ import torch
 from moetrace.errors import MoetraceError
 from moetrace.hooks import arch
 from moetrace.hooks.sites import ALL_SITES, LAYER_SITES, capture
+from moetrace.tracer.execution.nonfinite import Findings
 from moetrace.tracer.store import location as store_loc
 from moetrace.tracer.store.zarr_store import Tokens, TraceWriter
 from moetrace.tracer.variants import REFERENCE, Variant
@@ -477,8 +478,8 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
             run.layer_now = run.n_layers
             _write_logits(run)
         loader.close()
-        for w in run.writers.values():
-            w.finish()
+        for name, w in run.writers.items():
+            w.finish(run.findings.attrs(name))
     except _WriteFailed as e:
         _release(run.writers)
         where = f"at layer {run.layer_now}" if run.layer_now < run.n_layers else "writing the output logits"
@@ -544,6 +545,7 @@ class _Run:
     streams: dict = field(default_factory=dict)  # (variant name, mode) -> per sequence (1, T_s, H)
     ctx: dict = field(default_factory=dict)  # arithmetic dtype -> per sequence (mask, position embeddings)
     layer_now: int = 0
+    findings: Findings = field(default_factory=Findings)  # the first non-finite site of each stream
 
     @property
     def n_layers(self) -> int:
@@ -627,6 +629,7 @@ def _run_layer(run: _Run, L: int, loader: "_LayerLoader") -> None:
     ref_in = run.ref_h
     ref_recs = _forward(run, L, run.ref, states.pop(run.ref.name), {"free": ref_in}, run.ref_sites, None)
     run.ref_h = ref_recs["free"][1]
+    _check_finite(run, run.ref.name, "free", L, *ref_recs["free"])
     if run.ref.name in run.writers:
         run.writers[run.ref.name].write_layer("free", L, _cat(ref_recs["free"][0]))
     ref_topk = [r["topk_idx"] for r in ref_recs["free"][0]] if "routing" in run.config.modes else None
@@ -637,10 +640,13 @@ def _run_layer(run: _Run, L: int, loader: "_LayerLoader") -> None:
         for m, (rec, out) in recs.items():
             if m != "teacher":
                 run.streams[(v.name, m)] = out
+            _check_finite(run, v.name, m, L, rec, out)
             run.writers[v.name].write_layer(m, L, _cat(rec))
     for w in run.writers.values():
         w.mark_layers_done(L + 1)
     del states  # the layer's weights, freed by reference counting
+    if hasattr(run.source, "release_layer"):  # its mapped checkpoint pages too (see CheckpointSource.release_layer)
+        run.source.release_layer(L)
     run.emit("layer_done", layer=L, layers=run.n_layers)
 
 
@@ -665,6 +671,15 @@ def _forward(run: _Run, L: int, v: Variant, state: dict, inputs: dict, sites: li
     return out
 
 
+def _check_finite(run: _Run, name: str, mode: str, L: int, recs: list[dict], outs: list[torch.Tensor]) -> None:
+    """Note the first non-finite recorded site of a stream's layer L (its output counts as ``resid``)."""
+    if (name, mode) not in run.findings.first:
+        rec = _cat(recs)
+        if "resid" not in rec:
+            rec = {**rec, "resid": torch.cat([o[0] for o in outs], dim=0)}  # (token, hidden)
+        run.findings.check(name, mode, L, rec)
+
+
 def _write_logits(run: _Run) -> None:
     """Final norm and output head of every stream (teacher mode: on the reference's last hidden states)."""
     def head(v: Variant, hs: list[torch.Tensor]) -> torch.Tensor:
@@ -674,11 +689,15 @@ def _write_logits(run: _Run) -> None:
         return torch.cat([v.path.head(norm, w, h) for h in hs], dim=0)  # (token, vocab)
 
     if run.ref.name in run.writers:
-        run.writers[run.ref.name].write_logits("free", head(run.ref, run.ref_h))
+        logits = head(run.ref, run.ref_h)  # (token, vocab)
+        run.findings.check(run.ref.name, "free", -1, {"logits": logits})
+        run.writers[run.ref.name].write_logits("free", logits)
     for v in run.variants:
         for m in run.config.modes:
             hs = [h.to(v.dtype) for h in run.ref_h] if m == "teacher" else run.streams[(v.name, m)]
-            run.writers[v.name].write_logits(m, head(v, hs))
+            logits = head(v, hs)  # (token, vocab)
+            run.findings.check(v.name, m, -1, {"logits": logits})
+            run.writers[v.name].write_logits(m, logits)
 
 
 def _release(writers: dict) -> None:

@@ -108,7 +108,7 @@ def pair_lines(pairs) -> list[str]:
 
 
 def write_report(run_dir, out_dir=None, reference: str | None = None, n_resamples: int = stats.N_RESAMPLES,
-                 seed: int = 0, log=None) -> Report:
+                 seed: int = 0, log=None, score_positions: str | None = None) -> Report:
     """Analyse a run folder and write the report folder (default ``RUN/report``).
 
     Args:
@@ -116,6 +116,7 @@ def write_report(run_dir, out_dir=None, reference: str | None = None, n_resample
         out_dir: where to write; created if missing.
         reference: the reference variant (default: the one the stores name).
         n_resamples, seed: the bootstrap's resamples and seed.
+        score_positions: the positions the output figures are scored on (moetrace.tracer.analysis.positions).
         log: optional callable for progress lines.
 
     Returns:
@@ -127,7 +128,7 @@ def write_report(run_dir, out_dir=None, reference: str | None = None, n_resample
     run_dir = Path(run_dir)
     list_stores(run_dir)  # a missing or empty run folder fails here, before anything is written
     log(f"Analysing {run_dir} ...")
-    run = analyze_run(run_dir, reference, n_resamples, seed)
+    run = analyze_run(run_dir, reference, n_resamples, seed, score_positions)
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -164,6 +164,31 @@ class CheckpointSource:
         finally:
             self._session_maps = None  # each map closes when the last tensor viewing it is gone
 
+    def release_layer(self, layer: int) -> int:
+        """Drop this process's mapped pages of decoder layer ``layer``'s tensors; returns the bytes advised.
+
+        Inside :meth:`mapped`, every page of a shard that a layer read stays in this process's
+        resident set (as file-backed RSS) until the map closes at the end of the run, so peak RSS
+        grows with depth by the checkpoint's size. ``madvise(MADV_DONTNEED)`` on the layer's byte
+        range unmaps those pages from the process; they stay in the page cache (another run or
+        process still finds them there), unlike ``posix_fadvise(POSIX_FADV_DONTNEED)``, which
+        evicts the cache but leaves pages this process has mapped resident. The maps are private
+        (copy-on-write): a page written through a view would lose its write, so the range is
+        rounded inward to whole pages and the executor calls this only once the layer's weights
+        were copied into its modules and the layer's states are gone. A view used afterwards reads
+        the file again; nothing in moetrace writes to them. Outside :meth:`mapped` it does nothing
+        (each read's map closes with its tensors).
+        """
+        maps = self._session_maps
+        if not maps:
+            return 0
+        prefix = self.family.layer_prefix(layer)
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        for name, shard in self._index.items():
+            if name.startswith(prefix) and shard in maps:
+                ranges.setdefault(shard, []).append(maps[shard].byte_range(name))
+        return sum(maps[shard].release(spans) for shard, spans in ranges.items())
+
     def has(self, name: str) -> bool:
         return name in self._index
 
@@ -282,6 +307,26 @@ class _MappedShard:
             size = os.fstat(fh.fileno()).st_size
             self.mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > self.base else None
 
+    def byte_range(self, name: str) -> tuple[int, int]:
+        """(start, end) of tensor ``name``'s bytes in the file."""
+        start, end = self.header[name]["data_offsets"]
+        return self.base + start, self.base + end
+
+    def release(self, spans: list[tuple[int, int]]) -> int:
+        """``madvise(MADV_DONTNEED)`` on the whole pages inside the merged ``spans``; returns the bytes advised."""
+        import mmap
+
+        if self.mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return 0
+        page = mmap.PAGESIZE
+        done = 0
+        for start, end in _merge(spans):
+            lo, hi = -(-start // page) * page, min(end, len(self.mm)) // page * page  # inward: whole pages only
+            if hi > lo:
+                self.mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+                done += hi - lo
+        return done
+
     def get(self, name: str) -> torch.Tensor | None:
         """The tensor as a view, or None where it cannot be one (the caller copies it out instead)."""
         info = self.header.get(name)
@@ -297,6 +342,17 @@ class _MappedShard:
             return None
         t = torch.frombuffer(self.mm, dtype=dtype, count=(end - start) // item, offset=self.base + start)
         return t.reshape(info["shape"])
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, touching or overlapping (start, end) spans joined."""
+    out: list[list[int]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(a, b) for a, b in out]
 
 
 def open_source(spec: str, plant: str | None = None, progress=None):

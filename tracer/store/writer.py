@@ -165,14 +165,15 @@ class TraceWriter:
                 self._group.attrs.update({"layers_done": n})
             self._attrs_at = now
 
-    def finish(self) -> None:
-        """Wait for the writes, mark the store complete, consolidate its metadata, drop the lock."""
+    def finish(self, attrs: dict | None = None) -> None:
+        """Wait for the writes, mark the store complete (adding ``attrs``, e.g. the run's findings),
+        consolidate its metadata, drop the lock."""
         import zarr
 
         self.flush()
         self._pool.shutdown()
         with quiet():
-            self._group.attrs.update({"complete": True, "layers_done": self._done})
+            self._group.attrs.update({**(attrs or {}), "complete": True, "layers_done": self._done})
             zarr.consolidate_metadata(self._store())
         for old in self._markers:
             loc_.remove(self.path, old, self.storage_options)
