@@ -146,6 +146,10 @@ def run(model, variants, reference, modes, text, prompts_file, tokens_file, max_
     The reference is recorded once per run folder (again only if its model or tokens changed);
     each variant's store is OUT/RUN/VARIANT.zarr, readable with xarray.open_zarr.
     """
+    from moetrace.tracer.variants import Variant
+
+    for name in (reference, *variants):  # a bad name is refused before torch and the model load
+        Variant.parse(name)
     from moetrace.tracer import api
 
     result = api.run(

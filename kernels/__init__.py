@@ -8,9 +8,20 @@ Public API::
     y = matmul(x, q, "Q4_K", w.shape[1])         # (tokens, rows) float32: llama.cpp's CPU result for W x
 """
 
-from moetrace.kernels.base import BLOCK_SIZES, FORMATS, BlockFormat, dequantize, get_format, quantize, row_bytes
 from moetrace.kernels.errors import FormatError
-from moetrace.kernels.matmul import matmul
+
+# The formats and matmul import torch: they load on first use, so the torch-free parts of this
+# package (layouts, recipes, the list of compute paths) answer at once, as `moetrace variants` needs.
+_LAZY = {"BLOCK_SIZES": "base", "FORMATS": "base", "BlockFormat": "base", "dequantize": "base", "get_format": "base",
+         "quantize": "base", "row_bytes": "base", "matmul": "matmul"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["BLOCK_SIZES", "FORMATS", "BlockFormat", "FormatError", "dequantize", "get_format", "matmul", "quantize",
            "row_bytes"]

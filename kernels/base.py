@@ -12,11 +12,9 @@ import gguf
 import torch
 
 from moetrace.kernels.errors import FormatError
-from moetrace.kernels.layouts import LAYOUTS, QK_K  # noqa: F401 (QK_K: re-exported to the formats)
-
 # name -> (elements per block, bytes per block): the layout table (kernels/layouts.py), which
 # torch, Triton and the C kernels all read; tests check it against gguf.GGML_QUANT_SIZES.
-BLOCK_SIZES: dict[str, tuple[int, int]] = {name: (lay.elems, lay.bytes) for name, lay in LAYOUTS.items()}
+from moetrace.kernels.layouts import BLOCK_SIZES, LAYOUTS, QK_K  # noqa: F401 (re-exported to the formats)
 
 FORMATS: dict[str, "BlockFormat"] = {}
 

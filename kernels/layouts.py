@@ -73,6 +73,9 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 # The types with compiled kernels (kernels/csrc): the header defines macros for these.
+# name -> (elements per block, bytes per block), for code that needs only the sizes (torch-free).
+BLOCK_SIZES: dict[str, tuple[int, int]] = {name: (lay.elems, lay.bytes) for name, lay in LAYOUTS.items()}
+
 C_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # Activation types the engine emulation (kernels/csrc/engine_cpu.c) writes and reads: in the header too.
 C_ACTIVATION_TYPES = ("Q8_1", "Q8_K")

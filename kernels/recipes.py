@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from moetrace.kernels.base import BLOCK_SIZES
+from moetrace.kernels.layouts import BLOCK_SIZES
 from moetrace.kernels.errors import FormatError
 
 # llama.cpp file types moetrace reproduces: name -> the file type's default tensor type

@@ -30,27 +30,29 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-import torch
-
 from moetrace.errors import MoetraceError
+from moetrace.kernels.compute.base import DTYPE_NAMES
 
-# Dtype names weights can be dequantized to and the simple paths compute in (kept for callers that
-# map a compute name to its dtype).
-COMPUTE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Nothing here imports torch at module level: parsing a variant name (and refusing a bad one)
+# must answer before torch loads, in well under the 2 s a user waits for a typo's error.
 DEQUANT_SUFFIX = "w"  # ``bf16w``: the dequantization word in a variant name
 REFERENCE = "orig-fp32"
 
 
-def quantizable_types() -> list[str]:
-    """GGML types that moetrace can quantize (their format implements quantize_blocks)."""
-    from moetrace.kernels import base
+def __getattr__(name):
+    if name == "COMPUTE_DTYPES":  # dtype name -> torch dtype (for callers that map a compute name to its dtype)
+        from moetrace.kernels.compute.base import DTYPES
 
-    base._load_formats()
-    return sorted(
-        name for name, fmt in base.FORMATS.items()
-        if type(fmt).quantize_blocks is not base.BlockFormat.quantize_blocks
-        and name not in ("F32", "F16", "BF16", "Q8_K", "Q8_1")
-    )
+        return DTYPES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def quantizable_types() -> list[str]:
+    """GGML types that moetrace can quantize: every type of the layout table its kernels implement
+    (tests/kernels check this list against the format registry's quantizers)."""
+    from moetrace.kernels.layouts import C_TYPES
+
+    return sorted(C_TYPES)
 
 
 def file_types() -> list[str]:
@@ -132,7 +134,7 @@ class Variant:
         return compute.get(self.compute, self.dequant)
 
     @property
-    def dtype(self) -> torch.dtype:
+    def dtype(self):
         """The arithmetic dtype: the dtype hidden states flow in between layers."""
         return self.path.dtype
 
@@ -154,18 +156,18 @@ class Variant:
         head, sep2, word = rest.rpartition("-")
         dequant = None
         if sep2 and head and word.endswith(DEQUANT_SUFFIX):
-            if word[: -len(DEQUANT_SUFFIX)] not in COMPUTE_DTYPES and head in valid_weights():
+            if word[: -len(DEQUANT_SUFFIX)] not in DTYPE_NAMES and head in valid_weights():
                 raise MoetraceError(
                     f"unknown dequantization {word!r} in variant {text!r}; valid DEQw: "
-                    f"{', '.join(d + DEQUANT_SUFFIX for d in COMPUTE_DTYPES)}"
+                    f"{', '.join(d + DEQUANT_SUFFIX for d in DTYPE_NAMES)}"
                 )
-            if word[: -len(DEQUANT_SUFFIX)] in COMPUTE_DTYPES:
+            if word[: -len(DEQUANT_SUFFIX)] in DTYPE_NAMES:
                 rest, dequant = head, word[: -len(DEQUANT_SUFFIX)]
         if not sep or not rest:
             raise MoetraceError(
                 f"invalid variant {text!r}; expected WEIGHTS-COMPUTE or WEIGHTS-DEQw-COMPUTE, e.g. pure_q8_0-bf16 or "
                 f"q4_k_m-bf16w-fp32; valid weights: {', '.join(valid_weights())}; valid compute: "
-                f"{', '.join(compute_names())}; valid DEQw: {', '.join(d + DEQUANT_SUFFIX for d in COMPUTE_DTYPES)}"
+                f"{', '.join(compute_names())}; valid DEQw: {', '.join(d + DEQUANT_SUFFIX for d in DTYPE_NAMES)}"
             )
         return cls(rest, compute, dequant)
 

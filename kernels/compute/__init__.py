@@ -19,8 +19,8 @@ import pkgutil
 from pathlib import Path
 
 from moetrace.errors import MoetraceError
-from moetrace.kernels.compute.base import (DTYPES, ROLES, BlockWeight, ComputePath, WeightForm,  # noqa: F401
-                                           role_of)
+from moetrace.kernels.compute.base import (DTYPE_NAMES, ROLES, BlockWeight, ComputePath, WeightForm,  # noqa: F401
+                                           role_of, torch_dtype)
 
 ENV_PATHS = "MOETRACE_COMPUTE_PATHS"
 PATHS: dict[str, type[ComputePath]] = {}
@@ -84,3 +84,11 @@ def get(name: str, dequant: str | None = None) -> ComputePath:
     if name not in PATHS:
         raise MoetraceError(f"unknown compute path {name!r}; valid compute: {', '.join(names())}")
     return PATHS[name](dequant)
+
+
+def __getattr__(name):
+    if name == "DTYPES":  # dtype name -> torch dtype; torch is imported on first use
+        from moetrace.kernels.compute import base
+
+        return base.DTYPES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,12 +37,35 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-import torch
 
 from moetrace.errors import MoetraceError
 
-# Dtype names a path may dequantize weights to, and compute in.
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Dtype names a path may dequantize weights to, and compute in. torch is imported on first use,
+# not here: listing the paths (``moetrace variants``, checking a variant name) must stay fast.
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a dtype name (``bf16`` -> ``torch.bfloat16``)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def __getattr__(name):
+    if name == "DTYPES":  # dtype name -> torch dtype, built on first use
+        return {n: torch_dtype(n) for n in DTYPE_NAMES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _ComputeDtype:
+    """The class attribute ``dtype``: the torch dtype named by the class's ``compute``, resolved on first use.
+
+    A path class may still set ``dtype`` to a torch dtype itself (a plug-in file that imports torch).
+    """
+
+    def __get__(self, obj, cls):
+        return torch_dtype(cls.compute)
 
 # Weight roles, from GGUF tensor names (standard across families, so no family is named here).
 ROLES = ("attention", "router", "experts", "shared_expert", "dense_mlp", "norm", "embedding", "lm_head")
@@ -103,15 +126,17 @@ class ComputePath:
     Class attributes a subclass sets:
         name: the ``COMPUTE`` word in variant names (``fp32``).
         summary: one line for ``moetrace variants``.
-        dtype: the arithmetic dtype: activations between layers, the module's tensors.
+        compute: the name of the arithmetic dtype (``fp32``, ``bf16``, ``fp16``); ``dtype`` is its torch
+            dtype: activations between layers, the module's tensors.
         dequants: dtype names weights may be dequantized to (``()``: the path takes block bytes only).
         default_dequant: the dequantization dtype when the variant names none.
     """
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
-    dtype: ClassVar[torch.dtype] = torch.float32
-    dequants: ClassVar[tuple[str, ...]] = tuple(DTYPES)
+    compute: ClassVar[str] = "fp32"
+    dtype = _ComputeDtype()
+    dequants: ClassVar[tuple[str, ...]] = DTYPE_NAMES
     default_dequant: ClassVar[str | None] = None
 
     def __init__(self, dequant: str | None = None):
@@ -134,7 +159,7 @@ class ComputePath:
 
     def weight_form(self, role: str) -> WeightForm:
         """The form of the weights of ``role`` (one of :data:`ROLES`); default: dense, in the dequant dtype."""
-        return WeightForm(dtype=DTYPES[self.dequant])
+        return WeightForm(dtype=torch_dtype(self.dequant))
 
     def round(self, role: str, w: torch.Tensor) -> torch.Tensor:
         """``w`` (dense, any float dtype) rounded to the role's dequant dtype, unless the cast to ``dtype`` does so.
@@ -160,6 +185,8 @@ class ComputePath:
             state: name inside the layer -> weight in :meth:`weight_form`; ``state.roles``
                 (where present) maps the names to roles.
         """
+        import torch
+
         roles = getattr(state, "roles", {})
         tensors = layer._moetrace_tensors
         if tensors is None:
@@ -183,10 +210,14 @@ class ComputePath:
 
     def embed(self, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (T,) -> hidden states (1, T, H) in ``dtype``."""
+        import torch
+
         return torch.nn.functional.embedding(ids, weight).unsqueeze(0)
 
     def head(self, norm: torch.nn.Module, weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and output head: hidden (1, T, H) -> logits (T, vocab)."""
+        import torch
+
         return torch.nn.functional.linear(norm(hidden), weight)[0]
 
     def __repr__(self) -> str:

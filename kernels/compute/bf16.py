@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from moetrace.kernels.compute.base import ComputePath
 
 
@@ -13,5 +11,5 @@ class BF16(ComputePath):
 
     name = "bf16"
     summary = "torch in bfloat16: activations, matmuls and the module's tensors (weights dequantized to bf16 unless named)"
-    dtype = torch.bfloat16
+    compute = "bf16"
     default_dequant = "bf16"

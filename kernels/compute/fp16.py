@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from moetrace.kernels.compute.base import ComputePath
 
 
@@ -13,5 +11,5 @@ class FP16(ComputePath):
 
     name = "fp16"
     summary = "torch in float16: activations, matmuls and the module's tensors (weights dequantized to fp16 unless named)"
-    dtype = torch.float16
+    compute = "fp16"
     default_dequant = "fp16"

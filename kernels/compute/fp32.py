@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from moetrace.kernels.compute.base import ComputePath
 
 
@@ -13,5 +11,5 @@ class FP32(ComputePath):
 
     name = "fp32"
     summary = "torch in float32: activations, matmuls and the module's tensors (weights dequantized to fp32 unless named)"
-    dtype = torch.float32
+    compute = "fp32"
     default_dequant = "fp32"

@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
 from moetrace.errors import MoetraceError
-from moetrace.kernels.compute.base import BlockWeight, ComputePath, WeightForm
-from moetrace.kernels.matmul import matmul
+from moetrace.kernels.compute.base import BlockWeight, ComputePath, WeightForm, torch_dtype
 
 # Roles llama.cpp quantizes (and so multiplies with integer dots); the others stay dense float32.
 BLOCK_ROLES = ("attention", "experts", "shared_expert", "dense_mlp", "lm_head")
@@ -36,6 +33,9 @@ BLOCK_ROLES = ("attention", "experts", "shared_expert", "dense_mlp", "lm_head")
 
 def block_linear(x: torch.Tensor, b: BlockWeight, index: int = 0, path: str = "llamacpp_cpu") -> torch.Tensor:
     """``x @ W.T`` the engine's way for matrix ``index`` of ``b``: x (..., in) -> (..., out) float32."""
+    import torch
+    from moetrace.kernels.matmul import matmul
+
     q = torch.from_numpy(b.data[index])  # (rows, bytes per row)
     n = b.shape[-1]
     y = matmul(x.reshape(-1, n), q, b.ggml_type, n, path=path)  # (tokens, rows)
@@ -48,21 +48,25 @@ class LlamaCppCPU(ComputePath):
     name = "llamacpp_cpu"
     summary = ("llama.cpp CPU backend: activations to the vec_dot_type (Q8_K/Q8_0/Q8_1), ggml's integer dots "
                "from the GGUF blocks, fp32 elsewhere")
-    dtype = torch.float32
+    compute = "fp32"
     dequants = ()
     engine = "llamacpp_cpu"  # the matmul path of moetrace.kernels.matmul
 
     def weight_form(self, role: str) -> WeightForm:
-        return WeightForm(blocks=True) if role in BLOCK_ROLES else WeightForm(dtype=torch.float32)
+        return WeightForm(blocks=True) if role in BLOCK_ROLES else WeightForm(dtype=torch_dtype("fp32"))
 
     def prepare(self, layer: torch.nn.Module) -> None:
         """Every nn.Linear computes from the block bytes ``load`` puts on it (dense where it has none)."""
+        import torch
+
         for m in layer.modules():
             if isinstance(m, torch.nn.Linear):
                 m.forward = functools.partial(_linear_forward, m, self.engine)
 
     def load(self, layer: torch.nn.Module, state: dict) -> None:
         """Block weights go onto their modules (their dense parameters removed); the rest as the base path."""
+        import torch
+
         roles = getattr(state, "roles", {})
         dense = type(state)()
         dense.roles = roles
@@ -85,6 +89,8 @@ class LlamaCppCPU(ComputePath):
         return w if isinstance(w, BlockWeight) else super().global_weight(role, w)
 
     def head(self, norm: torch.nn.Module, weight, hidden: torch.Tensor) -> torch.Tensor:
+        import torch
+
         h = norm(hidden)  # (1, T, H)
         if isinstance(weight, BlockWeight):
             return block_linear(h[0], weight, path=self.engine)  # (T, vocab)
@@ -92,6 +98,8 @@ class LlamaCppCPU(ComputePath):
 
 
 def _linear_forward(m: torch.nn.Linear, engine: str, x: torch.Tensor) -> torch.Tensor:
+    import torch
+
     b = getattr(m, "_moetrace_blocks", {}).get("weight")
     if b is None:
         return torch.nn.functional.linear(x, m.weight, m.bias)
@@ -103,6 +111,8 @@ def _experts_forward(mod, engine: str, hidden: torch.Tensor, top_k_index: torch.
                      top_k_weights: torch.Tensor) -> torch.Tensor:
     """Fused-layout experts (gate_up (E, 2I, H) as the gate and up GGUF tensors, down (E, H, I)):
     hidden (T, H), top_k_index / top_k_weights (T, k) -> (T, H)."""
+    import torch
+
     blocks = mod._moetrace_blocks
     gate_up, down = blocks.get("gate_up_proj"), blocks.get("down_proj")
     if not (isinstance(gate_up, tuple) and len(gate_up) == 2 and isinstance(down, BlockWeight)):

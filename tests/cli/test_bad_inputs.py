@@ -160,3 +160,17 @@ def test_bad_input_in_a_real_process(case, tmp_path):
     p = moetrace(*[_fill(a, files) for a in args], check=False,
                  env={**os.environ, **{k: _fill(v, files) for k, v in env.items()}})
     _check(p.returncode, p.stderr, fragment, case)
+
+
+@pytest.mark.parametrize("args,code", [(["run", "--variant", "q9_k-bf16"], 2), (["variants"], 0), (["--help"], 0)])
+def test_quick_answers_load_neither_torch_nor_xarray(args, code):
+    """A typo's error, `moetrace variants` and `--help` answer before the heavy libraries load (the
+    time to a one-line error is then the interpreter's start: benchmarks/bench_startup.py measures it)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom moetrace.cli.main import main\n"
+             f"try:\n    main({args!r})\nexcept SystemExit as e:\n"
+             "    print('RESULT', e.code, 'torch' in sys.modules, 'xarray' in sys.modules)\n")
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert f"RESULT {code} False False" in p.stdout, (p.stdout[-500:], p.stderr[-500:])

@@ -56,3 +56,15 @@ def test_header_defines_every_field():
         for field, size in lay.fields:
             assert f"#define MT_{name}_{field.upper()} {lay.offset(field)}\n" in text
             assert f"#define MT_{name}_{field.upper()}_SIZE {size}\n" in text
+
+
+def test_the_quantizable_types_variants_offer_are_the_formats_with_quantizers():
+    """tracer.variants lists quantizable types from the layout table (torch-free, for fast name checks);
+    the format registry must implement a quantizer for exactly those."""
+    from moetrace.kernels import base
+    from moetrace.tracer.variants import quantizable_types
+
+    base._load_formats()
+    with_quantizer = {name for name, fmt in base.FORMATS.items()
+                      if type(fmt).quantize_blocks is not base.BlockFormat.quantize_blocks}
+    assert set(quantizable_types()) == with_quantizer - {"F32", "F16", "BF16", "Q8_K", "Q8_1"}

@@ -54,6 +54,8 @@ def open_trace(path, allow_incomplete: bool = False, storage_options: dict | Non
     """
     import xarray as xr
 
+    import moetrace.tracer.analysis  # noqa: F401 (registers the ds.moetrace accessor on what this returns)
+
     path = loc_.as_location(path)
     if not loc_.exists(loc_.join(path, "zarr.json"), storage_options):
         raise MoetraceError(f"{str(path)!r} is not a moetrace trace store (no zarr.json)")
