@@ -63,6 +63,7 @@ class CheckpointSource:
         raw = validate.read_json(self.folder / "config.json", "config")
         validate.check_config(raw, self.folder / "config.json")
         self.family = arch.by_model_type(raw.get("model_type"), where=repr(str(self.folder)))
+        validate.check_family_config(raw, self.family, self.folder / "config.json")
         # Through transformers' own config class, so its defaults and derived values exist;
         # sizes are then read through the family (family.head_dim(config), ...), never the raw dict.
         self.config = AutoConfig.from_pretrained(str(self.folder), local_files_only=True)
@@ -170,7 +171,9 @@ class CheckpointSource:
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor by its HF name, in its stored dtype."""
         with self._reader() as read:
-            return read(name)
+            t = read(name)
+        validate.check_global(t, name, self.family, self.config, repr(str(self.folder)))
+        return t
 
     def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
         """Every tensor of decoder layer ``layer``, keyed by its name inside the layer.
@@ -201,6 +204,7 @@ class CheckpointSource:
                         f"a checkpoint has one or the other"
                     )
                 state.update(self._fuse_experts(layer, experts, read))
+        validate.check_layer(state, self.family, self.config, layer, repr(str(self.folder)))
         return state
 
     def _fuse_experts(self, layer: int, keys: dict[tuple[str, int], str], read) -> dict[str, torch.Tensor]:
