@@ -66,10 +66,19 @@ class CheckpointSource:
         validate.check_family_config(raw, self.family, self.folder / "config.json")
         # Through transformers' own config class, so its defaults and derived values exist;
         # sizes are then read through the family (family.head_dim(config), ...), never the raw dict.
-        self.config = AutoConfig.from_pretrained(str(self.folder), local_files_only=True)
+        try:
+            self.config = AutoConfig.from_pretrained(str(self.folder), local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - the file boundary: whatever transformers finds wrong
+            # transformers' own parsing and validation of fields this boundary does not know (its
+            # strict dataclass checks, its dtype and rope parsing) fail with many exception types,
+            # often with multi-line messages: any of them means config.json is not a usable config.
+            raise MoetraceError(f"config {str(self.folder / 'config.json')!r} is not a valid "
+                                f"{raw.get('model_type')} config: {validate.one_line(e)}") from None
         self.model_id = model_id or str(self.folder.resolve())
         self._headers: dict[str, tuple[dict, int]] = {}  # shard -> (checked safetensors header, data offset)
         self._index = self._read_index()
+        validate.check_layer_count(self._index, self.family, int(self.config.num_hidden_layers),
+                                   repr(str(self.folder)))
         self._session_maps: dict | None = None  # shard -> map, inside mapped()
         self.model_hash = model_hash or self._hash()
         self.tokenizer = self._tokenizer()

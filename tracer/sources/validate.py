@@ -22,6 +22,8 @@ ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2":
                "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 WEIGHT_DTYPES = ("F64", "F32", "F16", "BF16")
 MAX_HEADER = 100 << 20  # safetensors' own limit on a header's size
+# The largest layer count believed: a flipped byte must not make moetrace loop over 2**32 layers.
+MAX_LAYERS = 1 << 16
 
 
 def read_json(path, what: str) -> dict:
@@ -144,12 +146,12 @@ def check_config(raw: dict, path, what: str = "config") -> None:
     """Fields of ``config.json`` of the right type and range, and consistent with each other."""
     for key, low in CONFIG_INTS.items():
         v = raw.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+        if (v is not None or key in raw) and (not isinstance(v, int) or isinstance(v, bool) or v < low):
             raise MoetraceError(f"{what} {str(path)!r}: {key} is {v!r}; it must be an integer of at least {low}")
     for key, low in CONFIG_FLOATS.items():
         v = raw.get(key)
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
-                              or v <= low):
+        if (v is not None or key in raw) and (not isinstance(v, (int, float)) or isinstance(v, bool)
+                                              or not math.isfinite(v) or v <= low):
             raise MoetraceError(f"{what} {str(path)!r}: {key} is {v!r}; it must be a finite number above {low}")
     heads, kv = raw.get("num_attention_heads"), raw.get("num_key_value_heads")
     if isinstance(heads, int) and isinstance(kv, int) and kv and heads % kv:
@@ -161,6 +163,11 @@ def check_config(raw: dict, path, what: str = "config") -> None:
                             f"{heads}, and no head_dim is given")
 
 
+def one_line(e: BaseException) -> str:
+    """An exception's message folded onto one line (a library's multi-line message, for a MoetraceError)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def check_family_config(cfg: dict, family, path, what: str = "config") -> None:
     """The MoE sizes of a config (``cfg``: the config as a dict) make sense together.
 
@@ -170,11 +177,39 @@ def check_family_config(cfg: dict, family, path, what: str = "config") -> None:
     k = family.keys
     experts, top_k = cfg.get(k.experts), cfg.get(k.top_k)
     for key, v in ((k.experts, experts), (k.top_k, top_k), (k.expert_width, cfg.get(k.expert_width))):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise MoetraceError(f"{what} {str(path)!r}: {key} is {v!r}; it must be an integer of at least 1")
+        if (v is not None or key in cfg) and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise MoetraceError(f"{what} {str(path)!r}: {key} is {v!r:.60}; it must be an integer of at least 1")
+    step = cfg.get(k.sparse_step) if k.sparse_step else None
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 1):
+        raise MoetraceError(f"{what} {str(path)!r}: {k.sparse_step} is {step!r:.60}; it must be an integer of at "
+                            f"least 1")
+    dense = cfg.get(k.dense_layers) if k.dense_layers else None
+    if dense is not None and (not isinstance(dense, list)
+                              or not all(isinstance(i, int) and not isinstance(i, bool) for i in dense)):
+        raise MoetraceError(f"{what} {str(path)!r}: {k.dense_layers} is {dense!r:.60}; it must be a list of layer "
+                            f"indices")
     if isinstance(experts, int) and isinstance(top_k, int) and top_k > experts:
         raise MoetraceError(f"{what} {str(path)!r}: {k.top_k} is {top_k}, more than the {experts} experts "
                             f"({k.experts}); a token cannot choose more experts than there are")
+
+
+def check_layer_count(names, family, n_layers: int, where: str, key: str = "num_hidden_layers") -> None:
+    """The decoder layers that have tensors are exactly 0..n_layers-1, as the config says.
+
+    Checked on open, so a corrupted layer count is refused before anything loops over it.
+    """
+    import re
+
+    if n_layers > MAX_LAYERS:
+        raise MoetraceError(f"{where}: {key} is {n_layers}, more than any model has ({MAX_LAYERS})")
+    before, _, after = family.layer_prefix(987654321).partition("987654321")
+    pattern = re.compile(re.escape(before) + r"(\d+)" + re.escape(after))
+    layers = {int(m.group(1)) for m in map(pattern.match, names) if m}
+    if layers and max(layers) >= n_layers:
+        raise MoetraceError(f"{where} has tensors of layer {max(layers)}, but {key} is {n_layers}")
+    absent = sorted(set(range(n_layers)) - layers)
+    if absent:
+        raise MoetraceError(f"{where} has no tensors of layer {absent[0]}, but {key} is {n_layers}")
 
 
 def expected_layer_shapes(family, config) -> dict[str, tuple[int, ...]]:
@@ -221,8 +256,6 @@ GGUF_INTS = {"block_count": 1, "context_length": 1, "embedding_length": 1, "feed
              "expert_used_count": 1, "vocab_size": 1, "attention.head_count": 1, "attention.head_count_kv": 1,
              "attention.key_length": 1, "attention.value_length": 1}
 GGUF_FLOATS = ("attention.layer_norm_rms_epsilon", "rope.freq_base")
-# The largest layer count believed: a flipped byte must not make moetrace loop over 2**32 layers.
-MAX_LAYERS = 1 << 16
 
 
 def check_gguf_metadata(path, arch: str, field) -> None:
