@@ -94,6 +94,9 @@ class CheckpointSource:
             for shard in sorted(set(weight_map.values())):
                 if not (self.folder / shard).is_file():
                     raise MoetraceError(f"shard {shard!r} named in {idx_file} is missing")
+                # Every shard's header checked on open (headers only: cheap even for a 61 GB model),
+                # so nothing later (the hash, a layer read) meets a header that lies about its size.
+                self._headers[shard] = validate.safetensors_header(self.folder / shard)
             return dict(weight_map)
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
@@ -113,7 +116,8 @@ class CheckpointSource:
         for shard in sorted(set(self._index.values())):
             p = self.folder / shard
             with open(p, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
+                n = self._headers[shard][1] - 8  # checked on open: fits the file
+                fh.seek(8)
                 h.update(fh.read(n))
             h.update(str(p.stat().st_size).encode())
         return h.hexdigest()[:16]

@@ -86,7 +86,13 @@ class GGUFSource:
             self.path, [(t.name, t.tensor_type.name, [int(x) for x in t.shape], t.data_offset - self.reader.data_offset)
                         for t in self.reader.tensors], self.reader.data_offset, size)
         validate.check_gguf_metadata(self.path, self.arch, self._field)
-        self.config = self.family.config_from_gguf(self._field, self._tensors, str(self.path))
+        try:
+            self.config = self.family.config_from_gguf(self._field, self._tensors, str(self.path))
+        except MoetraceError:
+            raise
+        except Exception as e:  # noqa: BLE001 - transformers' own config validation (rope, dtypes, ...)
+            raise MoetraceError(f"GGUF file {str(self.path)!r}: its metadata makes no valid {self.family.name} "
+                                f"config: {validate.one_line(e)}") from None
         cfg = self.config.to_dict()
         validate.check_config(cfg, self.path, what="GGUF file")
         validate.check_family_config(cfg, self.family, self.path, what="GGUF file")
