@@ -78,6 +78,9 @@ class GGUFSource:
         from moetrace.tracer.sources import validate
 
         size = self.path.stat().st_size
+        odd = next((t.name for t in self.reader.tensors if not t.name.isprintable()), None)
+        if odd is not None:  # a flipped byte in a name: refused, and never printed raw into a message
+            raise MoetraceError(f"GGUF file {str(self.path)!r} has a corrupted tensor name {odd!r}")
         if len(self._tensors) != len(self.reader.tensors):
             names = [t.name for t in self.reader.tensors]
             dup = next(n for n in names if names.count(n) > 1)
