@@ -131,9 +131,11 @@ def _progress_printer(quiet: bool):
                    "AWS_* environment variables).")
 @click.option("--run", "run_name", default=None, help="Run name: stores go to OUT/RUN/VARIANT.zarr (default: from the model).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed recorded with the run.")
-@click.option("--gguf", "gguf", type=click.Path(), default=None,
+@click.option("--gguf", "gguf", multiple=True,
               help="A GGUF file whose own tensors are the weights of the gguf-* variants (e.g. --variant gguf-bf16); "
-                   "its tensor names and shapes must match the reference model's.")
+                   "its tensor names and shapes must match the reference model's. Repeatable as NAME=FILE for "
+                   "several files in one run, each the weights of the gguf_NAME-* variants "
+                   "(--gguf a=A.gguf --variant gguf_a-bf16).")
 @click.option("--resume", is_flag=True,
               help="Continue a stopped run (same options) from the last layer its stores finished.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")

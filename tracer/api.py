@@ -64,7 +64,8 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
         log=None, gguf=None, resume=False, tokens_file=None, truncate=False) -> RunResult:
     """Trace ``variants`` of ``model`` against ``reference`` and diff them; see ``moetrace run --help``.
 
-    ``gguf`` is the GGUF file of the ``gguf-*`` variants; ``resume`` continues the stores a stopped
+    ``gguf`` is the GGUF file of the ``gguf-*`` variants, or several ``--gguf`` values
+    (``FILE`` or ``NAME=FILE``, see :func:`parse_gguf_options`); ``resume`` continues the stores a stopped
     run with the same options left incomplete in the run folder; ``tokens_file`` gives token ids
     instead of text; ``truncate`` cuts sequences longer than the model's positions (else refused).
     """
@@ -80,10 +81,9 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
     if text is not None and not text.strip():
         raise MoetraceError("--text is empty; give text with at least one token")
     sites = list(sites) if sites else list(ALL_SITES)
-    if gguf is not None and not Path(gguf).is_file():
-        raise MoetraceError(f"GGUF file {str(gguf)!r} given with --gguf does not exist")
+    plain, named = parse_gguf_options(gguf)
     config = RunConfig(model=model, variants=list(variants), reference=reference, modes=list(modes), sites=sites,
-                       seed=seed, plant=plant, gguf=str(Path(gguf).resolve()) if gguf is not None else None)
+                       seed=seed, plant=plant, gguf=plain, ggufs=named)
     log(f"Opening model {model} ...")
     source = open_source(model, plant=plant)
     tokens, n_seqs = _run_tokens(source, config, text, prompts_file, tokens_file, max_tokens, truncate)
@@ -116,6 +116,39 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
         diffs[v] = compare.diff(ref_ds, open_trace(stores[v]), config.modes[0])
     return RunResult(run_dir, ref_name, stores, diffs,
                      builtin_id=f"builtin:{source.builtin.preset}" if getattr(source, "builtin", None) else None)
+
+
+def parse_gguf_options(values) -> tuple[str | None, dict[str, str]]:
+    """``--gguf`` values: ``FILE`` (the ``gguf-*`` variants' file) or ``NAME=FILE`` (``gguf_NAME-*``), repeatable.
+
+    A value is NAME=FILE when the text before its first ``=`` is a valid name (lower-case letters,
+    digits, ``_``) and the whole value is not itself an existing file.
+
+    Returns:
+        (the plain file or None, NAME -> file), every file resolved and checked to exist.
+    """
+    from moetrace.tracer.variants import GGUF_NAME
+
+    if values is None:
+        return None, {}
+    plain, named = None, {}
+    for value in [values] if isinstance(values, (str, Path)) else list(values):
+        value = str(value)
+        name, eq, file = value.partition("=")
+        if not (eq and GGUF_NAME.fullmatch(name) and not Path(value).is_file()):
+            name, file = None, value
+        if not Path(file).is_file():
+            raise MoetraceError(f"GGUF file {file!r} given with --gguf {value} does not exist")
+        if name is None:
+            if plain is not None:
+                raise MoetraceError(f"--gguf is given two unnamed files ({plain!r} and {file!r}); name them: "
+                                    f"--gguf NAME=FILE, with --variant gguf_NAME-bf16")
+            plain = str(Path(file).resolve())
+        elif name in named:
+            raise MoetraceError(f"--gguf names {name!r} twice; give each file its own name")
+        else:
+            named[name] = str(Path(file).resolve())
+    return plain, named
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*")

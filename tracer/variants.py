@@ -7,7 +7,10 @@
   llama.cpp's quantizer would give it, is quantized bit-exactly as ggml does, and dequantized;
 - ``pure_TYPE`` (``pure_q4_0``): every quantizable tensor in TYPE (llama.cpp's ``--pure``);
 - ``gguf``: the tensors of the GGUF file given with ``--gguf FILE``, dequantized (bit-exact with
-  ggml); the file must have the reference's tensor names and shapes.
+  ggml); the file must have the reference's tensor names and shapes;
+- ``gguf_NAME``: the tensors of the GGUF file given with ``--gguf NAME=FILE`` (repeat ``--gguf``
+  for several files in one run: ``--gguf a=A.gguf --gguf b=B.gguf --variant gguf_a-bf16
+  --variant gguf_b-bf16``). NAME is lower-case letters, digits and ``_``, starting with a letter.
 
 ``COMPUTE`` names a compute path, the arithmetic (moetrace.kernels.compute): ``fp32``, ``bf16``
 or ``fp16`` run transformers' modules in that dtype (activations and matmuls).
@@ -28,6 +31,7 @@ Routers and norms are never quantized (llama.cpp keeps them F32).
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 from moetrace.errors import MoetraceError
@@ -72,7 +76,20 @@ def file_types() -> list[str]:
 
 
 def valid_weights() -> list[str]:
-    return ["orig"] + file_types() + [f"pure_{t.lower()}" for t in quantizable_types()] + ["gguf"]
+    return ["orig"] + file_types() + [f"pure_{t.lower()}" for t in quantizable_types()] + ["gguf", "gguf_NAME"]
+
+
+GGUF_PREFIX = "gguf_"  # gguf_NAME: the file of --gguf NAME=FILE
+GGUF_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def gguf_name_of(weights: str) -> str | None:
+    """The --gguf name a weights word refers to: "" for ``gguf``, NAME for ``gguf_NAME``, None otherwise."""
+    if weights == "gguf":
+        return ""
+    if weights.startswith(GGUF_PREFIX) and GGUF_NAME.fullmatch(weights[len(GGUF_PREFIX):]):
+        return weights[len(GGUF_PREFIX):]
+    return None
 
 
 def compute_names() -> list[str]:
@@ -106,7 +123,7 @@ class Variant:
                 f"unknown compute {self.compute!r} in variant {self.name!r}; valid compute: {', '.join(paths)}"
             )
         valid = valid_weights()
-        if self.weights not in valid:
+        if self.weights not in valid and gguf_name_of(self.weights) is None:
             raise MoetraceError(
                 f"unknown variant weights {self.weights!r} in {self.name!r}; valid weights: {', '.join(valid)}"
             )
@@ -139,6 +156,11 @@ class Variant:
         return self.path.dtype
 
     @property
+    def gguf_name(self) -> str | None:
+        """The ``--gguf`` file this variant's weights come from: "" (plain ``--gguf FILE``), NAME, or None."""
+        return gguf_name_of(self.weights)
+
+    @property
     def pure_type(self) -> str | None:
         return self.weights[len("pure_"):].upper() if self.weights.startswith("pure_") else None
 
@@ -156,7 +178,8 @@ class Variant:
         head, sep2, word = rest.rpartition("-")
         dequant = None
         if sep2 and head and word.endswith(DEQUANT_SUFFIX):
-            if word[: -len(DEQUANT_SUFFIX)] not in DTYPE_NAMES and head in valid_weights():
+            if word[: -len(DEQUANT_SUFFIX)] not in DTYPE_NAMES and (head in valid_weights()
+                                                                    or gguf_name_of(head) is not None):
                 raise MoetraceError(
                     f"unknown dequantization {word!r} in variant {text!r}; valid DEQw: "
                     f"{', '.join(d + DEQUANT_SUFFIX for d in DTYPE_NAMES)}"
@@ -177,7 +200,7 @@ class Variant:
 
 def all_variant_names() -> list[str]:
     """Every ``WEIGHTS-COMPUTE`` name (each also takes a ``DEQw`` word; see the grammar)."""
-    return [f"{w}-{c}" for w in valid_weights() for c in compute_names()]
+    return [f"{w}-{c}" for w in valid_weights() for c in compute_names() if w != "gguf_NAME"]
 
 
 def dequant_names(compute: str) -> list[str]:

@@ -44,6 +44,100 @@ def _files(tmp: Path) -> dict[str, str]:
                                       "plainfile", "long.txt")}
 
 
+TINY2 = "builtin:tiny:layers=2"
+_MODEL_FILES: dict[str, str] = {}
+
+
+def _model_files(base: Path) -> dict[str, str]:
+    """Damaged model files, made once per test session from real files of builtin:tiny:layers=2.
+
+    Each is what a user might hand moetrace: a checkpoint folder copied from the built-in model's
+    and then edited (config, safetensors header, index, shards), or a GGUF written by moetrace's own
+    writer and then edited in place (a tensor type, a block scale).
+    """
+    if _MODEL_FILES:
+        return _MODEL_FILES
+    import shutil
+    import struct
+
+    import gguf
+    from safetensors.torch import load_file, save_file
+
+    from moetrace.tracer.sources.checkpoint import open_source
+    from moetrace.tracer.weights.gguf_writer import write_gguf
+
+    ref = open_source(TINY2)
+    out: dict[str, str] = {}
+
+    def folder(name, edit_config=None):
+        d = base / name
+        d.mkdir()
+        shutil.copyfile(ref.folder / "config.json", d / "config.json")
+        shutil.copyfile(ref.folder / "model.safetensors", d / "model.safetensors")
+        if edit_config:
+            cfg = json.loads((d / "config.json").read_text())
+            edit_config(cfg)
+            (d / "config.json").write_text(json.dumps(cfg))
+        out[name] = str(d)
+        return d
+
+    (folder("m_badjson") / "config.json").write_text('{"model_type": "qwen3_moe", "hidden_size": 256,')
+    folder("m_topk", lambda c: c.update(num_experts_per_tok=c["num_experts"] + 1))
+    folder("m_width", lambda c: c.update(moe_intermediate_size=128))
+    st = folder("m_truncated") / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:-1000])
+    st = folder("m_intweight") / "model.safetensors"
+    data = st.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    header["model.layers.0.self_attn.q_proj.weight"]["dtype"] = "I16"  # same width as BF16: only the kind is wrong
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    st.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    # Sharded copies: globals and layer 0 in shard 1, layer 1 in shard 2.
+    tensors = load_file(str(ref.folder / "model.safetensors"))
+    shards = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    for name in ("m_index_missing", "m_shard_missing"):
+        d = base / name
+        d.mkdir()
+        shutil.copyfile(ref.folder / "config.json", d / "config.json")
+        wm = {}
+        for i, shard in enumerate(shards):
+            part = {k: v for k, v in tensors.items() if k.startswith("model.layers.1.") == (i == 1)}
+            save_file(part, str(d / shard), metadata={"format": "pt"})
+            wm.update({k: shard for k in part})
+        out[name] = str(d)
+        if name == "m_index_missing":  # the index names a tensor its shard does not hold
+            wm["model.layers.1.mlp.gate.weight"] = shards[0]
+        else:
+            (d / shards[1]).unlink()
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    # GGUF files written by moetrace quantize's writer.
+    g = base / "tiny2.gguf"
+    write_gguf(ref, "q4_k_m", g, cache=False)
+    layout = {t.name: t for t in gguf.GGUFReader(str(g)).tensors}
+
+    def edited(name, offset, raw_bytes):
+        p = base / name
+        b = bytearray(g.read_bytes())
+        b[offset:offset + len(raw_bytes)] = raw_bytes
+        p.write_bytes(bytes(b))
+        out[name] = str(p)
+
+    norm = layout["blk.0.attn_norm.weight"].field
+    type_at = norm.offset + sum(int(x.nbytes) for x in norm.parts[:4])
+    edited("g_type.gguf", type_at, struct.pack("<I", gguf.GGMLQuantizationType.Q8_0))  # a norm as Q8_0
+    gate = layout["blk.1.ffn_gate_exps.weight"]
+    edited("g_nan.gguf", gate.data_offset + gate.n_bytes // 2 - (gate.n_bytes // 2) % 144,
+           np.array([np.nan], np.float16).tobytes())  # a Q4_K block's scale d
+    g3 = base / "g_layers3.gguf"
+    write_gguf(open_source("builtin:tiny:layers=3"), "q8_0", g3, cache=False)
+    out["g_layers3.gguf"] = str(g3)
+    _MODEL_FILES.update(out)
+    return _MODEL_FILES
+
+
+GGUF_RUN = ["run", "--model", TINY2, "--variant", "gguf-bf16", "-q", "--gguf"]
 # (case id, arguments with {file} placeholders, environment additions, fragment of the message)
 CASES = [
     ("max-tokens-negative", RUN + ["--max-tokens", "-5"], {}, "not in the range x>=1"),
@@ -109,6 +203,21 @@ CASES = [
     ("quantize-unknown-type", ["quantize", "q9_k", "-o", "{folder}/x.gguf"], {}, "valid file types"),
     ("recipe-unknown-type", ["recipe", "q9_k"], {}, "valid file types"),
     ("diff-missing-stores", ["diff", "{folder}/a.zarr", "{folder}/b.zarr"], {}, "does not exist"),
+    ("model-config-corrupted", RUN + ["--model", "{m_badjson}"], {}, "is not valid JSON"),
+    ("model-topk-over-experts", RUN + ["--model", "{m_topk}"], {}, "num_experts_per_tok is 9, more than the 8"),
+    ("model-shapes-disagree", RUN + ["--model", "{m_width}"], {},
+     "layer 0: tensor 'mlp.experts.down_proj' is (8, 256, 256), the config makes it (8, 256, 128)"),
+    ("model-safetensors-truncated", RUN + ["--model", "{m_truncated}"], {}, "is truncated"),
+    ("model-integer-weight", RUN + ["--model", "{m_intweight}"], {},
+     "'model.layers.0.self_attn.q_proj.weight' is I16; weights must be one of"),
+    ("model-index-missing-tensor", RUN + ["--model", "{m_index_missing}"], {},
+     "'model.layers.1.mlp.gate.weight' is not in"),
+    ("model-shard-missing", RUN + ["--model", "{m_shard_missing}"], {}, "model-00002-of-00002.safetensors' named in"),
+    ("gguf-changed-type", GGUF_RUN + ["{g_type.gguf}"], {}, "tensor blk.0.attn_norm.weight is Q8_0"),
+    ("gguf-extra-layer", GGUF_RUN + ["{g_layers3.gguf}"], {}, "the file has 3 layers"),
+    ("gguf-as-model-changed-type", RUN + ["--model", "{g_type.gguf}"], {}, "must be one of F32, F16, BF16"),
+    ("audit-gguf-nan-scale", ["audit", "--model", TINY2, "--variant", "gguf", "--gguf", "{g_nan.gguf}", "-q"], {},
+     "tensor blk.1.ffn_gate_exps.weight expert 4 (Q4_K) holds"),
     ("unknown-command", ["nosuch"], {}, "No such command 'nosuch'"),
     ("unknown-option", ["run", "--frobnicate"], {}, "No such option"),
 ]
@@ -138,8 +247,10 @@ def test_enough_distinct_cases():
 
 
 @pytest.mark.parametrize("case,args,env,fragment", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2(case, args, env, fragment, tmp_path, monkeypatch):
+def test_bad_input_is_one_line_exit_2(case, args, env, fragment, tmp_path, tmp_path_factory, monkeypatch):
     files = _files(tmp_path)
+    if any("{m_" in a or "{g_" in a for a in args):
+        files.update(_model_files(tmp_path_factory.mktemp("models")))
     monkeypatch.chdir(tmp_path)
     for k, v in env.items():
         monkeypatch.setenv(k, _fill(v, files))

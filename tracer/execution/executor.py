@@ -58,6 +58,7 @@ class RunConfig:
     seed: int = 0
     plant: str | None = None
     gguf: str | None = None  # the GGUF file of the gguf-* variants
+    ggufs: dict = field(default_factory=dict)  # NAME -> GGUF file of the gguf_NAME-* variants
 
 
     def __post_init__(self):
@@ -69,7 +70,15 @@ class RunConfig:
             raise MoetraceError(f"unknown site {bad[0]!r}; valid sites: {', '.join(ALL_SITES)}")
         self.modes = [m for m in MODES if m in self.modes]  # canonical order
         parsed = [Variant.parse(v) for v in [self.reference, *self.variants]]
-        uses_gguf = [v.name for v in parsed if v.weights == "gguf"]
+        uses_gguf = [v.name for v in parsed if v.gguf_name == ""]
+        for v in parsed:
+            if v.gguf_name and v.gguf_name not in self.ggufs:
+                raise MoetraceError(f"variant {v.name} takes its weights from the GGUF file named {v.gguf_name!r}; "
+                                    f"give --gguf {v.gguf_name}=FILE")
+        unused = sorted(set(self.ggufs) - {v.gguf_name for v in parsed})
+        if unused:
+            raise MoetraceError(f"--gguf {unused[0]}={self.ggufs[unused[0]]} is given but no variant uses it; add "
+                                f"--variant gguf_{unused[0]}-bf16 (or another compute)")
         if uses_gguf and not self.gguf:
             raise MoetraceError(f"variant {uses_gguf[0]} takes its weights from a GGUF file; give --gguf FILE")
         if self.gguf and not uses_gguf:
@@ -238,7 +247,7 @@ class _VariantWeights:
         self.variant = variant
         self.family = arch.family_of(source.config)
         path = variant.path
-        self.gguf = gguf_src if variant.weights == "gguf" else None
+        self.gguf = gguf_src.get(variant.gguf_name) if variant.gguf_name is not None else None
         if self.gguf is not None:
             if any(path.weight_form(r).blocks for r in ROLES):
                 raise MoetraceError(
@@ -343,13 +352,15 @@ class _LayerStates:
             self._cache["ref"] = self.source.layer_state(self.L)
         return self._cache["ref"]
 
-    def _gguf_state(self):
-        if "gguf" not in self._cache:
-            self._cache["gguf"] = self.gguf_src.layer_state(self.L)
-        return self._cache["gguf"]
+    def _gguf_state(self, key: str):
+        # One read per GGUF file and layer, shared by every variant of that file.
+        if ("gguf", key) not in self._cache:
+            self._cache[("gguf", key)] = self.gguf_src[key].layer_state(self.L)
+        return self._cache[("gguf", key)]
 
     def pop(self, name: str) -> dict[str, torch.Tensor]:
-        return self.weights[name].layer(self.L, self._ref_state, self._gguf_state)
+        key = self.weights[name].variant.gguf_name
+        return self.weights[name].layer(self.L, self._ref_state, lambda: self._gguf_state(key))
 
 
 def _available_memory() -> int | None:
@@ -537,7 +548,7 @@ class _Run:
     ref_sites: list[str]
     sizes: dict
     base_attrs: dict
-    gguf_src: object = None
+    gguf_src: dict = field(default_factory=dict)  # "" or NAME -> GGUFSource
     progress: object = None
     writers: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)  # variant name -> _VariantWeights
@@ -573,12 +584,14 @@ def _plan(source, config: RunConfig, tokens: Tokens, progress) -> _Run:
     }
     base_attrs = {"model": source.model_id, "model_hash": source.model_hash, "seed": config.seed,
                   "config": config.to_dict(), "reference": ref.name}
-    gguf_src = None
-    if config.gguf:
+    gguf_src = {}  # "" (plain --gguf FILE) or NAME -> GGUFSource
+    files = {**({"": config.gguf} if config.gguf else {}), **config.ggufs}
+    if files:
         from moetrace.tracer.sources.gguf import GGUFSource
 
-        gguf_src = GGUFSource(config.gguf)
-        gguf_src.check_matches(source)  # before any store is touched
+        for key, file in files.items():
+            gguf_src[key] = GGUFSource(file)
+            gguf_src[key].check_matches(source)  # before any store is touched
     return _Run(source, config, tokens, model, ref, variants, layer_sites, ref_sites, sizes, base_attrs,
                 gguf_src=gguf_src, progress=progress)
 

@@ -63,12 +63,22 @@ class CheckpointSource:
         raw = validate.read_json(self.folder / "config.json", "config")
         validate.check_config(raw, self.folder / "config.json")
         self.family = arch.by_model_type(raw.get("model_type"), where=repr(str(self.folder)))
+        validate.check_family_config(raw, self.family, self.folder / "config.json")
         # Through transformers' own config class, so its defaults and derived values exist;
         # sizes are then read through the family (family.head_dim(config), ...), never the raw dict.
-        self.config = AutoConfig.from_pretrained(str(self.folder), local_files_only=True)
+        try:
+            self.config = AutoConfig.from_pretrained(str(self.folder), local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - the file boundary: whatever transformers finds wrong
+            # transformers' own parsing and validation of fields this boundary does not know (its
+            # strict dataclass checks, its dtype and rope parsing) fail with many exception types,
+            # often with multi-line messages: any of them means config.json is not a usable config.
+            raise MoetraceError(f"config {str(self.folder / 'config.json')!r} is not a valid "
+                                f"{raw.get('model_type')} config: {validate.one_line(e)}") from None
         self.model_id = model_id or str(self.folder.resolve())
         self._headers: dict[str, tuple[dict, int]] = {}  # shard -> (checked safetensors header, data offset)
         self._index = self._read_index()
+        validate.check_layer_count(self._index, self.family, int(self.config.num_hidden_layers),
+                                   repr(str(self.folder)))
         self._session_maps: dict | None = None  # shard -> map, inside mapped()
         self.model_hash = model_hash or self._hash()
         self.tokenizer = self._tokenizer()
@@ -84,6 +94,9 @@ class CheckpointSource:
             for shard in sorted(set(weight_map.values())):
                 if not (self.folder / shard).is_file():
                     raise MoetraceError(f"shard {shard!r} named in {idx_file} is missing")
+                # Every shard's header checked on open (headers only: cheap even for a 61 GB model),
+                # so nothing later (the hash, a layer read) meets a header that lies about its size.
+                self._headers[shard] = validate.safetensors_header(self.folder / shard)
             return dict(weight_map)
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
@@ -103,7 +116,8 @@ class CheckpointSource:
         for shard in sorted(set(self._index.values())):
             p = self.folder / shard
             with open(p, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
+                n = self._headers[shard][1] - 8  # checked on open: fits the file
+                fh.seek(8)
                 h.update(fh.read(n))
             h.update(str(p.stat().st_size).encode())
         return h.hexdigest()[:16]
@@ -195,7 +209,9 @@ class CheckpointSource:
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor by its HF name, in its stored dtype."""
         with self._reader() as read:
-            return read(name)
+            t = read(name)
+        validate.check_global(t, name, self.family, self.config, repr(str(self.folder)))
+        return t
 
     def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
         """Every tensor of decoder layer ``layer``, keyed by its name inside the layer.
@@ -227,6 +243,7 @@ class CheckpointSource:
                         f"a checkpoint has one or the other"
                     )
                 state.update(self._fuse_experts(layer, experts, read))
+        validate.check_layer(state, self.family, self.config, layer, repr(str(self.folder)))
         return state
 
     def _fuse_experts(self, layer: int, keys: dict[tuple[str, int], str], read) -> dict[str, torch.Tensor]:

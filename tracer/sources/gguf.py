@@ -51,9 +51,10 @@ class GGUFSource:
         self.family = arch_registry.by_gguf_arch(self.arch, where=repr(str(self.path)), n_experts=n_experts)
         self._globals = self.family.global_names  # HF name -> GGUF name, outside the layers
         self._tensors = {t.name: t for t in self.reader.tensors}
-        self._check_extents()
-        self.config = self._config()
+        self._validate()
         self.model_id = model_id or str(self.path.resolve())
+        name = self._field("general.name")
+        self.general_name = name if isinstance(name, str) else None
         self.model_hash = self._hash()
         self.tokenizer = self._tokenizer()
 
@@ -69,17 +70,38 @@ class GGUFSource:
         except Exception as e:  # a malformed field: name it
             raise MoetraceError(f"GGUF file {str(self.path)!r}: metadata key {key!r} is unreadable ({e})") from None
 
-    def _check_extents(self) -> None:
-        size = self.path.stat().st_size
-        for t in self.reader.tensors:
-            if t.data_offset + t.n_bytes > size:
-                raise MoetraceError(
-                    f"GGUF file {str(self.path)!r} is truncated: tensor {t.name} needs bytes "
-                    f"{t.data_offset}..{t.data_offset + t.n_bytes}, the file has {size}"
-                )
+    def _validate(self) -> None:
+        """Check the file against itself before anything is read: extents, metadata, tensor table.
 
-    def _config(self):
-        return self.family.config_from_gguf(self._field, self._tensors, str(self.path))
+        Sets ``self.config``. The order matters: byte extents first (so no tensor is read past
+        the end), then the numeric metadata (so no loop runs over a corrupted block count), then
+        the config and the tensor table against the family's names and shapes.
+        """
+        from moetrace.tracer.sources import validate
+
+        size = self.path.stat().st_size
+        odd = next((t.name for t in self.reader.tensors if not t.name.isprintable()), None)
+        if odd is not None:  # a flipped byte in a name: refused, and never printed raw into a message
+            raise MoetraceError(f"GGUF file {str(self.path)!r} has a corrupted tensor name {odd!r}")
+        if len(self._tensors) != len(self.reader.tensors):
+            names = [t.name for t in self.reader.tensors]
+            dup = next(n for n in names if names.count(n) > 1)
+            raise MoetraceError(f"GGUF file {str(self.path)!r} holds tensor {dup} twice")
+        validate.check_gguf_extents(
+            self.path, [(t.name, t.tensor_type.name, [int(x) for x in t.shape], t.data_offset - self.reader.data_offset)
+                        for t in self.reader.tensors], self.reader.data_offset, size)
+        validate.check_gguf_metadata(self.path, self.arch, self._field)
+        try:
+            self.config = self.family.config_from_gguf(self._field, self._tensors, str(self.path))
+        except MoetraceError:
+            raise
+        except Exception as e:  # noqa: BLE001 - transformers' own config validation (rope, dtypes, ...)
+            raise MoetraceError(f"GGUF file {str(self.path)!r}: its metadata makes no valid {self.family.name} "
+                                f"config: {validate.one_line(e)}") from None
+        cfg = self.config.to_dict()
+        validate.check_config(cfg, self.path, what="GGUF file")
+        validate.check_family_config(cfg, self.family, self.path, what="GGUF file")
+        validate.check_gguf_tensors(self.path, self.family, self.config, self.shapes(), self.ggml_types())
 
     def _hash(self) -> str:
         # The metadata and tensor table (everything before the tensor data) plus the file size:
@@ -165,7 +187,7 @@ class GGUFSource:
         for i in range(e):
             r0 = 0
             for t, r in zip(ts, rows):
-                out[i, r0:r0 + r] = _decode(self.path, t, np.asarray(t.data[i]), (r, cols))
+                out[i, r0:r0 + r] = _decode(self.path, t, np.asarray(t.data[i]), (r, cols), expert=i)
                 r0 += r
         return out
 
@@ -204,6 +226,11 @@ class GGUFSource:
                     f"GGUF file {str(self.path)!r} does not match the reference {reference.model_id}: "
                     f"{self.arch}.{what} is {size(fc)} in the file, the reference has {key}={size(rc)}"
                 )
+        if self.num_layers != reference.num_layers:
+            raise MoetraceError(
+                f"GGUF file {str(self.path)!r} does not match the reference {reference.model_id}: the file has "
+                f"{self.num_layers} layers ({self.arch}.block_count), the reference has {reference.num_layers}"
+            )
         want = gguf_specs(reference)
         have = self.shapes()
         for name, shape in want.items():
@@ -262,7 +289,20 @@ def _reader_class():
     import gguf
 
     class Reader(gguf.GGUFReader):
-        """GGUFReader that names the first tensor whose data runs past the end of the file."""
+        """GGUFReader that never reads past the end of the file, and names a tensor whose data would.
+
+        gguf-py's ``_get`` slices the memory map, and a slice past the end is silently short: a
+        corrupted count then loops over empty reads (an array length of 2**60 never ends) or
+        yields short arrays. Here every read that does not fit is an error.
+        """
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            count, offset = int(count), int(offset)
+            itemsize = np.dtype(dtype).itemsize
+            if offset < 0 or count < 0 or offset + itemsize * count > len(self.data):
+                raise _Truncated(f"its header is truncated or corrupted: a field at byte {offset} needs "
+                                 f"{itemsize * count} bytes, the file has {len(self.data)}")
+            return super()._get(offset, dtype, count, override_order)
 
         def _build_tensors(self, start_offs, fields):
             size = len(self.data)
@@ -270,7 +310,11 @@ def _reader_class():
                 try:
                     _, name, _, dims, raw_dtype, offset = field.parts
                     block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_dtype[0]))]
-                    need = int(start_offs + offset[0]) + int(np.prod(dims)) * type_size // block
+                    # Python integers: numpy's uint64 product wraps around on corrupted dims.
+                    elems = 1
+                    for d in dims.tolist():
+                        elems *= int(d)
+                    need = int(start_offs) + int(offset[0]) + elems * type_size // block
                 except Exception:  # a layout this check does not know: leave it to GGUFReader
                     break
                 if need > size:
@@ -300,20 +344,38 @@ def _float_dtype(t) -> torch.dtype:
     return {"F16": torch.float16, "BF16": torch.bfloat16}.get(name, torch.float32)
 
 
-def _decode(path: Path, t, raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+def _decode(path: Path, t, raw: np.ndarray, shape: tuple[int, ...], expert: int | None = None) -> torch.Tensor:
     """One tensor (or one expert of it) from its stored bytes: floats as stored, quantized types dequantized to F32."""
     from moetrace.kernels import dequantize
 
     name = t.tensor_type.name
     if name in ("F32", "F16"):
-        return torch.from_numpy(np.array(raw, copy=True)).reshape(shape)
-    if name == "BF16":  # GGUFReader gives BF16 as raw bytes
-        return torch.from_numpy(np.array(raw, copy=True).view(np.int16)).view(torch.bfloat16).reshape(shape)
-    try:
-        q = torch.from_numpy(np.array(raw, copy=True)).reshape(-1, raw.shape[-1])  # (rows, bytes per row)
-        return dequantize(q, name, shape[-1]).reshape(shape)
-    except MoetraceError as e:
-        raise MoetraceError(f"GGUF file {str(path)!r}: cannot dequantize tensor {t.name} ({name}): {e}") from None
+        out = torch.from_numpy(np.array(raw, copy=True)).reshape(shape)
+    elif name == "BF16":  # GGUFReader gives BF16 as raw bytes
+        out = torch.from_numpy(np.array(raw, copy=True).view(np.int16)).view(torch.bfloat16).reshape(shape)
+    else:
+        try:
+            q = torch.from_numpy(np.array(raw, copy=True)).reshape(-1, raw.shape[-1])  # (rows, bytes per row)
+            out = dequantize(q, name, shape[-1]).reshape(shape)
+        except MoetraceError as e:
+            raise MoetraceError(f"GGUF file {str(path)!r}: cannot dequantize tensor {t.name} ({name}): {e}") from None
+    _check_finite(path, t, out, expert)
+    return out
+
+
+def _check_finite(path: Path, t, w: torch.Tensor, expert: int | None) -> None:
+    """Refuse weights holding NaN or Inf: a damaged block scale or value, never a weight to rank or trace.
+
+    The audit used to rank such a matrix silently with cosine 0; a trace would carry NaN through
+    every later layer. Refusing names the tensor (and expert) where the damage is.
+    """
+    bad = ~torch.isfinite(w)
+    if bool(bad.any()):
+        n_nan, n_inf = int(torch.isnan(w).sum()), int(bad.sum()) - int(torch.isnan(w).sum())
+        where = f" expert {expert}" if expert is not None else ""
+        scales = "" if t.tensor_type.name in ("F32", "F16", "BF16") else " (its block scales are not finite)"
+        raise MoetraceError(f"GGUF file {str(path)!r}: tensor {t.name}{where} ({t.tensor_type.name}) holds "
+                            f"{n_nan} NaN and {n_inf} Inf values{scales}")
 
 
 def open_gguf(path) -> GGUFSource:

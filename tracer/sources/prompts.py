@@ -86,8 +86,10 @@ def _npy_ids(p: Path) -> list[list[int]]:
         raise MoetraceError(f"token-ids file {str(p)!r} does not exist")
     try:
         arr = np.load(p, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise MoetraceError(f"token-ids file {str(p)!r} is not a readable .npy array ({e})") from None
+    except Exception as e:  # noqa: BLE001 - numpy parses the header with Python's own parser: any error
+        from moetrace.tracer.sources.validate import one_line
+
+        raise MoetraceError(f"token-ids file {str(p)!r} is not a readable .npy array ({one_line(e)})") from None
     if arr.dtype.kind not in "iu" or arr.ndim not in (1, 2) or arr.size == 0:
         raise MoetraceError(
             f"token-ids file {str(p)!r} holds a {arr.ndim}-D {arr.dtype} array of {arr.size} values; "

@@ -71,7 +71,7 @@ def tensor_types(source, variant: Variant, *, has_imatrix: bool = False, context
 
 
 def _types(source, variant: Variant, has_imatrix: bool) -> dict[str, str]:
-    if variant.weights in ("orig", "gguf"):  # gguf: the file's own types, not derived here
+    if variant.weights == "orig" or variant.gguf_name is not None:  # gguf: the file's own types, not derived
         return {}
     specs = gguf_specs(source)
     if variant.pure_type is not None:

@@ -105,6 +105,23 @@ class WriteResult:
         return 8.0 * self.tensor_bytes / max(1, self.n_elements)
 
 
+def model_name(source) -> str:
+    """The model's name for ``general.name``: never a local path, which would leak the user's folders.
+
+    A built-in model keeps its id (``builtin:tiny``); a checkpoint folder gives its folder name, as
+    convert_hf_to_gguf.py names a model after its directory; a GGUF source its own ``general.name``.
+    """
+    named = getattr(source, "general_name", None)
+    if named:
+        return str(named)
+    model_id = str(getattr(source, "model_id", "") or "model")
+    if model_id.startswith("builtin:"):
+        return model_id
+    folder = getattr(source, "folder", None) or getattr(source, "path", None)
+    base = Path(folder).name if folder is not None else Path(model_id.rstrip("/\\")).name
+    return base or "model"
+
+
 def load_imatrix_for(source, imatrix_file) -> tuple[dict | None, object | None]:
     """Read an imatrix file for ``source`` (legacy files need the expert count): (values, Imatrix) or (None, None)."""
     if not imatrix_file:
@@ -165,7 +182,7 @@ def write_gguf(source, file_type: str, path, *, imatrix_file=None, cache=True, p
     except OSError as e:
         raise MoetraceError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
     for key, value, vtype in gguf_metadata(
-        family, source.config, name=getattr(source, "model_id", "model"), file_type=ft.name, imatrix_file=imatrix_file,
+        family, source.config, name=model_name(source), file_type=ft.name, imatrix_file=imatrix_file,
         imatrix_entries=len(imatrix or {}), imatrix_datasets=getattr(im, "datasets", ()),
         imatrix_chunks=getattr(im, "chunk_count", 0),
     ):
