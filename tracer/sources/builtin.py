@@ -222,29 +222,44 @@ def cache_root() -> Path:
 
 
 def materialize(model: BuiltinModel, progress=None) -> Path:
-    """Write the model's checkpoint folder once and return it (a cache hit returns at once)."""
+    """Write the model's checkpoint folder once and return it (a cache hit returns at once).
+
+    A planted model's folder is an overlay of its unplanted base model (materialized first, or
+    found in the cache): only the planted expert's tensors (see :func:`_write_overlay`).
+    """
     folder = cache_root() / "builtin" / f"{model.preset}-{model.content_hash}"
-    if (folder / "model.safetensors").exists() and (folder / "moetrace-builtin.json").exists():
+    if _complete(folder):
         return folder
     import shutil
 
     from moetrace.outputs import writable_folder
 
+    base = materialize(dataclasses.replace(model, plant=None), progress) if model.plant else None
     writable_folder(folder.parent, "the model cache (MOETRACE_CACHE)")
     _remove_stale_tmp(folder.parent)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     try:
-        _write_checkpoint(model, tmp, progress)
+        if base is None:
+            _write_checkpoint(model, tmp, progress)
+        else:
+            _write_overlay(model, base, tmp, progress)
+        if folder.exists() and not _complete(folder):  # an overlay whose base was deleted from the cache
+            shutil.rmtree(folder)
         tmp.rename(folder)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (folder / "moetrace-builtin.json").exists():  # else another process finished first, identically
+        if not _complete(folder):  # else another process finished first, identically
             raise MoetraceError(f"cannot write built-in model {model.preset} to {str(folder)!r}: {e.strerror or e}") from None
     except BaseException:  # interrupted: leave no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _complete(folder: Path) -> bool:
+    """Whether a cached model folder is whole (``exists`` follows an overlay's link to its base's file)."""
+    return (folder / "model.safetensors").exists() and (folder / "moetrace-builtin.json").exists()
 
 
 def _remove_stale_tmp(parent: Path) -> None:
@@ -557,6 +572,47 @@ WRITE_CHUNK = 1 << 22  # values converted to BF16 at a time when writing
 
 def _write_checkpoint(model: BuiltinModel, folder: Path, progress=None) -> None:
     write_safetensors(folder / "model.safetensors", checkpoint_plan(model.shape, model.plant), progress)
+    _write_descriptors(model, folder)
+
+
+OVERLAY_FILE = "plant.safetensors"
+
+
+def _write_overlay(model: BuiltinModel, base: Path, folder: Path, progress=None) -> None:
+    """A planted model as its base's checkpoint plus the planted expert's tensors, not a second copy.
+
+    ``plant.safetensors`` holds the tensors the plant changes, generated as a full planted model
+    generates them: the planted expert's matrices (per-expert keys), or the planted layer's fused
+    expert tensors. ``model.safetensors`` is a relative link to the base model's file and
+    ``model.safetensors.index.json`` maps the overlay's names to ``plant.safetensors`` and the rest
+    to it, so CheckpointSource reads the folder as any sharded checkpoint.
+    """
+    plan = list(checkpoint_plan(model.shape, model.plant))
+    changed = [entry for entry in plan if _planted(model, entry[0])]
+    write_safetensors(folder / OVERLAY_FILE, changed, progress)
+    (folder / "model.safetensors").symlink_to(os.path.relpath(base / "model.safetensors", folder))
+    names = {name for name, _, _ in changed}
+    weight_map = {name: OVERLAY_FILE if name in names else "model.safetensors" for name, _, _ in plan}
+    index = {"metadata": {"base_model": base.name}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    _write_descriptors(model, folder)
+
+
+def _planted(model: BuiltinModel, name: str) -> bool:
+    """Whether checkpoint tensor ``name`` is one the plant changes (see :func:`_plant`)."""
+    fam = family(model.shape)
+    prefix = fam.layer_prefix(model.plant.layer)
+    if not name.startswith(prefix):
+        return False
+    inner = name[len(prefix):]
+    fusion = fam.fusion
+    m = fusion.match(inner) if fusion is not None else None
+    if m:
+        return m[1] == model.plant.expert
+    return fusion is not None and fusion.rename(inner) in fusion.fused
+
+
+def _write_descriptors(model: BuiltinModel, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(hf_config_dict(model.shape), indent=2))
     (folder / "moetrace-builtin.json").write_text(
         json.dumps({"model_id": model.model_id, "hash": model.content_hash, "plant": str(model.plant or "")})
