@@ -146,10 +146,10 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
         self.peaks = {"peak_rss_file": 0, "peak_rss_anon": 0}
-        self._stop = threading.Event()
+        self._halt = threading.Event()  # not _stop: Thread.join calls its own _stop()
 
     def run(self):
-        while not self._stop.wait(self.interval):
+        while not self._halt.wait(self.interval):
             try:
                 with open(f"/proc/{self.pid}/status") as f:
                     fields = dict(line.split(":", 1) for line in f if line.startswith(("RssFile", "RssAnon")))
@@ -160,7 +160,7 @@ class RssSampler(threading.Thread):
                     self.peaks[name] = max(self.peaks[name], int(fields[key].split()[0]) * 1024)
 
     def stop(self):
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 
