@@ -37,49 +37,34 @@ from pathlib import Path
 
 
 def write_layers(folder: Path, n_layers: int) -> None:
-    """Write the preset's tensors with per-expert keys: one shard per layer plus one for the rest."""
-    import torch
-    from safetensors.torch import save_file
+    """Write the preset's tensors with per-expert keys: one shard per layer plus one for the rest.
+
+    Each shard is streamed by the built-in writer (header first, then one tensor at a time), so
+    memory holds one layer's float32 expert weights, not the shard.
+    """
+    import itertools
 
     from moetrace.tracer.sources import builtin as builtin
 
     shape = builtin.parse_builtin(f"builtin:qwen3-30b-a3b:layers={n_layers}").shape
+    shape = dataclasses.replace(shape, expert_keys="per_expert")
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "done.json").is_file() and json.loads((folder / "done.json").read_text())["layers"] >= n_layers:
         return
-    glob, layer, current = {}, {}, None
     t0 = time.perf_counter()
+    glob = []  # embeddings, final norm, head: small, written last
 
-    def flush():
-        if current is not None:
-            save_file(layer, str(folder / f"layer-{current:05d}.safetensors"), metadata={"format": "pt"})
-            print(f"  wrote layer {current} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-            layer.clear()
+    def layer_of(entry):
+        m = re.match(r"model\.layers\.(\d+)\.", entry[0])
+        return int(m[1]) if m else None
 
-    for name, arr in builtin.generate_tensors(shape):
-        m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
-        if not m:
-            glob[name] = torch.from_numpy(arr).to(torch.bfloat16)
+    for i, entries in itertools.groupby(builtin.checkpoint_plan(shape), key=layer_of):
+        if i is None:
+            glob += [(name, dims, make()) for name, dims, make in entries]  # generated now: the plan is one pass
             continue
-        i, rel = int(m[1]), m[2]
-        if i != current:
-            flush()
-            current = i
-        p = f"model.layers.{i}."
-        t = torch.from_numpy(arr)
-        if rel == "mlp.experts.gate_up_proj":  # (E, 2I, H) -> per expert gate (I, H), up (I, H)
-            half = t.shape[1] // 2
-            for e in range(t.shape[0]):
-                layer[f"{p}mlp.experts.{e}.gate_proj.weight"] = t[e, :half].to(torch.bfloat16)
-                layer[f"{p}mlp.experts.{e}.up_proj.weight"] = t[e, half:].to(torch.bfloat16)
-        elif rel == "mlp.experts.down_proj":  # (E, H, I) -> per expert (H, I)
-            for e in range(t.shape[0]):
-                layer[f"{p}mlp.experts.{e}.down_proj.weight"] = t[e].to(torch.bfloat16)
-        else:
-            layer[name] = t.to(torch.bfloat16)
-        del arr, t
-    flush()
-    save_file(glob, str(folder / "globals.safetensors"), metadata={"format": "pt"})
+        builtin.write_safetensors(folder / f"layer-{i:05d}.safetensors", entries)
+        print(f"  wrote layer {i} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    builtin.write_safetensors(folder / "globals.safetensors", [(n, d, (lambda a=a: a)) for n, d, a in glob])
     (folder / "shape.json").write_text(json.dumps(dataclasses.asdict(shape)))
     (folder / "done.json").write_text(json.dumps({"layers": n_layers}))
 
@@ -161,10 +146,10 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
         self.peaks = {"peak_rss_file": 0, "peak_rss_anon": 0}
-        self._stop = threading.Event()
+        self._halt = threading.Event()  # not _stop: Thread.join calls its own _stop()
 
     def run(self):
-        while not self._stop.wait(self.interval):
+        while not self._halt.wait(self.interval):
             try:
                 with open(f"/proc/{self.pid}/status") as f:
                     fields = dict(line.split(":", 1) for line in f if line.startswith(("RssFile", "RssAnon")))
@@ -175,7 +160,7 @@ class RssSampler(threading.Thread):
                     self.peaks[name] = max(self.peaks[name], int(fields[key].split()[0]) * 1024)
 
     def stop(self):
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 

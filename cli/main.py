@@ -94,10 +94,13 @@ def _progress_printer(quiet: bool):
     from moetrace.cli.progress import Steps
 
     steps = Steps("tracing", "layer", "traced", quiet)
+    generating = Steps("generating the built-in model", "tensor", "written", quiet)
     state = {"t0": time.perf_counter(), "tl": None}
 
     def progress(event, **info):
-        if event == "layer_start":
+        if event == "generate":
+            generating.update(info["done"], info["total"], info["name"])
+        elif event == "layer_start":
             state["tl"] = time.perf_counter()
         elif event == "layer_done":
             now = time.perf_counter()

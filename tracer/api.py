@@ -85,7 +85,9 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
     config = RunConfig(model=model, variants=list(variants), reference=reference, modes=list(modes), sites=sites,
                        seed=seed, plant=plant, gguf=plain, ggufs=named)
     log(f"Opening model {model} ...")
-    source = open_source(model, plant=plant)
+    # A built-in model generated on this call reports each tensor written ("generate" events).
+    gen = (lambda done, total, name: progress("generate", done=done, total=total, name=name)) if progress else None
+    source = open_source(model, plant=plant, progress=gen)
     tokens, n_seqs = _run_tokens(source, config, text, prompts_file, tokens_file, max_tokens, truncate)
     # A local folder (a Path, as before) or a URL such as s3://bucket/traces (a str).
     run_dir = store_loc.join(out_dir, run_name or default_run_name(source.model_id))

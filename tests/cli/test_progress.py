@@ -55,3 +55,19 @@ def test_quiet_silences_the_bar(tmp_path):
     q = subprocess.run([sys.executable, "-m", "moetrace", *ARGS, "--out", str(tmp_path), "--run", "q", "-q"],
                        capture_output=True, env={**os.environ, "MOETRACE_PROGRESS": "lines"}, timeout=600)
     assert b"traced" in p.stderr and b"traced" not in q.stderr
+
+
+def test_run_shows_progress_while_generating_a_builtin_model(tmp_path):
+    import os
+
+    from cli_runner import moetrace
+
+    env = {**os.environ, "MOETRACE_PROGRESS": "lines", "MOETRACE_CACHE": str(tmp_path / "cache")}
+    p = moetrace("run", "--model", "builtin:tiny", "--plant", "1:2:down", "--variant", "orig-bf16",
+                 "--text", "abc", "--out", str(tmp_path / "traces"), env=env)
+    written = [ln for ln in p.stderr.splitlines() if "written (model.layers" in ln or "written (lm_head" in ln]
+    assert any("tensor 1/2 written (model.layers.1.mlp.experts" in ln for ln in written)  # the planted overlay's
+    from moetrace.tracer.sources import builtin
+
+    n = len(list(builtin.checkpoint_plan(builtin.PRESETS["tiny"])))
+    assert any(ln.strip() == f"tensor {n}/{n} written (lm_head.weight)" for ln in written)  # the base model's

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moetrace.errors import MoetraceError
+from moetrace.errors import InternalError, MoetraceError
 
 # The default family of the built-in models. generate_tensors names tensors as transformers 5
 # holds this family; checkpoint_tensors renames them for a preset's own family (from the registry).
@@ -222,29 +222,44 @@ def cache_root() -> Path:
 
 
 def materialize(model: BuiltinModel, progress=None) -> Path:
-    """Write the model's checkpoint folder once and return it (a cache hit returns at once)."""
+    """Write the model's checkpoint folder once and return it (a cache hit returns at once).
+
+    A planted model's folder is an overlay of its unplanted base model (materialized first, or
+    found in the cache): only the planted expert's tensors (see :func:`_write_overlay`).
+    """
     folder = cache_root() / "builtin" / f"{model.preset}-{model.content_hash}"
-    if (folder / "model.safetensors").exists() and (folder / "moetrace-builtin.json").exists():
+    if _complete(folder):
         return folder
     import shutil
 
     from moetrace.outputs import writable_folder
 
+    base = materialize(dataclasses.replace(model, plant=None), progress) if model.plant else None
     writable_folder(folder.parent, "the model cache (MOETRACE_CACHE)")
     _remove_stale_tmp(folder.parent)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     try:
-        _write_checkpoint(model, tmp, progress)
+        if base is None:
+            _write_checkpoint(model, tmp, progress)
+        else:
+            _write_overlay(model, base, tmp, progress)
+        if folder.exists() and not _complete(folder):  # an overlay whose base was deleted from the cache
+            shutil.rmtree(folder)
         tmp.rename(folder)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (folder / "moetrace-builtin.json").exists():  # else another process finished first, identically
+        if not _complete(folder):  # else another process finished first, identically
             raise MoetraceError(f"cannot write built-in model {model.preset} to {str(folder)!r}: {e.strerror or e}") from None
     except BaseException:  # interrupted: leave no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _complete(folder: Path) -> bool:
+    """Whether a cached model folder is whole (``exists`` follows an overlay's link to its base's file)."""
+    return (folder / "model.safetensors").exists() and (folder / "moetrace-builtin.json").exists()
 
 
 def _remove_stale_tmp(parent: Path) -> None:
@@ -309,9 +324,25 @@ def _rng(shape: BuiltinShape, name: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
+T_CHUNK = 1 << 18  # values drawn per call in _t: a 2 MB float64 temporary, not one the size of the tensor
+
+
 def _t(rng: np.random.Generator, size, scale: float) -> np.ndarray:
-    # Student t with 5 degrees of freedom has variance 5/3; normalize to std `scale`.
-    return (rng.standard_t(5, size=size) * (scale / np.sqrt(5.0 / 3.0))).astype(np.float32)
+    """Student t with 5 degrees of freedom (variance 5/3), normalized to std ``scale``, as float32.
+
+    Drawn in chunks of T_CHUNK and scaled in float64 before the cast, so every value is the one a
+    single ``(rng.standard_t(5, size) * c).astype(np.float32)`` gives (the generator's stream does
+    not depend on how the draws are split), without that call's two float64 temporaries of 8 bytes
+    per value.
+    """
+    c = scale / np.sqrt(5.0 / 3.0)
+    out = np.empty(size, dtype=np.float32)
+    flat = out.reshape(-1)  # a view: out is contiguous
+    for i in range(0, flat.size, T_CHUNK):
+        x = rng.standard_t(5, size=min(T_CHUNK, flat.size - i))  # (chunk,) float64
+        x *= c
+        flat[i:i + x.size] = x  # rounds to float32 as astype does
+    return out
 
 
 def outlier_channels(shape: BuiltinShape) -> np.ndarray:
@@ -322,39 +353,103 @@ def outlier_channels(shape: BuiltinShape) -> np.ndarray:
 
 def generate_tensors(shape: BuiltinShape, plant: Plant | None = None):
     """Yield (hf_name, float32 array) for every tensor of the model, one at a time."""
-    h, e, f, L = shape.hidden, shape.experts, shape.expert_width, shape.layers
-    out_ch = outlier_channels(shape)
-    depth = 1.0  # residual branches at full scale: the stream grows with depth, as in real LLMs
+    for name, _, make in tensor_plan(shape, plant):
+        yield name, make()
 
-    emb = _t(_rng(shape, "embed"), (shape.vocab, h), 1.0)
+
+def tensor_plan(shape: BuiltinShape, plant: Plant | None = None):
+    """Yield (hf_name, dims, make) for every tensor in order; ``make()`` generates its float32 array.
+
+    Names and dims come without generating anything, so a writer can put the safetensors header
+    first and then stream the tensors. A layer's two expert tensors are generated together (the
+    plant couples them) and held until the next layer's are asked for, so at most one layer's
+    expert weights live at a time.
+    """
+    h = shape.hidden
+    out_ch = outlier_channels(shape)
+    yield "model.embed_tokens.weight", (shape.vocab, h), lambda: _embed(shape, out_ch)
+    held = _OneSlot()
+    for i in range(shape.layers):
+        yield from _layer_plan(shape, i, out_ch, plant, held)
+    yield "model.norm.weight", (h,), lambda: _final_norm(shape, out_ch)
+    yield "lm_head.weight", (shape.vocab, h), lambda: _lm_head(shape, _embed(shape, out_ch), out_ch)
+
+
+def _embed(shape: BuiltinShape, out_ch: np.ndarray) -> np.ndarray:
+    emb = _t(_rng(shape, "embed"), (shape.vocab, shape.hidden), 1.0)  # (vocab, hidden)
     emb[:, out_ch] *= 12.0
-    yield "model.embed_tokens.weight", emb
-    for i in range(L):
-        p = f"model.layers.{i}."
-        r = lambda n: _rng(shape, p + n)  # noqa: E731
-        yield p + "input_layernorm.weight", (1.0 + 0.1 * r("ln1").standard_normal(h)).astype(np.float32)
-        yield p + "post_attention_layernorm.weight", (1.0 + 0.1 * r("ln2").standard_normal(h)).astype(np.float32)
-        yield p + "self_attn.q_proj.weight", _t(r("q"), (shape.heads * shape.head_dim, h), 1.0 / np.sqrt(h))
-        yield p + "self_attn.k_proj.weight", _t(r("k"), (shape.kv_heads * shape.head_dim, h), 1.0 / np.sqrt(h))
-        yield p + "self_attn.v_proj.weight", _t(r("v"), (shape.kv_heads * shape.head_dim, h), 1.0 / np.sqrt(h))
-        yield p + "self_attn.o_proj.weight", _t(
-            r("o"), (h, shape.heads * shape.head_dim), depth / np.sqrt(shape.heads * shape.head_dim)
-        )
-        yield p + "self_attn.q_norm.weight", (1.0 + 0.1 * r("qn").standard_normal(shape.head_dim)).astype(np.float32)
-        yield p + "self_attn.k_norm.weight", (1.0 + 0.1 * r("kn").standard_normal(shape.head_dim)).astype(np.float32)
-        # Router: logit spread about 2.5 on RMS-normalized inputs, plus a per-expert preference.
-        yield p + "mlp.gate.weight", _t(r("router"), (e, h), 2.5 / np.sqrt(h))
-        gate_up = _t(r("gate_up"), (e, 2 * f, h), 1.0 / np.sqrt(h))  # (E, 2F, H)
-        down = _t(r("down"), (e, h, f), depth / np.sqrt(f))  # (E, H, F)
-        down[:, out_ch, :] *= 4.0  # experts feed the outlier channels
-        if plant is not None and plant.layer == i:
-            _plant(shape, plant, gate_up, down)
-        yield p + "mlp.experts.gate_up_proj", gate_up
-        yield p + "mlp.experts.down_proj", down
-    norm = (1.0 + 0.1 * _rng(shape, "norm").standard_normal(h)).astype(np.float32)
+    return emb
+
+
+def _final_norm(shape: BuiltinShape, out_ch: np.ndarray) -> np.ndarray:
+    norm = (1.0 + 0.1 * _rng(shape, "norm").standard_normal(shape.hidden)).astype(np.float32)
     norm[out_ch] = OUTLIER_NORM  # trained final norms mute the massive channels, which carry no token identity
-    yield "model.norm.weight", norm
-    yield "lm_head.weight", _lm_head(shape, emb, out_ch)
+    return norm
+
+
+def _layer_plan(shape: BuiltinShape, i: int, out_ch: np.ndarray, plant: Plant | None, held: "_OneSlot"):
+    """(hf_name, dims, make) of decoder layer ``i``'s tensors (see :func:`tensor_plan`)."""
+    h, e, f, hd = shape.hidden, shape.experts, shape.expert_width, shape.head_dim
+    q, kv = shape.heads * hd, shape.kv_heads * hd
+    depth = 1.0  # residual branches at full scale: the stream grows with depth, as in real LLMs
+    p = f"model.layers.{i}."
+
+    def norm(tag: str, n: int):
+        return lambda: (1.0 + 0.1 * _rng(shape, p + tag).standard_normal(n)).astype(np.float32)
+
+    def t(tag: str, dims: tuple, scale: float):
+        return lambda: _t(_rng(shape, p + tag), dims, scale)
+
+    def experts(k: int):
+        return lambda: held.get(i, lambda: _experts(shape, i, out_ch, plant))[k]
+
+    yield p + "input_layernorm.weight", (h,), norm("ln1", h)
+    yield p + "post_attention_layernorm.weight", (h,), norm("ln2", h)
+    yield p + "self_attn.q_proj.weight", (q, h), t("q", (q, h), 1.0 / np.sqrt(h))
+    yield p + "self_attn.k_proj.weight", (kv, h), t("k", (kv, h), 1.0 / np.sqrt(h))
+    yield p + "self_attn.v_proj.weight", (kv, h), t("v", (kv, h), 1.0 / np.sqrt(h))
+    yield p + "self_attn.o_proj.weight", (h, q), t("o", (h, q), depth / np.sqrt(q))
+    yield p + "self_attn.q_norm.weight", (hd,), norm("qn", hd)
+    yield p + "self_attn.k_norm.weight", (hd,), norm("kn", hd)
+    # Router: logit spread about 2.5 on RMS-normalized inputs, plus a per-expert preference.
+    yield p + "mlp.gate.weight", (e, h), t("router", (e, h), 2.5 / np.sqrt(h))
+    yield p + "mlp.experts.gate_up_proj", (e, 2 * f, h), experts(0)
+    yield p + "mlp.experts.down_proj", (e, h, f), experts(1)
+
+
+def _experts(shape: BuiltinShape, i: int, out_ch: np.ndarray, plant: Plant | None):
+    """Layer ``i``'s (gate_up (E, 2F, H), down (E, H, F)), the two drawn in parallel threads.
+
+    They are independent streams, and numpy draws without the GIL: on two cores this takes
+    about 2/3 of the time of one after the other.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    h, e, f = shape.hidden, shape.experts, shape.expert_width
+    depth = 1.0
+    p = f"model.layers.{i}."
+    with ThreadPoolExecutor(1) as pool:
+        later = pool.submit(_t, _rng(shape, p + "down"), (e, h, f), depth / np.sqrt(f))  # (E, H, F)
+        gate_up = _t(_rng(shape, p + "gate_up"), (e, 2 * f, h), 1.0 / np.sqrt(h))  # (E, 2F, H)
+        down = later.result()
+    down[:, out_ch, :] *= 4.0  # experts feed the outlier channels
+    if plant is not None and plant.layer == i:
+        _plant(shape, plant, gate_up, down)
+    return gate_up, down
+
+
+class _OneSlot:
+    """Holds one key's value at a time: asking for another key drops the held value before making the new one."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def get(self, key, make):
+        if self.key != key:
+            self.key, self.value = None, None
+            self.value = make()
+            self.key = key
+        return self.value
 
 
 def _lm_head(shape: BuiltinShape, emb: np.ndarray, out_ch: np.ndarray) -> np.ndarray:
@@ -418,9 +513,15 @@ def _plant(shape: BuiltinShape, plant: Plant, gate_up: np.ndarray, down: np.ndar
 
 
 def checkpoint_tensors(shape: BuiltinShape, plant: Plant | None = None):
-    """Yield (name, float32 array) of every tensor as a checkpoint of the shape's family names it.
+    """Yield (name, float32 array) of every tensor as a checkpoint of the shape's family names it."""
+    for name, _, make in checkpoint_plan(shape, plant):
+        yield name, make()
 
-    :func:`generate_tensors` names tensors as transformers 5 holds Qwen3-MoE; here each becomes
+
+def checkpoint_plan(shape: BuiltinShape, plant: Plant | None = None):
+    """Yield (name, dims, make) of every tensor as a checkpoint of the shape's family names it.
+
+    :func:`tensor_plan` names tensors as transformers 5 holds Qwen3-MoE; here each becomes
     the family's: a tensor the family has not (Mixtral's q/k norms) is left out, a 1-D norm
     weight of another width (OLMoE's whole-projection q/k norms) is resized to it (``np.resize``
     repeats the values, same distribution), and with ``expert_keys="per_expert"`` the fused
@@ -434,11 +535,11 @@ def checkpoint_tensors(shape: BuiltinShape, plant: Plant | None = None):
     per_expert = shape.expert_keys == "per_expert"
     if per_expert and fusion is None:
         raise MoetraceError(f"built-in preset with family {fam.name}: the family has no per-expert keys")
-    dims = fam.dims(SimpleNamespace(**hf_config_dict(shape)))
+    dims_of = fam.dims(SimpleNamespace(**hf_config_dict(shape)))
     layer_keys = fam.layer_stems  # transformers 5 keys inside a layer
-    for name, arr in generate_tensors(shape, plant):
+    for name, dims, make in tensor_plan(shape, plant):
         if not name.startswith("model.layers."):
-            yield name, arr
+            yield name, dims, make
             continue
         layer = int(name.split(".")[2])
         prefix = fam.layer_prefix(layer)
@@ -447,28 +548,108 @@ def checkpoint_tensors(shape: BuiltinShape, plant: Plant | None = None):
             continue
         if per_expert and inner in fusion.fused:
             projs = fusion.fused[inner]
-            rows = arr.shape[1] // len(projs)
-            for e in range(arr.shape[0]):
+            rows = dims[1] // len(projs)
+            for e in range(dims[0]):
                 for i, proj in enumerate(projs):
-                    yield prefix + fusion.per_expert_key(e, proj), arr[e, i * rows:(i + 1) * rows]
+                    yield prefix + fusion.per_expert_key(e, proj), (rows, dims[2]), _rows(make, e, i * rows, rows)
             continue
-        want = tuple(dims[d] for d in fam.tensors.get(inner, ()))
-        if arr.ndim == 1 and want and arr.shape != want:
-            arr = np.resize(arr, want)
-        yield prefix + (fusion.checkpoint_key(inner) if per_expert else inner), arr
+        want = tuple(dims_of[d] for d in fam.tensors.get(inner, ()))
+        if len(dims) == 1 and want and dims != want:
+            dims, make = want, _resized(make, want)
+        yield prefix + (fusion.checkpoint_key(inner) if per_expert else inner), dims, make
+
+
+def _rows(make, e: int, start: int, n: int):
+    return lambda: make()[e, start:start + n]  # (n, cols) of expert e
+
+
+def _resized(make, want: tuple):
+    return lambda: np.resize(make(), want)
+
+
+WRITE_CHUNK = 1 << 22  # values converted to BF16 at a time when writing
 
 
 def _write_checkpoint(model: BuiltinModel, folder: Path, progress=None) -> None:
-    import torch
-    from safetensors.torch import save_file
+    write_safetensors(folder / "model.safetensors", checkpoint_plan(model.shape, model.plant), progress)
+    _write_descriptors(model, folder)
 
-    tensors = {}
-    for name, arr in checkpoint_tensors(model.shape, model.plant):
-        tensors[name] = torch.from_numpy(arr).to(torch.bfloat16)  # checkpoints ship BF16
-        if progress:
-            progress(name)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+OVERLAY_FILE = "plant.safetensors"
+
+
+def _write_overlay(model: BuiltinModel, base: Path, folder: Path, progress=None) -> None:
+    """A planted model as its base's checkpoint plus the planted expert's tensors, not a second copy.
+
+    ``plant.safetensors`` holds the tensors the plant changes, generated as a full planted model
+    generates them: the planted expert's matrices (per-expert keys), or the planted layer's fused
+    expert tensors. ``model.safetensors`` is a relative link to the base model's file and
+    ``model.safetensors.index.json`` maps the overlay's names to ``plant.safetensors`` and the rest
+    to it, so CheckpointSource reads the folder as any sharded checkpoint.
+    """
+    plan = list(checkpoint_plan(model.shape, model.plant))
+    changed = [entry for entry in plan if _planted(model, entry[0])]
+    write_safetensors(folder / OVERLAY_FILE, changed, progress)
+    (folder / "model.safetensors").symlink_to(os.path.relpath(base / "model.safetensors", folder))
+    names = {name for name, _, _ in changed}
+    weight_map = {name: OVERLAY_FILE if name in names else "model.safetensors" for name, _, _ in plan}
+    index = {"metadata": {"base_model": base.name}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    _write_descriptors(model, folder)
+
+
+def _planted(model: BuiltinModel, name: str) -> bool:
+    """Whether checkpoint tensor ``name`` is one the plant changes (see :func:`_plant`)."""
+    fam = family(model.shape)
+    prefix = fam.layer_prefix(model.plant.layer)
+    if not name.startswith(prefix):
+        return False
+    inner = name[len(prefix):]
+    fusion = fam.fusion
+    m = fusion.match(inner) if fusion is not None else None
+    if m:
+        return m[1] == model.plant.expert
+    return fusion is not None and fusion.rename(inner) in fusion.fused
+
+
+def _write_descriptors(model: BuiltinModel, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(hf_config_dict(model.shape), indent=2))
     (folder / "moetrace-builtin.json").write_text(
         json.dumps({"model_id": model.model_id, "hash": model.content_hash, "plant": str(model.plant or "")})
     )
+
+
+def write_safetensors(path: Path, plan, progress=None) -> None:
+    """Write the (name, dims, make) of ``plan`` as one BF16 safetensors file, one tensor in memory at a time.
+
+    The header goes first (it needs only names and dims), then each tensor's bytes as it is
+    generated, converted to BF16 (as checkpoints ship) in chunks of WRITE_CHUNK values.
+    ``progress(done, total, name)`` is called after each tensor.
+    """
+    entries = list(plan)
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dims, _ in entries:
+        size = 2 * int(np.prod(dims, dtype=np.int64))
+        header[name] = {"dtype": "BF16", "shape": list(dims), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+    with open(path, "wb") as fh:
+        fh.write(len(blob).to_bytes(8, "little") + blob)
+        for k, (name, dims, make) in enumerate(entries):
+            arr = make()
+            if arr.shape != tuple(dims) or arr.dtype != np.float32:
+                raise InternalError(f"built-in generator bug: {name} is {arr.dtype} {arr.shape}, planned {dims}")
+            _write_bf16(fh, arr)
+            if progress:
+                progress(k + 1, len(entries), name)
+
+
+def _write_bf16(fh, arr: np.ndarray) -> None:
+    import torch
+
+    flat = np.ascontiguousarray(arr).reshape(-1)  # a view where arr is contiguous (every planned tensor is)
+    for i in range(0, flat.size, WRITE_CHUNK):
+        part = torch.from_numpy(flat[i:i + WRITE_CHUNK]).to(torch.bfloat16)  # round to nearest even, as .to() does
+        fh.write(part.view(torch.uint8).numpy().data)
