@@ -15,6 +15,7 @@ from moetrace.tracer.execution.executor import RunConfig, run_trace
 from moetrace.tracer.sources.prompts import DEMO_TEXT, read_prompts, tokenize
 from moetrace.tracer.store import location as store_loc
 from moetrace.tracer.store.zarr_store import open_trace
+from moetrace.tracer.variants import Variant
 
 
 def default_run_name(model_id: str) -> str:
@@ -90,7 +91,8 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
     # A local folder (a Path, as before) or a URL such as s3://bucket/traces (a str).
     run_dir = store_loc.join(out_dir, run_name or default_run_name(source.model_id))
     ref_name = config.reference
-    reuse = _reusable_reference(store_loc.join(run_dir, f"{ref_name}.zarr"), source.model_hash, tokens.ids, sites)
+    ref_store = Variant.parse(ref_name).store_name
+    reuse = _reusable_reference(store_loc.join(run_dir, f"{ref_store}.zarr"), source.model_hash, tokens.ids, sites)
     log(f"Tracing {source.model_id}: {source.num_layers} layers, {tokens.n} tokens in {n_seqs} sequence(s); "
         f"reference {ref_name}{' (already recorded)' if reuse else ''}, variants {', '.join(config.variants)}")
     if resume and not any(n.endswith(".zarr") for n in store_loc.names(run_dir)):
@@ -107,10 +109,11 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
 
     stores = run_trace(source, config, tokens, run_dir, progress=on_progress, write_reference=not reuse,
                        resume=resume)
-    ref_ds = open_trace(store_loc.join(run_dir, f"{ref_name}.zarr"))
+    ref_ds = open_trace(store_loc.join(run_dir, f"{ref_store}.zarr"))
     diffs = {}
     for v in config.variants:
-        if v == ref_name:
+        v = Variant.parse(v).name  # the stores are keyed by canonical name
+        if v == Variant.parse(ref_name).name:
             continue
         # The summary compares the first mode recorded: free where it was, else teacher or routing alone.
         diffs[v] = compare.diff(ref_ds, open_trace(stores[v]), config.modes[0])
