@@ -1,4 +1,4 @@
-"""Variants: named numeric treatments of the reference model, written ``WEIGHTS-COMPUTE`` or ``WEIGHTS-DEQw-COMPUTE``.
+r"""Variants: named numeric treatments of the reference model, written ``WEIGHTS-COMPUTE`` or ``WEIGHTS-DEQw-COMPUTE``.
 
 ``WEIGHTS`` says what the weights are:
 
