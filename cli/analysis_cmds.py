@@ -20,12 +20,33 @@ FLOOR = click.option("--floor/--no-floor", default=True, show_default=True,
                           "reference).")
 
 
+class ColumnsHelp(click.Command):
+    """A command whose --help ends with its table's columns, read from the Column specs (one text for both).
+
+    ``columns`` is ``"module:NAME"``; the module is imported only when this command's help is shown, so
+    ``moetrace --help`` stays fast.
+    """
+
+    def __init__(self, *args, columns: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.columns = columns
+
+    def format_help_text(self, ctx, formatter):
+        import importlib
+
+        super().format_help_text(ctx, formatter)
+        module, name = self.columns.split(":")
+        cols = [c for c in getattr(importlib.import_module(module), name) if c.description]
+        with formatter.section("Columns"):
+            formatter.write_dl([(c.header, c.description) for c in cols])
+
+
 def _echo(as_json: bool, to_dict, to_text, *args) -> None:
     """Print ``to_dict(*args)`` as JSON or ``to_text(*args)``: one analysis, two outputs."""
     click.echo(json.dumps(to_dict(*args), indent=2) if as_json else to_text(*args))
 
 
-@main.command()
+@main.command(cls=ColumnsHelp, columns="moetrace.tracer.analysis.decompose:COLUMNS")
 @click.argument("reference", type=click.Path())
 @click.argument("variant", type=click.Path())
 @JSON
@@ -34,12 +55,10 @@ def _echo(as_json: bool, to_dict, to_text, *args) -> None:
 def decompose(reference, variant, as_json, floor):
     """Where VARIANT's error grows: local error, propagated error and gain per layer.
 
-    \b
-    local:      the layer's error on the reference's exact input (teacher mode): what it injects;
-    propagated: the free-running error after the layer (what users see);
-    inherited:  free minus teacher output: the upstream error as the layer passes it on;
-    gain:       inherited / propagated error of the layer before (>1: the layer amplifies).
-    Needs a VARIANT store with free and teacher modes (`moetrace run --mode free --mode teacher`).
+    Errors are relative L2 errors of the residual stream against REFERENCE, token means. The
+    columns are listed below; "amplified" is clipped at 0 (a layer that damps the error it
+    receives amplifies nothing). Needs a VARIANT store with free and teacher modes
+    (`moetrace run --mode free --mode teacher`).
     """
     from moetrace.tracer.analysis.common import open_pair
     from moetrace.tracer.analysis.decompose import decompose as run_decompose

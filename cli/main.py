@@ -210,7 +210,8 @@ def variants(as_json):
     paths = compute.names()
     if as_json:
         click.echo(json.dumps({
-            "grammar": ["WEIGHTS-COMPUTE", "WEIGHTS-DEQw-COMPUTE"], "weights": V.valid_weights(), "compute": paths,
+            "grammar": ["WEIGHTS-COMPUTE", "WEIGHTS-DEQw-COMPUTE", "WEIGHTS+PATTERN=TYPE[+PATTERN=TYPE...][-DEQw]-COMPUTE"],
+            "weights": V.valid_weights(), "compute": paths, "override_types": [t.lower() for t in V.override_types()],
             "dequant": {c: V.dequant_names(c) for c in paths},
             "paths": {c: {"summary": compute.PATHS[c].summary, "default_dequant": compute.PATHS[c].default_dequant}
                       for c in paths},
@@ -219,6 +220,7 @@ def variants(as_json):
     click.echo(V.GRAMMAR.strip())
     click.echo("")
     click.echo("Valid weights: " + ", ".join(V.valid_weights()))
+    click.echo("Valid override types: " + ", ".join(t.lower() for t in V.override_types()))
     click.echo("Valid compute paths:")
     for c in paths:
         deq = ", ".join(V.dequant_names(c)) or "none (block bytes)"

@@ -12,8 +12,14 @@ weights, so the last dimension is the row length (ggml's ``ne[0]``). ``ffn_gate_
 ``(E, F, H)``, ``ffn_down_exps`` ``(E, H, F)``, ``token_embd`` ``(vocab, H)``. Use
 :meth:`TensorSpec.from_ne` for ggml-order shapes (``ReaderTensor.shape``).
 
-Not modelled: the IQ*/TQ*/MXFP4 file types, ``--tensor-type`` overrides,
-``--output-tensor-type`` / ``--token-embedding-type``, ``--leave-output-tensor`` and pruning.
+Per-tensor overrides (llama-quantize's ``--tensor-type PATTERN=TYPE``) are modelled as
+``llama_tensor_get_type`` applies them: for a tensor llama.cpp quantizes, the first override
+whose pattern is found in the name (``re.search``; llama.cpp uses ``std::regex_search``) gives
+its type, the file type's rule is skipped for it (so its attn_v/ffn counters do not advance, as in
+llama.cpp), and the row-size fallback still applies; ``--pure`` does not turn them off.
+
+Not modelled: the IQ*/TQ*/MXFP4 file types, ``--output-tensor-type`` / ``--token-embedding-type``,
+``--leave-output-tensor`` and pruning.
 """
 
 from __future__ import annotations
@@ -318,8 +324,17 @@ def _fallback(spec: TensorSpec, t: str) -> str:
     return t2 if n % BLOCK_SIZES[t2][0] == 0 else "F16"
 
 
+def match_override(name: str, overrides) -> tuple[str, str] | None:
+    """The first ``(pattern, TYPE)`` of ``overrides`` whose pattern is found in ``name``, or None."""
+    for pattern, t in overrides or ():
+        if re.search(pattern, name):
+            return pattern, t
+    return None
+
+
 def assign_types(
-    specs: Iterable[TensorSpec], ftype: str | FileType, shape: ModelShape, *, has_imatrix: bool = False
+    specs: Iterable[TensorSpec], ftype: str | FileType, shape: ModelShape, *, has_imatrix: bool = False,
+    overrides=(),
 ) -> dict[str, str]:
     """The GGML type llama-quantize gives each tensor for a file type.
 
@@ -329,13 +344,16 @@ def assign_types(
         ftype: a file-type name (see :data:`FILE_TYPES`) or a parsed :class:`FileType`.
         shape: the model's hyperparameters.
         has_imatrix: whether an importance matrix is given (changes Q4_0/Q5_0 ffn_down).
+        overrides: ``((pattern, TYPE), ...)``, llama-quantize's ``--tensor-type`` in order
+            (see :func:`match_override`).
 
     Returns:
         ``{name: type_name}`` for every tensor, in the order llama.cpp processes them.
 
     Raises:
         FormatError: unknown file type, duplicate names, an MoE FFN tensor without a readable
-            layer, or a tensor whose rows no type can take.
+            layer, a tensor whose rows no type can take, or an override that takes no tensor
+            (llama-quantize ignores it; here it is almost always a typo).
     """
     ft = parse_file_type(ftype)
     specs = list(specs)
@@ -345,13 +363,33 @@ def assign_types(
         raise FormatError(f"duplicate tensor names: {', '.join(dup)}")
     st = _State(specs, shape, has_imatrix)
     out: dict[str, str] = {}
+    used = set()
     for spec in sorted(specs, key=lambda s: _layer_order(s.name)):
         if not allows_quantization(spec):
             out[spec.name] = spec.dtype
             continue
-        t = ft.default_type if ft.pure else _mixture_type(st, spec, ft, _category(spec.name))
+        hit = match_override(spec.name, overrides)
+        if hit is not None:  # manual: llama.cpp skips llama_tensor_get_type_impl (and its counters)
+            used.add(hit[0])
+            t = hit[1]
+        else:
+            t = ft.default_type if ft.pure else _mixture_type(st, spec, ft, _category(spec.name))
         out[spec.name] = _fallback(spec, t)
+    check_overrides_used(overrides, used, specs)
     return out
+
+
+def check_overrides_used(overrides, used: set, specs) -> None:
+    """Refuse an override that took no tensor: a typo, or a pattern an earlier override shadows."""
+    for pattern, t in overrides or ():
+        if pattern not in used:
+            example = next((s.name for s in specs if allows_quantization(s) and s.name.startswith("blk.")),
+                           next((s.name for s in specs), ""))
+            raise FormatError(
+                f"tensor type override {pattern}={t.lower()} matches no quantized tensor of this model (or only "
+                f"tensors an earlier override already takes); patterns are searched in GGUF names such as "
+                f"{example!r} (see `moetrace recipe`)"
+            )
 
 
 @dataclass(frozen=True)
@@ -363,6 +401,8 @@ class TensorAssignment:
     type_name: str
     n_elements: int
     n_bytes: int
+    override: str | None = None  # the pattern of the override that took this tensor
+    recipe_type: str | None = None  # the file type's own type for it (differs from type_name where overridden)
 
 
 @dataclass(frozen=True)
@@ -375,6 +415,7 @@ class RecipeSummary:
 
     file_type: str
     tensors: tuple[TensorAssignment, ...]
+    overrides: tuple = ()
     total_bytes: int = field(init=False)
     total_elements: int = field(init=False)
 
@@ -412,18 +453,25 @@ def tensor_bytes(spec: TensorSpec, type_name: str) -> int:
 
 
 def summarize(
-    specs: Iterable[TensorSpec], ftype: str | FileType, shape: ModelShape, *, has_imatrix: bool = False
+    specs: Iterable[TensorSpec], ftype: str | FileType, shape: ModelShape, *, has_imatrix: bool = False,
+    overrides=(),
 ) -> RecipeSummary:
-    """:func:`assign_types` with sizes: per tensor the type and bytes, totals and bits per weight."""
+    """:func:`assign_types` with sizes: per tensor the type and bytes, totals and bits per weight.
+
+    With ``overrides``, each row also says which override took it and the type the file type's
+    own rule gives it (``recipe_type``).
+    """
     ft = parse_file_type(ftype)
     specs = list(specs)
     by_name = {s.name: s for s in specs}
-    types = assign_types(specs, ft, shape, has_imatrix=has_imatrix)
-    rows = tuple(
-        TensorAssignment(n, by_name[n].shape, t, by_name[n].n_elements, tensor_bytes(by_name[n], t))
-        for n, t in types.items()
-    )
-    return RecipeSummary(ft.name, rows)
+    types = assign_types(specs, ft, shape, has_imatrix=has_imatrix, overrides=overrides)
+    plain = assign_types(specs, ft, shape, has_imatrix=has_imatrix) if overrides else types
+    rows = []
+    for n, t in types.items():
+        hit = match_override(n, overrides) if overrides and allows_quantization(by_name[n]) else None
+        rows.append(TensorAssignment(n, by_name[n].shape, t, by_name[n].n_elements, tensor_bytes(by_name[n], t),
+                                     override=hit[0] if hit else None, recipe_type=plain[n]))
+    return RecipeSummary(ft.name, tuple(rows), tuple(overrides or ()))
 
 
 def model_shape_of(family, config) -> ModelShape:

@@ -15,6 +15,7 @@ from moetrace.tracer.execution.executor import RunConfig, run_trace
 from moetrace.tracer.sources.prompts import DEMO_TEXT, read_prompts, tokenize
 from moetrace.tracer.store import location as store_loc
 from moetrace.tracer.store.zarr_store import open_trace
+from moetrace.tracer.variants import Variant
 
 
 def default_run_name(model_id: str) -> str:
@@ -29,6 +30,10 @@ class RunResult:
     stores: dict
     diffs: dict  # variant name -> diff Dataset (the first recorded mode: free where recorded)
     builtin_id: str | None = None  # the model id when the model is a built-in synthetic one
+    modes: tuple = ("free",)  # the modes the variants recorded
+    model: str = "builtin:"  # the --model the run was given
+    plant: str | None = None
+    gguf: str | None = None
 
     def summary_json(self) -> dict:
         return {
@@ -36,7 +41,35 @@ class RunResult:
             "reference": self.reference,
             "stores": {k: str(v) for k, v in self.stores.items()},
             "diffs": {k: compare.diff_to_dict(d) for k, d in self.diffs.items()},
+            "next": self.next_commands(),
         }
+
+    def next_commands(self) -> list[str]:
+        """The commands that read this run next, for the modes it recorded, on its first variant:
+        decompose (free and teacher), routing (routing or free), report, and audit --run (quantized weights)."""
+        import shlex
+
+        ref = Variant.parse(self.reference).name
+        names = [n for n in self.stores if n != ref]
+        if not names:
+            return []
+        q = lambda x: shlex.quote(str(x))  # noqa: E731
+        first, out = names[0], []
+        ref_store, var_store = q(self.stores[ref]), q(self.stores[first])
+        if "free" in self.modes and "teacher" in self.modes:
+            out.append(f"moetrace decompose {ref_store} {var_store}")
+        if "routing" in self.modes or "free" in self.modes:
+            mode = "routing" if "routing" in self.modes else "free"
+            out.append(f"moetrace routing {ref_store} {var_store}" + (" --mode routing" if mode == "routing" else ""))
+        out.append(f"moetrace report {q(self.run_dir)}")
+        quantized = [Variant.parse(n) for n in names if Variant.parse(n).weights != "orig"]
+        if quantized and isinstance(self.run_dir, Path):  # the audit reads the run's folder
+            v = quantized[0]
+            args = [f"--variant {q(v.name)}", f"--model {q(self.model)}"]
+            args += [f"--plant {q(self.plant)}"] if self.plant else []
+            args += [f"--gguf {q(self.gguf)}"] if v.weights == "gguf" else []
+            out.append(f"moetrace audit {' '.join(args)} --run {q(self.run_dir)}")
+        return out
 
     def summary_text(self) -> str:
         parts = [format_diff(d) for d in self.diffs.values()]
@@ -45,6 +78,9 @@ class RunResult:
                          f"and top-1 margins; its figures show the method, not a real model's quality)")
         parts.append(f"Traces in {self.run_dir}/ (open with moetrace.open_traces('{self.run_dir}') "
                      f"or xarray.open_zarr on one store).")
+        nxt = self.next_commands()
+        if nxt:
+            parts.append("Next:\n" + "\n".join(f"  {c}" for c in nxt))
         return "\n\n".join(parts)
 
 
@@ -92,7 +128,8 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
     # A local folder (a Path, as before) or a URL such as s3://bucket/traces (a str).
     run_dir = store_loc.join(out_dir, run_name or default_run_name(source.model_id))
     ref_name = config.reference
-    reuse = _reusable_reference(store_loc.join(run_dir, f"{ref_name}.zarr"), source.model_hash, tokens.ids, sites)
+    ref_store = Variant.parse(ref_name).store_name
+    reuse = _reusable_reference(store_loc.join(run_dir, f"{ref_store}.zarr"), source.model_hash, tokens.ids, sites)
     log(f"Tracing {source.model_id}: {source.num_layers} layers, {tokens.n} tokens in {n_seqs} sequence(s); "
         f"reference {ref_name}{' (already recorded)' if reuse else ''}, variants {', '.join(config.variants)}")
     if resume and not any(n.endswith(".zarr") for n in store_loc.names(run_dir)):
@@ -109,15 +146,17 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
 
     stores = run_trace(source, config, tokens, run_dir, progress=on_progress, write_reference=not reuse,
                        resume=resume)
-    ref_ds = open_trace(store_loc.join(run_dir, f"{ref_name}.zarr"))
+    ref_ds = open_trace(store_loc.join(run_dir, f"{ref_store}.zarr"))
     diffs = {}
     for v in config.variants:
-        if v == ref_name:
+        v = Variant.parse(v).name  # the stores are keyed by canonical name
+        if v == Variant.parse(ref_name).name:
             continue
         # The summary compares the first mode recorded: free where it was, else teacher or routing alone.
         diffs[v] = compare.diff(ref_ds, open_trace(stores[v]), config.modes[0])
     return RunResult(run_dir, ref_name, stores, diffs,
-                     builtin_id=f"builtin:{source.builtin.preset}" if getattr(source, "builtin", None) else None)
+                     builtin_id=f"builtin:{source.builtin.preset}" if getattr(source, "builtin", None) else None,
+                     modes=tuple(config.modes), model=model, plant=plant, gguf=config.gguf)
 
 
 def parse_gguf_options(values) -> tuple[str | None, dict[str, str]]:

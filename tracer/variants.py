@@ -1,4 +1,4 @@
-"""Variants: named numeric treatments of the reference model, written ``WEIGHTS-COMPUTE`` or ``WEIGHTS-DEQw-COMPUTE``.
+r"""Variants: named numeric treatments of the reference model, written ``WEIGHTS-COMPUTE`` or ``WEIGHTS-DEQw-COMPUTE``.
 
 ``WEIGHTS`` says what the weights are:
 
@@ -26,11 +26,42 @@ simple paths:
 - ``q4_k_m-bf16w-bf16`` is the same variant as ``q4_k_m-bf16`` and is named so.
 
 Routers and norms are never quantized (llama.cpp keeps them F32).
+
+Per-tensor type overrides (llama-quantize's ``--tensor-type PATTERN=TYPE``) follow the weights,
+each after a ``+``: ``WEIGHTS+PATTERN=TYPE[+PATTERN=TYPE...][-DEQw]-COMPUTE``, e.g.
+
+- ``q4_k_m+blk.9.ffn_down_exps=q8_0-bf16``: Q4_K_M, but layer 9's expert down matrices in Q8_0;
+- ``q4_k_m+ffn_down_exps=q6_k-bf16``: every layer's;
+- ``q4_k_m+blk\.(1|2)\.attn_v=q8_0-bf16``: a regular expression (quote it in a shell).
+
+As in llama.cpp (src/llama-quant.cpp, llama_tensor_get_type, read at ggml-org/llama.cpp
+007dbbf3): PATTERN is a regular expression searched for (not matched whole) in each GGUF tensor
+name (``blk.9.ffn_down_exps.weight``); the first override whose pattern is found wins, and it
+replaces the file type's rule for that tensor (the rule's position counters then skip the tensor,
+as llama.cpp's do); tensors llama.cpp never quantizes (norms, router) are left alone, and a type
+whose block does not divide the rows falls back as llama.cpp's do. Patterns are lower-cased, as
+llama-quantize does; TYPE is a GGML type name, any case (``q8_0``, ``q6_k``, ``f16``, ``bf16``).
+The overrides take a file type or ``pure_TYPE``. A pattern that is not a valid regular expression,
+a type moetrace cannot write, or (once a model is known) a pattern that matches no quantized
+tensor is an error; llama-quantize ignores the last silently, moetrace refuses the typo.
+
+Parsing: COMPUTE is the text after the last ``-``, a ``DEQw`` word may precede it, the weights
+are the text before the first ``+``, and each override is the shortest text ending in ``=TYPE``
+followed by ``+`` or the end; so patterns may hold ``-``, ``+`` and ``|`` (a pattern holding
+``=TYPE+`` itself cannot be written). The canonical name keeps the overrides in order (order
+matters: the first match wins) and drops a repeated pattern, which could never match.
+
+Store names (``RUN/VARIANT.zarr``) are the canonical name where every pattern is made of
+``a-z 0-9 _ .``; a pattern with any other character (``\ ( ) | [ ] * ? ^ $``, ...) is written
+``~`` and the first 10 hex digits of its SHA-256 (``q4_k_m+~3f2a...=q8_0-bf16``), and a name
+longer than 180 characters puts all its overrides under one such hash. The store's ``variant``
+attribute always holds the full canonical name.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -41,6 +72,10 @@ from moetrace.kernels.compute.base import DTYPE_NAMES
 # must answer before torch loads, in well under the 2 s a user waits for a typo's error.
 DEQUANT_SUFFIX = "w"  # ``bf16w``: the dequantization word in a variant name
 REFERENCE = "orig-fp32"
+OVERRIDE_SEP = "+"  # ``q4_k_m+PATTERN=TYPE-bf16``
+FLOAT_OVERRIDE_TYPES = ("F32", "F16", "BF16")
+_SAFE_PATTERN = re.compile(r"[a-z0-9_.]+")
+_MAX_STORE_NAME = 180
 
 
 def __getattr__(name):
@@ -92,6 +127,83 @@ def gguf_name_of(weights: str) -> str | None:
     return None
 
 
+def override_types() -> list[str]:
+    """GGML types an override may name: the float types and every type moetrace can quantize."""
+    return list(FLOAT_OVERRIDE_TYPES) + quantizable_types()
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """``PATTERN=TYPE`` (llama-quantize's ``--tensor-type``) -> (lower-case pattern, upper-case type).
+
+    The split is at the last ``=`` (types hold none). Raises MoetraceError, one line, for a
+    missing part, an invalid regular expression or a type moetrace cannot write.
+    """
+    pattern, sep, type_name = text.strip().rpartition("=")
+    if not sep:
+        raise MoetraceError(f"invalid tensor type override {text!r}; expected PATTERN=TYPE, e.g. ffn_down_exps=q8_0")
+    pattern = pattern.lower()  # llama-quantize lower-cases the pattern (tools/quantize/quantize.cpp)
+    if not pattern:
+        raise MoetraceError(f"tensor type override {text!r} has no tensor name or pattern before '='")
+    t = type_name.strip().upper()
+    valid = override_types()
+    if t not in valid:
+        raise MoetraceError(f"unknown GGML type {type_name!r} in tensor type override {text!r}; valid types: "
+                            f"{', '.join(x.lower() for x in valid)}")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise MoetraceError(f"tensor type override {text!r}: {pattern!r} is not a valid regular expression ({e})") \
+            from None
+    return pattern, t
+
+
+def _split_overrides(text: str, whole: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """``WEIGHTS+P=T+P=T`` -> (weights, ((pattern, TYPE), ...))."""
+    weights, sep, rest = text.partition(OVERRIDE_SEP)
+    if not sep:
+        return weights, ()
+    out = []
+    # Each override: the shortest text ending in =TYPE that is followed by + or the end.
+    item = re.compile(r"(.+?=[a-z0-9_]+)(?:\+|$)", re.S)
+    pos = 0
+    while pos < len(rest):
+        m = item.match(rest, pos)
+        if not m:
+            raise MoetraceError(f"invalid tensor type override {rest[pos:]!r} in variant {whole!r}; expected "
+                                f"WEIGHTS+PATTERN=TYPE-COMPUTE, e.g. q4_k_m+blk.9.ffn_down_exps=q8_0-bf16")
+        out.append(parse_override(m.group(1)))
+        pos = m.end()
+    if rest.endswith(OVERRIDE_SEP) or not out:
+        raise MoetraceError(f"variant {whole!r} ends its overrides with '+'; expected WEIGHTS+PATTERN=TYPE-COMPUTE")
+    return weights, tuple(out)
+
+
+def split_weights(text: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """A weights part without compute, ``q4_k_m+blk.9.ffn_down_exps=q8_0`` -> ("q4_k_m", overrides)."""
+    t = text.strip().lower()
+    return _split_overrides(t, text)
+
+
+def canonical_overrides(overrides) -> tuple[tuple[str, str], ...]:
+    """Overrides checked and in canonical form: (pattern, TYPE) pairs in order, a repeated pattern dropped."""
+    out, seen = [], set()
+    for o in overrides or ():
+        pattern, t = parse_override(o if isinstance(o, str) else f"{o[0]}={o[1]}")
+        if pattern not in seen:
+            seen.add(pattern)
+            out.append((pattern, t))
+    return tuple(out)
+
+
+def overrides_text(overrides) -> str:
+    """``+P=t+P=t`` (types lower case), as a variant name writes them; empty for none."""
+    return "".join(f"{OVERRIDE_SEP}{p}={t.lower()}" for p, t in overrides)
+
+
+def _hash(text: str) -> str:
+    return "~" + hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
 def compute_names() -> list[str]:
     """Every compute path name (moetrace.kernels.compute registry)."""
     from moetrace.kernels import compute
@@ -108,15 +220,19 @@ class Variant:
         compute: the compute path's name (``fp32``, ``bf16``, ``fp16``, ...).
         dequant: the dtype name weights are dequantized to (``bf16``), or None for a path that
             takes block bytes; None when constructing means the path's default.
+        overrides: per-tensor types, ``((pattern, TYPE), ...)`` in order (first match wins);
+            ``PATTERN=TYPE`` strings are accepted when constructing.
     """
 
     weights: str
     compute: str
     dequant: str | None = None
+    overrides: tuple = ()
 
     def __post_init__(self):
         from moetrace.kernels import compute
 
+        object.__setattr__(self, "overrides", canonical_overrides(self.overrides))
         paths = compute_names()
         if self.compute not in paths:
             raise MoetraceError(
@@ -126,6 +242,11 @@ class Variant:
         if self.weights not in valid and gguf_name_of(self.weights) is None:
             raise MoetraceError(
                 f"unknown variant weights {self.weights!r} in {self.name!r}; valid weights: {', '.join(valid)}"
+            )
+        if self.overrides and (self.weights == "orig" or gguf_name_of(self.weights) is not None):
+            raise MoetraceError(
+                f"variant {self.name!r}: tensor type overrides apply to a file type or pure_TYPE (as llama-quantize's "
+                f"--tensor-type does), not to {self.weights!r}; e.g. q4_k_m{overrides_text(self.overrides)}-{self.compute}"
             )
         try:
             path = compute.get(self.compute, self.dequant)
@@ -138,10 +259,25 @@ class Variant:
         """The canonical name: the ``DEQw`` word only where it differs from the path's default."""
         from moetrace.kernels import compute
 
+        return self._named(self.weights + overrides_text(self.overrides))
+
+    def _named(self, weights: str) -> str:
+        from moetrace.kernels import compute
+
         default = compute.PATHS[self.compute].default_dequant if self.compute in compute.PATHS else None
         if self.dequant and self.dequant != default:
-            return f"{self.weights}-{self.dequant}{DEQUANT_SUFFIX}-{self.compute}"
-        return f"{self.weights}-{self.compute}"
+            return f"{weights}-{self.dequant}{DEQUANT_SUFFIX}-{self.compute}"
+        return f"{weights}-{self.compute}"
+
+    @property
+    def store_name(self) -> str:
+        """The name of this variant's store folder (``RUN/STORE_NAME.zarr``): the canonical name where every
+        pattern is made of ``a-z 0-9 _ .``, else with such patterns hashed (see the module docstring)."""
+        parts = [(p if _SAFE_PATTERN.fullmatch(p) else _hash(p), t) for p, t in self.overrides]
+        name = self._named(self.weights + overrides_text(parts))
+        if len(name) > _MAX_STORE_NAME:
+            name = self._named(self.weights + OVERRIDE_SEP + _hash(overrides_text(self.overrides)))
+        return name
 
     @functools.cached_property
     def path(self):
@@ -165,20 +301,23 @@ class Variant:
         return self.weights[len("pure_"):].upper() if self.weights.startswith("pure_") else None
 
     def to_dict(self) -> dict:
-        return {"weights": self.weights, "compute": self.compute, "dequant": self.dequant}
+        return {"weights": self.weights, "compute": self.compute, "dequant": self.dequant,
+                "overrides": [list(o) for o in self.overrides]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Variant":
+        d = dict(d)
+        d["overrides"] = tuple(tuple(o) for o in d.get("overrides", ()))
         return cls(**d)
 
     @classmethod
     def parse(cls, text: str) -> "Variant":
-        """Parse ``WEIGHTS-COMPUTE`` or ``WEIGHTS-DEQw-COMPUTE``; the error lists every valid choice."""
+        """Parse ``WEIGHTS[+PATTERN=TYPE...][-DEQw]-COMPUTE``; the error lists every valid choice."""
         rest, sep, compute = text.strip().lower().rpartition("-")
         head, sep2, word = rest.rpartition("-")
         dequant = None
-        if sep2 and head and word.endswith(DEQUANT_SUFFIX):
-            if word[: -len(DEQUANT_SUFFIX)] not in DTYPE_NAMES and (head in valid_weights()
+        if sep2 and head and word.endswith(DEQUANT_SUFFIX) and "=" not in word:
+            if word[: -len(DEQUANT_SUFFIX)] not in DTYPE_NAMES and (head.partition(OVERRIDE_SEP)[0] in valid_weights()
                                                                     or gguf_name_of(head) is not None):
                 raise MoetraceError(
                     f"unknown dequantization {word!r} in variant {text!r}; valid DEQw: "
@@ -192,7 +331,8 @@ class Variant:
                 f"q4_k_m-bf16w-fp32; valid weights: {', '.join(valid_weights())}; valid compute: "
                 f"{', '.join(compute_names())}; valid DEQw: {', '.join(d + DEQUANT_SUFFIX for d in DTYPE_NAMES)}"
             )
-        return cls(rest, compute, dequant)
+        weights, overrides = _split_overrides(rest, text)
+        return cls(weights, compute, dequant, overrides)
 
     def __str__(self) -> str:
         return self.name

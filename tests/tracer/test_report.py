@@ -92,7 +92,9 @@ def test_noise_floor_multiples(tiny_run):
     run_dir, _ = tiny_run
     run = analysis.analyze_run(run_dir, n_resamples=100)
     assert run.reference == "orig-fp32" and run.floor is run.variants["orig-bf16"]
-    assert all(v == pytest.approx(1.0) for v in run.floor.x_floor.values())
+    # the floor against itself: 1x, or "exact" where its figure is 0 (0 of 0 is no multiple)
+    assert all(v == "exact" if run.floor.figures[k] == 0 else v == pytest.approx(1.0)
+               for k, v in run.floor.x_floor.items())
     fake = analysis.VariantAnalysis("worse", run.floor.diff, None, None, None, None,
                                     figures={k: 3 * v for k, v in run.floor.figures.items()})
     analysis.set_floor({"worse": fake}, run.floor)

@@ -144,6 +144,31 @@ def json_number(x):
     return x if math.isfinite(x) else None
 
 
+# Where the noise floor's figure is exactly 0 there is no multiple: the figure is then "exact" when it is
+# 0 too (the variant matches the reference there as exactly as the floor does), and "floor 0" when it is
+# not (all of it is beyond the compute-precision noise, which has none of it). Tables print these words,
+# never "nanx" or "infx"; JSON gives the same strings, a number otherwise, null where a figure is missing.
+FLOOR_EXACT = "exact"
+FLOOR_ZERO = "floor 0"
+
+
+def floor_multiple(a, b):
+    """``a`` as a multiple of the floor figure ``b``: a float, :data:`FLOOR_EXACT` (both 0),
+    :data:`FLOOR_ZERO` (``b`` 0, ``a`` not), or NaN where either is missing (NaN, or None)."""
+    a = float("nan") if a is None else float(a)
+    b = float("nan") if b is None else float(b)
+    if math.isnan(a) or math.isnan(b):
+        return float("nan")
+    if b == 0:
+        return FLOOR_EXACT if a == 0 else FLOOR_ZERO
+    return a / b
+
+
+def floor_fmt(fmt: str = "{:.1f}x"):
+    """The cell format of a "x floor" column: the multiple with ``fmt``, or the word :func:`floor_multiple` gave."""
+    return lambda v: v if isinstance(v, str) else fmt.format(v)
+
+
 def floor_multiples(ds: xr.Dataset, floor: xr.Dataset | None, *names: str) -> dict:
     """``{NAME_x_floor: (layer,) list}``: each per-layer figure of ``ds`` divided by the noise floor's.
 
@@ -152,11 +177,12 @@ def floor_multiples(ds: xr.Dataset, floor: xr.Dataset | None, *names: str) -> di
         floor: the same analysis of the noise floor (orig-bf16 against the same reference), or None.
 
     Returns:
-        An empty dict without a floor; NaN where the floor's figure is zero.
+        An empty dict without a floor; :func:`floor_multiple` per layer ("exact" or "floor 0" where
+        the floor's figure is zero).
     """
     if floor is None:
         return {}
-    return {f"{n}_x_floor": [ratio(a, b) for a, b in zip(ds[n].values, floor[n].values)] for n in names}
+    return {f"{n}_x_floor": [floor_multiple(a, b) for a, b in zip(ds[n].values, floor[n].values)] for n in names}
 
 
 def ratio(a, b) -> float:

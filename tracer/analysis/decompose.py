@@ -30,7 +30,10 @@ counts as damping; and it is a ratio of token means, not a mean of per-token rat
 that arrive almost error-free cannot blow it up. By the triangle inequality, per token and hence
 on the means, ``|inherited_L - local_L| <= propagated_L <= local_L + gain_L * propagated_{L-1}``:
 the growth of the curve across layer L is bounded by ``local_L`` (injected) plus
-``(gain_L - 1) * propagated_{L-1}`` (**amplified**). :func:`growth_summary` calls a layer's
+``(gain_L - 1) * propagated_{L-1}``. The **amplified** figure is that second term clipped at 0,
+``max(0, inherited_L - propagated_{L-1})``: what the layer adds to the curve by amplifying the
+error it received, and 0 where it damps it (gain <= 1), so it is never negative (a damping layer
+amplifies nothing; its gain says by how much it damps). :func:`growth_summary` calls a layer's
 growth *injected* when the first term is the larger one and *amplified* otherwise. The input
 error of layer 0 (the embeddings') is not recorded, so its gain is NaN; its inherited part is
 the embeddings' error as layer 0 passes it on.
@@ -48,7 +51,8 @@ import numpy as np
 import xarray as xr
 
 from moetrace.errors import MoetraceError
-from moetrace.tracer.analysis.common import (analysis_attrs, check_comparable, floor_multiples, json_number, reference,
+from moetrace.tracer.analysis.common import (analysis_attrs, check_comparable, floor_fmt, floor_multiples, json_number,
+                                             reference,
                                              nonfinite_attrs, nonfinite_lines, require_mode, variant)
 from moetrace.tracer.render.table import Column, Table, layer_table
 
@@ -99,7 +103,7 @@ def decompose(ref: xr.Dataset, var: xr.Dataset) -> xr.Dataset:
         A Dataset of (layer,) float64 arrays (token means; see the module docstring):
         ``local``, ``propagated``, ``inherited``, ``gain`` (NaN at the first layer),
         ``growth`` (``propagated_L - propagated_{L-1}``, the first layer's from zero),
-        ``amplified`` (``inherited_L - propagated_{L-1}`` = ``(gain - 1) * propagated_{L-1}``),
+        ``amplified`` (``max(0, inherited_L - propagated_{L-1})`` = ``max(0, gain - 1) * propagated_{L-1}``),
         ``local_p99`` and, with a routing mode, ``routing_forced``. Computed (not lazy).
     """
     tok = decompose_tokens(ref, var)
@@ -118,7 +122,7 @@ def decompose(ref: xr.Dataset, var: xr.Dataset) -> xr.Dataset:
     with np.errstate(divide="ignore", invalid="ignore"):  # an error-free input gives a NaN or inf gain
         out["gain"] = means["inherited"] / incoming
     out["growth"] = means["propagated"] - incoming.fillna(0.0)
-    out["amplified"] = means["inherited"] - incoming
+    out["amplified"] = (means["inherited"] - incoming).clip(min=0.0)  # NaN at the first layer stays NaN
     out["local_p99"] = p99
     if "routing_forced" in means:
         out["routing_forced"] = means["routing_forced"]
@@ -207,10 +211,13 @@ COLUMNS = (
     Column("inherited", "inherited", "{:.3e}", "upstream error as the layer passes it on (free minus teacher)"),
     Column("gain", "gain", "{:.3f}", "inherited / propagated error of the layer before (>1: amplifies)"),
     Column("growth", "growth", "{:+.2e}", "propagated error minus that of the layer before"),
-    Column("amplified", "amplified", "{:+.2e}", "inherited minus the incoming propagated error"),
+    Column("amplified", "amplified", "{:.2e}", "inherited minus the incoming propagated error, clipped at 0 "
+           "(0: the layer damps what it receives)"),
     Column("routing_forced", "fixed routing", "{:.3e}", "propagated error with the reference's expert choices"),
-    Column("local_x_floor", "local xfloor", "{:.1f}x", "local error as a multiple of the noise floor's"),
-    Column("propagated_x_floor", "prop xfloor", "{:.1f}x", "propagated error as a multiple of the noise floor's"),
+    Column("local_x_floor", "local xfloor", floor_fmt(), "local error as a multiple of the noise floor's "
+           "(exact: both 0; floor 0: the floor's is 0, this one not)"),
+    Column("propagated_x_floor", "prop xfloor", floor_fmt(), "propagated error as a multiple of the noise floor's "
+           "(exact: both 0; floor 0: the floor's is 0, this one not)"),
 )
 
 

@@ -20,8 +20,8 @@ import numpy as np
 import xarray as xr
 
 from moetrace.tracer.analysis import stats as stats
-from moetrace.tracer.analysis.common import (analysis_attrs, check_comparable, json_number, ratio, reference,
-                                             require_sites, variant)
+from moetrace.tracer.analysis.common import (analysis_attrs, check_comparable, floor_fmt, floor_multiple, json_number,
+                                             reference, require_sites, variant)
 from moetrace.tracer.analysis.compare import log_softmax, top1_agree
 from moetrace.tracer.render.table import Column, Table
 
@@ -136,7 +136,8 @@ OUTPUT_COLUMNS = (
     Column("value", "value", "{:.4g}"),
     Column("lo", "low", "{:.4g}", "lower bound of the bootstrap interval over tokens"),
     Column("hi", "high", "{:.4g}", "upper bound of the bootstrap interval over tokens"),
-    Column("x_floor", "x floor", "{:.1f}x", "the figure as a multiple of the noise floor's (orig-bf16)"),
+    Column("x_floor", "x floor", floor_fmt(), "the figure as a multiple of the noise floor's (orig-bf16; exact: both "
+           "0; floor 0: the floor's is 0, this one not)"),
 )
 
 
@@ -150,7 +151,7 @@ def output_table(om: xr.Dataset, floor: xr.Dataset | None = None) -> Table:
                                           f"{pct}% bootstrap intervals:")
     for name, figure in OUTPUT_ROWS:
         lo, hi = om[f"{name}_ci"].values if f"{name}_ci" in om else (None, None)
-        x = ratio(om[name], floor[name]) if floor is not None and name.startswith("kl_") else None
+        x = floor_multiple(om[name], floor[name]) if floor is not None and name.startswith("kl_") else None
         t.add({"name": name, "figure": figure, "value": float(om[name]), "lo": lo, "hi": hi, "x_floor": x})
     if floor is None:
         t.columns = [c for c in t.columns if c.key != "x_floor"]

@@ -31,7 +31,7 @@ import numpy as np
 import xarray as xr
 
 from moetrace.errors import MoetraceError
-from moetrace.tracer.analysis.common import (analysis_attrs, check_comparable, floor_multiples, reference, require_mode,
+from moetrace.tracer.analysis.common import (analysis_attrs, check_comparable, floor_fmt, floor_multiples, reference, require_mode,
                                              nonfinite_attrs, nonfinite_lines, require_sites, variant)
 from moetrace.tracer.render.table import Column, Table, layer_table
 
@@ -196,8 +196,10 @@ COLUMNS = (
     Column("teacher_any_flip", "teacher flips", "{:.3f}", "set-flip rate in teacher mode (exact input)"),
     Column("flip_own", "own flips", "{:.3f}", "set flips that happen in teacher mode too: the layer's own"),
     Column("flip_upstream", "upstream", "{:.3f}", "set flips only in free mode: from upstream drift"),
-    Column("any_flip_x_floor", "flip xfloor", "{:.1f}x", "set-flip rate as a multiple of the noise floor's"),
-    Column("mass_moved_x_floor", "moved xfloor", "{:.1f}x", "mass moved as a multiple of the noise floor's"),
+    Column("any_flip_x_floor", "flip xfloor", floor_fmt(), "set-flip rate as a multiple of the noise floor's "
+           "(exact: both 0; floor 0: the floor's is 0, this one not)"),
+    Column("mass_moved_x_floor", "moved xfloor", floor_fmt(), "mass moved as a multiple of the noise floor's "
+           "(exact: both 0; floor 0: the floor's is 0, this one not)"),
 )
 MARGIN_COLUMNS = (
     Column("margin", "margin", str, "the reference's k/(k+1) router logit gap", json=False, align="left"),

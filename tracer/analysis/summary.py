@@ -18,7 +18,8 @@ import xarray as xr
 from moetrace.errors import MoetraceError
 from moetrace.tracer.analysis import compare as compare
 from moetrace.tracer.analysis import stats as stats
-from moetrace.tracer.analysis.common import check_comparable, json_number, reference, require_mode, variant
+from moetrace.tracer.analysis.common import (check_comparable, floor_fmt, floor_multiple, json_number, reference,
+                                             require_mode, variant)
 from moetrace.tracer.analysis.decompose import decompose, max_local_layer, plant_of
 from moetrace.tracer.analysis.output import output_metrics, output_tokens
 from moetrace.tracer.analysis.routing import routing_diff
@@ -113,7 +114,7 @@ def set_floor(analyses: dict[str, VariantAnalysis], floor: VariantAnalysis | Non
         for key in ERROR_LIKE:
             if key in a.figures and key in floor.figures:
                 f = floor.figures[key]
-                a.x_floor[key] = a.figures[key] / f if f else float("inf") if a.figures[key] else float("nan")
+                a.x_floor[key] = floor_multiple(a.figures[key], f)
 
 
 @dataclass
@@ -208,7 +209,8 @@ def headline_tables(run: RunAnalysis) -> list[Table]:
         main.add({"variant": a.name, **a.figures})
     tables = [main]
     if run.floor is not None:
-        xkeys = [replace(c, fmt="{:.1f}x", description=f"{c.header} / the noise floor's") for c in keys
+        xkeys = [replace(c, fmt=floor_fmt(), description=f"{c.header} / the noise floor's (exact: both 0; floor 0: "
+                                                               f"the floor's is 0, this one not)") for c in keys
                  if c.key in ERROR_LIKE]
         floor = Table([name] + xkeys, title=f"as multiples of the noise floor ({FLOOR_VARIANT} vs {FLOOR_REFERENCE}):")
         for a in run.variants.values():
@@ -237,7 +239,7 @@ def format_headlines(run: RunAnalysis) -> str:
 def headlines_to_dict(run: RunAnalysis) -> dict:
     """A JSON-ready dict of the headline figures, intervals and floor multiples."""
     def clean(d):
-        return {k: json_number(v) for k, v in d.items()}
+        return {k: v if isinstance(v, str) else json_number(v) for k, v in d.items()}
 
     return {
         "run_dir": str(run.run_dir), "reference": run.reference, "model": run.model, "plant": run.plant,
@@ -275,8 +277,8 @@ def pair_difference(ref: xr.Dataset, a: xr.Dataset, b: xr.Dataset, floor: xr.Dat
     out.update(kl_direct=p, kl_direct_ci=[lo, hi])
     if floor is not None:
         p, lo, hi = stats.with_ci(output_tokens(ref, floor)["kl"].values, "mean", n_resamples, seed)
-        out.update(kl_floor=p, kl_floor_ci=[lo, hi], diff_x_floor=abs(out["kl_diff"]) / p,
-                   direct_x_floor=out["kl_direct"] / p)
+        out.update(kl_floor=p, kl_floor_ci=[lo, hi], diff_x_floor=floor_multiple(abs(out["kl_diff"]), p),
+                   direct_x_floor=floor_multiple(out["kl_direct"], p))
     return out
 
 

@@ -412,7 +412,7 @@ def _open_writers(run_dir: Path, ref: Variant, variants: list[Variant], config: 
     from moetrace.tracer.execution import resume as R
 
     def new(v: Variant, modes):
-        return TraceWriter(store_loc.join(run_dir, f"{v.name}.zarr"), sizes, tokens, modes, config.sites,
+        return TraceWriter(store_loc.join(run_dir, f"{v.store_name}.zarr"), sizes, tokens, modes, config.sites,
                            {**base_attrs, "variant": v.name, "modes": list(modes)})
 
     wanted = ([ref] if write_reference else []) + variants
@@ -421,7 +421,7 @@ def _open_writers(run_dir: Path, ref: Variant, variants: list[Variant], config: 
     writers, done, starts = {}, [], []
     try:
         for v in wanted:
-            path = store_loc.join(run_dir, f"{v.name}.zarr")
+            path = store_loc.join(run_dir, f"{v.store_name}.zarr")
             attrs = R.store_state(path)
             if attrs is None:
                 writers[v.name] = new(v, ["free"] if v is ref else config.modes)
@@ -472,7 +472,7 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
     """
     run_dir = _prepare_output(run_dir)
     run = _plan(source, config, tokens, progress)
-    all_paths = {v.name: store_loc.join(run_dir, f"{v.name}.zarr") for v in [run.ref] + run.variants}
+    all_paths = {v.name: store_loc.join(run_dir, f"{v.store_name}.zarr") for v in [run.ref] + run.variants}
     writers, start, done = _open_writers(run_dir, run.ref, run.variants, config, tokens, run.sizes, run.base_attrs,
                                          write_reference, resume, source.model_hash)
     run.variants = [v for v in run.variants if v.name not in done]  # complete stores need no work

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from moetrace.errors import MoetraceError
 from moetrace.tracer.analysis import stats as stats
+from moetrace.tracer.analysis.common import floor_fmt
 from moetrace.tracer.analysis.decompose import decomposition_table, summary_lines
 from moetrace.tracer.analysis.output import output_table
 from moetrace.tracer.analysis.routing import flip_lines, margin_table, movers_table, routing_table
@@ -78,8 +79,8 @@ PAIR_COLUMNS = (
     Column("kl_direct", "KL(fp32||bf16)", "{:.3e}", "the direct divergence of bf16 from fp32, mean"),
     Column("kl_direct_lo", "low", "{:.2e}"), Column("kl_direct_hi", "high", "{:.2e}"),
     Column("kl_floor", "floor KL", "{:.3e}", "KL(ref || orig-bf16) mean: the noise floor"),
-    Column("diff_x_floor", "|difference| x floor", "{:.2f}x", "|KL difference| / floor KL"),
-    Column("direct_x_floor", "direct x floor", "{:.2f}x", "KL(fp32||bf16) / floor KL"),
+    Column("diff_x_floor", "|difference| x floor", floor_fmt("{:.2f}x"), "|KL difference| / floor KL"),
+    Column("direct_x_floor", "direct x floor", floor_fmt("{:.2f}x"), "KL(fp32||bf16) / floor KL"),
 )
 
 

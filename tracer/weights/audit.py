@@ -105,19 +105,44 @@ def parse_weights(text: str) -> tuple[str, str | None]:
     dequantized to, or None); a name with a compute part is parsed as a variant (moetrace.tracer.variants).
     Errors list the valid choices."""
     from moetrace.kernels import recipes
-    from moetrace.tracer.variants import Variant
+    from moetrace.tracer.variants import Variant, split_weights
 
     t = text.strip().lower()
     dequant = None
-    if "-" in t:
+    if "-" in t.partition("+")[0] or "-" in t.rpartition("=")[2]:
         v = Variant.parse(t)
         t, dequant = v.weights, v.dequant
+    else:
+        t = split_weights(t)[0]
     if t == "gguf":  # the tensors of a GGUF file (audit(gguf=...))
         return "gguf", dequant
     if t == "orig":
         raise MoetraceError("--variant orig has nothing to audit: the weights are the reference; give a file type "
                             f"({', '.join(recipes.FILE_TYPES)})")
     return recipes.parse_file_type(t).name, dequant
+
+
+def audit_name(text: str) -> str:
+    """The default store name of an audit of ``text``: weights, overrides (hashed where not plain, as
+    a variant's store name) and the dequantization dtype if any (``q4_k_m-bf16``)."""
+    from moetrace.tracer.variants import Variant
+
+    ftype, dequant = parse_weights(text)
+    if ftype == "gguf":
+        return "gguf" + (f"-{dequant}" if dequant else "")
+    v = Variant(ftype, "fp32", overrides=weights_overrides(text))
+    base = v.store_name[: -len("-fp32")]
+    return base + (f"-{dequant}" if dequant else "")
+
+
+def weights_overrides(text: str) -> tuple:
+    """The per-tensor overrides a weights text carries (``q4_k_m+blk.9.ffn_down_exps=q8_0[-bf16]``)."""
+    from moetrace.tracer.variants import Variant, split_weights
+
+    t = text.strip().lower()
+    if "-" in t.partition("+")[0] or "-" in t.rpartition("=")[2]:
+        return Variant.parse(t).overrides
+    return split_weights(t)[1]
 
 
 def audit(source, weights: str, *, threshold: float = DEFAULT_THRESHOLD, imatrix_file=None, cache=True,
@@ -147,7 +172,7 @@ def audit(source, weights: str, *, threshold: float = DEFAULT_THRESHOLD, imatrix
     from moetrace.tracer.weights import derive as W
     from moetrace.tracer.weights.gguf_writer import load_imatrix_for
     from moetrace.tracer.weights.qcache import context_for
-    from moetrace.tracer.variants import COMPUTE_DTYPES
+    from moetrace.tracer.variants import COMPUTE_DTYPES, overrides_text
 
     if not 0.0 < threshold <= 1.0:
         raise MoetraceError(f"--threshold {threshold} must be a cosine in (0, 1]")
@@ -168,7 +193,8 @@ def audit(source, weights: str, *, threshold: float = DEFAULT_THRESHOLD, imatrix
             raise MoetraceError(f"--gguf {gguf} is given but --variant is {weights}; use --variant gguf")
         imatrix, _ = load_imatrix_for(source, imatrix_file)
         ctx = context_for(source, imatrix, str(imatrix_file) if imatrix_file else None, cache=cache)
-        types = W.file_type_types(source, ftype, has_imatrix=imatrix is not None, context=ctx)
+        types = W.file_type_types(source, ftype, has_imatrix=imatrix is not None, context=ctx,
+                                  overrides=weights_overrides(weights))
     dtype = COMPUTE_DTYPES[compute] if compute else None
     c, family = source.config, W.family_of(source)
     n_layer, n_exp = int(c.num_hidden_layers), family.n_experts(c)
@@ -212,6 +238,7 @@ def audit(source, weights: str, *, threshold: float = DEFAULT_THRESHOLD, imatrix
         attrs={
             "model": getattr(source, "model_id", ""), "model_hash": getattr(source, "model_hash", ""),
             "weights": ftype, "compute": compute or "fp32", "threshold": float(threshold),
+            "overrides": "" if file is not None else overrides_text(weights_overrides(weights)),
             "gguf": str(gguf) if gguf is not None else "",
             "imatrix": str(imatrix_file) if imatrix_file else "", "n_flagged": n_flagged,
             "moetrace_version": moetrace.__version__, "complete": True,
@@ -329,7 +356,7 @@ def format_audit(ds, path=None, top: int = 10) -> str:
     table = audit_table(ds, top)
     table.title = (
         f"Weight audit of {a['model']} "
-        f"{'as stored in ' + a['gguf'] if a.get('gguf') else 'under ' + a['weights']}, dequantized to {a['compute']}: "
+        f"{'as stored in ' + a['gguf'] if a.get('gguf') else 'under ' + a['weights'] + a.get('overrides', '')}, dequantized to {a['compute']}: "
         f"{L * E * len(PROJS)} expert matrices ({L} layers x {E} experts x {len(PROJS)}) and "
         f"{ds.sizes['tensor']} other matrices; {a['n_flagged']} below cosine {a['threshold']:g}"
     )

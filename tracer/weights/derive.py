@@ -74,39 +74,48 @@ def _types(source, variant: Variant, has_imatrix: bool) -> dict[str, str]:
     if variant.weights == "orig" or variant.gguf_name is not None:  # gguf: the file's own types, not derived
         return {}
     specs = gguf_specs(source)
+    overrides = getattr(variant, "overrides", ())
     if variant.pure_type is not None:
+        from moetrace.kernels import recipes
         from moetrace.kernels.base import BLOCK_SIZES
 
         t = variant.pure_type
-        out = {}
+        out, used = {}, set()
         for name, shape in specs.items():
+            hit = None if never_quantized(name, len(shape)) else recipes.match_override(name, overrides)
             if never_quantized(name, len(shape)):
                 out[name] = "F32"
+            elif hit is not None:  # llama-quantize --pure --tensor-type: the override wins, with the row fallback
+                used.add(hit[0])
+                out[name] = recipes._fallback(recipes.TensorSpec(name, shape), hit[1])
             elif shape[-1] % BLOCK_SIZES[t][0]:
                 raise MoetraceError(
                     f"tensor {name} has rows of {shape[-1]} elements, which {t} blocks of {BLOCK_SIZES[t][0]} cannot take"
                 )
             else:
                 out[name] = t
+        recipes.check_overrides_used(overrides, used, [recipes.TensorSpec(n, s) for n, s in specs.items()])
         return out
     from moetrace.kernels import recipes
 
     return recipes.assign_types(
         [recipes.TensorSpec(n, s) for n, s in specs.items()], variant.weights, model_shape(source),
-        has_imatrix=has_imatrix,
+        has_imatrix=has_imatrix, overrides=overrides,
     )
 
 
-def file_type_types(source, file_type: str, *, has_imatrix: bool = False, context=True) -> TensorTypes:
-    """:func:`tensor_types` for a llama.cpp file-type name (``q4_k_m``, ``pure_q8_0``).
+def file_type_types(source, file_type: str, *, has_imatrix: bool = False, context=True, overrides=()) -> TensorTypes:
+    """:func:`tensor_types` for a llama.cpp file-type name (``q4_k_m``, ``pure_q8_0``) and optional
+    per-tensor overrides (``PATTERN=TYPE`` strings or (pattern, TYPE) pairs, as ``--tensor-type``).
 
     Raises:
-        MoetraceError: an unknown file type; the message lists the valid ones.
+        MoetraceError: an unknown file type (the message lists the valid ones), a bad override.
     """
     from moetrace.kernels import recipes
 
     ft = recipes.parse_file_type(file_type)
-    return tensor_types(source, Variant(ft.name, "fp32"), has_imatrix=has_imatrix, context=context)
+    return tensor_types(source, Variant(ft.name, "fp32", overrides=tuple(overrides)), has_imatrix=has_imatrix,
+                        context=context)
 
 
 def family_of(source) -> arch.Family:
@@ -135,12 +144,15 @@ def tensor_order(names) -> list[str]:
     return sorted(names, key=key)
 
 
-def recipe_summary(source, file_type: str, *, has_imatrix: bool = False):
-    """llama.cpp's types for ``file_type`` on this model, with sizes (a ``recipes.RecipeSummary``)."""
+def recipe_summary(source, file_type: str, *, has_imatrix: bool = False, overrides=()):
+    """llama.cpp's types for ``file_type`` (and ``--tensor-type`` overrides) on this model, with sizes
+    (a ``recipes.RecipeSummary``)."""
     from moetrace.kernels import recipes
+    from moetrace.tracer.variants import canonical_overrides
 
     specs = [recipes.TensorSpec(n, s) for n, s in gguf_specs(source).items()]
-    return recipes.summarize(specs, file_type, model_shape(source), has_imatrix=has_imatrix)
+    return recipes.summarize(specs, file_type, model_shape(source), has_imatrix=has_imatrix,
+                             overrides=canonical_overrides(overrides))
 
 
 def config_source(model: str, plant: str | None = None):

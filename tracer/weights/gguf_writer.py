@@ -144,7 +144,8 @@ def _float_bytes(w: torch.Tensor, type_name: str) -> np.ndarray:
     raise MoetraceError(f"internal: {type_name} is not a float type")
 
 
-def write_gguf(source, file_type: str, path, *, imatrix_file=None, cache=True, progress=None) -> WriteResult:
+def write_gguf(source, file_type: str, path, *, imatrix_file=None, cache=True, progress=None,
+               overrides=()) -> WriteResult:
     """Quantize ``source`` to ``file_type`` and write a GGUF file at ``path``.
 
     Args:
@@ -154,6 +155,9 @@ def write_gguf(source, file_type: str, path, *, imatrix_file=None, cache=True, p
         imatrix_file: an importance-matrix file (llama.cpp's GGUF or legacy ``.dat``).
         cache: True for the quantized-weight cache, False for none, or a QuantCache.
         progress: optional ``progress(done, total, name)`` after each tensor.
+        overrides: per-tensor types, llama-quantize's ``--tensor-type``: ``PATTERN=TYPE`` strings
+            or (pattern, TYPE) pairs (see moetrace.tracer.variants); ``general.file_type`` stays
+            the file type's, as llama-quantize writes it.
 
     Raises:
         MoetraceError: an unknown file type (valid ones listed), NaN/Inf in a tensor or a row
@@ -169,7 +173,7 @@ def write_gguf(source, file_type: str, path, *, imatrix_file=None, cache=True, p
     family = W.family_of(source)
     imatrix, im = load_imatrix_for(source, imatrix_file)
     ctx = context_for(source, imatrix, str(imatrix_file) if imatrix_file else None, cache=cache)
-    types = W.file_type_types(source, ft.name, has_imatrix=imatrix is not None, context=ctx)
+    types = W.file_type_types(source, ft.name, has_imatrix=imatrix is not None, context=ctx, overrides=overrides)
     specs = W.gguf_specs(source)
     order = W.tensor_order(types)
     sizes = {n: recipes.tensor_bytes(recipes.TensorSpec(n, specs[n]), types[n]) for n in order}
