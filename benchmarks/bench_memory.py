@@ -117,7 +117,8 @@ def run_once(folder: Path, variants: list[str], tokens: int, out: Path, gguf: Pa
         cmd += ["--gguf", str(gguf)]
     t = time.perf_counter()
     # Without the quantized-weight cache, so every run quantizes (as a first run on a model does).
-    env = {**os.environ, "MOETRACE_QCACHE": os.environ.get("MOETRACE_QCACHE", "0")}
+    # A progress line per layer (MOETRACE_PROGRESS=lines) though stderr is a pipe: the per-layer seconds come from it.
+    env = {**os.environ, "MOETRACE_QCACHE": os.environ.get("MOETRACE_QCACHE", "0"), "MOETRACE_PROGRESS": "lines"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     sampler = RssSampler(proc.pid)
     sampler.start()
@@ -219,7 +220,7 @@ def main():
               f"{r['peak_rss'] / first:>8.3f} {r['wall']:>8.1f} {med:>17.2f}")
     peaks = [r["peak_rss"] for r in results.values()]
     medians.sort()
-    per = medians[len(medians) // 2]
+    per = medians[len(medians) // 2] if medians else float("nan")
     print(f"peak RSS spread over layer counts: {(max(peaks) - min(peaks)) / 2**30:.2f} GiB "
           f"({(max(peaks) / min(peaks) - 1) * 100:.1f}%); target: within 10%, and under 3x one fp32 layer "
           f"plus activations")
