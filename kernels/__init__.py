@@ -12,8 +12,10 @@ from moetrace.kernels.errors import FormatError
 
 # The formats and matmul import torch: they load on first use, so the torch-free parts of this
 # package (layouts, recipes, the list of compute paths) answer at once, as `moetrace variants` needs.
+# (matmul lives in engine/api.py: a submodule named like a lazily exported function would take
+# its place in this namespace once imported.)
 _LAZY = {"BLOCK_SIZES": "base", "FORMATS": "base", "BlockFormat": "base", "dequantize": "base", "get_format": "base",
-         "quantize": "base", "row_bytes": "base", "matmul": "matmul"}
+         "quantize": "base", "row_bytes": "base", "matmul": "engine.api"}
 
 
 def __getattr__(name):
@@ -22,6 +24,7 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["BLOCK_SIZES", "FORMATS", "BlockFormat", "FormatError", "dequantize", "get_format", "matmul", "quantize",
            "row_bytes"]

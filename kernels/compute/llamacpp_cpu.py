@@ -34,7 +34,7 @@ BLOCK_ROLES = ("attention", "experts", "shared_expert", "dense_mlp", "lm_head")
 def block_linear(x: torch.Tensor, b: BlockWeight, index: int = 0, path: str = "llamacpp_cpu") -> torch.Tensor:
     """``x @ W.T`` the engine's way for matrix ``index`` of ``b``: x (..., in) -> (..., out) float32."""
     import torch
-    from moetrace.kernels.matmul import matmul
+    from moetrace.kernels.engine.api import matmul
 
     q = torch.from_numpy(b.data[index])  # (rows, bytes per row)
     n = b.shape[-1]
