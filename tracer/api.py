@@ -84,15 +84,20 @@ class RunResult:
         return "\n\n".join(parts)
 
 
-def _reusable_reference(path, model_hash: str, token_ids: np.ndarray, sites: list[str]) -> bool:
+def _reusable_reference(path, source, token_ids: np.ndarray, sites: list[str]) -> bool:
+    from moetrace.tracer.execution.executor import store_sizes
+    from moetrace.tracer.store.schema import stored_sites
+
     if not store_loc.exists(path):
         return False
     try:
         ds = open_trace(path)
     except MoetraceError:
         return False
-    return (ds.attrs.get("model_hash") == model_hash and np.array_equal(ds["token_id"].values, token_ids)
-            and set(sites) <= set(ds.attrs.get("sites", [])))
+    # Compared with the sites a store of this model holds (no router sites without MoE layers, ...).
+    wanted = stored_sites(sites, store_sizes(source))
+    return (ds.attrs.get("model_hash") == source.model_hash and np.array_equal(ds["token_id"].values, token_ids)
+            and set(wanted) <= set(ds.attrs.get("sites", [])))
 
 
 def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), text=None, prompts_file=None,
@@ -129,7 +134,7 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
     run_dir = store_loc.join(out_dir, run_name or default_run_name(source.model_id))
     ref_name = config.reference
     ref_store = Variant.parse(ref_name).store_name
-    reuse = _reusable_reference(store_loc.join(run_dir, f"{ref_store}.zarr"), source.model_hash, tokens.ids, sites)
+    reuse = _reusable_reference(store_loc.join(run_dir, f"{ref_store}.zarr"), source, tokens.ids, sites)
     log(f"Tracing {source.model_id}: {source.num_layers} layers, {tokens.n} tokens in {n_seqs} sequence(s); "
         f"reference {ref_name}{' (already recorded)' if reuse else ''}, variants {', '.join(config.variants)}")
     if resume and not any(n.endswith(".zarr") for n in store_loc.names(run_dir)):

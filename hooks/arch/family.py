@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import numpy as np
 import torch
 
 from moetrace.errors import MoetraceError
@@ -32,6 +33,9 @@ SHAPE_SYMBOLS = ("vocab", "hidden", "head_dim", "q_dim", "kv_dim", "experts", "e
 class ConfigKeys:
     """Names of the MoE facts in a transformers config (None: the family has no such key).
 
+    A dense family (no experts at all) sets ``experts``, ``top_k`` and ``expert_width`` to None:
+    every one of its layers is dense.
+
     Attributes:
         experts: routed experts per MoE layer.
         top_k: experts chosen per token.
@@ -42,9 +46,9 @@ class ConfigKeys:
         shared_width: the shared expert's intermediate width.
     """
 
-    experts: str = "num_experts"
-    top_k: str = "num_experts_per_tok"
-    expert_width: str = "moe_intermediate_size"
+    experts: str | None = "num_experts"
+    top_k: str | None = "num_experts_per_tok"
+    expert_width: str | None = "moe_intermediate_size"
     dense_layers: str | None = "mlp_only_layers"
     sparse_step: str | None = "decoder_sparse_step"
     norm_topk: str | None = "norm_topk_prob"
@@ -78,11 +82,23 @@ class Router:
 
 @dataclass(frozen=True)
 class Sites:
-    """Module paths of the sites inside a decoder layer (dotted, relative to the layer)."""
+    """Module paths of the sites inside a decoder layer (dotted, relative to the layer).
+
+    Attributes:
+        attention: the attention module (``attn_out``).
+        moe: the MLP module: the MoE block of an MoE layer (``moe_out``), the dense MLP of a
+            dense layer (``mlp_out``); the tensors under this prefix differ between the two kinds.
+        router: the router module of an MoE layer (``router_logits``, ``topk_idx``, ``topk_weight``).
+        shared: the shared expert's module (None: the family has none); ``shared_out`` is its
+            output times the sigmoid of ``shared_gate``'s output, as the MoE block combines them.
+        shared_gate: the shared expert's gate module (None: the shared output is not gated).
+    """
 
     attention: str = "self_attn"
     moe: str = "mlp"
     router: str = "mlp.gate"
+    shared: str | None = None
+    shared_gate: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,7 +161,14 @@ class Family:
         model_types: transformers ``model_type`` values it serves.
         gguf_arch: the GGUF ``general.architecture`` name (one of ``gguf.MODEL_ARCH_NAMES``).
         hf_architecture: the transformers class name written in a config built from GGUF.
-        tensors: unfused transformers name inside a decoder layer -> shape (symbols of :meth:`dims`).
+        tensors: unfused transformers name inside a decoder layer -> shape (symbols of :meth:`dims`), as an
+            MoE layer holds them (a dense family: its layers' attention and norms).
+        dense_tensors: the tensors of a dense layer's MLP (under ``sites.moe``), which replace the
+            MoE block's tensors in the layers :meth:`dense_layers` names (see :meth:`layer_tensors`).
+        gguf_vectors: unfused names whose GGUF tensor is a vector although transformers holds a
+            matrix of one row (Qwen2-MoE's ``mlp.shared_expert_gate.weight``, (1, hidden) -> (hidden,)).
+        gguf_permute_qk: llama.cpp's convert script permutes ``attn_q``/``attn_k`` rows for its
+            rotary layout (``LlamaModel.permute``); True writes them permuted and unpermutes on read.
         global_tensors: transformers name outside the layers -> shape.
         fused: fused transformers key -> the unfused names concatenated along dim 1 (rows) to make it.
         expert_projs: projection name as users give it (``--plant 3:5:down``) -> unfused tensor name.
@@ -172,6 +195,7 @@ class Family:
     global_tensors: dict = field(default_factory=lambda: {
         "model.embed_tokens.weight": ("vocab", "hidden"), "model.norm.weight": ("hidden",),
         "lm_head.weight": ("vocab", "hidden")})
+    dense_tensors: dict = field(default_factory=dict)
     fused: dict = field(default_factory=dict)
     expert_projs: dict = field(default_factory=dict)
     keys: ConfigKeys = ConfigKeys()
@@ -181,12 +205,14 @@ class Family:
     gguf_config: dict = field(default_factory=dict)
     gguf_extra: tuple = ()
     dim_keys: dict = field(default_factory=dict)
+    gguf_permute_qk: bool = False
+    gguf_vectors: tuple = ()
     gguf_experts: str = "any"
     checked: tuple = ()
 
     def __post_init__(self):
         # A family file is data a user may write: check it when it is made, naming what is wrong.
-        for hf, shape in {**self.tensors, **self.global_tensors}.items():
+        for hf, shape in {**self.tensors, **self.dense_tensors, **self.global_tensors}.items():
             valid = (*SHAPE_SYMBOLS, *self.dim_keys)
             bad = [s for s in shape if not isinstance(s, int) and s not in valid]
             if bad:
@@ -211,14 +237,20 @@ class Family:
         return (n_experts > 0) == (self.gguf_experts == "moe")
 
     # -- sizes, read through the config keys ------------------------------------------------
+    @property
+    def has_experts(self) -> bool:
+        """Whether the family has MoE layers at all (a dense family has none)."""
+        return self.keys.experts is not None
+
     def n_experts(self, config) -> int:
-        return int(getattr(config, self.keys.experts))
+        """Routed experts per MoE layer (0 for a dense family)."""
+        return int(getattr(config, self.keys.experts) or 0) if self.has_experts else 0
 
     def top_k(self, config) -> int:
-        return int(getattr(config, self.keys.top_k))
+        return int(getattr(config, self.keys.top_k) or 0) if self.keys.top_k else 0
 
     def expert_width(self, config) -> int:
-        return int(getattr(config, self.keys.expert_width))
+        return int(getattr(config, self.keys.expert_width) or 0) if self.keys.expert_width else 0
 
     def head_dim(self, config) -> int:
         """The attention head width; derived as transformers' modules derive it when the config has none."""
@@ -227,11 +259,33 @@ class Family:
     def dense_layers(self, config) -> list[int]:
         """Indices of the decoder layers whose MLP is dense (no router, no experts)."""
         n = int(config.num_hidden_layers)
+        if not self.has_experts or self.n_experts(config) == 0:
+            return list(range(n))  # transformers builds a dense MLP where there are no experts
         dense = set(getattr(config, self.keys.dense_layers, None) or []) if self.keys.dense_layers else set()
         step = int(getattr(config, self.keys.sparse_step, 1) or 1) if self.keys.sparse_step else 1
         # transformers' rule: layer i is MoE when (i + 1) % step == 0 and it is not listed as dense.
         dense |= {i for i in range(n) if (i + 1) % step}
         return sorted(i for i in dense if 0 <= i < n)
+
+    def moe_layers(self, config) -> list[int]:
+        """Indices of the decoder layers whose MLP is a mixture of experts."""
+        dense = set(self.dense_layers(config))
+        return [i for i in range(int(config.num_hidden_layers)) if i not in dense]
+
+    def _moe_prefix(self) -> str:
+        return self.sites.moe + "."
+
+    def layer_tensors(self, config, layer: int) -> dict:
+        """Unfused transformers name inside decoder ``layer`` -> shape: an MoE layer's :attr:`tensors`, or for
+        a dense layer those outside the MLP plus :attr:`dense_tensors`."""
+        if layer not in set(self.dense_layers(config)):
+            return dict(self.tensors)
+        if not self.dense_tensors:
+            raise MoetraceError(f"family {self.name}: layer {layer} is dense, but the family defines no dense MLP "
+                                f"tensors (dense_tensors)")
+        out = {hf: s for hf, s in self.tensors.items() if not hf.startswith(self._moe_prefix())}
+        out.update(self.dense_tensors)
+        return out
 
     def dims(self, config) -> dict[str, int]:
         """The value of every shape symbol for ``config``."""
@@ -256,13 +310,39 @@ class Family:
             raise MoetraceError(f"family {self.name}: GGUF architecture {self.gguf_arch!r} is unknown to gguf-py")
         return gguf.get_tensor_name_map(archs[self.gguf_arch], 1)
 
+    @cached_property
+    def _generic_map(self):
+        import gguf
+
+        return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 1)
+
+    def gguf_unwritable(self, config) -> str | None:
+        """Why this model cannot be a GGUF file of the family's architecture (None: it can)."""
+        import gguf
+
+        archs = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+        known = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[archs[self.gguf_arch]]}
+        dense = self.dense_layers(config)
+        for hf in self.dense_tensors:
+            stem = self.layer_stems_unfused[hf]
+            if dense and stem not in {k.format(bid=0).split(".", 2)[-1] if "{bid}" in k else k for k in known}:
+                return (f"layers {dense} are dense (a {stem} tensor), which llama.cpp's {self.gguf_arch} "
+                        f"architecture cannot hold")
+        return None
+
     def _gguf_name(self, hf: str) -> str:
         """GGUF name (``blk.0.attn_q.weight``) of a transformers name (``model.layers.0.self_attn.q_proj.weight``)."""
-        base = hf[: -len(".weight")] if hf.endswith(".weight") else hf
+        suffix = ".bias" if hf.endswith(".bias") else ".weight"
+        base = hf[: -len(suffix)] if hf.endswith(suffix) else hf
         g = self._name_map.get_name(base)
+        if g is None and hf.split("model.layers.0.")[-1] in self.dense_tensors:
+            # A dense layer in an architecture whose llama.cpp graph has none (qwen3moe with
+            # mlp_only_layers): llama.cpp's generic names (ffn_gate, ...) serve the recipe and the
+            # audit; such a model cannot be written as a GGUF file (see gguf_unwritable).
+            g = self._generic_map.get_name(base)
         if g is None:
             raise MoetraceError(f"family {self.name}: gguf-py has no {self.gguf_arch} tensor for {hf!r}")
-        return g + ".weight"
+        return g + suffix
 
     @cached_property
     def layer_stems(self) -> dict[str, str | tuple[str, ...]]:
@@ -276,10 +356,24 @@ class Family:
         out.update({key: tuple(unfused[p] for p in parts) for key, parts in self.fused.items()})
         return out
 
-    def gguf_layer_names(self, layer: int) -> dict[str, str | tuple[str, ...]]:
-        """Transformers key inside layer ``layer`` -> full GGUF name(s)."""
-        full = lambda s: f"blk.{layer}.{s}.weight"  # noqa: E731
-        return {hf: tuple(map(full, s)) if isinstance(s, tuple) else full(s) for hf, s in self.layer_stems.items()}
+    def gguf_layer_names(self, layer: int, config=None) -> dict[str, str | tuple[str, ...]]:
+        """Transformers key inside layer ``layer`` -> full GGUF name(s).
+
+        Without ``config``: the names of both layer kinds (an MoE layer's and a dense layer's MLP
+        tensors never share a key), for lookups by key; with it: only the keys layer ``layer`` has.
+        """
+        def full(hf, s):
+            suffix = ".bias" if hf.endswith(".bias") else ".weight"
+            return tuple(f"blk.{layer}.{x}{suffix}" for x in s) if isinstance(s, tuple) else f"blk.{layer}.{s}{suffix}"
+
+        names = {hf: full(hf, s) for hf, s in self.layer_stems.items()}
+        if config is None:
+            return names
+        keys = self.layer_tensors(config, layer)
+        in_fused = {n for parts in self.fused.values() for n in parts}
+        keep = {hf for hf in keys if hf not in in_fused}
+        keep |= {fk for fk, parts in self.fused.items() if all(p in keys for p in parts)}
+        return {hf: g for hf, g in names.items() if hf in keep}
 
     @cached_property
     def global_names(self) -> dict[str, str]:
@@ -294,7 +388,11 @@ class Family:
     @cached_property
     def layer_stems_unfused(self) -> dict[str, str]:
         """Unfused transformers name inside a layer -> GGUF stem, from gguf-py's map."""
-        return {hf: self._gguf_name("model.layers.0." + hf)[len("blk.0."):-len(".weight")] for hf in self.tensors}
+        def stem(hf):
+            g = self._gguf_name("model.layers.0." + hf)[len("blk.0."):]
+            return g.rsplit(".", 1)[0]
+
+        return {hf: stem(hf) for hf in {**self.tensors, **self.dense_tensors}}
 
     @staticmethod
     def layer_prefix(layer: int) -> str:
@@ -308,14 +406,39 @@ class Family:
         g = self.global_names
         out = {g["model.embed_tokens.weight"]: shape(self.global_tensors["model.embed_tokens.weight"])}
         for i in range(int(config.num_hidden_layers)):
-            for hf, sym in self.tensors.items():
-                out[f"blk.{i}.{self.layer_stems_unfused[hf]}.weight"] = shape(sym)
+            for hf, sym in self.layer_tensors(config, i).items():
+                suffix = ".bias" if hf.endswith(".bias") else ".weight"
+                dims = shape(sym)
+                out[f"blk.{i}.{self.layer_stems_unfused[hf]}{suffix}"] = (
+                    (int(np.prod(dims)),) if hf in self.gguf_vectors else dims)
         for hf, sym in self.global_tensors.items():
             if hf == "model.embed_tokens.weight" or (hf == "lm_head.weight" and getattr(config, "tie_word_embeddings",
                                                                                          False)):
                 continue
             out[g[hf]] = shape(sym)
         return out
+
+    def hf_shape(self, hf: str, config) -> tuple[int, ...]:
+        """The shape transformers holds the unfused tensor ``hf`` (inside a layer) in."""
+        d = self.dims(config)
+        sym = {**self.tensors, **self.dense_tensors}[hf]
+        return tuple(s if isinstance(s, int) else d[s] for s in sym)
+
+    def gguf_row_order(self, gguf_name: str, config):
+        """Row indices taking a transformers tensor to its GGUF row order (None: the same order).
+
+        llama.cpp's convert script (``LlamaModel.permute``) regroups each head's rows of ``attn_q``
+        and ``attn_k`` from halves (transformers' rotate_half) to interleaved pairs; GGUF row r is
+        transformers row ``order[r]``. The inverse (``np.argsort``) undoes it on read.
+        """
+        if not self.gguf_permute_qk:
+            return None
+        stem = gguf_name.split(".")[-2]
+        if stem not in ("attn_q", "attn_k"):
+            return None
+        heads = int(config.num_attention_heads if stem == "attn_q" else config.num_key_value_heads)
+        rows = np.arange(heads * self.head_dim(config))
+        return rows.reshape(heads, 2, -1).swapaxes(1, 2).reshape(-1)
 
     # -- GGUF metadata ------------------------------------------------------------------------
     def gguf_metadata(self, config) -> list[tuple]:
@@ -339,6 +462,21 @@ class Family:
 
     def router(self, layer: torch.nn.Module) -> torch.nn.Module:
         return layer.get_submodule(self.sites.router)
+
+    def is_moe_layer(self, layer: torch.nn.Module) -> bool:
+        """Whether a decoder-layer module holds an MoE block (its router exists), not a dense MLP."""
+        try:
+            layer.get_submodule(self.sites.router)
+        except AttributeError:
+            return False
+        return self.has_experts
+
+    def shared(self, layer: torch.nn.Module):
+        """(shared expert module, its gate module or None) of an MoE layer, or None where the family has none."""
+        if self.sites.shared is None:
+            return None
+        gate = layer.get_submodule(self.sites.shared_gate) if self.sites.shared_gate else None
+        return layer.get_submodule(self.sites.shared), gate
 
     def router_outputs(self, out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits (token, expert), topk_idx (token, k), topk_weight (token, k)) from the router's output."""

@@ -50,10 +50,10 @@ def write_hparams(family, config) -> list[tuple]:
         (key(A.LAYERNORM_RMS_EPS), float(c.rms_norm_eps), V.FLOAT32),
         (key(A.KEY_LENGTH), d["head_dim"], V.UINT32),
         (key(A.VALUE_LENGTH), d["head_dim"], V.UINT32),
-        (key(K.EXPERT_COUNT), d["experts"], V.UINT32),
-        (key(K.EXPERT_USED_COUNT), family.top_k(c), V.UINT32),
-        (key(K.EXPERT_FEED_FORWARD_LENGTH), d["expert_width"], V.UINT32),
     ]
+    if family.has_experts:  # a dense family (Qwen3, Llama) writes no expert keys, as convert_hf_to_gguf
+        kv += [(key(K.EXPERT_COUNT), d["experts"], V.UINT32), (key(K.EXPERT_USED_COUNT), family.top_k(c), V.UINT32),
+               (key(K.EXPERT_FEED_FORWARD_LENGTH), d["expert_width"], V.UINT32)]
     if family.keys.norm_topk:
         kv.append((key(K.EXPERT_WEIGHTS_NORM), bool(getattr(c, family.keys.norm_topk, True)), V.BOOL))
     if d["shared_width"]:
@@ -102,7 +102,7 @@ def read_config(family, field, tensors: dict, where: str):
     gate = tensors.get(f"blk.0.{family.expert_stems.get('gate', '')}.weight")
     if expert_ff is None and gate is not None:
         expert_ff = int(gate.shape[1])  # ne = (hidden, I, E)
-    if expert_ff is None:
+    if expert_ff is None and family.has_experts:
         raise MoetraceError(f"GGUF file {where!r} lacks {key(K.EXPERT_FEED_FORWARD_LENGTH)}")
     scaling = opt(gguf.Keys.Rope.SCALING_TYPE)
     if scaling not in (None, "none"):
@@ -112,20 +112,21 @@ def read_config(family, field, tensors: dict, where: str):
         "architectures": [family.hf_architecture],
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": int(opt(K.FEED_FORWARD_LENGTH, 3 * int(expert_ff))),
-        k.expert_width: int(expert_ff),
+        "intermediate_size": int(opt(K.FEED_FORWARD_LENGTH) if not family.has_experts else
+                                 opt(K.FEED_FORWARD_LENGTH, 3 * int(expert_ff))),
         "num_hidden_layers": int(req(K.BLOCK_COUNT)),
         "num_attention_heads": heads,
         "num_key_value_heads": int(opt(A.HEAD_COUNT_KV, heads)),
         "head_dim": int(opt(A.KEY_LENGTH, hidden // heads)),
-        k.experts: int(req(K.EXPERT_COUNT)),
-        k.top_k: int(req(K.EXPERT_USED_COUNT)),
         "max_position_embeddings": int(opt(K.CONTEXT_LENGTH, 4096)),
         "rms_norm_eps": _f32(req(A.LAYERNORM_RMS_EPS)),
         "rope_parameters": {"rope_type": "default", "rope_theta": _f32(opt(gguf.Keys.Rope.FREQ_BASE, 1_000_000.0))},
         "tie_word_embeddings": family.global_names["lm_head.weight"] not in tensors,
         "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
     }
+    if family.has_experts:
+        d.update({k.expert_width: int(expert_ff), k.experts: int(req(K.EXPERT_COUNT)),
+                  k.top_k: int(req(K.EXPERT_USED_COUNT))})
     if k.shared_width:
         d[k.shared_width] = int(opt(K.EXPERT_SHARED_FEED_FORWARD_LENGTH, 0))
     for suffix, cfg_key, _ in family.gguf_extra:

@@ -49,6 +49,8 @@ FAMILY = Family(
         renames={"block_sparse_moe.": "mlp."},
     ),
     gguf_config={"hidden_act": "silu", "sliding_window": None},
+    # llama.cpp's convert script (LlamaModel, which Mixtral uses) permutes attn_q/attn_k rows.
+    gguf_permute_qk=True,
     checked=(
         "reference logits and every layer's resid equal transformers' fp32 forward (per-expert and fused keys)",
         "GGUF written by quantize: gguf-py names, re-read as a model source equal to gguf-fp32",

@@ -30,6 +30,12 @@ FAMILY = Family(
         "mlp.experts.up_proj": ("experts", "expert_width", "hidden"),
         "mlp.experts.down_proj": ("experts", "hidden", "expert_width"),
     },
+    # The layers mlp_only_layers / decoder_sparse_step make dense hold a Qwen3MoeMLP of intermediate_size.
+    dense_tensors={
+        "mlp.gate_proj.weight": ("ffn_width", "hidden"),
+        "mlp.up_proj.weight": ("ffn_width", "hidden"),
+        "mlp.down_proj.weight": ("hidden", "ffn_width"),
+    },
     fused={"mlp.experts.gate_up_proj": ("mlp.experts.gate_proj", "mlp.experts.up_proj")},
     expert_projs={"gate": "mlp.experts.gate_proj", "up": "mlp.experts.up_proj", "down": "mlp.experts.down_proj"},
     keys=ConfigKeys(),
@@ -43,5 +49,7 @@ FAMILY = Family(
         "reference logits and every layer's resid equal transformers' fp32 forward (fused keys; per-expert fused on read)",
         "GGUF written by quantize loads in transformers' own GGUF loader",
         "llama.cpp recipe (Qwen3-30B-A3B's table in NUMERICS.md)",
+        "dense layers (decoder_sparse_step, mlp_only_layers): every layer's resid equal transformers' fp32 "
+        "forward; refused as a qwen3moe GGUF in one line",
     ),
 )

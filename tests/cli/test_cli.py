@@ -134,7 +134,7 @@ def test_demo_text_routes_to_demo_plant(tmp_path):
                        tokenize([DEMO_TEXT], src.tokenizer), tmp_path)
     import moetrace as mt
 
-    idx = mt.open_trace(stores["orig-fp32"]).topk_idx.sel(mode="free", layer=int(layer)).values
+    idx = mt.open_trace(stores["orig-fp32"]).topk_idx.sel(mode="free", moe_layer=int(layer)).values
     assert (idx == int(expert)).any(-1).sum() >= 10
 
 

@@ -40,6 +40,9 @@ def test_qwen3_moe_gguf_names_are_llama_cpp_names():
         "post_attention_layernorm.weight": "blk.7.ffn_norm.weight",
         "mlp.gate.weight": "blk.7.ffn_gate_inp.weight", "mlp.experts.down_proj": "blk.7.ffn_down_exps.weight",
         "mlp.experts.gate_up_proj": ("blk.7.ffn_gate_exps.weight", "blk.7.ffn_up_exps.weight"),
+        # a dense layer's MLP (mlp_only_layers / decoder_sparse_step): llama.cpp's generic ffn names
+        "mlp.gate_proj.weight": "blk.7.ffn_gate.weight", "mlp.up_proj.weight": "blk.7.ffn_up.weight",
+        "mlp.down_proj.weight": "blk.7.ffn_down.weight",
     }
     assert arch.by_model_type("qwen3_moe").global_names == {
         "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",

@@ -135,10 +135,20 @@ def _dequantized_with_gguf_py(path, model):
     arch_id = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch_name]
     n = model.config.num_hidden_layers
     tmap = gguf.get_tensor_name_map(arch_id, n)
+    # llama.cpp's convert script permutes llama's attn_q/attn_k rows; transformers' own tensor
+    # processor for the architecture (where it has one) undoes it.
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS
+
+    heads = {"num_attention_heads": model.config.num_attention_heads,
+             "num_key_value_heads": model.config.num_key_value_heads}
+    proc = TENSOR_PROCESSORS[arch_name](config=heads) if arch_name in TENSOR_PROCESSORS else None
     data = {}
     for t in reader.tensors:
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        data[t.name] = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(shape))
+        w = np.array(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(shape)
+        if proc is not None and ("attn_q." in t.name or "attn_k." in t.name):
+            w = proc.process(w, t.name).weights
+        data[t.name] = torch.from_numpy(np.ascontiguousarray(w))
     state = {}
     for key in model.state_dict():
         base = key[: -len(".weight")] if key.endswith(".weight") else key
@@ -252,8 +262,9 @@ def test_recipe_cli_prints_the_family_types():
     assert "Q8_0" in line
 
 
-def test_llama_gguf_without_experts_is_one_line_error(tmp_path):
-    """llama.cpp's llama architecture is Mixtral only with experts; a dense one is refused by name."""
+def test_llama_gguf_architecture_is_split_by_expert_count(tmp_path):
+    """llama.cpp's llama architecture is Mixtral with experts and dense Llama without; a file that
+    lacks what the chosen family needs is a one-line error naming the key."""
     path = tmp_path / "dense.gguf"
     w = gguf.GGUFWriter(str(path), arch="llama")
     w.add_block_count(1)
@@ -263,10 +274,12 @@ def test_llama_gguf_without_experts_is_one_line_error(tmp_path):
     w.close()
     p = moetrace_cli("run", "--model", str(path), "--variant", "orig-bf16", "-q", check=False)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
-    assert "'llama'" in p.stderr and "without experts" in p.stderr and "mixtral (llama with experts)" in p.stderr
-    assert arch.by_gguf_arch("llama", n_experts=8) is arch.by_name("mixtral")
-    with pytest.raises(MoetraceError, match="without experts"):
-        arch.by_gguf_arch("llama", n_experts=0)
+    assert "'llama.embedding_length'" in p.stderr
+    moe, dense = arch.by_gguf_arch("llama", n_experts=8), arch.by_gguf_arch("llama", n_experts=0)
+    assert moe is arch.by_name("mixtral") and dense.gguf_experts == "dense" and not dense.has_experts
+    with pytest.raises(MoetraceError, match="told apart by llama.expert_count") as e:
+        arch.by_gguf_arch("llama")
+    assert "\n" not in str(e.value)
 
 
 def test_mixtral_depth_is_never_llama_70b():

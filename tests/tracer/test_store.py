@@ -19,8 +19,11 @@ def test_plain_xarray_reads_store_with_schema(tiny_run, tiny_tokens):
     _, stores = tiny_run
     ds = xr.open_zarr(stores["orig-bf16"])
     assert ds.resid.dims == ("mode", "layer", "token", "hidden")
-    assert ds.router_logits.dims == ("mode", "layer", "token", "expert")
-    assert ds.topk_idx.dims == ("mode", "layer", "token", "k") and ds.topk_idx.dtype == np.int16
+    # router variables lie along moe_layer, whose coordinate is the MoE layers (all of builtin:tiny's)
+    assert ds.router_logits.dims == ("mode", "moe_layer", "token", "expert")
+    assert ds.topk_idx.dims == ("mode", "moe_layer", "token", "k") and ds.topk_idx.dtype == np.int16
+    assert np.array_equal(ds.moe_layer.values, ds.layer.values) and "dense_layer" not in ds.coords
+    assert "mlp_out" not in ds and "shared_out" not in ds
     assert ds.logits.dims == ("mode", "token", "vocab")
     assert list(ds["mode"].values) == ["free", "teacher", "routing"]
     assert np.array_equal(ds.token_id.values, tiny_tokens.ids)

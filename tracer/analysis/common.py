@@ -81,16 +81,36 @@ def require_mode(ds: xr.Dataset, *modes: str, hint: str | None = None) -> None:
         raise MoetraceError(f"{store_name(ds)} has no {m!r} mode (it has {', '.join(have) or 'none'}); {hint}")
 
 
+def per_layer(da: xr.DataArray) -> xr.DataArray:
+    """``da`` with its ``moe_layer``/``dense_layer`` dimension named ``layer`` (its coordinate keeps the true layer
+    indices), so a variable recorded on one kind of layer only is analysed as any per-layer variable."""
+    for dim in ("moe_layer", "dense_layer"):
+        if dim in da.dims:
+            return da.rename({dim: "layer"})
+    return da
+
+
 def reference(ref: xr.Dataset, name: str) -> xr.DataArray:
-    """The reference's ``name`` variable in its free mode, without the ``mode`` dimension."""
+    """The reference's ``name`` variable in its free mode, without the ``mode`` dimension (layer dim: ``layer``)."""
     da = ref[name]
-    return da.sel(mode=REFERENCE_MODE, drop=True) if "mode" in da.dims else da
+    return per_layer(da.sel(mode=REFERENCE_MODE, drop=True) if "mode" in da.dims else da)
 
 
 def variant(var: xr.Dataset, name: str, mode: str) -> xr.DataArray:
-    """The variant's ``name`` variable in ``mode`` (checked), without the ``mode`` dimension."""
+    """The variant's ``name`` variable in ``mode`` (checked), without the ``mode`` dimension (layer dim: ``layer``)."""
     require_mode(var, mode)
-    return var[name].sel(mode=mode, drop=True)
+    return per_layer(var[name].sel(mode=mode, drop=True))
+
+
+def require_moe_layers(ds: xr.Dataset, what: str) -> None:
+    """Raise one line where ``ds`` holds no routing because its model has no MoE layer (a dense model).
+
+    Raises:
+        MoetraceError: naming the store and ``what`` could not be done.
+    """
+    if "topk_idx" not in ds and "moe_layer" not in ds.coords and "dense_layer" in ds.coords:
+        raise MoetraceError(f"{store_name(ds)} has no routing to {what}: its model has no mixture-of-experts layer "
+                            f"(dense layers {', '.join(map(str, ds['dense_layer'].values))})")
 
 
 def check_comparable(ref: xr.Dataset, var: xr.Dataset) -> None:

@@ -31,8 +31,9 @@ import numpy as np
 import xarray as xr
 
 from moetrace.errors import MoetraceError
-from moetrace.tracer.analysis.common import (analysis_attrs, check_comparable, floor_fmt, floor_multiples, reference, require_mode,
-                                             nonfinite_attrs, nonfinite_lines, require_sites, variant)
+from moetrace.tracer.analysis.common import (analysis_attrs, check_comparable, floor_fmt, floor_multiples, reference,
+                                             require_mode, nonfinite_attrs, nonfinite_lines, require_moe_layers,
+                                             require_sites, variant)
 from moetrace.tracer.render.table import Column, Table, layer_table
 
 # Edges of the k/(k+1) logit-margin bins (router logit units); the last bin is open.
@@ -82,6 +83,7 @@ def _ufunc(fn, *args, core, out_core=(), out_sizes=None, dtype=np.float64, **kwa
 def _check(ref: xr.Dataset, var: xr.Dataset, mode: str) -> None:
     check_comparable(ref, var)
     require_mode(var, mode)
+    require_moe_layers(ref, "compare")
     require_sites(ref, "reference", "topk_idx", "router_logits")
     require_sites(var, "variant", "topk_idx", "router_logits")
 

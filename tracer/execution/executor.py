@@ -30,13 +30,14 @@ import copy
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from moetrace.errors import MoetraceError
 from moetrace.hooks import arch
-from moetrace.hooks.sites import ALL_SITES, LAYER_SITES, capture
+from moetrace.hooks.sites import ALL_SITES, LAYER_SITES, capture, layer_kind_sites
 from moetrace.tracer.execution.nonfinite import Findings
 from moetrace.tracer.store import location as store_loc
 from moetrace.tracer.store.zarr_store import Tokens, TraceWriter
@@ -95,12 +96,13 @@ class RunConfig:
 
 
 def _check_supported(config, source, family) -> None:
-    """Refuse, by name, the layer kinds the executor cannot run faithfully yet."""
+    """Refuse, by name, the layer kinds the executor cannot run faithfully: a dense layer in a family
+    that does not say what a dense layer holds."""
     dense = family.dense_layers(config)
-    if dense:
+    if dense and not family.dense_tensors:
         raise MoetraceError(
             f"{source.model_id}: layers {dense} have a dense MLP ({family.keys.dense_layers}/"
-            f"{family.keys.sparse_step}); moetrace traces models whose every decoder layer is a mixture of experts"
+            f"{family.keys.sparse_step}), which family {family.name} does not describe (no dense_tensors)"
         )
 
 
@@ -205,18 +207,48 @@ class _Model:
         norm.load_state_dict({"weight": weight}, strict=True, assign=True)
         return norm.eval()
 
+    @cached_property
+    def layer_types(self) -> list[str]:
+        """Each decoder layer's attention kind (``full_attention``, ``sliding_attention``), as the model's forward
+        picks its mask: from ``config.layer_types`` where the config has them (Qwen2-MoE, Qwen3: a
+        ``sliding_window`` there applies only to the layers marked sliding), else one kind for every layer,
+        sliding where ``config.sliding_window`` is set (Mixtral)."""
+        n = int(self.config.num_hidden_layers)
+        types = getattr(self.config, "layer_types", None)
+        if types:
+            types = list(types)[:n]
+        else:
+            kind = "full_attention" if getattr(self.config, "sliding_window", None) is None else "sliding_attention"
+            types = [kind] * n
+        unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+        if unknown:
+            raise MoetraceError(f"model config layer_types has {unknown[0]!r}; supported: full_attention, "
+                                f"sliding_attention")
+        return types
+
     def context(self, hidden: torch.Tensor, positions: torch.Tensor):
-        """(causal mask, position embeddings) for one sequence (1, T, H), as the model's forward makes them."""
+        """(attention kind -> causal mask, position embeddings) for one sequence (1, T, H), as the model's
+        forward makes them; a layer takes the mask of its kind (:attr:`layer_types`)."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         position_ids = positions.unsqueeze(0)  # (1, T)
-        # The mask the model's own forward builds: a sliding window where the config sets one.
-        make_mask = create_causal_mask if getattr(self.config, "sliding_window", None) is None else (
-            create_sliding_window_causal_mask)
-        mask = make_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids
-        )
-        return mask, self.rotary(hidden, position_ids=position_ids)
+        makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+        masks = {kind: makers[kind](config=self.config, inputs_embeds=hidden, attention_mask=None, cache=None,
+                                    position_ids=position_ids)
+                 for kind in sorted(set(self.layer_types))}
+        return masks, self.rotary(hidden, position_ids=position_ids)
+
+
+def store_sizes(source) -> dict:
+    """The sizes a trace store of ``source`` takes (see moetrace.tracer.store.schema): layers, hidden,
+    expert, k, vocab, the MoE and dense layer indices, and whether the family has a shared expert."""
+    cfg = source.config
+    fam = arch.family_of(cfg)
+    return {
+        "layers": source.num_layers, "hidden": cfg.hidden_size, "expert": fam.n_experts(cfg),
+        "k": fam.top_k(cfg), "vocab": cfg.vocab_size, "moe_layers": fam.moe_layers(cfg),
+        "dense_layers": fam.dense_layers(cfg), "shared": fam.sites.shared is not None,
+    }
 
 
 def _cat(records: list[dict]) -> dict:
@@ -562,6 +594,10 @@ class _Run:
     def n_layers(self) -> int:
         return self.sizes["layers"]
 
+    @property
+    def dense_layers(self) -> set:
+        return set(self.sizes["dense_layers"])
+
     def emit(self, event, **info):
         if self.progress:
             self.progress(event, **info)
@@ -578,10 +614,12 @@ def _plan(source, config: RunConfig, tokens: Tokens, progress) -> _Run:
     need_ref_topk = "routing" in config.modes
     ref_sites = sorted(set(layer_sites) | ({"topk_idx"} if need_ref_topk else set()))
     n_layers = source.num_layers
-    sizes = {
-        "layers": n_layers, "hidden": cfg.hidden_size, "expert": model.family.n_experts(cfg),
-        "k": model.family.top_k(cfg), "vocab": cfg.vocab_size,
-    }
+    fam = model.family
+    moe_layers = fam.moe_layers(cfg)
+    if need_ref_topk and not moe_layers:
+        raise MoetraceError(f"{source.model_id} has no mixture-of-experts layer, so mode 'routing' (the reference's "
+                            f"expert choices) does not apply; valid modes here: free, teacher")
+    sizes = store_sizes(source)
     base_attrs = {"model": source.model_id, "model_hash": source.model_hash, "seed": config.seed,
                   "config": config.to_dict(), "reference": ref.name}
     gguf_src = {}  # "" (plain --gguf FILE) or NAME -> GGUFSource
@@ -645,7 +683,8 @@ def _run_layer(run: _Run, L: int, loader: "_LayerLoader") -> None:
     _check_finite(run, run.ref.name, "free", L, *ref_recs["free"])
     if run.ref.name in run.writers:
         run.writers[run.ref.name].write_layer("free", L, _cat(ref_recs["free"][0]))
-    ref_topk = [r["topk_idx"] for r in ref_recs["free"][0]] if "routing" in run.config.modes else None
+    moe = L not in run.dense_layers
+    ref_topk = [r["topk_idx"] for r in ref_recs["free"][0]] if "routing" in run.config.modes and moe else None
     for v in run.variants:
         inputs = {m: [h.to(v.dtype) for h in ref_in] if m == "teacher" else run.streams[(v.name, m)]
                   for m in run.config.modes}
@@ -670,12 +709,14 @@ def _forward(run: _Run, L: int, v: Variant, state: dict, inputs: dict, sites: li
         mode -> (records per sequence, outputs per sequence (1, T_s, H)).
     """
     layer = run.model.layer(L, state, v.path)
+    sites = layer_kind_sites(sites, L not in run.dense_layers, run.sizes["shared"])
     out = {}
     for m, hs in inputs.items():
         recs, outs = [], []
         for s, h in enumerate(hs):
-            mask, pe = run.ctx[v.dtype][s]
-            forced = ref_topk[s] if m == "routing" else None
+            masks, pe = run.ctx[v.dtype][s]
+            mask = masks[run.model.layer_types[L]]
+            forced = ref_topk[s] if m == "routing" and ref_topk is not None else None  # dense layers: none
             with capture(layer, run.model.adapter, sites, forced_topk=forced) as rec:
                 outs.append(layer(h, attention_mask=mask, position_embeddings=pe))
             recs.append(rec)

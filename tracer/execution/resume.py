@@ -56,6 +56,14 @@ class ResumedWriter(TraceWriter):
                         f"without --resume"
                     )
             self.sizes = {"layers": g[present[0]].shape[1]} if present else {}
+            if "layer" in g:
+                self.sizes["layers"] = int(g["layer"].shape[0])
+            for dim in ("moe_layer", "dense_layer"):  # a store of earlier versions: router variables along layer
+                if dim in g:
+                    self.sizes[dim + "s"] = [int(x) for x in g[dim][...]]
+                elif any(S.LAYER_DIMS[n] == dim for n in present):
+                    self.sizes[dim + "s"] = list(range(self.sizes["layers"]))
+            self._index_layers(self.sizes)
             marks = {n for n in loc_.names(self.path) if n.startswith(S.PROGRESS_PREFIX)}
             self._start(markers=marks, done=_layers_done(self.path))
             self.attach(g)

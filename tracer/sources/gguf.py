@@ -149,13 +149,17 @@ class GGUFSource:
             raise MoetraceError(f"layer {layer} is outside {str(self.path)!r} (layers 0..{self.num_layers - 1})")
         out = {}
         try:
-            for hf, g in self.family.gguf_layer_names(layer).items():
+            for hf, g in self.family.gguf_layer_names(layer, self.config).items():
                 if isinstance(g, tuple):  # a fused tensor: its GGUF tensors concatenated along rows
                     out[hf] = self._read_experts(list(g))
                 elif len(self._get(g).shape) == 3:  # 3-D expert tensors: one expert at a time
                     out[hf] = self._read_experts([g])
                 else:
-                    out[hf] = self._read(g)
+                    w = self._read(g)
+                    order = self.family.gguf_row_order(g, self.config)
+                    if order is not None:  # back from llama.cpp's rotary row layout
+                        w = w[torch.from_numpy(np.argsort(order))]
+                    out[hf] = w.reshape(self.family.hf_shape(hf, self.config)) if hf in self.family.gguf_vectors else w
         finally:
             self._drop_pages()
         return out

@@ -93,11 +93,12 @@ def _encoded_size(meta) -> int | None:
     return None
 
 
-def _slab(dims, mode_names, index) -> str:
+def _slab(dims, mode_names, index, layers=None) -> str:
     parts = []
     for d, i in zip(dims, index):
-        if d == "layer":
-            parts.insert(0, f"of layer {i}")
+        if d in ("layer", "moe_layer", "dense_layer"):
+            L = layers[d][i] if layers and d in layers and i < len(layers[d]) else i
+            parts.insert(0, f"of layer {L}")
         elif d == "mode":
             parts.append(f"({mode_names[i]})")
     return " ".join(parts)
@@ -114,6 +115,7 @@ def check_chunks_present(path, group, names, complete: bool, done: int, storage_
     """
     present = loc_.listing(path, storage_options)
     modes = [str(m) for m in group["mode"][...]] if "mode" in group else []
+    layers = {d: [int(x) for x in group[d][...]] for d in ("moe_layer", "dense_layer") if d in group}
     for name in names:
         a = group[name]
         meta = a.metadata
@@ -122,6 +124,10 @@ def check_chunks_present(path, group, names, complete: bool, done: int, storage_
         if "layer" in dims:
             li = dims.index("layer")
             grid[li] = -(-done // meta.chunk_grid.chunk_shape[li])
+        elif set(dims) & set(layers):  # only the layers of one kind: those below `done` are promised
+            li = next(i for i, d in enumerate(dims) if d in layers)
+            n = sum(1 for L in layers[dims[li]] if L < done)
+            grid[li] = -(-n // meta.chunk_grid.chunk_shape[li])
         elif not complete:
             continue
         want = _encoded_size(meta)
@@ -130,15 +136,16 @@ def check_chunks_present(path, group, names, complete: bool, done: int, storage_
             got = present.get(key)
             if got is None or (want is not None and got != want):
                 what = "missing" if got is None else f"truncated or padded ({got} bytes, {want} expected)"
-                raise MoetraceError(f"{str(path)!r} is damaged: {name} {_slab(dims, modes, index)} - chunk {key} "
-                                    f"is {what}; trace it again")
+                where = _slab(dims, modes, index, layers)
+                raise MoetraceError(f"{str(path)!r} is damaged: {name} {where} - chunk {key} is {what}; trace it again")
 
 
 class _Checked:
     """A zarr array whose reads name the store, variable and layer when a chunk fails to decode."""
 
-    def __init__(self, array, store: str, name: str, dims, modes):
+    def __init__(self, array, store: str, name: str, dims, modes, layers=None):
         self.array, self.store, self.name, self.dims, self.modes = array, store, name, list(dims), modes
+        self.layers = layers
         self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
 
     def __getitem__(self, key):
@@ -147,7 +154,7 @@ class _Checked:
                 return self.array[key]
         except Exception as e:  # a checksum mismatch (ValueError) or a chunk that cannot be decoded
             start = [k.start or 0 if isinstance(k, slice) else int(k) for k in key]
-            where = _slab(self.dims, self.modes, start)
+            where = _slab(self.dims, self.modes, start, self.layers)
             msg = " ".join(str(e).split())  # one line
             raise MoetraceError(f"{self.store!r} is damaged: {self.name} {where} does not read back "
                                 f"({type(e).__name__}: {msg}); trace it again") from None
@@ -159,9 +166,10 @@ def _checked_reads(ds, group, store: str):
     import xarray as xr
 
     modes = [str(m) for m in ds["mode"].values] if "mode" in ds.coords else []
+    layers = {d: [int(x) for x in ds[d].values] for d in ("moe_layer", "dense_layer") if d in ds.coords}
     out = {}
     for name, var in ds.data_vars.items():
-        checked = _Checked(group[name], store, name, var.dims, modes)
+        checked = _Checked(group[name], store, name, var.dims, modes, layers)
         data = da.from_array(checked, chunks=var.chunks, name=f"moetrace-{store}-{name}", lock=False,
                              asarray=True, fancy=False)
         out[name] = xr.Variable(var.dims, data, attrs=var.attrs, encoding=var.encoding)

@@ -3,20 +3,35 @@
 This module is the one place the schema is defined. Every store opens with plain
 ``xarray.open_zarr(path_or_url)``.
 
-=================  ===============================  =======  =============================================
-variable           dims                             dtype    what
-=================  ===============================  =======  =============================================
-``resid``          (mode, layer, token, hidden)     float32  the decoder layer's output hidden state
-``attn_out``       (mode, layer, token, hidden)     float32  attention output, before the residual add
-``moe_out``        (mode, layer, token, hidden)     float32  MoE block output, before the residual add
-``router_logits``  (mode, layer, token, expert)     float32  router logits
-``topk_idx``       (mode, layer, token, k)          int16    chosen experts (-1 where not yet written)
-``topk_weight``    (mode, layer, token, k)          float32  their routing weights
-``logits``         (mode, token, vocab)             float32  final logits
-=================  ===============================  =======  =============================================
+=================  ===================================  =======  ==========================================
+variable           dims                                 dtype    what
+=================  ===================================  =======  ==========================================
+``resid``          (mode, layer, token, hidden)         float32  the decoder layer's output hidden state
+``attn_out``       (mode, layer, token, hidden)         float32  attention output, before the residual add
+``moe_out``        (mode, moe_layer, token, hidden)     float32  MoE block output (shared expert included)
+``shared_out``     (mode, moe_layer, token, hidden)     float32  the shared expert's output, gate applied
+``mlp_out``        (mode, dense_layer, token, hidden)   float32  a dense layer's MLP output
+``router_logits``  (mode, moe_layer, token, expert)     float32  router logits
+``topk_idx``       (mode, moe_layer, token, k)          int16    chosen experts (-1 where not yet written)
+``topk_weight``    (mode, moe_layer, token, k)          float32  their routing weights
+``logits``         (mode, token, vocab)                 float32  final logits
+=================  ===================================  =======  ==========================================
 
 Coordinates: ``mode`` (``free``, ``teacher``, ``routing``), ``layer``, ``token`` (0..T-1 over all
 sequences), and along ``token``: ``token_id``, ``seq``, ``pos``, ``token_text``.
+
+Layers without a router. A model may mix MoE layers and dense layers (Qwen3-MoE's
+``mlp_only_layers`` / ``decoder_sparse_step``), or have no MoE layer at all (Qwen3, Llama). The
+sites only one kind of layer has live on their own layer dimension, whose coordinate holds the
+decoder-layer indices of that kind: ``moe_layer`` (the MoE layers, e.g. ``[1, 3]``) for the MoE
+block, shared expert and router variables, ``dense_layer`` for ``mlp_out``. Nothing is stored for
+a layer that has no such tensor: no fill values, no masks to remember. ``moe_out`` and
+``shared_out`` are written only where the family has them (``shared_out``: a shared expert), and
+a model without MoE layers has no router variables at all (nor ``expert``/``k`` dimensions).
+``ds.topk_idx.sel(moe_layer=3)`` is layer 3's choice; analyses read these variables through
+``moetrace.tracer.analysis.common`` (``reference``/``variant``), which renames the dimension to
+``layer``, so per-layer results carry the true layer indices and cover MoE layers only. Stores of
+earlier versions held the router variables along ``layer``; they read the same way.
 Attributes: ``moetrace_version``, ``model``, ``model_hash``, ``variant``, ``modes``, ``sites``,
 ``seed``, ``torch_version``, ``transformers_version``, ``complete``, ``layers_done``, ``created``,
 and ``config`` (the run's configuration as JSON).
@@ -55,15 +70,46 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-# Per-layer sites: name -> (last dimension, dtype). Dims are (mode, layer, token, last).
+# Per-layer sites: name -> (last dimension, dtype). Dims are (mode, LAYER_DIM, token, last).
 LAYER_VARS = {
     "resid": ("hidden", "float32"),
     "attn_out": ("hidden", "float32"),
     "moe_out": ("hidden", "float32"),
+    "shared_out": ("hidden", "float32"),
+    "mlp_out": ("hidden", "float32"),
     "router_logits": ("expert", "float32"),
     "topk_idx": ("k", "int16"),
     "topk_weight": ("k", "float32"),
 }
+# The layer dimension of each per-layer site (see "Layers without a router" above); sizes key of its layer list.
+LAYER_DIMS = {"resid": "layer", "attn_out": "layer", "moe_out": "moe_layer", "shared_out": "moe_layer",
+              "mlp_out": "dense_layer", "router_logits": "moe_layer", "topk_idx": "moe_layer",
+              "topk_weight": "moe_layer"}
+LAYER_DIM_NAMES = ("layer", "moe_layer", "dense_layer")
+_LAYER_LISTS = {"moe_layer": "moe_layers", "dense_layer": "dense_layers"}
+
+
+def layer_list(sizes: dict, dim: str) -> list[int]:
+    """The decoder-layer indices along ``dim`` (``layer``: all of them; ``moe_layer``, ``dense_layer``)."""
+    if dim == "layer":
+        return list(range(sizes["layers"]))
+    if _LAYER_LISTS[dim] in sizes:
+        return [int(i) for i in sizes[_LAYER_LISTS[dim]]]
+    return list(range(sizes["layers"])) if dim == "moe_layer" else []  # sizes of a pure MoE model
+
+
+def stored_sites(sites, sizes: dict) -> list[str]:
+    """The per-layer and final sites of ``sites`` the store holds: a site on a layer dimension with no
+    layers (router sites of a dense model, ``mlp_out`` of a pure MoE model) is not stored, nor
+    ``shared_out`` where the family has no shared expert (``sizes["shared"]`` false)."""
+    out = []
+    for name in sites:
+        if name in LAYER_DIMS and not layer_list(sizes, LAYER_DIMS[name]):
+            continue
+        if name == "shared_out" and not sizes.get("shared"):
+            continue
+        out.append(name)
+    return out
 LOCK_NAME = ".moetrace-writer.lock"
 PROGRESS_PREFIX = ".moetrace-layers-done."
 # The layers_done attribute of an incomplete store is refreshed at most this often (seconds);
@@ -126,15 +172,18 @@ def data_specs(sizes: dict, n_modes: int, n_tokens: int, sites) -> list[ArraySpe
     """The data arrays of a store recording ``sites``.
 
     Args:
-        sizes: ``layers``, ``hidden``, ``expert``, ``k``, ``vocab``.
+        sizes: ``layers``, ``hidden``, ``expert``, ``k``, ``vocab``, and ``moe_layers``, ``dense_layers``
+            (layer index lists; absent: every layer MoE), ``shared`` (a shared expert).
     """
-    m, L, T = n_modes, sizes["layers"], n_tokens
+    m, T = n_modes, n_tokens
+    sites = stored_sites(sites, sizes)
     out = []
     for name, (last, dtype) in LAYER_VARS.items():
         if name in sites:
-            n = sizes[last]
+            n, dim = sizes[last], LAYER_DIMS[name]
+            L = len(layer_list(sizes, dim))
             out.append(ArraySpec(name, (m, L, T, n), (1, 1, T, n), dtype, -1 if dtype == "int16" else float("nan"),
-                                 ("mode", "layer", "token", last)))
+                                 ("mode", dim, "token", last)))
     if "logits" in sites:
         V = sizes["vocab"]
         out.append(ArraySpec("logits", (m, T, V), (1, logit_chunk_tokens(T, V), V), "float32", float("nan"),
@@ -142,11 +191,15 @@ def data_specs(sizes: dict, n_modes: int, n_tokens: int, sites) -> list[ArraySpe
     return out
 
 
-def coordinates(modes, n_layers: int, tokens: Tokens) -> dict:
-    """name -> (dims, values) of the store's coordinate arrays."""
+def coordinates(modes, sizes: dict, tokens: Tokens, sites=()) -> dict:
+    """name -> (dims, values) of the store's coordinate arrays (a ``moe_layer``/``dense_layer`` coordinate
+    where a stored site lies along it)."""
+    dims = {LAYER_DIMS[s] for s in stored_sites(sites, sizes) if s in LAYER_DIMS} - {"layer"}
+    extra = {d: ((d,), np.array(layer_list(sizes, d), dtype=np.int64)) for d in sorted(dims)}
     return {
         "mode": (("mode",), np.array(list(modes), dtype=object)),
-        "layer": (("layer",), np.arange(n_layers, dtype=np.int64)),
+        "layer": (("layer",), np.arange(sizes["layers"], dtype=np.int64)),
+        **extra,
         "token": (("token",), np.arange(tokens.n, dtype=np.int64)),
         "token_id": (("token",), tokens.ids.astype(np.int64)),
         "seq": (("token",), tokens.seq.astype(np.int32)),

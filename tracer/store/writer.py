@@ -49,12 +49,13 @@ class TraceWriter:
         self.path = loc_.as_location(path)
         self.storage_options = storage_options
         self.modes = list(modes)
-        self.sites = list(sites)
         self.sizes = dict(sizes)
+        self.sites = S.stored_sites(sites, self.sizes)
         _lock.acquire(self.path, storage_options)
         self._locked = True
         specs = S.data_specs(sizes, len(self.modes), tokens.n, self.sites)
-        coords = S.coordinates(self.modes, sizes["layers"], tokens)
+        coords = S.coordinates(self.modes, sizes, tokens, self.sites)
+        self._index_layers(sizes)
         group_attrs = S.base_attrs(attrs, self.modes, self.sites)
         self._start(markers=set(), done=0)
         # Created by the writer thread, first in its queue, while the first layer computes.
@@ -89,6 +90,10 @@ class TraceWriter:
             self._group = group
             self._arrays = {spec.name: create_data_array(group, spec) for spec in specs}
 
+    def _index_layers(self, sizes: dict) -> None:
+        """Per layer dimension: decoder-layer index -> position along it."""
+        self._pos = {d: {L: i for i, L in enumerate(S.layer_list(sizes, d))} for d in S.LAYER_DIM_NAMES}
+
     def attach(self, group) -> None:
         """Write into an existing store's ``group`` (a resumed run; called on the writer thread)."""
         self._group = group
@@ -113,14 +118,19 @@ class TraceWriter:
         slabs = []  # one task per layer: a handoff to the writer thread per layer, not per site
         for name, (_, dtype) in S.LAYER_VARS.items():
             if name in self.sites and name in record:
-                slabs.append((name, record[name].detach().to("cpu", dtype=_torch_dtype(dtype)).numpy()))
+                i = self._pos[S.LAYER_DIMS[name]].get(layer)
+                if i is None:
+                    from moetrace.errors import InternalError
+
+                    raise InternalError(f"site {name} recorded at layer {layer}, which its store has no slab for")
+                slabs.append((name, i, record[name].detach().to("cpu", dtype=_torch_dtype(dtype)).numpy()))
         if slabs:
             self._submit(self._write_slabs, mi, layer, slabs)
 
     def _write_slabs(self, mi: int, layer: int, slabs: list) -> None:
         with quiet():
-            for name, arr in slabs:
-                self._arrays[name][mi, layer] = arr  # (token, n): exactly one chunk
+            for name, i, arr in slabs:
+                self._arrays[name][mi, i] = arr  # (token, n): exactly one chunk
 
     def write_logits(self, mode: str, logits) -> None:
         """Store the (token, vocab) logits of one mode."""

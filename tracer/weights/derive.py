@@ -29,7 +29,7 @@ FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat1
 # the K-quant searches (a few times the chunk) whatever the tensor's size.
 CHUNK_ELEMENTS = 1 << 22
 
-_BLK = re.compile(r"blk\.(\d+)\.(.+)\.weight$")
+_BLK = re.compile(r"blk\.(\d+)\.(.+)\.(?:weight|bias)$")
 
 
 class TensorTypes(dict):
@@ -455,7 +455,7 @@ def gguf_tensors_of_layer(layer_state: dict[str, torch.Tensor], layer: int, fami
         if isinstance(g, tuple):
             out.update(zip(g, _row_blocks(w, len(g))))
         else:
-            out[g] = w
+            out[g] = w.reshape(-1) if key in family.gguf_vectors else w
     return out
 
 

@@ -171,6 +171,9 @@ def write_gguf(source, file_type: str, path, *, imatrix_file=None, cache=True, p
 
     ft = recipes.parse_file_type(file_type)
     family = W.family_of(source)
+    why = family.gguf_unwritable(source.config)
+    if why:
+        raise MoetraceError(f"{getattr(source, 'model_id', 'the model')} cannot be written as a GGUF file: {why}")
     imatrix, im = load_imatrix_for(source, imatrix_file)
     ctx = context_for(source, imatrix, str(imatrix_file) if imatrix_file else None, cache=cache)
     types = W.file_type_types(source, ft.name, has_imatrix=imatrix is not None, context=ctx, overrides=overrides)
@@ -216,15 +219,24 @@ def write_gguf(source, file_type: str, path, *, imatrix_file=None, cache=True, p
             if tuple(w.shape) != tuple(specs[n]):
                 raise MoetraceError(f"tensor {n} of {source.model_id} is {tuple(w.shape)}; its config says {specs[n]}")
             written = 0
+            # Rows the family's GGUF layout reorders (llama's attn_q/attn_k): quantization works per row,
+            # so the rows of the quantized bytes are reordered, and the cache keeps transformers' order.
+            rows = family.gguf_row_order(n, source.config) if L >= 0 else None
             if t in W.FLOAT_TYPES:
                 W._check_finite(w.reshape(-1, w.shape[-1]).to(torch.float32), n, t, 0, w.shape[-2] if w.ndim > 1 else 1,
                                 int(np.prod(w.shape[:-2])) if w.ndim > 2 else 1)
                 data = _float_bytes(w, t)
+                if rows is not None:
+                    data = data[rows]
                 data.tofile(fout)
                 written = data.nbytes
             else:
                 hits = ctx.cache.hits if ctx.cache is not None else 0
-                for _, q in W.quantized_stream(w, n, t, ctx):
+                chunks = W.quantized_stream(w, n, t, ctx)
+                if rows is not None:
+                    blocks = np.concatenate([q.reshape(-1, q.shape[-1]) for _, q in chunks])  # (rows, bytes per row)
+                    chunks = [(None, blocks[rows])]
+                for _, q in chunks:
                     q.tofile(fout)
                     written += q.nbytes
                 if ctx.cache is not None and ctx.cache.hits > hits:
