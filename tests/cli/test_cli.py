@@ -142,3 +142,15 @@ def test_a_run_of_the_logits_alone_summarizes_the_output(tmp_path):
     p = moetrace("run", "--model", "builtin:tiny", "--variant", "orig-bf16", "--sites", "logits", "--text",
                  "Hello experts.", "--out", str(tmp_path), "--run", "logits-only", "-q")
     assert "(no layer sites recorded)" in p.stdout and "output: KL(ref || variant) mean" in p.stdout
+
+
+def test_routing_mode_alone_works_end_to_end(tmp_path):
+    """`--mode routing` alone: run summarizes that mode, report gives its headline figures in it,
+    and decompose (which needs free and teacher) says so in one line."""
+    moetrace("run", "--model", "builtin:tiny", "--variant", "q8_0-bf16", "--mode", "routing", "--text",
+             "Hello experts.", "--out", str(tmp_path), "--run", "r", "-q")
+    rep = moetrace("report", str(tmp_path / "r"), "-q", "--resamples", "50")
+    assert "q8_0-bf16 (routing mode)" in rep.stdout
+    dec = moetrace("decompose", str(tmp_path / "r" / "orig-fp32.zarr"), str(tmp_path / "r" / "q8_0-bf16.zarr"),
+                   check=False)
+    assert dec.returncode == 2 and len(dec.stderr.strip().splitlines()) == 1 and "'free' mode" in dec.stderr

@@ -76,19 +76,21 @@ class VariantAnalysis:
 def analyze_variant(ref: xr.Dataset, var: xr.Dataset, n_resamples: int = stats.N_RESAMPLES,
                     seed: int = 0, score_positions: str | None = None) -> VariantAnalysis:
     """Diff, decomposition, routing diff and output metrics of ``var``, and its headline figures."""
-    name = var.attrs.get("variant", "?")
-    require_mode(var, "free", hint="the headline figures are free-running")
-    modes = list(var["mode"].values)
-    d = compare.diff(ref, var, "free", score_positions)
-    dec = decompose(ref, var) if "teacher" in modes and "resid" in var else None
-    rd = routing_diff(ref, var, "free") if "topk_idx" in var and "router_logits" in var else None
-    om = (output_metrics(ref, var, "free", n_resamples, seed, score_positions=score_positions)
+    modes = [str(m) for m in var["mode"].values]
+    # The headline figures are free-running where that mode was recorded; a run of another mode
+    # alone (--mode routing) gets them in its own mode, and its name says so.
+    mode = "free" if "free" in modes else modes[0]
+    name = var.attrs.get("variant", "?") + ("" if mode == "free" else f" ({mode} mode)")
+    d = compare.diff(ref, var, mode, score_positions)
+    dec = decompose(ref, var) if {"free", "teacher"} <= set(modes) and "resid" in var else None
+    rd = routing_diff(ref, var, mode) if "topk_idx" in var and "router_logits" in var else None
+    om = (output_metrics(ref, var, mode, n_resamples, seed, score_positions=score_positions)
           if "logits" in var else None)
     a = VariantAnalysis(name, d, dec, rd, om, None)
     if "resid" in var:
         last = ref["layer"].values[-1]
         err = compare.hidden_error(reference(ref, "resid").sel(layer=last),
-                                   variant(var, "resid", "free").sel(layer=last)).rel_error.values  # (token,)
+                                   variant(var, "resid", mode).sel(layer=last)).rel_error.values  # (token,)
         p, lo, hi = stats.with_ci(err, "mean", n_resamples, seed)
         a.figures["final_rel_l2"], a.ci["final_rel_l2"] = p, (lo, hi)
     if dec is not None:
@@ -97,7 +99,7 @@ def analyze_variant(ref: xr.Dataset, var: xr.Dataset, n_resamples: int = stats.N
     if rd is not None:
         a.figures["any_flip"] = float(rd["any_flip"].mean())
     if om is not None:
-        a.kl_tokens = output_tokens(ref, var, "free")["kl"].values
+        a.kl_tokens = output_tokens(ref, var, mode)["kl"].values
         for k in ("kl_mean", "kl_p99", "top1_agreement", "abs_dp_next_mean", "dnll_next_mean"):
             a.figures[k] = float(om[k])
         a.figures["top1_disagreement"] = 1 - a.figures["top1_agreement"]
