@@ -15,7 +15,7 @@ LAYER = 2
 
 def _unrouted_expert(run_dir) -> int:
     ref = xr.open_zarr(run_dir / "orig-fp32.zarr", consolidated=False)
-    idx = ref["topk_idx"].sel(mode="free").isel(layer=LAYER).values  # (token, k)
+    idx = ref["topk_idx"].sel(mode="free").isel(moe_layer=LAYER).values  # (token, k); every layer is MoE here
     unused = sorted(set(range(8)) - set(idx.ravel().tolist()))
     assert unused, "the test needs an expert no token reaches; use fewer tokens"
     return unused[0]
@@ -55,7 +55,7 @@ def test_unrouted_planted_fault_ranks_below_routed_matrices(tmp_path):
 
     # the figures against numpy on the run's reference store and the audit store
     ref = xr.open_zarr(tmp_path / "r" / "orig-fp32.zarr", consolidated=False)
-    idx = ref["topk_idx"].sel(mode="free").values  # (layer, token, k)
+    idx = ref["topk_idx"].sel(mode="free").values  # (moe_layer, token, k): every layer of the model
     w = ref["topk_weight"].sel(mode="free").values.astype(np.float64)  # (layer, token, k)
     ds = xr.open_zarr(store, consolidated=False)
     projs = list(ds["proj"].values)

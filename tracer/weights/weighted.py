@@ -60,9 +60,10 @@ def routing_load(ref_ds, n_experts: int):
         if v not in ref_ds:
             raise MoetraceError(f"the run's reference store has no {v!r}; trace it with the routing sites recorded "
                                 f"(moetrace run without --sites, or --sites including topk_idx,topk_weight)")
-    idx_da, w_da = ref_ds["topk_idx"], ref_ds["topk_weight"]
-    if "mode" in idx_da.dims:
-        idx_da, w_da = idx_da.sel(mode="free"), w_da.sel(mode="free")
+    from moetrace.tracer.analysis.common import reference
+
+    # The free mode, along ``layer`` (router sites lie along ``moe_layer``: its coordinate holds the layer indices).
+    idx_da, w_da = reference(ref_ds, "topk_idx"), reference(ref_ds, "topk_weight")
     idx = np.asarray(idx_da.transpose("layer", "token", "k").values)  # (layer, token, k)
     w = np.asarray(w_da.transpose("layer", "token", "k").values, dtype=np.float64)  # (layer, token, k)
     n_layer = idx.shape[0]
@@ -79,7 +80,7 @@ def routing_load(ref_ds, n_experts: int):
     total = mass.sum(axis=1, keepdims=True)  # (layer, 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         share = np.where(total > 0, mass / np.where(total > 0, total, 1.0), np.nan)
-    layers = ref_ds["layer"].values
+    layers = idx_da["layer"].values
     return xr.Dataset(
         {"tokens": (("layer", "expert"), tokens), "routing_mass": (("layer", "expert"), mass),
          "mass_share": (("layer", "expert"), share)},
@@ -103,6 +104,8 @@ def weight_audit(audit_ds, ref_ds, run: str = ""):
     Raises:
         MoetraceError: the run is of another model (content hash or shape differ).
     """
+    import xarray as xr
+
     a_hash, r_hash = audit_ds.attrs.get("model_hash"), ref_ds.attrs.get("model_hash")
     if a_hash and r_hash and a_hash != r_hash:
         raise MoetraceError(
@@ -111,9 +114,13 @@ def weight_audit(audit_ds, ref_ds, run: str = ""):
             f"as the run"
         )
     load = routing_load(ref_ds, audit_ds.sizes["expert"])
-    if list(load["layer"].values) != list(audit_ds["layer"].values):
-        raise MoetraceError(f"run {run or '?'} has layers {list(load['layer'].values)}, the audited model "
-                            f"{list(audit_ds['layer'].values)}: the run is of another model")
+    if not set(load["layer"].values.tolist()) <= set(audit_ds["layer"].values.tolist()):
+        raise MoetraceError(f"run {run or '?'} routes at layers {list(load['layer'].values)}, the audited model has "
+                            f"layers {list(audit_ds['layer'].values)}: the run is of another model")
+    # Layers without a router (dense) route no tokens: 0 tokens and mass, no share.
+    load = xr.Dataset({"tokens": load["tokens"].reindex(layer=audit_ds["layer"], fill_value=0),
+                       "routing_mass": load["routing_mass"].reindex(layer=audit_ds["layer"], fill_value=0.0),
+                       "mass_share": load["mass_share"].reindex(layer=audit_ds["layer"])})
     out = audit_ds.assign({k: load[k] for k in LOAD_VARIABLES})
     out["impact"] = out["rel_error"] * out["mass_share"]
     out.attrs.update(run=str(run), run_tokens=int(ref_ds.sizes["token"]))
