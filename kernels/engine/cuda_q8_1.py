@@ -97,16 +97,14 @@ def quantize_q8_1(x: torch.Tensor, kernel: str, type_name: str) -> dict[str, tor
 # -- weights -------------------------------------------------------------------------------
 
 
-def _patched(q: torch.Tensor, type_name: str, values: dict[str, int], fill: dict[str, int] | None = None):
-    """Block bytes (rows, bytes) with fp16 fields set to bit patterns and byte fields filled with a value."""
+def _patched(q: torch.Tensor, type_name: str, values: dict[str, int]):
+    """Block bytes (rows, bytes) with fp16 fields set to bit patterns."""
     lay = LAYOUTS[type_name]
     b = q.reshape(q.shape[0], -1, lay.bytes).clone()
     for name, bits in values.items():
         off = lay.offset(name)
         b[..., off] = bits & 0xFF
         b[..., off + 1] = bits >> 8
-    for name, byte in (fill or {}).items():
-        b[..., lay.span(name)] = byte
     return b.reshape(q.shape)
 
 
@@ -120,9 +118,10 @@ def weight_parts(q: torch.Tensor, type_name: str, n: int) -> dict[str, torch.Ten
     """The integer codes and scales of weight blocks, from moetrace's bit-exact dequantizers.
 
     Returns (rows R, 32-blocks nb = n/32, super-blocks ns):
-        ``c`` (R, nb, 32): the integer each code enters the dot with (Q8_0 q; Q4_K/Q5_K q;
-        Q6_K sc*(q-32)); ``d`` (R, nb) the fp16 d of each 32-block's (super-)block; for Q4_K and
-        Q5_K ``sc``, ``m`` (R, nb) the 6-bit scale and min and ``dmin`` (R, nb).
+        ``c`` (R, nb, 32): the integer each code enters the integer dot with (Q8_0 q; Q4_K/Q5_K
+        sc*q, the sub-block scale applied, so ``dot / sc`` is the kernel's ``q . q_a``; Q6_K
+        sc*(q-32)); ``d`` (R, nb) the fp16 d of each 32-block's (super-)block; for Q4_K and Q5_K
+        ``sc``, ``m`` (R, nb) the 6-bit scale and min and ``dmin`` (R, nb).
     """
     rows, nb = q.shape[0], n // 32
     per = LAYOUTS[type_name].elems // 32  # 32-blocks per (super-)block
@@ -135,11 +134,21 @@ def weight_parts(q: torch.Tensor, type_name: str, n: int) -> dict[str, torch.Ten
         c = dequantize(_patched(q, type_name, {"d": _ONE}), type_name, n).reshape(rows, nb, 32)
         return {"c": c, "d": d}
     scq = dequantize(_patched(q, type_name, {"d": _ONE, "dmin": _ZERO}), type_name, n).reshape(rows, nb, 32)
-    ones = {"qs": 0x11} if type_name == "Q4_K" else {"qs": 0x11, "qh": 0x00}  # every code 1: the scale itself
-    sc = dequantize(_patched(q, type_name, {"d": _ONE, "dmin": _ZERO}, ones), type_name, n).reshape(rows, nb, 32)[..., 0]
-    m = -dequantize(_patched(q, type_name, {"d": _ZERO, "dmin": _ONE}), type_name, n).reshape(rows, nb, 32)[..., 0]
-    c = torch.where(sc[..., None] > 0, scq / sc.clamp(min=1)[..., None], torch.zeros_like(scq))  # exact integers
-    return {"c": c, "d": d, "dmin": expand(_fp16(q, type_name, "dmin")), "sc": sc, "m": m}
+    sc, m = _scale_min_k4(q, type_name)  # (R, nb) each
+    return {"c": scq, "d": d, "dmin": expand(_fp16(q, type_name, "dmin")), "sc": sc, "m": m}
+
+
+def _scale_min_k4(q: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's eight 6-bit scales and mins per super-block, unpacked from its 12 scale bytes (the layout
+    ggml's get_scale_min_k4 reads): (R, nb) float32 each."""
+    lay = LAYOUTS[type_name]
+    s = q.reshape(q.shape[0], -1, lay.bytes)[..., lay.span("scales")].to(torch.int32)  # (R, ns, 12)
+    lo_sc, lo_m = s[..., 0:4] & 63, s[..., 4:8] & 63  # sub-blocks 0-3
+    hi_sc = (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)  # sub-blocks 4-7
+    hi_m = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    sc = torch.cat([lo_sc, hi_sc], -1).reshape(q.shape[0], -1).float()
+    m = torch.cat([lo_m, hi_m], -1).reshape(q.shape[0], -1).float()
+    return sc, m
 
 
 # -- the matmul ------------------------------------------------------------------------------
@@ -177,10 +186,11 @@ def _dot(w: dict, a: dict, type_name: str, kernel: str) -> torch.Tensor:
     elif kernel == "mmq":  # Q4_K, Q5_K on tensor cores: half2 scales formed in half
         a_d = (w["d"].to(torch.float16) * w["sc"].to(torch.float16)).float()[None]  # (1, R, nb)
         a_m = (-w["dmin"].to(torch.float16) * w["m"].to(torch.float16)).float()[None]
-        terms = [(a_d * da) * c, a_m * sa]
+        c_q = torch.where(w["sc"][None] > 0, c / w["sc"].clamp(min=1)[None], torch.zeros_like(c))  # exact: q . q_a
+        terms = [(a_d * da) * c_q, a_m * sa]
     else:  # Q4_K, Q5_K MMVQ
         s_int = a["qs"].sum(-1)[:, None, :]  # (T, 1, nb) exact integer sum of the codes
-        terms = [w["d"][None] * (da * (w["sc"][None] * c)), -(w["dmin"][None] * (da * (s_int * w["m"][None])))]
+        terms = [w["d"][None] * (da * c), -(w["dmin"][None] * (da * (s_int * w["m"][None])))]  # c = sc * (q . q_a)
     if kernel == "mmvq":
         return sum(terms).sum(-1) if len(terms) > 1 else terms[0].sum(-1)  # the warp reduction's order aside
     acc = torch.zeros(c.shape[:2], dtype=torch.float32, device=c.device)
