@@ -143,9 +143,11 @@ def _progress_printer(quiet: bool):
               help="Continue a stopped run (same options) from the last layer its stores finished.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda|cuda:N",
+              help="Where the layers compute; every compute path runs there (engine arithmetic emulated in torch).")
 @friendly_errors
 def run(model, variants, reference, modes, text, prompts_file, tokens_file, max_tokens, truncate, plant, sites, out_dir,
-        run_name, seed, gguf, resume, as_json, quiet):
+        run_name, seed, gguf, resume, as_json, quiet, device):
     """Trace the reference and one or more variants, then print the divergence summary.
 
     The reference is recorded once per run folder (again only if its model or tokens changed);
@@ -161,7 +163,7 @@ def run(model, variants, reference, modes, text, prompts_file, tokens_file, max_
         model=model, variants=list(variants), reference=reference, modes=list(modes), text=text,
         prompts_file=prompts_file, tokens_file=tokens_file, max_tokens=max_tokens, truncate=truncate, plant=plant,
         sites=sites.split(",") if sites else None, out_dir=out_dir, run_name=run_name, seed=seed, gguf=gguf,
-        resume=resume,
+        resume=resume, device=device,
         progress=_progress_printer(quiet or as_json),
         log=(lambda msg: None) if (quiet or as_json) else (lambda msg: click.echo(msg, err=True)),
     )

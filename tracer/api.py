@@ -102,13 +102,14 @@ def _reusable_reference(path, source, token_ids: np.ndarray, sites: list[str]) -
 
 def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), text=None, prompts_file=None,
         max_tokens=None, plant=None, sites=None, out_dir="traces", run_name=None, seed=0, progress=None,
-        log=None, gguf=None, resume=False, tokens_file=None, truncate=False) -> RunResult:
+        log=None, gguf=None, resume=False, tokens_file=None, truncate=False, device="cpu") -> RunResult:
     """Trace ``variants`` of ``model`` against ``reference`` and diff them; see ``moetrace run --help``.
 
     ``gguf`` is the GGUF file of the ``gguf-*`` variants, or several ``--gguf`` values
     (``FILE`` or ``NAME=FILE``, see :func:`parse_gguf_options`); ``resume`` continues the stores a stopped
     run with the same options left incomplete in the run folder; ``tokens_file`` gives token ids
-    instead of text; ``truncate`` cuts sequences longer than the model's positions (else refused).
+    instead of text; ``truncate`` cuts sequences longer than the model's positions (else refused);
+    ``device`` is where the layers compute (``cpu``, ``cuda``, ``cuda:N``).
     """
     from moetrace.tracer.sources.checkpoint import open_source
 
@@ -124,7 +125,10 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
     sites = list(sites) if sites else list(ALL_SITES)
     plain, named = parse_gguf_options(gguf)
     config = RunConfig(model=model, variants=list(variants), reference=reference, modes=list(modes), sites=sites,
-                       seed=seed, plant=plant, gguf=plain, ggufs=named)
+                       seed=seed, plant=plant, gguf=plain, ggufs=named, device=device)
+    from moetrace.tracer.execution.device import resolve
+
+    resolve(device)  # a device this machine lacks is refused before the model loads
     log(f"Opening model {model} ...")
     # A built-in model generated on this call reports each tensor written ("generate" events).
     gen = (lambda done, total, name: progress("generate", done=done, total=total, name=name)) if progress else None

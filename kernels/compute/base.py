@@ -192,7 +192,8 @@ class ComputePath:
         if tensors is None:
             tensors = layer.state_dict(keep_vars=True)
             _check_names(tensors, state)
-            owned = {k: torch.empty(v.shape, dtype=self.dtype).copy_(self.round(roles.get(k, "other"), v))
+            device = getattr(layer, "_moetrace_device", None)  # the executor's run device (None: the default)
+            owned = {k: torch.empty(v.shape, dtype=self.dtype, device=device).copy_(self.round(roles.get(k, "other"), v))
                      for k, v in state.items()}
             layer.load_state_dict(owned, strict=True, assign=True)
             layer._moetrace_tensors = layer.state_dict(keep_vars=True)

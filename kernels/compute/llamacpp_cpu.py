@@ -38,7 +38,7 @@ def block_linear(x: torch.Tensor, b: BlockWeight, index: int = 0, path: str = "l
 
     q = torch.from_numpy(b.data[index])  # (rows, bytes per row)
     n = b.shape[-1]
-    y = matmul(x.reshape(-1, n), q, b.ggml_type, n, path=path)  # (tokens, rows)
+    y = matmul(x.reshape(-1, n), q, b.ggml_type, n, path=path).to(x.device)  # (tokens, rows), computed on the CPU
     return y.reshape(*x.shape[:-1], q.shape[0])
 
 
@@ -120,7 +120,7 @@ def _experts_forward(mod, engine: str, hidden: torch.Tensor, top_k_index: torch.
                             f"tensor; this model's experts hold {sorted(blocks)}")
     x = hidden.reshape(-1, hidden.shape[-1]).to(torch.float32)  # (T, H)
     k = top_k_index.shape[-1]
-    slots = torch.zeros(x.shape[0], k, down.shape[-2], dtype=torch.float32)  # (T, k, H)
+    slots = torch.zeros(x.shape[0], k, down.shape[-2], dtype=torch.float32, device=x.device)  # (T, k, H)
     for e in torch.unique(top_k_index).tolist():
         if e < 0 or e >= down.data.shape[0]:
             continue  # padding index of some routers: no expert

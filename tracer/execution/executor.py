@@ -60,6 +60,7 @@ class RunConfig:
     plant: str | None = None
     gguf: str | None = None  # the GGUF file of the gguf-* variants
     ggufs: dict = field(default_factory=dict)  # NAME -> GGUF file of the gguf_NAME-* variants
+    device: str = "cpu"  # where layers compute: cpu, cuda, cuda:N (moetrace.tracer.execution.device)
 
 
     def __post_init__(self):
@@ -70,6 +71,9 @@ class RunConfig:
         if bad:
             raise MoetraceError(f"unknown site {bad[0]!r}; valid sites: {', '.join(ALL_SITES)}")
         self.modes = [m for m in MODES if m in self.modes]  # canonical order
+        from moetrace.tracer.execution.device import check_name
+
+        check_name(self.device)
         parsed = [Variant.parse(v) for v in [self.reference, *self.variants]]
         uses_gguf = [v.name for v in parsed if v.gguf_name == ""]
         for v in parsed:
@@ -125,6 +129,14 @@ class _Model:
         self.rotary = rotary_cls(config=self.config)  # real buffers, on the CPU
         self._free: dict[tuple, list[torch.nn.Module]] = {}
         self._templates: dict[int, tuple] = {}
+        self.device = torch.device("cpu")  # set per run (to_device); fresh layers allocate their tensors there
+
+    def to_device(self, device: torch.device) -> None:
+        """Compute on ``device`` from now on: the rotary buffers move, and pooled layers of another device go."""
+        if device != self.device:
+            self.rotary.to(device)
+            self._free.clear()
+            self.device = device
 
     def layer(self, index: int, state: dict, path) -> torch.nn.Module:
         """Decoder layer ``index`` prepared by compute ``path``, holding the weights of ``state``.
@@ -163,6 +175,7 @@ class _Model:
             layer._moetrace_modules = [m for _, m in layer.named_modules()]
             layer._moetrace_key = key
             layer._moetrace_tensors = None  # not allocated: the path's load allocates them
+            layer._moetrace_device = self.device
             path.prepare(layer)
         try:
             path.load(layer, state)
@@ -502,8 +515,12 @@ def run_trace(source, config: RunConfig, tokens: Tokens, run_dir, progress=None,
         MoetraceError: bad input, a GGUF file that does not match the reference, or a write
             that failed (the stores are then left marked incomplete, and the message says so).
     """
+    from moetrace.tracer.execution.device import resolve
+
+    device = resolve(config.device)  # before any store is touched
     run_dir = _prepare_output(run_dir)
     run = _plan(source, config, tokens, progress)
+    run.model.to_device(device)
     all_paths = {v.name: store_loc.join(run_dir, f"{v.store_name}.zarr") for v in [run.ref] + run.variants}
     writers, start, done = _open_writers(run_dir, run.ref, run.variants, config, tokens, run.sizes, run.base_attrs,
                                          write_reference, resume, source.model_hash)
@@ -638,9 +655,12 @@ def _embed(run: _Run, start: int, all_paths: dict) -> None:
     """Every stream's input to layer ``start``: the embedded tokens, or (resuming) the stored
     output of layer start-1; and the mask and position embeddings of each arithmetic dtype."""
     tokens, modes = run.tokens, run.config.modes
-    seqs = [torch.from_numpy(s) for s in tokens.sequences()]
-    positions = [torch.from_numpy(tokens.pos[tokens.seq == s]).long() for s in sorted(set(tokens.seq.tolist()))]
+    dev = run.model.device
+    seqs = [torch.from_numpy(s).to(dev) for s in tokens.sequences()]
+    positions = [torch.from_numpy(tokens.pos[tokens.seq == s]).long().to(dev) for s in sorted(set(tokens.seq.tolist()))]
     run.weights = {v.name: _VariantWeights(run.source, v, run.gguf_src) for v in [run.ref] + run.variants}
+    for w in run.weights.values():  # dense globals onto the device (block bytes stay where the path reads them)
+        w.globals = {k: g.to(dev) if isinstance(g, torch.Tensor) else g for k, g in w.globals.items()}
 
     def embed(v: Variant, ids):
         return v.path.embed(run.weights[v.name].globals["model.embed_tokens.weight"], ids)  # (1, T, H)
@@ -656,9 +676,10 @@ def _embed(run: _Run, start: int, all_paths: dict) -> None:
     if start > 0:  # resuming: every stream's input to layer `start` is its stored output of layer start-1
         from moetrace.tracer.execution.resume import read_streams
 
-        run.ref_h = read_streams(all_paths[run.ref.name], "free", start - 1, tokens, run.ref.dtype)
+        run.ref_h = [h.to(dev) for h in read_streams(all_paths[run.ref.name], "free", start - 1, tokens, run.ref.dtype)]
         for (name, m) in run.streams:
-            run.streams[(name, m)] = read_streams(all_paths[name], m, start - 1, tokens, Variant.parse(name).dtype)
+            run.streams[(name, m)] = [h.to(dev) for h in read_streams(all_paths[name], m, start - 1, tokens,
+                                                                      Variant.parse(name).dtype)]
 
 
 def _open_loader(run: _Run, stack: contextlib.ExitStack, prefetch: bool | None) -> "_LayerLoader":
