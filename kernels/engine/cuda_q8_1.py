@@ -23,11 +23,13 @@ Read at ggml-org/llama.cpp (commits 000f4625 quantize.cu, 027ef876 vecdotq.cuh, 
   Q6_K      ``d*(d_a*C)``, C = sum of sc*(q-32)*q_a       ``d*(d_a*C)``, likewise
   ========  ===========================================  ==============================================
 
-Where this simplifies: MMQ's terms are added in k order into one float32 accumulator (one
-thread's register holds a whole output's sum over a tile's k loop; stream-k's fixup, which adds
-partial sums of k ranges, is not modelled); MMVQ's per-thread partial sums and warp reduction are
-modelled by torch's float32 sum over the blocks. Both orders only move float32 roundings, within
-the bound the tests (tests/kernels/test_engine_cuda.py) assert against a float64 model. Types other
+Where this simplifies: the products are the kernels' (integer dots times the scales, formed in
+half where the kernel forms them so), but they are added in a float32 GEMM's order - one
+matmul of the q8_1 activations with the effective weights - instead of the kernels' (MMQ: one
+thread's accumulator over k, stream-k's fixup adding partial sums of k ranges; MMVQ: per-thread
+partial sums and a warp reduction). The orders only move float32 roundings, within the bound
+the tests (tests/kernels/test_engine_cuda.py) assert against a float64 model; the emulation is a
+GEMM, as fast as a dense float32 linear plus one dequantization of the weight. Types other
 than Q4_K, Q5_K, Q6_K and Q8_0 are refused by name (the MMQ tile formulas of the others differ
 and are not emulated yet).
 """
@@ -45,7 +47,7 @@ MMVQ_MAX_BATCH = 8  # MMVQ_MAX_BATCH_SIZE in ggml-cuda's mmvq.cuh
 TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0")
 _DS4 = ("Q4_K", "Q5_K")  # MMQ activation layout half2(d, sum); the others D4 (float d)
 _ONE, _ZERO = 0x3C00, 0x0000  # fp16 bit patterns of 1.0 and 0.0
-_ROW_CHUNK_ELEMS = 1 << 24  # bounds the (tokens, rows, blocks) intermediates
+_ROW_CHUNK_ELEMS = 1 << 24  # bounds the weight rows unpacked at once
 
 
 def kernel_for(batch: int) -> str:
@@ -168,33 +170,36 @@ def matmul(x: torch.Tensor, q: torch.Tensor, type_name: str, n: int, kernel: str
         raise FormatError(f"unknown CUDA kernel {kernel!r}; valid: mmq, mmvq")
     a = quantize_q8_1(x.to(torch.float32), kernel, type_name)
     rows, tokens, nb = q.shape[0], x.shape[0], n // 32
-    step = max(1, min(_ROW_CHUNK_ELEMS // max(1, tokens * nb * 2), _ROW_CHUNK_ELEMS // (4 * n)))
+    step = max(1, _ROW_CHUNK_ELEMS // (4 * n))  # rows of effective weights held at once
     parts = [_dot(weight_parts(q[r:r + step], type_name, n), a, type_name, kernel) for r in range(0, rows, step)]
     return torch.cat(parts, 1) if parts else torch.empty(tokens, 0, device=x.device)
 
 
 def _dot(w: dict, a: dict, type_name: str, kernel: str) -> torch.Tensor:
-    # Exact integer dots per 32-block as a float32 batched matmul: every partial sum is an integer
-    # below 2**24 (Q6_K's worst: 32 * 128 * 32 * 127 < 2**24), so no rounding happens.
-    c = torch.bmm(a["qs"].transpose(0, 1), w["c"].permute(1, 2, 0)).permute(1, 2, 0)  # (T, R, nb)
-    da, sa = a["d"][:, None, :], a["s"][:, None, :]  # (T, 1, nb)
-    dw = w["d"][None]  # (1, R, nb)
-    if type_name == "Q8_0":
-        terms = [(c * dw) * da] if kernel == "mmq" else [(dw * da) * c]
-    elif type_name == "Q6_K":
-        terms = [dw * (da * c)]
-    elif kernel == "mmq":  # Q4_K, Q5_K on tensor cores: half2 scales formed in half
-        a_d = (w["d"].to(torch.float16) * w["sc"].to(torch.float16)).float()[None]  # (1, R, nb)
-        a_m = (-w["dmin"].to(torch.float16) * w["m"].to(torch.float16)).float()[None]
-        c_q = torch.where(w["sc"][None] > 0, c / w["sc"].clamp(min=1)[None], torch.zeros_like(c))  # exact: q . q_a
-        terms = [(a_d * da) * c_q, a_m * sa]
-    else:  # Q4_K, Q5_K MMVQ
-        s_int = a["qs"].sum(-1)[:, None, :]  # (T, 1, nb) exact integer sum of the codes
-        terms = [w["d"][None] * (da * c), -(w["dmin"][None] * (da * (s_int * w["m"][None])))]  # c = sc * (q . q_a)
-    if kernel == "mmvq":
-        return sum(terms).sum(-1) if len(terms) > 1 else terms[0].sum(-1)  # the warp reduction's order aside
-    acc = torch.zeros(c.shape[:2], dtype=torch.float32, device=c.device)
-    for j in range(c.shape[-1]):  # one thread's float32 accumulator, in k order
-        for t in terms:
-            acc = acc + t[..., j]
-    return acc
+    """(T, R) float32 from weight parts (R rows) and q8_1 activations (T tokens).
+
+    The kernel's sum over 32-blocks of (float scale) x (exact integer dot) is regrouped as one
+    float32 GEMM of the dequantized q8_1 activations ``d_a * q_a`` with the kernel's effective
+    weights (codes times the scales it applies to them, formed as it forms them), plus, for
+    Q4_K/Q5_K, a GEMM of the blocks' activation sums with the mins. Every product is the kernel's
+    up to float32 rounding (the effective weights and fp16-scaled activations are exact in
+    float32); only the order of the float32 additions differs, within the bound the tests assert.
+    """
+    t = a["qs"].shape[0]
+    x_hat = (a["qs"] * a["d"][..., None]).reshape(t, -1)  # (T, n) exact where d is fp16
+    c, dw = w["c"], w["d"]  # (R, nb, 32), (R, nb)
+    rows = c.shape[0]
+    if type_name in ("Q8_0", "Q6_K") or kernel == "mmvq":
+        # Q8_0: d_w * q; Q6_K: d * sc*(q-32); Q4_K/Q5_K MMVQ: d * sc*q (sc applied in integers) - all exact
+        eff = c * dw[..., None]
+    else:  # Q4_K/Q5_K MMQ: the codes times fp16(d*sc), formed in half (load_tiles_q4_K)
+        a_d = (dw.to(torch.float16) * w["sc"].to(torch.float16)).float()  # (R, nb)
+        eff = (c / w["sc"].clamp(min=1)[..., None]) * a_d[..., None]  # q * fp16(d*sc); c is 0 where sc is 0
+    y = x_hat @ eff.reshape(rows, -1).T  # (T, R)
+    if type_name not in _DS4:
+        return y
+    if kernel == "mmq":  # + fp16(-dmin*m) * fp16(sum of the block's inputs)
+        a_m = (-w["dmin"].to(torch.float16) * w["m"].to(torch.float16)).float()  # (R, nb)
+        return y + a["s"] @ a_m.T
+    s_hat = a["qs"].sum(-1) * a["d"]  # (T, nb) d_a * (sum of the codes), exact
+    return y - s_hat @ (w["dmin"] * w["m"]).T  # dmin * m exact
