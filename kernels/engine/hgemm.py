@@ -52,6 +52,6 @@ def hgemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         part = torch.bmm(xs, ws)  # (steps, tokens, r)
         acc = part[0].to(torch.float16)
         for s in range(1, steps):
-            acc = (acc.float() + part[s]).to(torch.float16)  # one F16 rounding per step
+            acc = part[s].add_(acc).to(torch.float16)  # fp32 step sum plus the F16 accumulator, rounded to F16
         out[:, r:r + step_rows] = acc
     return out
