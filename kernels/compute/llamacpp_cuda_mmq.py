@@ -90,8 +90,19 @@ def _linear_forward(m, x):
     return y + m.bias if m.bias is not None else y  # ggml adds the bias after the matmul, in F32
 
 
+EXPERT_GROUP = 16  # experts whose weights are unpacked at once (about 100 MB of float32 at Qwen3-30B-A3B widths)
+
+
 def _experts_forward(mod, hidden, top_k_index, top_k_weights):
-    """Fused-layout experts from GGUF blocks (gate and up tensors, down): hidden (T, H) -> (T, H)."""
+    """Fused-layout experts from GGUF blocks (gate and up tensors, down): hidden (T, H) -> (T, H).
+
+    Each token's q8_1 activations are the same whichever expert reads them (quantization is per
+    token row), so they are formed once for the gate and up products and once for the down
+    products of all experts; weights are unpacked a group of experts at a time.
+    """
+    import torch
+
+    from moetrace.kernels.engine import cuda_q8_1 as K
     from moetrace.kernels.engine.moe import slot_sum
 
     blocks = mod._moetrace_blocks
@@ -100,12 +111,38 @@ def _experts_forward(mod, hidden, top_k_index, top_k_weights):
         raise MoetraceError(f"compute path 'llamacpp_cuda_mmq' takes experts as separate gate and up GGUF tensors "
                             f"and a down tensor; this model's experts hold {sorted(blocks)}")
     x = hidden.reshape(-1, hidden.shape[-1]).float()  # (T, H)
-    batch = x.shape[0]  # mul_mat_id picks the kernel by the whole batch
+    kernel = K.kernel_for(x.shape[0])  # mul_mat_id picks the kernel by the whole batch
+    n_exp = down.data.shape[0]
+    hit = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < n_exp]
+    tokens = {e: torch.where(top_k_index == e)[0] for e in hit}  # (t_e,) token of each of e's slots
 
-    def expert(e, xe):
-        g = mmq_linear(xe, gate_up[0], e, batch)  # (t_e, I)
-        u = mmq_linear(xe, gate_up[1], e, batch)
-        return mmq_linear(mod.act_fn(g) * u, down, e, batch)  # (t_e, H)
+    def unpacked(b: BlockWeight, group: list[int]):
+        q = torch.from_numpy(b.data[group]).to(x.device)  # (g, rows, bytes)
+        w = K.weights(q.reshape(-1, q.shape[-1]), b.ggml_type, b.shape[-1], kernel)
+        rows = b.data.shape[1]
+        return [{k: (v[i * rows:(i + 1) * rows] if v is not None else None) for k, v in w.items()}
+                for i in range(len(group))]
 
-    out = slot_sum(x, top_k_index, top_k_weights, down.data.shape[0], expert)
-    return out.reshape(hidden.shape).to(hidden.dtype)
+    groups = [hit[i:i + EXPERT_GROUP] for i in range(0, len(hit), EXPERT_GROUP)]
+    if not hit:
+        return torch.zeros_like(hidden)
+
+    def rows(a: dict, idx) -> dict:  # the activations of some tokens (rows are independent)
+        return {k: (v[idx] if v is not None else None) for k, v in a.items()}
+
+    b_gate, b_up = gate_up
+    a_g, a_u = K.activations(x, b_gate.ggml_type, kernel), K.activations(x, b_up.ggml_type, kernel)
+    h = {}  # expert -> act(gate) * up on its tokens (t_e, I)
+    for group in groups:
+        for e, wg, wu in zip(group, unpacked(b_gate, group), unpacked(b_up, group)):
+            h[e] = mod.act_fn(K.apply(rows(a_g, tokens[e]), wg)) * K.apply(rows(a_u, tokens[e]), wu)
+    a_d = K.activations(torch.cat([h[e] for e in hit]), down.ggml_type, kernel)  # rows in hit order
+    ends = torch.tensor([h[e].shape[0] for e in hit]).cumsum(0).tolist()
+    span = {e: slice(end - h[e].shape[0], end) for e, end in zip(hit, ends)}
+    out = {}
+    for group in groups:
+        for e, wd in zip(group, unpacked(down, group)):
+            out[e] = K.apply(rows(a_d, span[e]), wd)  # (t_e, H)
+
+    y = slot_sum(x, top_k_index, top_k_weights, n_exp, lambda e, xe: out[e])
+    return y.reshape(hidden.shape).to(hidden.dtype)

@@ -164,42 +164,64 @@ def matmul(x: torch.Tensor, q: torch.Tensor, type_name: str, n: int, kernel: str
         q: (rows, bytes per row) uint8 weight blocks of ``type_name``.
         kernel: ``mmq`` or ``mmvq`` (see :func:`kernel_for`).
     """
+    a = activations(x, type_name, kernel)
+    step = max(1, _ROW_CHUNK_ELEMS // (4 * n))  # rows of effective weights held at once
+    parts = [apply(a, weights(q[r:r + step], type_name, n, kernel)) for r in range(0, q.shape[0], step)]
+    return torch.cat(parts, 1) if parts else torch.empty(x.shape[0], 0, device=x.device)
+
+
+def _check(type_name: str, kernel: str) -> None:
     if type_name not in TYPES:
         raise FormatError(f"no llamacpp_cuda_mmq emulation for {type_name}; valid types: {', '.join(TYPES)}")
     if kernel not in ("mmq", "mmvq"):
         raise FormatError(f"unknown CUDA kernel {kernel!r}; valid: mmq, mmvq")
+
+
+# The kernel's sum over 32-blocks of (float scale) x (exact integer dot) is regrouped as one float32
+# GEMM of the dequantized q8_1 activations d_a * q_a with the kernel's effective weights (codes times
+# the scales it applies to them, formed as it forms them), plus, for Q4_K/Q5_K, a GEMM of the blocks'
+# activation sums with the mins. Every product is the kernel's (the effective weights and the
+# fp16-scaled activations are exact in float32; D4's float32 d_a rounds once); only the order of the
+# float32 additions differs, within the bound the tests assert. Activations and weights are prepared
+# separately so that an experts loop quantizes its tokens once and unpacks several experts at a time.
+
+
+def activations(x: torch.Tensor, type_name: str, kernel: str) -> dict[str, torch.Tensor]:
+    """Tokens (T, n) -> ``x`` (T, n) the dequantized q8_1 values, ``s`` (T, n/32) the term the mins multiply
+    (MMQ DS4: the fp16 block sums; MMVQ Q4_K/Q5_K: d_a times the sum of the codes, exact; else None).
+    Rows are independent: a subset of rows equals the activations of those tokens alone."""
+    _check(type_name, kernel)
     a = quantize_q8_1(x.to(torch.float32), kernel, type_name)
-    rows, tokens, nb = q.shape[0], x.shape[0], n // 32
-    step = max(1, _ROW_CHUNK_ELEMS // (4 * n))  # rows of effective weights held at once
-    parts = [_dot(weight_parts(q[r:r + step], type_name, n), a, type_name, kernel) for r in range(0, rows, step)]
-    return torch.cat(parts, 1) if parts else torch.empty(tokens, 0, device=x.device)
+    t = x.shape[0]
+    out = {"x": (a["qs"] * a["d"][..., None]).reshape(t, -1), "s": None}
+    if type_name in _DS4:
+        out["s"] = a["s"] if kernel == "mmq" else a["qs"].sum(-1) * a["d"]
+    return out
 
 
-def _dot(w: dict, a: dict, type_name: str, kernel: str) -> torch.Tensor:
-    """(T, R) float32 from weight parts (R rows) and q8_1 activations (T tokens).
-
-    The kernel's sum over 32-blocks of (float scale) x (exact integer dot) is regrouped as one
-    float32 GEMM of the dequantized q8_1 activations ``d_a * q_a`` with the kernel's effective
-    weights (codes times the scales it applies to them, formed as it forms them), plus, for
-    Q4_K/Q5_K, a GEMM of the blocks' activation sums with the mins. Every product is the kernel's
-    up to float32 rounding (the effective weights and fp16-scaled activations are exact in
-    float32); only the order of the float32 additions differs, within the bound the tests assert.
-    """
-    t = a["qs"].shape[0]
-    x_hat = (a["qs"] * a["d"][..., None]).reshape(t, -1)  # (T, n) exact where d is fp16
-    c, dw = w["c"], w["d"]  # (R, nb, 32), (R, nb)
+def weights(q: torch.Tensor, type_name: str, n: int, kernel: str) -> dict[str, torch.Tensor]:
+    """Weight blocks (R, bytes) -> ``w`` (R, n) the kernel's effective weights and ``m`` (R, n/32) the
+    min each block's ``s`` is multiplied with (Q4_K/Q5_K; else None)."""
+    _check(type_name, kernel)
+    p = weight_parts(q, type_name, n)
+    c, dw = p["c"], p["d"]  # (R, nb, 32), (R, nb)
     rows = c.shape[0]
     if type_name in ("Q8_0", "Q6_K") or kernel == "mmvq":
-        # Q8_0: d_w * q; Q6_K: d * sc*(q-32); Q4_K/Q5_K MMVQ: d * sc*q (sc applied in integers) - all exact
+        # Q8_0: d_w * q; Q6_K: d * sc*(q-32); Q4_K/Q5_K MMVQ: d * sc*q (sc applied in integers): all exact
         eff = c * dw[..., None]
     else:  # Q4_K/Q5_K MMQ: the codes times fp16(d*sc), formed in half (load_tiles_q4_K)
-        a_d = (dw.to(torch.float16) * w["sc"].to(torch.float16)).float()  # (R, nb)
-        eff = (c / w["sc"].clamp(min=1)[..., None]) * a_d[..., None]  # q * fp16(d*sc); c is 0 where sc is 0
-    y = x_hat @ eff.reshape(rows, -1).T  # (T, R)
-    if type_name not in _DS4:
-        return y
-    if kernel == "mmq":  # + fp16(-dmin*m) * fp16(sum of the block's inputs)
-        a_m = (-w["dmin"].to(torch.float16) * w["m"].to(torch.float16)).float()  # (R, nb)
-        return y + a["s"] @ a_m.T
-    s_hat = a["qs"].sum(-1) * a["d"]  # (T, nb) d_a * (sum of the codes), exact
-    return y - s_hat @ (w["dmin"] * w["m"]).T  # dmin * m exact
+        a_d = (dw.to(torch.float16) * p["sc"].to(torch.float16)).float()  # (R, nb)
+        eff = (c / p["sc"].clamp(min=1)[..., None]) * a_d[..., None]  # q * fp16(d*sc); c is 0 where sc is 0
+    out = {"w": eff.reshape(rows, -1), "m": None}
+    if type_name in _DS4:
+        if kernel == "mmq":  # + fp16(-dmin*m) * fp16(block sum)
+            out["m"] = (-p["dmin"].to(torch.float16) * p["m"].to(torch.float16)).float()
+        else:  # - (dmin*m) * (d_a * sum of codes)
+            out["m"] = -(p["dmin"] * p["m"])
+    return out
+
+
+def apply(a: dict, w: dict) -> torch.Tensor:
+    """(T, R) float32 from prepared activations (T tokens) and weights (R rows)."""
+    y = a["x"] @ w["w"].T  # (T, R)
+    return y if w["m"] is None else y + a["s"] @ w["m"].T
