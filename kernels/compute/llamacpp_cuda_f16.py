@@ -79,18 +79,39 @@ def _linear_forward(m, x):
     return y + m.bias if m.bias is not None else y  # ggml adds a bias after the matmul, in F32
 
 
+EXPERT_GROUP = 16  # experts multiplied together as one batched F16 GEMM (tokens padded to the group's most)
+
+
 def _experts_forward(mod, hidden, top_k_index, top_k_weights):
-    """Fused experts, gate_up (E, 2I, H) and down (E, H, I): hidden (T, H) -> (T, H), each matmul an F16 GEMM."""
-    from moetrace.kernels.engine.hgemm import hgemm
+    """Fused experts, gate_up (E, 2I, H) and down (E, H, I): hidden (T, H) -> (T, H), each matmul an F16 GEMM.
+
+    Experts are multiplied a group at a time as a batch of independent GEMMs (each expert's rows
+    padded with zeros to the group's largest token count: padding rows are computed and dropped,
+    and no output row depends on another). The batched form holds each step's fp32 sum as its own
+    small product, so a step can round one fp32 ulp apart from :func:`hgemm`'s; both follow the model
+    of the F16 accumulator (tests/kernels/test_engine_cuda.py).
+    """
+    import torch
+
+    from moetrace.kernels.engine.hgemm import hgemm_batched
     from moetrace.kernels.engine.moe import fused_experts, slot_sum
 
     gate_up, down = fused_experts(mod, LlamaCppCudaF16.name)
     inter = down.shape[-1]
-
-    def expert(e, x):  # x (t_e, H)
-        gu = hgemm(x, gate_up[e]).float()  # (t_e, 2I): the gate and up GEMMs, row by row the same
-        return hgemm(mod.act_fn(gu[:, :inter]) * gu[:, inter:], down[e]).float()  # (t_e, H)
-
-    x = hidden.reshape(-1, hidden.shape[-1]).float()
-    out = slot_sum(x, top_k_index, top_k_weights, gate_up.shape[0], expert)
-    return out.reshape(hidden.shape).to(hidden.dtype)
+    x = hidden.reshape(-1, hidden.shape[-1]).float()  # (T, H)
+    hit = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < gate_up.shape[0]]
+    tokens = {e: torch.where(top_k_index == e)[0] for e in hit}
+    out = {}
+    for i in range(0, len(hit), EXPERT_GROUP):
+        group = hit[i:i + EXPERT_GROUP]
+        t_max = max(tokens[e].numel() for e in group)
+        xs = torch.zeros(len(group), t_max, x.shape[1], device=x.device)  # (G, t_max, H)
+        for j, e in enumerate(group):
+            xs[j, :tokens[e].numel()] = x[tokens[e]]
+        gu = hgemm_batched(xs, gate_up[group]).float()  # (G, t_max, 2I): gate and up, row by row the same
+        h = mod.act_fn(gu[..., :inter]) * gu[..., inter:]
+        y = hgemm_batched(h, down[group]).float()  # (G, t_max, H)
+        for j, e in enumerate(group):
+            out[e] = y[j, :tokens[e].numel()]
+    res = slot_sum(x, top_k_index, top_k_weights, gate_up.shape[0], lambda e, xe: out[e])
+    return res.reshape(hidden.shape).to(hidden.dtype)

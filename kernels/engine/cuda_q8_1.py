@@ -116,30 +116,6 @@ def _fp16(q: torch.Tensor, type_name: str, name: str) -> torch.Tensor:
     return b[..., lay.span(name)].contiguous().view(torch.float16)[..., 0].float()  # (rows, blocks)
 
 
-def weight_parts(q: torch.Tensor, type_name: str, n: int) -> dict[str, torch.Tensor]:
-    """The integer codes and scales of weight blocks, from moetrace's bit-exact dequantizers.
-
-    Returns (rows R, 32-blocks nb = n/32, super-blocks ns):
-        ``c`` (R, nb, 32): the integer each code enters the integer dot with (Q8_0 q; Q4_K/Q5_K
-        sc*q, the sub-block scale applied, so ``dot / sc`` is the kernel's ``q . q_a``; Q6_K
-        sc*(q-32)); ``d`` (R, nb) the fp16 d of each 32-block's (super-)block; for Q4_K and Q5_K
-        ``sc``, ``m`` (R, nb) the 6-bit scale and min and ``dmin`` (R, nb).
-    """
-    rows, nb = q.shape[0], n // 32
-    per = LAYOUTS[type_name].elems // 32  # 32-blocks per (super-)block
-
-    def expand(v):  # (R, ns) -> (R, nb)
-        return v.repeat_interleave(per, dim=1)
-
-    d = expand(_fp16(q, type_name, "d"))
-    if type_name in ("Q8_0", "Q6_K"):
-        c = dequantize(_patched(q, type_name, {"d": _ONE}), type_name, n).reshape(rows, nb, 32)
-        return {"c": c, "d": d}
-    scq = dequantize(_patched(q, type_name, {"d": _ONE, "dmin": _ZERO}), type_name, n).reshape(rows, nb, 32)
-    sc, m = _scale_min_k4(q, type_name)  # (R, nb) each
-    return {"c": scq, "d": d, "dmin": expand(_fp16(q, type_name, "dmin")), "sc": sc, "m": m}
-
-
 def _scale_min_k4(q: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K/Q5_K's eight 6-bit scales and mins per super-block, unpacked from its 12 scale bytes (the layout
     ggml's get_scale_min_k4 reads): (R, nb) float32 each."""
@@ -201,24 +177,27 @@ def activations(x: torch.Tensor, type_name: str, kernel: str) -> dict[str, torch
 
 def weights(q: torch.Tensor, type_name: str, n: int, kernel: str) -> dict[str, torch.Tensor]:
     """Weight blocks (R, bytes) -> ``w`` (R, n) the kernel's effective weights and ``m`` (R, n/32) the
-    min each block's ``s`` is multiplied with (Q4_K/Q5_K; else None)."""
+    min each block's ``s`` is multiplied with (Q4_K/Q5_K; else None).
+
+    Where the kernel applies the scales in integers or as ggml's float dequantization does (Q8_0
+    d*q; Q6_K d*sc*q; Q4_K/Q5_K MMVQ d*sc*q), the effective weights are the bit-exact
+    dequantization with the mins left out, exact in float32. MMQ's Q4_K/Q5_K codes are scaled by
+    fp16(d*sc), formed in half: here sc*q times fp16(d*sc)/sc, within one float32 rounding of it.
+    """
     _check(type_name, kernel)
-    p = weight_parts(q, type_name, n)
-    c, dw = p["c"], p["d"]  # (R, nb, 32), (R, nb)
-    rows = c.shape[0]
-    if type_name in ("Q8_0", "Q6_K") or kernel == "mmvq":
-        # Q8_0: d_w * q; Q6_K: d * sc*(q-32); Q4_K/Q5_K MMVQ: d * sc*q (sc applied in integers): all exact
-        eff = c * dw[..., None]
-    else:  # Q4_K/Q5_K MMQ: the codes times fp16(d*sc), formed in half (load_tiles_q4_K)
-        a_d = (dw.to(torch.float16) * p["sc"].to(torch.float16)).float()  # (R, nb)
-        eff = (c / p["sc"].clamp(min=1)[..., None]) * a_d[..., None]  # q * fp16(d*sc); c is 0 where sc is 0
-    out = {"w": eff.reshape(rows, -1), "m": None}
-    if type_name in _DS4:
-        if kernel == "mmq":  # + fp16(-dmin*m) * fp16(block sum)
-            out["m"] = (-p["dmin"].to(torch.float16) * p["m"].to(torch.float16)).float()
-        else:  # - (dmin*m) * (d_a * sum of codes)
-            out["m"] = -(p["dmin"] * p["m"])
-    return out
+    rows, nb = q.shape[0], n // 32
+    if type_name in ("Q8_0", "Q6_K"):
+        return {"w": dequantize(q, type_name, n), "m": None}
+    sc, m = _scale_min_k4(q, type_name)  # (R, nb)
+    per = LAYOUTS[type_name].elems // 32
+    d = _fp16(q, type_name, "d").repeat_interleave(per, dim=1)  # (R, nb)
+    dmin = _fp16(q, type_name, "dmin").repeat_interleave(per, dim=1)
+    if kernel == "mmvq":  # d*sc*q - dmin*m*(d_a * sum of codes)
+        return {"w": dequantize(_patched(q, type_name, {"dmin": _ZERO}), type_name, n), "m": -(dmin * m)}
+    scq = dequantize(_patched(q, type_name, {"d": _ONE, "dmin": _ZERO}), type_name, n).reshape(rows, nb, 32)
+    a_d = (d.to(torch.float16) * sc.to(torch.float16)).float()  # fp16(d*sc), as load_tiles_q4_K forms it
+    eff = scq * (a_d / sc.clamp(min=1))[..., None]  # q * fp16(d*sc); 0 where sc is 0
+    return {"w": eff.reshape(rows, n), "m": (-dmin.to(torch.float16) * m.to(torch.float16)).float()}
 
 
 def apply(a: dict, w: dict) -> torch.Tensor:

@@ -55,3 +55,20 @@ def hgemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             acc = part[s].add_(acc).to(torch.float16)  # fp32 step sum plus the F16 accumulator, rounded to F16
         out[:, r:r + step_rows] = acc
     return out
+
+
+def hgemm_batched(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """:func:`hgemm` for a batch of independent products (experts): x (G, T, n), w (G, R, n) -> (G, T, R) float16.
+
+    Each step's partial products are formed when the accumulator needs them, so memory stays at
+    one (G, T, R) step; the arithmetic per output is :func:`hgemm`'s.
+    """
+    n = x.shape[-1]
+    x16 = x.to(torch.float16).float()
+    w16 = w.to(torch.float16).float()
+    acc = None
+    for s in range(0, n, K_STEP):
+        part = torch.bmm(x16[..., s:s + K_STEP], w16[..., s:s + K_STEP].transpose(1, 2))  # (G, T, R) fp32 step sum
+        acc = part.to(torch.float16) if acc is None else part.add_(acc).to(torch.float16)
+    return acc
+

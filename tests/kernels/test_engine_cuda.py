@@ -16,7 +16,7 @@ import torch
 
 from moetrace.kernels import quantize
 from moetrace.kernels.engine import cuda_q8_1
-from moetrace.kernels.engine.hgemm import K_STEP, hgemm
+from moetrace.kernels.engine.hgemm import K_STEP, hgemm, hgemm_batched
 
 U32 = 2.0 ** -24  # float32 unit roundoff
 U16 = 2.0 ** -11  # float16 unit roundoff
@@ -48,11 +48,13 @@ def _hgemm64(x: np.ndarray, w: np.ndarray):
     return acc, peak
 
 
-def test_hgemm_equals_the_float64_model_of_f16_accumulation():
+@pytest.mark.parametrize("batched", [False, True], ids=["hgemm", "hgemm_batched"])
+def test_hgemm_equals_the_float64_model_of_f16_accumulation(batched):
     """Equal to the model but for the emulation's fp32 sum of a step before its F16 rounding: a step's
-    result can land one F16 ulp apart (2 U16 of the running magnitude), so per step at most that."""
+    result can land one F16 ulp apart (2 U16 of the running magnitude), so per step at most that.
+    The batched form (the experts' GEMMs) is held to the same model."""
     w, x = _data(5, 1000, 0)  # 1000: the last step is partial
-    got = hgemm(x, w).double().numpy()
+    got = (hgemm_batched(x[None], w[None])[0] if batched else hgemm(x, w)).double().numpy()
     want, peak = _hgemm64(x.numpy(), w.numpy())
     steps = -(-1000 // K_STEP)
     bound = steps * 2 * U16 * peak
