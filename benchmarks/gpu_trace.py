@@ -34,7 +34,7 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cpu-baseline", action="store_true", help="also time one CPU run of each variant")
     ap.add_argument("--dry-run", action="store_true",
-                    help="check the script without a GPU: builtin:tiny, 32 tokens, one repeat, on the CPU")
+                    help="check the script without a GPU: builtin:tiny, 32 tokens, one repeat, no warm-up, on the CPU")
     args = ap.parse_args(argv)
     if args.dry_run:
         args.model, args.device, args.tokens, args.repeats = "builtin:tiny", "cpu", 32, 1
@@ -84,7 +84,8 @@ def main(argv=None) -> dict:
     root = Path(tempfile.mkdtemp(prefix="moetrace-gpu-trace-", dir="."))
     results = {}
     try:
-        time_run(src, tokens, args.model, args.variants[0], args.device, root)  # warm-up, not timed
+        if not args.dry_run:
+            time_run(src, tokens, args.model, args.variants[0], args.device, root)  # warm-up, not timed
         for v in args.variants:
             runs = [time_run(src, tokens, args.model, v, args.device, root) for _ in range(args.repeats)]
             cpu = time_run(src, tokens, args.model, v, "cpu", root)[0] if args.cpu_baseline else None
