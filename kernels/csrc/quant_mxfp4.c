@@ -45,11 +45,14 @@ static inline uint8_t shared_exponent(float amax) {
 MT_HOT
 static void quantize_block(const float *restrict x, uint8_t *restrict y) {
     float amax = 0.0f;
-    for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j])); /* x is finite (checked by the caller) */
+    for (int j = 0; j < QK; j++) {
+        const float ax = fabsf(x[j]); /* x is finite (checked by the caller) */
+        amax = amax < ax ? ax : amax;
+    }
     const uint8_t e = shared_exponent(amax);
     const float d = e8m0_half(e);
     float best[QK];
-    int code[QK];
+    int32_t code[QK];
     for (int j = 0; j < QK; j++) {
         best[j] = fabsf(kvalues[0] * d - x[j]);
         code[j] = 0;
@@ -57,10 +60,11 @@ static void quantize_block(const float *restrict x, uint8_t *restrict y) {
     for (int i = 1; i < 16; i++) {
         const float v = kvalues[i] * d;
         for (int j = 0; j < QK; j++) {
+            /* Branch-free, so the loop vectorizes: a mask of all ones where code i is strictly better. */
             const float err = fabsf(v - x[j]);
-            const int better = err < best[j];
-            best[j] = better ? err : best[j];
-            code[j] = better ? i : code[j];
+            const int32_t m = -(int32_t)(err < best[j]);
+            best[j] = err < best[j] ? err : best[j];
+            code[j] = (code[j] & ~m) | (i & m);
         }
     }
     y[MT_MXFP4_E] = e;
