@@ -73,6 +73,34 @@ def shared_exponent(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, e & 0xFF, torch.zeros_like(e))  # x86's (uint8_t)(int)(v): modulo 256
 
 
+def from_ocp(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """MXFP4 weights in the OCP MX layout of GPT-OSS checkpoints -> ggml ``block_mxfp4`` bytes.
+
+    OpenAI's checkpoints (and transformers' ``convert_moe_packed_tensors``) store each projection as
+    ``*_blocks``, 16 bytes per 32 values with element 2j in the low nibble of byte j and element 2j+1
+    in the high one, and ``*_scales``, one E8M0 byte per 32 values: value = E2M1(code) * 2**(scale - 127).
+    ggml's block packs element j with element j + 16 instead, and its doubled kvalues with the halved
+    scale 2**(e - 128) give the same values for e = scale, so only the nibbles move. (A scale of 255 is
+    NaN in the OCP spec; ggml reads it as 2**127.)
+
+    Args:
+        blocks: (..., G, 16) uint8, G groups of 32 values per row.
+        scales: (..., G) uint8.
+
+    Returns:
+        (..., G * 17) uint8: rows of ggml blocks, for ``kernels.dequantize(q, "MXFP4", G * 32)``.
+    """
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[-1] != QK // 2 \
+            or tuple(blocks.shape[:-1]) != tuple(scales.shape):
+        from moetrace.kernels.errors import FormatError
+
+        raise FormatError(f"OCP MXFP4 takes uint8 blocks (..., G, 16) and scales (..., G); got {blocks.dtype} "
+                          f"{tuple(blocks.shape)} and {scales.dtype} {tuple(scales.shape)}")
+    codes = torch.stack([blocks & 0xF, blocks >> 4], -1).reshape(*blocks.shape[:-1], QK)  # (..., G, 32) in order
+    qs = codes[..., :QK // 2] | (codes[..., QK // 2:] << 4)  # (..., G, 16): ggml's j, j + 16 pairs
+    return torch.cat([scales[..., None], qs], -1).reshape(*scales.shape[:-1], -1)
+
+
 class MXFP4(BlockFormat):
     """4-bit E2M1 codes with a shared E8M0 exponent, 32 per block (``block_mxfp4``)."""
 

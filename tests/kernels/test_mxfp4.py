@@ -227,3 +227,24 @@ def test_nan_refused(backend):
     x[3, 63] = float("nan")
     with _backend(backend), pytest.raises(FormatError, match="MXFP4: the tensor holds NaN or Inf"):
         quantize(x, T)
+
+
+def test_ocp_layout_of_gpt_oss_checkpoints_dequantizes_as_transformers_does():
+    """from_ocp repacks GPT-OSS's *_blocks/*_scales into ggml blocks; they dequantize exactly to transformers'
+    own conversion (integrations/mxfp4.py, float32), scales 0..254 and every code. The one difference is
+    the sign of a zero: code 8 is -0.0 in transformers' table, +0 (the integer kvalue 0) in ggml's."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from moetrace.kernels.formats_mxfp4 import from_ocp
+
+    g = torch.Generator().manual_seed(0)
+    experts, rows, groups = 3, 85, 4  # 3 * 85 * 4 = 1020 blocks: every scale 0..254 four times
+    blocks = torch.randint(0, 256, (experts, rows, groups, 16), dtype=torch.uint8, generator=g)
+    scales = (torch.arange(experts * rows * groups) % 255).to(torch.uint8).reshape(experts, rows, groups)
+    want = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).transpose(1, 2)  # (E, rows, 128)
+    q = from_ocp(blocks, scales)  # (E, rows, 4 * 17)
+    got = dequantize(q.reshape(-1, groups * BYTES), T, groups * BLOCK).reshape(experts, rows, -1)
+    want = want.contiguous()
+    assert torch.equal(got, want)  # as values
+    bits_differ = got.view(torch.int32) != want.view(torch.int32)
+    assert bits_differ.any() and (want[bits_differ] == 0).all() and (got[bits_differ].view(torch.int32) == 0).all()
