@@ -119,12 +119,21 @@ _MOONLIGHT = (("q_lora_rank", None), ("kv_lora_rank", 512), ("qk_nope_head_dim",
               ("topk_group", 1), ("routed_scaling_factor", 2.446), ("norm_topk_prob", True),
               ("intermediate_size", 11264), ("rms_norm_eps", 1e-5),
               ("rope_parameters", (("rope_type", "default"), ("rope_theta", 50000.0))))
+# GLM-4.5's own config entries at test widths (GLM-4.5: q/k norms, q/k/v biases, one group, scale 2.5).
+_TINY_GLM4_MOE = (("n_shared_experts", 1), ("first_k_dense_replace", 1), ("routed_scaling_factor", 2.5),
+                  ("norm_topk_prob", True), ("use_qk_norm", True), ("intermediate_size", 512))
 PRESETS.update({
     "tiny-deepseek-v3": BuiltinShape(
         "for tests: DeepSeek-V3 (MLA with low-rank query, layer 0 dense, 16 experts top-4 in 4 groups keeping 2, "
         "1 shared, sigmoid router with selection bias), 4 layers, widths 256",
         layers=4, hidden=256, experts=16, top_k=4, expert_width=256, heads=4, kv_heads=4, head_dim=64,
         family="deepseek_v3", expert_keys="per_expert", config=_TINY_DSV3,
+    ),
+    "tiny-glm4-moe": BuiltinShape(
+        "for tests: GLM-4.5 (GQA with q/k norms and q/k/v biases, half-rotary heads, layer 0 dense, 16 experts "
+        "top-4, 1 shared, sigmoid router with selection bias, weights scaled by 2.5), 4 layers, widths 256",
+        layers=4, hidden=256, experts=16, top_k=4, expert_width=256, heads=4, kv_heads=2, head_dim=64,
+        family="glm4_moe", expert_keys="per_expert", config=_TINY_GLM4_MOE,
     ),
     "moonlight-16b-a3b": BuiltinShape(
         "Moonlight-16B-A3B's real widths (deepseek_v3: hidden 2048, MLA 16 heads, kv_lora_rank 512, 64 experts "
