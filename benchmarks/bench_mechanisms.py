@@ -41,19 +41,20 @@ def component_errors(ref, var) -> dict:
     r_resid = ref.resid.sel(mode="free")
     out = {}
 
-    def add(name, r, v, layer_dim):
+    def add(name, r, v, layer_dim):  # DataArrays (layer_dim, token, hidden)
         layers = [int(x) for x in r[layer_dim].values]
         base = _norm(r_resid.sel(layer=layers).values)  # (layer, token)
+        r, v = r.values, v.values
         d = _norm(v - r)
         out[name] = (layers, (d / base).mean(-1), (d / np.maximum(_norm(r), 1e-30)).mean(-1))
 
-    add("attention", ref.attn_out.sel(mode="free").values, var.attn_out.sel(mode="teacher").values, "layer")
+    add("attention", ref.attn_out.sel(mode="free"), var.attn_out.sel(mode="teacher"), "layer")
     if "mlp_out" in ref:
-        add("dense_mlp", ref.mlp_out.sel(mode="free").values, var.mlp_out.sel(mode="teacher").values, "dense_layer")
+        add("dense_mlp", ref.mlp_out.sel(mode="free"), var.mlp_out.sel(mode="teacher"), "dense_layer")
     if "moe_out" in ref:
-        r_moe, v_moe = ref.moe_out.sel(mode="free").values, var.moe_out.sel(mode="teacher").values
+        r_moe, v_moe = ref.moe_out.sel(mode="free"), var.moe_out.sel(mode="teacher")
         if "shared_out" in ref:
-            r_sh, v_sh = ref.shared_out.sel(mode="free").values, var.shared_out.sel(mode="teacher").values
+            r_sh, v_sh = ref.shared_out.sel(mode="free"), var.shared_out.sel(mode="teacher")
             add("shared_expert", r_sh, v_sh, "moe_layer")
             r_moe, v_moe = r_moe - r_sh, v_moe - v_sh
         add("routed_experts", r_moe, v_moe, "moe_layer")
@@ -63,7 +64,7 @@ def component_errors(ref, var) -> dict:
         # chosen experts not among the reference's choice, per token (sets: the order of top-k is free)
         same = np.array([[len(set(a) & set(b)) for a, b in zip(ra, va)] for ra, va in zip(ri, vi)])
         flip_rate = 1.0 - same / ri.shape[-1]
-        e2 = ((v_moe - r_moe).astype(np.float64) ** 2).sum(-1)  # routed error energy per token
+        e2 = ((v_moe - r_moe).values.astype(np.float64) ** 2).sum(-1)  # routed error energy per token
         share = (e2 * flipped_tok).sum(-1) / e2.sum(-1)
         out["routing"] = ([int(x) for x in ref.moe_layer.values], flip_rate.mean(-1), share)
     return out

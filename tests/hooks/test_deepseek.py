@@ -103,13 +103,18 @@ def test_reference_equals_transformers_forward(query, tmp_path):
     src = _source(PRESET if query == "low_rank" else str(_full_query_checkpoint(tmp_path / "ckpt")))
     assert bool(getattr(src.config, "q_lora_rank", None)) == (query == "low_rank")
     toks = tokenize([TEXT], src.tokenizer)
-    stores = run_trace(src, RunConfig(model=src.model_id, variants=[]), toks, tmp_path / "run")
+    # the block-computing engine path too: kv_b reaches it dense (its GGUF parts are no row blocks of it)
+    variants = ["q4_k_m-fp32", "q4_k_m-llamacpp_cpu"] if query == "low_rank" else []
+    stores = run_trace(src, RunConfig(model=src.model_id, variants=variants, modes=["free"]), toks, tmp_path / "run")
     ref = moetrace.open_trace(stores["orig-fp32"])
     logits, resid = _transformers_forward(src.folder, toks.sequences()[0].tolist())
     assert np.array_equal(ref.logits.sel(mode="free").values, logits)
     assert np.array_equal(ref.resid.sel(mode="free").values, resid)
     assert list(ref.dense_layer.values) == [0] and list(ref.moe_layer.values) == list(range(1, resid.shape[0]))
     assert "shared_out" in ref and not np.isnan(ref.shared_out.values).any()
+    if variants:  # the engine computes from the same blocks: it picks the fp32 variant's next token almost always
+        fp32, cpu = (moetrace.open_trace(stores[v]).logits.sel(mode="free").values for v in variants)
+        assert np.isfinite(cpu).all() and (cpu.argmax(-1) == fp32.argmax(-1)).mean() > 0.9
 
 
 def test_forced_choice_keeps_the_router_weighting():
@@ -207,13 +212,16 @@ def test_quantized_gguf_every_mode_and_command(tmp_path):
         expect = model(torch.from_numpy(toks.sequences()[0]).unsqueeze(0)).logits[0].numpy()
 
     out = tmp_path / "traces"
-    moetrace_cli("run", "--model", PRESET, "--gguf", str(path), "--variant", "gguf-fp32", "--variant", "q4_k_m-bf16",
+    moetrace_cli("run", "--model", PRESET, "--gguf", str(path), "--variant", "gguf-fp32", "--variant", "q4_k_m-fp32",
+                 "--variant", "q4_k_m-bf16",
                  "--mode", "free", "--mode", "teacher", "--mode", "routing", "--text", TEXT, "--out", str(out),
                  "--run", "ds", "-q")
     run = out / "ds"
     ref, var = run / "orig-fp32.zarr", run / "q4_k_m-bf16.zarr"
     g = moetrace.open_trace(run / "gguf-fp32.zarr").logits.sel(mode="free").values
     assert np.array_equal(g, expect), np.abs(g - expect).max()
+    # moetrace's own q4_k_m (kv_b split, quantized as attn_k_b/attn_v_b, merged back) is the file's model
+    assert np.array_equal(moetrace.open_trace(run / "q4_k_m-fp32.zarr").logits.sel(mode="free").values, g)
     r, v = moetrace.open_trace(ref), moetrace.open_trace(var)
     assert r.sizes["expert"] == 16 and r.sizes["k"] == 4 and list(r.moe_layer.values) == [1]
     assert np.array_equal(v.topk_idx.sel(mode="routing").values, r.topk_idx.sel(mode="free").values)

@@ -400,7 +400,9 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
             ts = [types.get(n, "F32") for n in g]
             config = getattr(types, "config", None)
             parts = family.gguf_split(key, w, config)
-            if form.blocks and not any(t in FLOAT_TYPES for t in ts):
+            # a block-computing path takes a fused tensor's parts only where they are row blocks of it;
+            # DeepSeek's kv_b (attn_k_b, attn_v_b) comes to it dense, its parts dequantized and merged
+            if form.blocks and family.fuses_rows(key) and not any(t in FLOAT_TYPES for t in ts):
                 out[key] = tuple(_blocks(part, n, t, ctx) for part, n, t in zip(parts, g, ts))
                 continue
             if all(t == "F32" for t in ts):
