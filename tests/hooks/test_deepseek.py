@@ -339,3 +339,9 @@ def test_glm4_moe_reference_equals_transformers_and_its_gguf(tmp_path):
     # equal to moetrace's own q8_0-fp32 variant of the checkpoint, bit for bit.
     q8 = moetrace.open_trace(stores["q8_0-fp32"])
     assert np.array_equal(from_file.logits.sel(mode="free").values, q8.logits.sel(mode="free").values)
+
+
+def test_recipe_cli_prints_the_mla_types():
+    p = moetrace_cli("recipe", "q4_k_m", "--model", "builtin:moonlight-16b-a3b:layers=27")
+    line = next(x for x in p.stdout.splitlines() if x.startswith("blk.5.attn_k_b.weight"))
+    assert "Q5_0" in line and "16x512x128" in line  # heads, kv_lora_rank, qk_nope_head_dim: rows of 128
