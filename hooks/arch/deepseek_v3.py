@@ -174,6 +174,8 @@ FAMILY = DeepseekFamily(
     derived_dims=("q_heads_dim", "kv_a", "v_heads_dim", "kv_b"),
     # convert_hf_to_gguf renames the buffer so that gguf-py maps it to exp_probs_b with a .bias suffix
     gguf_renames={"mlp.gate.e_score_correction_bias": "mlp.gate.e_score_correction.bias"},
+    # transformers' _keep_in_fp32_modules_strict; llama.cpp's ffn_gate_inp and exp_probs_b are F32 too
+    fp32_tensors=("mlp.gate.weight", "mlp.gate.e_score_correction_bias"),
     # llama.cpp's deepseek2 graph: SwiGLU experts, no MTP layers in the decoder stack.
     gguf_config={"hidden_act": "silu", "num_nextn_predict_layers": 0, "rope_interleave": True},
     checked=(

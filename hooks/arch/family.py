@@ -206,6 +206,9 @@ class Family:
         gguf_renames: name inside a layer -> the name convert_hf_to_gguf looks up in gguf-py's map
             (DeepSeek's buffer ``mlp.gate.e_score_correction_bias`` is renamed
             ``mlp.gate.e_score_correction.bias``, which maps to ``exp_probs_b.bias``).
+        fp32_tensors: names inside a layer every compute path holds in float32, whatever its dtype:
+            transformers' ``_keep_in_fp32_modules_strict`` (DeepSeek's router weight and selection
+            bias), which llama.cpp also keeps F32; in bf16 a selection bias would change choices.
         gguf_experts: which files of ``gguf_arch`` the family serves, by their
             ``{arch}.expert_count``: ``any``, ``moe`` (expert_count > 0) or ``dense`` (none).
             llama.cpp's ``llama`` architecture is both Mixtral (with experts) and dense Llama,
@@ -235,6 +238,7 @@ class Family:
     gguf_permute_qk: bool = False
     gguf_vectors: tuple = ()
     gguf_renames: dict = field(default_factory=dict)
+    fp32_tensors: tuple = ()
     gguf_experts: str = "any"
     checked: tuple = ()
 

@@ -90,6 +90,8 @@ FAMILY = Glm4MoeFamily(
     fusion=ExpertFusion(),
     dim_keys={"n_shared": "n_shared_experts"},
     gguf_renames={"mlp.gate.e_score_correction_bias": "mlp.gate.e_score_correction.bias"},
+    # transformers' _keep_in_fp32_modules_strict; llama.cpp's ffn_gate_inp and exp_probs_b are F32 too
+    fp32_tensors=("mlp.gate.weight", "mlp.gate.e_score_correction_bias"),
     gguf_extra=(("expert_shared_count", "n_shared_experts", "UINT32"),
                 ("leading_dense_block_count", "first_k_dense_replace", "UINT32"),
                 ("expert_weights_scale", "routed_scaling_factor", "FLOAT32")),
@@ -99,7 +101,7 @@ FAMILY = Glm4MoeFamily(
     checked=(
         "reference logits and every layer's resid equal transformers' fp32 forward (bit for bit): a dense first "
         "layer, shared expert, biased sigmoid routing, q/k norms and q/k/v biases",
-        "GGUF written by quantize: glm4moe names (exp_probs_b.bias, post_attention_norm), re-read as a model "
-        "source equal to the reference",
+        "GGUF written by quantize pure_q8_0: glm4moe names (exp_probs_b.bias, post_attention_norm), read back as "
+        "a model source: its reference = the checkpoint's q8_0-fp32 variant (bit for bit)",
     ),
 )

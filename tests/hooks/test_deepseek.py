@@ -104,7 +104,7 @@ def test_reference_equals_transformers_forward(query, tmp_path):
     assert bool(getattr(src.config, "q_lora_rank", None)) == (query == "low_rank")
     toks = tokenize([TEXT], src.tokenizer)
     # the block-computing engine path too: kv_b reaches it dense (its GGUF parts are no row blocks of it)
-    variants = ["q4_k_m-fp32", "q4_k_m-llamacpp_cpu"] if query == "low_rank" else []
+    variants = ["q4_k_m-fp32", "q4_k_m-llamacpp_cpu", "orig-bf16"] if query == "low_rank" else []
     stores = run_trace(src, RunConfig(model=src.model_id, variants=variants, modes=["free"]), toks, tmp_path / "run")
     ref = moetrace.open_trace(stores["orig-fp32"])
     logits, resid = _transformers_forward(src.folder, toks.sequences()[0].tolist())
@@ -113,8 +113,16 @@ def test_reference_equals_transformers_forward(query, tmp_path):
     assert list(ref.dense_layer.values) == [0] and list(ref.moe_layer.values) == list(range(1, resid.shape[0]))
     assert "shared_out" in ref and not np.isnan(ref.shared_out.values).any()
     if variants:  # the engine computes from the same blocks: it picks the fp32 variant's next token almost always
-        fp32, cpu = (moetrace.open_trace(stores[v]).logits.sel(mode="free").values for v in variants)
+        fp32, cpu, bf16 = (moetrace.open_trace(stores[v]).logits.sel(mode="free").values for v in variants)
         assert np.isfinite(cpu).all() and (cpu.argmax(-1) == fp32.argmax(-1)).mean() > 0.9
+        # orig-bf16 is transformers' own bf16 model, router weight and selection bias kept in float32
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(src.folder), dtype=torch.bfloat16).eval()
+        assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+        with torch.no_grad():
+            expect = model(torch.tensor([toks.sequences()[0].tolist()])).logits[0].float().numpy()
+        assert np.array_equal(bf16, expect), np.abs(bf16 - expect).max()
 
 
 def test_forced_choice_keeps_the_router_weighting():

@@ -349,6 +349,7 @@ class LayerState(dict):
     """A layer's weights by name inside the layer, plus ``roles``: name -> weight role (moetrace.kernels.compute)."""
 
     roles: dict[str, str] = {}
+    fp32: frozenset = frozenset()  # names the compute path holds in float32 (Family.fp32_tensors)
 
 
 def layer_roles(layer: int, family) -> dict[str, str]:
@@ -393,6 +394,7 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
     path = variant.path
     out = LayerState()
     out.roles = layer_roles(layer, family)
+    out.fp32 = frozenset(family.fp32_tensors) & set(ref)
     for key, w in ref.items():
         g = names.get(key)
         form = path.weight_form(out.roles.get(key, "other"))
@@ -415,6 +417,9 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
                 out[key] = _blocks(w, g, t, ctx)
                 continue
             v = w if not cast and t in (None, "F32") else dequantized(w, g or key, t, ctx)
+        if key in out.fp32:  # kept in float32 by every path, as transformers and llama.cpp keep it
+            out[key] = v.to(torch.float32) if cast else v
+            continue
         out[key] = v.to(form.dtype) if cast and form.dtype is not None else v
     return out
 
