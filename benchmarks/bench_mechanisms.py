@@ -66,7 +66,7 @@ def component_errors(ref, var) -> dict:
         flip_rate = 1.0 - same / ri.shape[-1]
         e2 = ((v_moe - r_moe).values.astype(np.float64) ** 2).sum(-1)  # routed error energy per token
         share = (e2 * flipped_tok).sum(-1) / e2.sum(-1)
-        out["routing"] = ([int(x) for x in ref.moe_layer.values], flip_rate.mean(-1), share)
+        out["routing"] = ([int(x) for x in ref.moe_layer.values], flip_rate.mean(-1), share, flipped_tok.mean(-1))
     return out
 
 
@@ -77,16 +77,16 @@ def report(ref_path, var_path) -> str:
     comps = component_errors(ref, var)
     lines = [f"local (teacher-forced) error per component, {Path(var_path).stem} against {Path(ref_path).stem}",
              f"{'component':<16} {'layers':<14} {'|d|/|resid| mean':>17} {'max':>9} {'|d|/|x| mean':>13}"]
-    for name, (layers, to_resid, own) in comps.items():
+    for name, (layers, to_resid, own, *_) in comps.items():
         if name == "routing":
             continue
         lines.append(f"{name:<16} {str(layers):<14} {to_resid.mean():>17.3e} {to_resid.max():>9.3e} {own.mean():>13.3e}")
     if "routing" in comps:
-        layers, flips, share = comps["routing"]
+        layers, flips, share, tokens = comps["routing"]
         lines.append(f"routing: {flips.mean() * 100:.2f}% of chosen (token, slot) experts differ from the reference's "
-                     f"(per layer {', '.join(f'{x * 100:.1f}' for x in flips)}); tokens with a flip carry "
-                     f"{share.mean() * 100:.1f}% of the routed experts' error energy")
-    for name, (layers, to_resid, _) in comps.items():
+                     f"(per layer {', '.join(f'{x * 100:.1f}' for x in flips)}); the {tokens.mean() * 100:.1f}% of "
+                     f"tokens with a flip carry {share.mean() * 100:.1f}% of the routed experts' error energy")
+    for name, (layers, to_resid, *_) in comps.items():
         if name != "routing":
             lines.append(f"per layer |d {name}|/|resid|: " + " ".join(f"{L}:{x:.2e}" for L, x in zip(layers, to_resid)))
     return "\n".join(lines)
