@@ -215,7 +215,7 @@ def write_gguf(source, file_type: str, path, *, imatrix_file=None, cache=True, p
             L = W.layer_of(n)
             if L >= 0 and L != layer:
                 state = {}  # free the previous layer before reading the next
-                state = W.gguf_tensors_of_layer(source.layer_state(L), L, family)
+                state = W.gguf_tensors_of_layer(source.layer_state(L), L, family, source.config)
                 layer = L
             w = state[n] if L >= 0 else W.global_tensor(source, n)
             t = types[n]
