@@ -188,12 +188,14 @@ class ComputePath:
         import torch
 
         roles = getattr(state, "roles", {})
+        fp32 = getattr(state, "fp32", frozenset())  # held in float32 whatever the path's dtype
         tensors = layer._moetrace_tensors
         if tensors is None:
             tensors = layer.state_dict(keep_vars=True)
             _check_names(tensors, state)
             device = getattr(layer, "_moetrace_device", None)  # the executor's run device (None: the default)
-            owned = {k: torch.empty(v.shape, dtype=self.dtype, device=device).copy_(self.round(roles.get(k, "other"), v))
+            owned = {k: torch.empty(v.shape, dtype=torch.float32, device=device).copy_(v) if k in fp32 else
+                     torch.empty(v.shape, dtype=self.dtype, device=device).copy_(self.round(roles.get(k, "other"), v))
                      for k, v in state.items()}
             layer.load_state_dict(owned, strict=True, assign=True)
             layer._moetrace_tensors = layer.state_dict(keep_vars=True)
@@ -201,7 +203,7 @@ class ComputePath:
         _check_names(tensors, state)
         with torch.no_grad():
             for name, t in tensors.items():
-                t.copy_(self.round(roles.get(name, "other"), state[name]))
+                t.copy_(state[name] if name in fp32 else self.round(roles.get(name, "other"), state[name]))
 
     # -- outside the layers ---------------------------------------------------------------
 

@@ -55,6 +55,7 @@ class KTransformersDecode(LlamaCppCPU):
         roles = getattr(state, "roles", {})
         out = type(state)()
         out.roles = roles
+        out.fp32 = getattr(state, "fp32", frozenset())  # a family's float32 tensors (Family.fp32_tensors)
         for key, v in state.items():
             if roles.get(key) in MARLIN_ROLES and not isinstance(v, (BlockWeight, tuple)) and v.ndim == 2:
                 v = marlin.roundtrip(v, self.dtype)  # (out, in) bf16
