@@ -8,8 +8,10 @@ activations (32-value blocks), exact int8 dots, float32 scaling and sums, MMVQ f
 most 8 tokens and MMQ (int8 tensor cores, Q4_K/Q5_K scales formed in half) above; for the experts
 the batch is the MoE block's token count, as ``mul_mat_id`` decides. The rest is transformers'
 float32 modules, with the simplifications ``llamacpp_cpu`` lists (norms, RoPE, softmax and
-attention as float32 torch ops; expert outputs added slot by slot). Emulated on any device: the
-integer dots are float32 batched matmuls of exact integers, on the activations' device.
+attention as float32 torch ops; expert outputs added slot by slot). Emulated on any device, on the
+activations' device: each matmul is a float32 GEMM of the q8_1-dequantized activations with the
+kernel's effective weights (same products, float32 additions in the GEMM's order; see
+moetrace.kernels.engine.cuda_q8_1).
 """
 
 from __future__ import annotations
