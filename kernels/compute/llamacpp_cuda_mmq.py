@@ -1,0 +1,111 @@
+"""The ``llamacpp_cuda_mmq`` compute path: llama.cpp's CUDA backend with its integer kernels (MMQ and MMVQ).
+
+Weights: as ``llamacpp_cpu`` (GGUF block bytes for the attention linears, experts, shared expert,
+dense MLP and output head; norms and the router dense F32; the embedding looked up dense in F32).
+
+Arithmetic: every block-weight matmul is :func:`moetrace.kernels.engine.cuda_q8_1.matmul`: q8_1
+activations (32-value blocks), exact int8 dots, float32 scaling and sums, MMVQ for batches of at
+most 8 tokens and MMQ (int8 tensor cores, Q4_K/Q5_K scales formed in half) above; for the experts
+the batch is the MoE block's token count, as ``mul_mat_id`` decides. The rest is transformers'
+float32 modules, with the simplifications ``llamacpp_cpu`` lists (norms, RoPE, softmax and
+attention as float32 torch ops; expert outputs added slot by slot). Emulated on any device: the
+integer dots are float32 batched matmuls of exact integers, on the activations' device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from moetrace.errors import MoetraceError
+from moetrace.kernels.compute.base import BlockWeight
+from moetrace.kernels.compute.llamacpp_cpu import LlamaCppCPU
+
+
+def mmq_linear(x: torch.Tensor, b: BlockWeight, index: int = 0, batch: int | None = None) -> torch.Tensor:
+    """``x @ W.T`` the CUDA kernels' way for matrix ``index`` of ``b``: x (..., in) -> (..., out) float32.
+
+    ``batch`` (default: the tokens of x) picks MMVQ or MMQ.
+    """
+    import torch
+
+    from moetrace.kernels.engine import cuda_q8_1
+
+    n = b.shape[-1]
+    x2 = x.reshape(-1, n)  # (tokens, in)
+    q = torch.from_numpy(b.data[index]).to(x.device)  # (rows, bytes per row)
+    kernel = cuda_q8_1.kernel_for(x2.shape[0] if batch is None else batch)
+    y = cuda_q8_1.matmul(x2, q, b.ggml_type, n, kernel)  # (tokens, rows)
+    return y.reshape(*x.shape[:-1], q.shape[0])
+
+
+class LlamaCppCudaMMQ(LlamaCppCPU):
+    """llama.cpp CUDA: q8_1 activations, int8 dots, fp32 accumulation (MMQ/MMVQ), fp32 elsewhere."""
+
+    name = "llamacpp_cuda_mmq"
+    summary = ("llama.cpp CUDA MMQ/MMVQ: activations to q8_1 (32-value blocks), int8 dots from the GGUF blocks, "
+               "fp32 accumulation; fp32 elsewhere (Q4_K, Q5_K, Q6_K, Q8_0 weights)")
+    engine = "llamacpp_cuda_mmq"
+
+    def prepare(self, layer: torch.nn.Module) -> None:
+        import torch
+
+        for m in layer.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.forward = functools.partial(_linear_forward, m)
+
+    def load(self, layer: torch.nn.Module, state: dict) -> None:
+        """As llamacpp_cpu (blocks onto their modules), types checked, the experts' forward this path's."""
+        import torch
+
+        from moetrace.kernels.engine.cuda_q8_1 import TYPES
+
+        for key, v in state.items():
+            for b in (v if isinstance(v, tuple) else (v,)):
+                if isinstance(b, BlockWeight) and b.ggml_type not in TYPES:
+                    raise MoetraceError(f"compute path {self.name!r} emulates {', '.join(TYPES)} weights; {key} is "
+                                        f"{b.ggml_type} (use a file type made of those, e.g. q4_k_m, q8_0, q6_k)")
+        super().load(layer, state)
+        for mod in layer.modules():
+            if hasattr(mod, "_moetrace_blocks") and not isinstance(mod, torch.nn.Linear) \
+                    and not getattr(mod, "_moetrace_mmq", False):
+                mod.forward = functools.partial(_experts_forward, mod)
+                mod._moetrace_mmq = True
+
+    def head(self, norm: torch.nn.Module, weight, hidden: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        h = norm(hidden)  # (1, T, H)
+        if isinstance(weight, BlockWeight):
+            return mmq_linear(h[0], weight)  # (T, vocab)
+        return torch.nn.functional.linear(h, weight)[0]
+
+
+def _linear_forward(m, x):
+    import torch
+
+    b = getattr(m, "_moetrace_blocks", {}).get("weight")
+    if b is None:
+        return torch.nn.functional.linear(x, m.weight, m.bias)
+    y = mmq_linear(x.float(), b)
+    return y + m.bias if m.bias is not None else y  # ggml adds the bias after the matmul, in F32
+
+
+def _experts_forward(mod, hidden, top_k_index, top_k_weights):
+    """Fused-layout experts from GGUF blocks (gate and up tensors, down): hidden (T, H) -> (T, H)."""
+    from moetrace.kernels.engine.moe import slot_sum
+
+    blocks = mod._moetrace_blocks
+    gate_up, down = blocks.get("gate_up_proj"), blocks.get("down_proj")
+    if not (isinstance(gate_up, tuple) and len(gate_up) == 2 and isinstance(down, BlockWeight)):
+        raise MoetraceError(f"compute path 'llamacpp_cuda_mmq' takes experts as separate gate and up GGUF tensors "
+                            f"and a down tensor; this model's experts hold {sorted(blocks)}")
+    x = hidden.reshape(-1, hidden.shape[-1]).float()  # (T, H)
+    batch = x.shape[0]  # mul_mat_id picks the kernel by the whole batch
+
+    def expert(e, xe):
+        g = mmq_linear(xe, gate_up[0], e, batch)  # (t_e, I)
+        u = mmq_linear(xe, gate_up[1], e, batch)
+        return mmq_linear(mod.act_fn(g) * u, down, e, batch)  # (t_e, H)
+
+    out = slot_sum(x, top_k_index, top_k_weights, down.data.shape[0], expert)
+    return out.reshape(hidden.shape).to(hidden.dtype)
