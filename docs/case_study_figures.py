@@ -6,10 +6,13 @@ the same tokens. Each run's variants are compared with that run's own ``orig-fp3
 
     python docs/case_study_figures.py load  --run traces/cs-clean --layer 2
     python docs/case_study_figures.py fault --clean traces/cs-clean --plant traces/cs-plant --layer 2 --expert 64
+    python docs/case_study_figures.py fault --plant traces/plant --layer 0 --expert 22 \
+        --without 'q4_k_m+blk.0.ffn_up_exps=bf16-bf16' --with q4_k_m-bf16
 
 ``load``: tokens per expert at one layer in the reference (which expert to plant the fault in).
-``fault``: per variant present in both runs, the output figures with and without the fault
-(claim 1), and the error split by token groups (claim 3): tokens the reference routed to the
+``fault``: per variant, the output figures with and without the fault (claim 1): the same
+variant in a run without the fault (``--clean``), or another variant of the same run that leaves
+the faulty tensor unquantized (``--without``), and the error split by token groups (claim 3): tokens the reference routed to the
 planted expert at the planted layer (or the variant's own routing did), tokens after the first of those in their sequence (reachable
 only through attention), and tokens before it (causally out of reach: a control that must read 0).
 """
@@ -70,32 +73,50 @@ def cmd_load(args) -> None:
     print(f"  median {np.median(load):.0f}, mean {load.mean():.2f}, idle experts {int((load == 0).sum())}")
 
 
+def _pairs(args) -> list[tuple[str, tuple, tuple]]:
+    """(label, (reference, store) without the fault, (reference, store) with it) for each variant compared.
+
+    With ``--clean RUN``: each variant of the planted run against the same variant of the clean run. With
+    ``--without V``: each ``--with`` variant of the planted run against variant V of the same run (V leaves
+    the faulty tensor unquantized), over the same reference.
+    """
+    ref_p = _open(args.plant, "orig-fp32")
+    if args.clean is not None:
+        ref_c = _open(args.clean, "orig-fp32")
+        if not np.array_equal(ref_c["token_id"].values, ref_p["token_id"].values):
+            raise SystemExit("the two runs traced different tokens")
+        names = [v for v in _variants(args.plant) if v in _variants(args.clean)]
+        return [(n, (ref_c, _open(args.clean, n)), (ref_p, _open(args.plant, n))) for n in names]
+    base = (ref_p, _open(args.plant, args.without))
+    return [(n, base, (ref_p, _open(args.plant, n))) for n in args.with_]
+
+
 def cmd_fault(args) -> None:
-    ref_c, ref_p = _open(args.clean, "orig-fp32"), _open(args.plant, "orig-fp32")
-    if not np.array_equal(ref_c["token_id"].values, ref_p["token_id"].values):
-        raise SystemExit("the two runs traced different tokens")
-    print(f"fault {args.layer}:{args.expert}, {ref_p.sizes['token']} tokens")
-    names = [v for v in _variants(args.plant) if v in _variants(args.clean)]
-    print("\nclaim 1: the whole output with and without the fault (free mode, each run against its own orig-fp32)")
-    print(f"{'variant':<22}{'KL clean':>11}{'KL fault':>11}{'top-1 clean':>13}{'top-1 fault':>13}"
-          f"{'final relL2 clean':>19}{'final relL2 fault':>19}")
+    if (args.clean is None) == (args.without is None):
+        raise SystemExit("give --clean RUN, or --without VARIANT with --with VARIANT ...")
+    pairs = _pairs(args)
+    ref_p = pairs[0][2][0]
+    against = f"run {args.clean}" if args.clean is not None else f"variant {args.without}"
+    print(f"fault {args.layer}:{args.expert}, {ref_p.sizes['token']} tokens; without the fault: {against}")
+    print("\nclaim 1: the whole output with and without the fault (free mode, against orig-fp32)")
+    print(f"{'variant':<22}{'KL without':>12}{'KL with':>11}{'top-1 without':>15}{'top-1 with':>12}"
+          f"{'final relL2 without':>21}{'final relL2 with':>18}")
     figs = {}
-    for name in names:
-        c = per_token(ref_c, _open(args.clean, name), "free")
-        p = per_token(ref_p, _open(args.plant, name), "free")
-        figs[name] = (c, p)
-        print(f"{name:<22}{c['kl'].mean():>11.3e}{p['kl'].mean():>11.3e}{100 * c['agree'].mean():>12.1f}%"
-              f"{100 * p['agree'].mean():>12.1f}%{c['rel'][-1].mean():>19.3e}{p['rel'][-1].mean():>19.3e}")
-    print("\nclaim 3: where the fault's error goes, by token group (free mode; 'added' = fault run - clean run,"
-          " token means)")
-    for name, (c, p) in figs.items():
-        if "teacher" not in moetrace.open_trace(str(args.plant / f"{name}.zarr")).attrs.get("modes", []):
+    for name, (rc, vc), (rp, vp) in pairs:
+        c, p = per_token(rc, vc, "free"), per_token(rp, vp, "free")
+        figs[name] = (c, p, (rc, vc), (rp, vp))
+        print(f"{name:<22}{c['kl'].mean():>12.3e}{p['kl'].mean():>11.3e}{100 * c['agree'].mean():>14.1f}%"
+              f"{100 * p['agree'].mean():>11.1f}%{c['rel'][-1].mean():>21.3e}{p['rel'][-1].mean():>18.3e}")
+    print("\nclaim 3: where the fault's error goes, by token group ('added' = with - without, token means of the"
+          " free-mode relative L2 error; 'local': teacher mode at the planted layer)")
+    for name, (c, p, (rc, vc), (rp, vp)) in figs.items():
+        if "teacher" not in vp.attrs.get("modes", []) or "teacher" not in vc.attrs.get("modes", []):
             continue
-        tp = per_token(ref_p, _open(args.plant, name), "teacher")["rel"][args.layer]
-        tc = per_token(ref_c, _open(args.clean, name), "teacher")["rel"][args.layer]
-        groups = token_groups(ref_p, routed_tokens(ref_p, _open(args.plant, name), args.layer, args.expert))
+        tp = per_token(rp, vp, "teacher")["rel"][args.layer]
+        tc = per_token(rc, vc, "teacher")["rel"][args.layer]
+        groups = token_groups(rp, routed_tokens(rp, vp, args.layer, args.expert))
         print(f"{name}")
-        print(f"  {'group':<8}{'tokens':>7}{'local L' + str(args.layer) + ' clean':>17}{'local fault':>13}"
+        print(f"  {'group':<8}{'tokens':>7}{'local without':>15}{'local with':>12}"
               + "".join(f"{'added L' + str(L):>11}" for L in range(args.layer, p['rel'].shape[0]))
               + f"{'share last':>11}{'added KL':>11}{'top-1 lost':>11}")
         total = (p["rel"][-1] - c["rel"][-1]).sum()  # the last layer's added error, summed over tokens
@@ -104,7 +125,7 @@ def cmd_fault(args) -> None:
                 continue
             added = p["rel"][:, m].mean(1) - c["rel"][:, m].mean(1)  # (layer,)
             share = (p["rel"][-1, m] - c["rel"][-1, m]).sum() / total
-            print(f"  {g:<8}{int(m.sum()):>7}{tc[m].mean():>17.3e}{tp[m].mean():>13.3e}"
+            print(f"  {g:<8}{int(m.sum()):>7}{tc[m].mean():>15.3e}{tp[m].mean():>12.3e}"
                   + "".join(f"{added[L]:>+11.2e}" for L in range(args.layer, p['rel'].shape[0]))
                   + f"{100 * share:>10.1f}%"
                   + f"{p['kl'][m].mean() - c['kl'][m].mean():>+11.2e}"
@@ -118,8 +139,10 @@ def main(argv=None) -> None:
     a.add_argument("--run", type=Path, required=True)
     a.add_argument("--layer", type=int, required=True)
     b = sub.add_parser("fault", help="the fault's effect: claims 1 and 3")
-    b.add_argument("--clean", type=Path, required=True)
-    b.add_argument("--plant", type=Path, required=True)
+    b.add_argument("--plant", type=Path, required=True, help="the run with the planted fault")
+    b.add_argument("--clean", type=Path, default=None, help="the same run without the fault")
+    b.add_argument("--without", default=None, help="or: a variant of the planted run without the fault's effect")
+    b.add_argument("--with", dest="with_", action="append", default=[], help="the variants compared with --without")
     b.add_argument("--layer", type=int, required=True)
     b.add_argument("--expert", type=int, required=True)
     args = ap.parse_args(argv)
