@@ -118,16 +118,13 @@ def cmd_fault(args) -> None:
         print(f"{name}")
         print(f"  {'group':<8}{'tokens':>7}{'local without':>15}{'local with':>12}"
               + "".join(f"{'added L' + str(L):>11}" for L in range(args.layer, p['rel'].shape[0]))
-              + f"{'share last':>11}{'added KL':>11}{'top-1 lost':>11}")
-        total = (p["rel"][-1] - c["rel"][-1]).sum()  # the last layer's added error, summed over tokens
+              + f"{'added KL':>11}{'top-1 lost':>11}")
         for g, m in groups.items():
             if not m.any():
                 continue
             added = p["rel"][:, m].mean(1) - c["rel"][:, m].mean(1)  # (layer,)
-            share = (p["rel"][-1, m] - c["rel"][-1, m]).sum() / total
             print(f"  {g:<8}{int(m.sum()):>7}{tc[m].mean():>15.3e}{tp[m].mean():>12.3e}"
                   + "".join(f"{added[L]:>+11.2e}" for L in range(args.layer, p['rel'].shape[0]))
-                  + f"{100 * share:>10.1f}%"
                   + f"{p['kl'][m].mean() - c['kl'][m].mean():>+11.2e}"
                   + f"{100 * (c['agree'][m].mean() - p['agree'][m].mean()):>+10.1f}%")
 

@@ -63,7 +63,7 @@ def test_fault_output_before_group_is_untouched(runs, capsys):
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines()[-3:]}
     assert set(rows) == {"routed", "after", "before"}, out
-    # Columns: group, tokens, local without, local with, added L1..L3, share, added KL, top-1 lost.
+    # Columns: group, tokens, local without, local with, added L1..L3, added KL, top-1 lost.
     before, routed = rows["before"], rows["routed"]
     assert all(abs(float(x)) <= FP32_BATCHING for x in before[4:7]), out  # causally out of reach
     assert float(routed[4]) > 10 * abs(float(rows["after"][4])), out  # the planted layer hits the routed tokens
