@@ -4,7 +4,7 @@ Every number comes from the trace stores two ``moetrace run`` commands wrote: a 
 without a fault (``--clean``) and the same run with one expert matrix planted (``--plant``), over
 the same tokens. Each run's variants are compared with that run's own ``orig-fp32`` reference.
 
-    python docs/case_study_figures.py load  --run traces/cs-clean --layer 2
+    python docs/case_study_figures.py load  --run traces/cs-clean --layer 2 [--expert 64]
     python docs/case_study_figures.py fault --clean traces/cs-clean --plant traces/cs-plant --layer 2 --expert 64
     python docs/case_study_figures.py fault --plant traces/plant --layer 0 --expert 22 \
         --without 'q4_k_m+blk.0.ffn_up_exps=bf16-bf16' --with q4_k_m-bf16
@@ -71,6 +71,10 @@ def cmd_load(args) -> None:
     print(f"tokens per expert at layer {args.layer} ({idx.shape[0]} tokens, top-{idx.shape[1]}; reference routing):")
     print("  busiest: " + ", ".join(f"e{e} {load[e]}" for e in order[:8]))
     print(f"  median {np.median(load):.0f}, mean {load.mean():.2f}, idle experts {int((load == 0).sum())}")
+    if args.expert is not None:
+        pos = ref["pos"].values[(idx == args.expert).any(-1)]
+        first = f", the first at position {pos.min()}" if pos.size else ""
+        print(f"  expert {args.expert}: {load[args.expert]} tokens{first}")
 
 
 def _pairs(args) -> list[tuple[str, tuple, tuple]]:
@@ -135,6 +139,7 @@ def main(argv=None) -> None:
     a = sub.add_parser("load", help="tokens per expert at one layer (reference routing)")
     a.add_argument("--run", type=Path, required=True)
     a.add_argument("--layer", type=int, required=True)
+    a.add_argument("--expert", type=int, default=None, help="also print this expert's load and first position")
     b = sub.add_parser("fault", help="the fault's effect: claims 1 and 3")
     b.add_argument("--plant", type=Path, required=True, help="the run with the planted fault")
     b.add_argument("--clean", type=Path, default=None, help="the same run without the fault")
