@@ -75,7 +75,10 @@ def model_folder(layers_dir: Path, out: Path, n: int, preset: str = "qwen3-30b-a
 
     from moetrace.tracer.sources import builtin as builtin
 
-    shape = builtin.BuiltinShape(**json.loads((layers_dir / "shape.json").read_text()))
+    fields = json.loads((layers_dir / "shape.json").read_text())
+    # JSON made the family's config pairs lists; the shape holds them as tuples (nested pairs: a dict entry)
+    fields["config"] = tuple((k, tuple(map(tuple, v)) if isinstance(v, list) else v) for k, v in fields.get("config", ()))
+    shape = builtin.BuiltinShape(**fields)
     folder = out / f"{preset}-{n}layers"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
