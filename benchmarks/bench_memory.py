@@ -104,12 +104,13 @@ def write_gguf_file(folder: Path, file_type: str) -> Path:
     return path
 
 
-def run_once(folder: Path, variants: list[str], tokens: int, out: Path, gguf: Path | None = None) -> dict:
-    """One `moetrace run` in a subprocess: peak RSS (bytes), wall time, per-layer seconds."""
+def run_once(folder: Path, variants: list[str], tokens: int, out: Path, gguf: Path | None = None,
+             python: str = sys.executable) -> dict:
+    """One `moetrace run` in a subprocess (of interpreter ``python``): peak RSS (bytes), wall time, per-layer seconds."""
     from moetrace.tracer.sources.prompts import DEMO_TEXT
 
     text = ((DEMO_TEXT + " ") * (tokens // len(DEMO_TEXT) + 2))[:tokens]  # byte-level vocabulary: 1 char = 1 token
-    cmd = [sys.executable, "-m", "moetrace", "run", "--model", str(folder), "--text", text,
+    cmd = [python, "-m", "moetrace", "run", "--model", str(folder), "--text", text,
            "--max-tokens", str(tokens), "--out", str(out), "--run", folder.name]
     for v in variants:
         cmd += ["--variant", v]
@@ -175,6 +176,9 @@ def main():
     ap.add_argument("--gguf-file-type", default=None,
                     help="also write each model as a GGUF file of this llama.cpp file type (e.g. q8_0) and trace "
                          "its gguf-* variants (give them in --variants, e.g. gguf-bf16)")
+    ap.add_argument("--baseline-python", default=None, metavar="PYTHON",
+                    help="also run each layer count with this interpreter (e.g. another checkout's .venv/bin/python, "
+                         "whose moetrace is the baseline), interleaved, and report the ratios")
     args = ap.parse_args()
 
     counts = sorted(int(x) for x in args.layers.split(","))
@@ -184,13 +188,18 @@ def main():
     print(f"Writing {counts[-1]} Qwen3-30B-A3B-width layers with per-expert keys to {layers_dir} ...", file=sys.stderr)
     write_layers(layers_dir, counts[-1])
     layer_bytes = (layers_dir / "layer-00000.safetensors").stat().st_size
-    results = {}
+    results, baseline = {}, {}
     try:
         for n in counts:
             folder = model_folder(layers_dir, root / "models", n)
             gguf = write_gguf_file(folder, args.gguf_file_type) if args.gguf_file_type else None
             print(f"moetrace run: {n} layers, variants {', '.join(variants)}, {args.tokens} tokens ...",
                   file=sys.stderr, flush=True)
+            if args.baseline_python:
+                baseline[n] = b = run_once(folder, variants, args.tokens, root / "traces", gguf, args.baseline_python)
+                shutil.rmtree(root / "traces", ignore_errors=True)
+                print(f"  baseline: peak RSS {b['peak_rss'] / 2**30:.2f} GiB, {b['wall']:.1f} s", file=sys.stderr,
+                      flush=True)
             results[n] = r = run_once(folder, variants, args.tokens, root / "traces", gguf)
             if gguf is not None:
                 gguf.unlink()
@@ -218,6 +227,14 @@ def main():
         print(f"{n:>6} {r['peak_rss'] / 2**30:>13.2f} {r['peak_rss_file'] / 2**30:>12.2f} "
               f"{r['peak_rss_anon'] / 2**30:>12.2f} {r['peak_rss'] / fp32_layer:>13.2f} "
               f"{r['peak_rss'] / first:>8.3f} {r['wall']:>8.1f} {med:>17.2f}")
+    if baseline:
+        print(f"baseline ({args.baseline_python}), same runs interleaved:")
+        for n, b in baseline.items():
+            r = results[n]
+            print(f"{n:>6} {b['peak_rss'] / 2**30:>13.2f} {b['peak_rss_file'] / 2**30:>12.2f} "
+                  f"{b['peak_rss_anon'] / 2**30:>12.2f} {b['peak_rss'] / fp32_layer:>13.2f} "
+                  f"{'':>8} {b['wall']:>8.1f}   this / baseline: peak RSS {r['peak_rss'] / b['peak_rss']:.2f}x, "
+                  f"wall {r['wall'] / b['wall']:.2f}x")
     peaks = [r["peak_rss"] for r in results.values()]
     medians.sort()
     per = medians[len(medians) // 2] if medians else float("nan")

@@ -192,7 +192,7 @@ class ComputePath:
         if tensors is None:
             tensors = layer.state_dict(keep_vars=True)
             _check_names(tensors, state)
-            owned = {k: torch.empty(v.shape, dtype=self.dtype).copy_(self.round(roles.get(k, "other"), v))
+            owned = {k: self._put(torch.empty(v.shape, dtype=self.dtype), roles.get(k, "other"), v)
                      for k, v in state.items()}
             layer.load_state_dict(owned, strict=True, assign=True)
             layer._moetrace_tensors = layer.state_dict(keep_vars=True)
@@ -200,7 +200,20 @@ class ComputePath:
         _check_names(tensors, state)
         with torch.no_grad():
             for name, t in tensors.items():
-                t.copy_(self.round(roles.get(name, "other"), state[name]))
+                self._put(t, roles.get(name, "other"), state[name])
+
+    def _put(self, dst, role: str, w):
+        """``dst`` <- ``w`` rounded for ``role``; a weight still to be dequantized (it has ``fill_into``,
+        moetrace.tracer.weights.stream) fills ``dst`` chunk by chunk, with the same rounding."""
+        if hasattr(w, "fill_into"):
+            w.fill_into(dst, lambda x: self.round(role, x))
+            return dst
+        return dst.copy_(self.round(role, w))
+
+    def fills_deferred(self) -> bool:
+        """Whether :meth:`load` takes weights still to be dequantized (the executor then streams them):
+        true for paths that load through this base class's :meth:`load` unchanged."""
+        return type(self).load is ComputePath.load
 
     # -- outside the layers ---------------------------------------------------------------
 
