@@ -62,7 +62,11 @@ def write_layers(folder: Path, n_layers: int) -> None:
         if i is None:
             glob += [(name, dims, make()) for name, dims, make in entries]  # generated now: the plan is one pass
             continue
-        builtin.write_safetensors(folder / f"layer-{i:05d}.safetensors", entries)
+        path = folder / f"layer-{i:05d}.safetensors"
+        if path.is_file():  # written whole by an earlier, interrupted call (renamed into place when done)
+            continue
+        builtin.write_safetensors(path.with_suffix(".partial"), entries)
+        path.with_suffix(".partial").rename(path)
         print(f"  wrote layer {i} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     builtin.write_safetensors(folder / "globals.safetensors", [(n, d, (lambda a=a: a)) for n, d, a in glob])
     (folder / "shape.json").write_text(json.dumps(dataclasses.asdict(shape)))
