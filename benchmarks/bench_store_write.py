@@ -7,6 +7,10 @@ every site, one mode) through ``TraceWriter`` from fixed random tensors: create,
 its own), interleaved in one process; wall and CPU seconds (CPU: every thread of the process,
 zarr's event loop and its I/O threads included), medians and the median of paired ratios.
 
+A third case, "plain files", is the floor under zarr: the same chunk bytes and CRC-32C
+(google_crc32c, as zarr's codec) written with one ``open``/``write`` per chunk into the same
+folder layout, no zarr and no store metadata; not a store, only what writing the bytes costs.
+
 On a machine with as many busy threads as cores (torch's), the writer's CPU time is what a
 traced run pays for it; its wall time is what it would cost alone.
 
@@ -75,14 +79,31 @@ def main():
         w.finish()
         return time.perf_counter() - t, time.process_time() - c
 
-    writers = {"this tree": TraceWriter, f"baseline ({args.baseline})": _writer_of(args.baseline)}
+    def plain():
+        import google_crc32c
+
+        t, c = time.perf_counter(), time.process_time()
+        folder = root / f"s{next(count)}"
+        for name in [*rec, "logits"]:
+            (folder / name).mkdir(parents=True)
+        for layer in range(L):
+            for name, x in rec.items():
+                b = x.to(torch.int16 if name == "topk_idx" else torch.float32).numpy().tobytes()
+                with open(folder / name / f"c.0.{layer}.0.0", "wb") as f:
+                    f.write(b + np.uint32(google_crc32c.value(b)).tobytes())
+        b = logits.numpy().tobytes()
+        with open(folder / "logits" / "c.0.0.0", "wb") as f:
+            f.write(b + np.uint32(google_crc32c.value(b)).tobytes())
+        return time.perf_counter() - t, time.process_time() - c
+
+    writers = {"this tree": TraceWriter, f"baseline ({args.baseline})": _writer_of(args.baseline), "plain files": None}
     try:
         for cls in writers.values():
-            one(cls)  # warm-up
+            one(cls) if cls else plain()  # warm-up
         times = {k: [] for k in writers}
         for _ in range(args.repeats):
             for k, cls in writers.items():
-                times[k].append(one(cls))
+                times[k].append(one(cls) if cls else plain())
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"TraceWriter alone, builtin:mini shapes ({L} layers, {T} tokens, all sites), median of {args.repeats}")
@@ -94,6 +115,9 @@ def main():
         paired = statistics.median(a[i] / b[i] for a, b in zip(new, base))
         medians = statistics.median(a[i] for a in new) / statistics.median(b[i] for b in base)
         print(f"  this tree / baseline, {what}: {medians:.2f}x of medians, {paired:.2f}x paired")
+    for i, what in ((0, "wall"), (1, "cpu")):
+        paired = statistics.median(a[i] / b[i] for a, b in zip(new, times["plain files"]))
+        print(f"  this tree / plain files (the floor), {what}: {paired:.2f}x paired")
 
 
 if __name__ == "__main__":
