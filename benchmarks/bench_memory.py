@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 
-def write_layers(folder: Path, n_layers: int) -> None:
+def write_layers(folder: Path, n_layers: int, experts: int | None = None) -> None:
     """Write the preset's tensors with per-expert keys: one shard per layer plus one for the rest.
 
     Each shard is streamed by the built-in writer (header first, then one tensor at a time), so
@@ -47,7 +47,7 @@ def write_layers(folder: Path, n_layers: int) -> None:
     from moetrace.tracer.sources import builtin as builtin
 
     shape = builtin.parse_builtin(f"builtin:qwen3-30b-a3b:layers={n_layers}").shape
-    shape = dataclasses.replace(shape, expert_keys="per_expert")
+    shape = dataclasses.replace(shape, expert_keys="per_expert", experts=experts or shape.experts)
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "done.json").is_file() and json.loads((folder / "done.json").read_text())["layers"] >= n_layers:
         return
@@ -180,17 +180,21 @@ def main():
     ap.add_argument("--gguf-file-type", default=None,
                     help="also write each model as a GGUF file of this llama.cpp file type (e.g. q8_0) and trace "
                          "its gguf-* variants (give them in --variants, e.g. gguf-bf16)")
+    ap.add_argument("--experts", type=int, default=None,
+                    help="fewer experts than Qwen3-30B-A3B's 128 (same widths): a smaller layer, for a quick probe (with a --dir of its own: written layers are reused)")
     ap.add_argument("--baseline-python", default=None, metavar="PYTHON",
                     help="also run each layer count with this interpreter (e.g. another checkout's .venv/bin/python, "
                          "whose moetrace is the baseline), interleaved, and report the ratios")
     args = ap.parse_args()
 
+    if args.experts is not None and args.experts < 8:
+        ap.error("--experts must be at least 8, Qwen3-30B-A3B's top-k")
     counts = sorted(int(x) for x in args.layers.split(","))
     variants = [v for v in args.variants.split(",") if v]
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-memory-"))
     layers_dir = root / "layers"
     print(f"Writing {counts[-1]} Qwen3-30B-A3B-width layers with per-expert keys to {layers_dir} ...", file=sys.stderr)
-    write_layers(layers_dir, counts[-1])
+    write_layers(layers_dir, counts[-1], args.experts)
     layer_bytes = (layers_dir / "layer-00000.safetensors").stat().st_size
     results, baseline = {}, {}
     try:
