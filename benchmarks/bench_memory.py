@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 
-def write_layers(folder: Path, n_layers: int, experts: int | None = None) -> None:
+def write_layers(folder: Path, n_layers: int, preset: str = "qwen3-30b-a3b", experts: int | None = None) -> None:
     """Write the preset's tensors with per-expert keys: one shard per layer plus one for the rest.
 
     Each shard is streamed by the built-in writer (header first, then one tensor at a time), so
@@ -46,7 +46,7 @@ def write_layers(folder: Path, n_layers: int, experts: int | None = None) -> Non
 
     from moetrace.tracer.sources import builtin as builtin
 
-    shape = builtin.parse_builtin(f"builtin:qwen3-30b-a3b:layers={n_layers}").shape
+    shape = builtin.parse_builtin(f"builtin:{preset}:layers={n_layers}").shape
     shape = dataclasses.replace(shape, expert_keys="per_expert", experts=experts or shape.experts)
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "done.json").is_file() and json.loads((folder / "done.json").read_text())["layers"] >= n_layers:
@@ -73,14 +73,14 @@ def write_layers(folder: Path, n_layers: int, experts: int | None = None) -> Non
     (folder / "done.json").write_text(json.dumps({"layers": n_layers}))
 
 
-def model_folder(layers_dir: Path, out: Path, n: int) -> Path:
+def model_folder(layers_dir: Path, out: Path, n: int, preset: str = "qwen3-30b-a3b") -> Path:
     """A checkpoint folder of the first ``n`` layers: config.json, index, symlinked shards."""
     from safetensors import safe_open
 
     from moetrace.tracer.sources import builtin as builtin
 
     shape = builtin.BuiltinShape(**json.loads((layers_dir / "shape.json").read_text()))
-    folder = out / f"qwen3-30b-a3b-{n}layers"
+    folder = out / f"{preset}-{n}layers"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     shards = ["globals.safetensors"] + [f"layer-{i:05d}.safetensors" for i in range(n)]
@@ -173,6 +173,8 @@ class RssSampler(threading.Thread):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", default="2,4,8", help="comma-separated layer counts")
+    ap.add_argument("--model", default="qwen3-30b-a3b",
+                    help="built-in preset at real widths to write (e.g. moonlight-16b-a3b)")
     ap.add_argument("--variants", default="orig-bf16", help="comma-separated variants (reference orig-fp32 always)")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--dir", default=None, help="scratch folder (default: a new temporary one; deleted unless --keep)")
@@ -181,25 +183,27 @@ def main():
                     help="also write each model as a GGUF file of this llama.cpp file type (e.g. q8_0) and trace "
                          "its gguf-* variants (give them in --variants, e.g. gguf-bf16)")
     ap.add_argument("--experts", type=int, default=None,
-                    help="fewer experts than Qwen3-30B-A3B's 128 (same widths): a smaller layer, for a quick probe (with a --dir of its own: written layers are reused)")
+                    help="fewer experts than the preset's (same widths): a smaller layer for a quick probe; "
+                         "give it a --dir of its own (written layers are reused)")
     ap.add_argument("--baseline-python", default=None, metavar="PYTHON",
                     help="also run each layer count with this interpreter (e.g. another checkout's .venv/bin/python, "
                          "whose moetrace is the baseline), interleaved, and report the ratios")
     args = ap.parse_args()
 
     if args.experts is not None and args.experts < 8:
-        ap.error("--experts must be at least 8, Qwen3-30B-A3B's top-k")
+        ap.error("--experts must be at least 8 (Qwen3-30B-A3B's top-k)")
     counts = sorted(int(x) for x in args.layers.split(","))
     variants = [v for v in args.variants.split(",") if v]
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-memory-"))
-    layers_dir = root / "layers"
-    print(f"Writing {counts[-1]} Qwen3-30B-A3B-width layers with per-expert keys to {layers_dir} ...", file=sys.stderr)
-    write_layers(layers_dir, counts[-1], args.experts)
-    layer_bytes = (layers_dir / "layer-00000.safetensors").stat().st_size
+    layers_dir = root / ("layers" if args.model == "qwen3-30b-a3b" else f"layers-{args.model}")
+    print(f"Writing {counts[-1]} {args.model} layers with per-expert keys to {layers_dir} ...", file=sys.stderr)
+    write_layers(layers_dir, counts[-1], args.model, args.experts)
+    # the largest layer file: a family's dense lead layers (DeepSeek's layer 0) are smaller than its MoE layers
+    layer_bytes = max(p.stat().st_size for p in layers_dir.glob("layer-*.safetensors"))
     results, baseline = {}, {}
     try:
         for n in counts:
-            folder = model_folder(layers_dir, root / "models", n)
+            folder = model_folder(layers_dir, root / "models", n, args.model)
             gguf = write_gguf_file(folder, args.gguf_file_type) if args.gguf_file_type else None
             print(f"moetrace run: {n} layers, variants {', '.join(variants)}, {args.tokens} tokens ...",
                   file=sys.stderr, flush=True)
@@ -219,7 +223,7 @@ def main():
             shutil.rmtree(root, ignore_errors=True)
 
     fp32_layer = 2 * layer_bytes  # the checkpoint is BF16
-    print(f"\nQwen3-30B-A3B widths, one layer = {layer_bytes / 2**30:.2f} GiB of BF16 on disk "
+    print(f"\n{args.model} widths, one layer = {layer_bytes / 2**30:.2f} GiB of BF16 on disk "
           f"({fp32_layer / 2**30:.2f} GiB in fp32); reference orig-fp32, variants {', '.join(variants)}, "
           f"{args.tokens} tokens, all sites, torch threads from the default")
     print("peak RSS from the kernel (ru_maxrss); its file-backed (RssFile) and anonymous (RssAnon) parts sampled "

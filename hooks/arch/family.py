@@ -44,6 +44,8 @@ class ConfigKeys:
         sparse_step: every how many layers one is MoE (``decoder_sparse_step``).
         norm_topk: whether the top-k weights are renormalized to sum to 1.
         shared_width: the shared expert's intermediate width.
+        first_dense: the number of leading decoder layers whose MLP is dense
+            (DeepSeek's ``first_k_dense_replace``; None: the family has no such key).
     """
 
     experts: str | None = "num_experts"
@@ -53,6 +55,7 @@ class ConfigKeys:
     sparse_step: str | None = "decoder_sparse_step"
     norm_topk: str | None = "norm_topk_prob"
     shared_width: str | None = None
+    first_dense: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,18 +69,36 @@ class Router:
             (None: see ``norm_always``).
         norm_always: without a ``norm_attr``, whether the router always renormalizes its chosen
             weights (Mixtral's does; False: never).
+        norm_eps: added to the sum of the chosen weights before dividing by it (DeepSeek's
+            router adds 1e-20; 0: divide by the sum itself).
+        scale_attr: the router module's attribute its chosen weights are multiplied by after any
+            renormalization (DeepSeek's ``routed_scaling_factor``; None: no scaling).
+        selection_bias: the router module's buffer added to the scores for the choice of
+            experts only, not for their weights (DeepSeek's ``e_score_correction_bias``;
+            None: none). Forcing a choice never needs it: the weights are the unbiased scores.
+        groups: the router module's attributes (number of groups, groups kept) of group-limited
+            top-k (DeepSeek's ``n_group``/``topk_group``; None: plain top-k). Documentation of
+            how the router chooses; forcing a choice bypasses it.
     """
 
     outputs: tuple[str, str, str] = ("logits", "weight", "idx")
     scoring: str = "softmax"
     norm_attr: str | None = "norm_topk_prob"
     norm_always: bool = False
+    norm_eps: float = 0.0
+    scale_attr: str | None = None
+    selection_bias: str | None = None
+    groups: tuple[str, str] | None = None
 
     def renormalizes(self, router) -> bool:
         """Whether ``router`` (the module) renormalizes its chosen weights to sum to 1."""
         if self.norm_attr:
             return bool(getattr(router, self.norm_attr, False))
         return self.norm_always
+
+    def scale(self, router) -> float | None:
+        """The factor ``router`` (the module) multiplies its chosen weights by (None: none)."""
+        return float(getattr(router, self.scale_attr)) if self.scale_attr else None
 
 
 @dataclass(frozen=True)
@@ -180,6 +201,14 @@ class Family:
         gguf_extra: extra hyperparameters, ``(gguf key suffix, config key, value type name)``.
         dim_keys: extra shape symbols of this family -> the config key holding each
             (``{"kv_lora": "kv_lora_rank"}`` for a latent-attention family).
+        derived_dims: extra shape symbols a subclass's :meth:`dims` computes from several config
+            keys (DeepSeek's ``q_heads_dim``, heads times the query head width).
+        gguf_renames: name inside a layer -> the name convert_hf_to_gguf looks up in gguf-py's map
+            (DeepSeek's buffer ``mlp.gate.e_score_correction_bias`` is renamed
+            ``mlp.gate.e_score_correction.bias``, which maps to ``exp_probs_b.bias``).
+        fp32_tensors: names inside a layer every compute path holds in float32, whatever its dtype:
+            transformers' ``_keep_in_fp32_modules_strict`` (DeepSeek's router weight and selection
+            bias), which llama.cpp also keeps F32; in bf16 a selection bias would change choices.
         gguf_experts: which files of ``gguf_arch`` the family serves, by their
             ``{arch}.expert_count``: ``any``, ``moe`` (expert_count > 0) or ``dense`` (none).
             llama.cpp's ``llama`` architecture is both Mixtral (with experts) and dense Llama,
@@ -205,15 +234,18 @@ class Family:
     gguf_config: dict = field(default_factory=dict)
     gguf_extra: tuple = ()
     dim_keys: dict = field(default_factory=dict)
+    derived_dims: tuple = ()
     gguf_permute_qk: bool = False
     gguf_vectors: tuple = ()
+    gguf_renames: dict = field(default_factory=dict)
+    fp32_tensors: tuple = ()
     gguf_experts: str = "any"
     checked: tuple = ()
 
     def __post_init__(self):
         # A family file is data a user may write: check it when it is made, naming what is wrong.
         for hf, shape in {**self.tensors, **self.dense_tensors, **self.global_tensors}.items():
-            valid = (*SHAPE_SYMBOLS, *self.dim_keys)
+            valid = (*SHAPE_SYMBOLS, *self.dim_keys, *self.derived_dims)
             bad = [s for s in shape if not isinstance(s, int) and s not in valid]
             if bad:
                 raise MoetraceError(f"family {self.name}: tensor {hf} has shape symbol {bad[0]!r}; "
@@ -265,6 +297,8 @@ class Family:
         step = int(getattr(config, self.keys.sparse_step, 1) or 1) if self.keys.sparse_step else 1
         # transformers' rule: layer i is MoE when (i + 1) % step == 0 and it is not listed as dense.
         dense |= {i for i in range(n) if (i + 1) % step}
+        if self.keys.first_dense:  # DeepSeek: the first first_k_dense_replace layers are dense
+            dense |= set(range(int(getattr(config, self.keys.first_dense, 0) or 0)))
         return sorted(i for i in dense if 0 <= i < n)
 
     def moe_layers(self, config) -> list[int]:
@@ -297,7 +331,8 @@ class Family:
             "experts": self.n_experts(config), "expert_width": self.expert_width(config),
             "shared_width": int(getattr(config, k.shared_width, 0) or 0) if k.shared_width else 0,
             "ffn_width": int(getattr(config, "intermediate_size", 0) or 0),
-            **{sym: int(getattr(config, key)) for sym, key in self.dim_keys.items()},
+            # a key the config leaves None (DeepSeek-V2-Lite's q_lora_rank: no low-rank query) is 0
+            **{sym: int(getattr(config, key, 0) or 0) for sym, key in self.dim_keys.items()},
         }
 
     # -- tensor names -------------------------------------------------------------------------
@@ -330,8 +365,20 @@ class Family:
                         f"architecture cannot hold")
         return None
 
+    def _gguf_renamed(self, hf: str) -> str:
+        """``hf`` under the name convert_hf_to_gguf maps (:attr:`gguf_renames`)."""
+        for old, new in self.gguf_renames.items():
+            if hf == old or hf.endswith("." + old):
+                return hf[: -len(old)] + new
+        return hf
+
+    def gguf_suffix(self, hf: str) -> str:
+        """``.bias`` or ``.weight``: the suffix of the GGUF name of transformers tensor ``hf``."""
+        return ".bias" if self._gguf_renamed(hf).endswith(".bias") else ".weight"
+
     def _gguf_name(self, hf: str) -> str:
         """GGUF name (``blk.0.attn_q.weight``) of a transformers name (``model.layers.0.self_attn.q_proj.weight``)."""
+        hf = self._gguf_renamed(hf)
         suffix = ".bias" if hf.endswith(".bias") else ".weight"
         base = hf[: -len(suffix)] if hf.endswith(suffix) else hf
         g = self._name_map.get_name(base)
@@ -363,7 +410,7 @@ class Family:
         tensors never share a key), for lookups by key; with it: only the keys layer ``layer`` has.
         """
         def full(hf, s):
-            suffix = ".bias" if hf.endswith(".bias") else ".weight"
+            suffix = self.gguf_suffix(hf)
             return tuple(f"blk.{layer}.{x}{suffix}" for x in s) if isinstance(s, tuple) else f"blk.{layer}.{s}{suffix}"
 
         names = {hf: full(hf, s) for hf, s in self.layer_stems.items()}
@@ -407,7 +454,7 @@ class Family:
         out = {g["model.embed_tokens.weight"]: shape(self.global_tensors["model.embed_tokens.weight"])}
         for i in range(int(config.num_hidden_layers)):
             for hf, sym in self.layer_tensors(config, i).items():
-                suffix = ".bias" if hf.endswith(".bias") else ".weight"
+                suffix = self.gguf_suffix(hf)
                 dims = shape(sym)
                 out[f"blk.{i}.{self.layer_stems_unfused[hf]}{suffix}"] = (
                     (int(np.prod(dims)),) if hf in self.gguf_vectors else dims)
@@ -417,6 +464,27 @@ class Family:
                 continue
             out[g[hf]] = shape(sym)
         return out
+
+    # -- fused tensors: one transformers tensor, several GGUF tensors ------------------------
+    def gguf_split(self, key: str, w: torch.Tensor, config=None) -> list[torch.Tensor]:
+        """The GGUF tensors of fused transformers tensor ``key`` (views where they can be), in
+        :attr:`fused` order; default: row blocks of a 3-D (E, n*rows, cols) expert tensor."""
+        n = len(self.fused[key])
+        rows = w.shape[1] // n
+        return [w[:, i * rows:(i + 1) * rows] for i in range(n)]
+
+    def fuses_rows(self, key: str) -> bool:
+        """Whether fused tensor ``key`` is its GGUF tensors' row blocks (:meth:`gguf_split`'s default)."""
+        return True
+
+    def gguf_merge(self, key: str, parts: list[torch.Tensor], config=None) -> torch.Tensor:
+        """Fused transformers tensor ``key`` from its GGUF tensors (:meth:`gguf_split` reversed)."""
+        return torch.cat(list(parts), dim=1)
+
+    def fused_shape(self, key: str, config) -> tuple[int, ...]:
+        """The shape transformers holds fused tensor ``key`` in; default: the row blocks stacked along dim 1."""
+        first = self.hf_shape(self.fused[key][0], config)  # (E, rows, cols)
+        return (first[0], sum(self.hf_shape(p, config)[1] for p in self.fused[key]), first[2])
 
     def hf_shape(self, hf: str, config) -> tuple[int, ...]:
         """The shape transformers holds the unfused tensor ``hf`` (inside a layer) in."""
@@ -503,6 +571,10 @@ class Family:
         idx = forced_idx.to(device=logits.device, dtype=torch.long).reshape(logits.shape[0], -1)  # (token, k)
         w = probs.gather(-1, idx)  # (token, k)
         if self.routing.renormalizes(router):
-            w = w / w.sum(dim=-1, keepdim=True)
+            total = w.sum(dim=-1, keepdim=True)
+            w = w / (total + self.routing.norm_eps if self.routing.norm_eps else total)
+        scale = self.routing.scale(router)
+        if scale is not None:  # after the renormalization, as DeepSeek's router scales
+            w = w * scale
         parts = {"logits": logits, "weight": w.to(logits.dtype), "idx": idx}
         return tuple(parts[k] for k in self.routing.outputs)

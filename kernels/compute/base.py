@@ -188,11 +188,13 @@ class ComputePath:
         import torch
 
         roles = getattr(state, "roles", {})
+        fp32 = getattr(state, "fp32", frozenset())  # held in float32 whatever the path's dtype
         tensors = layer._moetrace_tensors
         if tensors is None:
             tensors = layer.state_dict(keep_vars=True)
             _check_names(tensors, state)
-            owned = {k: self._put(torch.empty(v.shape, dtype=self.dtype), roles.get(k, "other"), v)
+            owned = {k: self._put(torch.empty(v.shape, dtype=torch.float32 if k in fp32 else self.dtype),
+                                  None if k in fp32 else roles.get(k, "other"), v)
                      for k, v in state.items()}
             layer.load_state_dict(owned, strict=True, assign=True)
             layer._moetrace_tensors = layer.state_dict(keep_vars=True)
@@ -200,15 +202,16 @@ class ComputePath:
         _check_names(tensors, state)
         with torch.no_grad():
             for name, t in tensors.items():
-                self._put(t, roles.get(name, "other"), state[name])
+                self._put(t, None if name in fp32 else roles.get(name, "other"), state[name])
 
-    def _put(self, dst, role: str, w):
-        """``dst`` <- ``w`` rounded for ``role``; a weight still to be dequantized (it has ``fill_into``,
-        moetrace.tracer.weights.stream) fills ``dst`` chunk by chunk, with the same rounding."""
+    def _put(self, dst, role: str | None, w):
+        """``dst`` <- ``w`` rounded for ``role`` (None: as it is); a weight still to be dequantized (it has
+        ``fill_into``, moetrace.tracer.weights.stream) fills ``dst`` chunk by chunk, with the same rounding."""
+        convert = (lambda x: x) if role is None else (lambda x: self.round(role, x))
         if hasattr(w, "fill_into"):
-            w.fill_into(dst, lambda x: self.round(role, x))
+            w.fill_into(dst, convert)
             return dst
-        return dst.copy_(self.round(role, w))
+        return dst.copy_(convert(w))
 
     def fills_deferred(self) -> bool:
         """Whether :meth:`load` takes weights still to be dequantized (the executor then streams them):

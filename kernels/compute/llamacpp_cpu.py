@@ -70,6 +70,7 @@ class LlamaCppCPU(ComputePath):
         roles = getattr(state, "roles", {})
         dense = type(state)()
         dense.roles = roles
+        dense.fp32 = getattr(state, "fp32", frozenset())
         for key, v in state.items():
             if not isinstance(v, (BlockWeight, tuple)):
                 dense[key] = v

@@ -63,6 +63,7 @@ class BuiltinShape:
     seed: int = 0
     family: str = MODEL_TYPE  # the transformers model type of the family it is written as
     expert_keys: str = "fused"  # "fused" (transformers 5's) or "per_expert" (as released checkpoints ship)
+    config: tuple = ()  # the family's own config entries, (key, value) pairs (DeepSeek's MLA ranks, ...)
 
 
 PRESETS: dict[str, BuiltinShape] = {
@@ -102,6 +103,46 @@ PRESETS: dict[str, BuiltinShape] = {
         family="olmoe", expert_keys="per_expert",
     ),
 }
+# DeepSeek-V3's own config entries at test widths: low-rank query, latent of 256, one dense lead
+# layer, 4 groups of which 2 are kept, scaled weights (V3's 2.5). Rows of 256 so K-quants apply.
+_TINY_DSV3 = (("q_lora_rank", 256), ("kv_lora_rank", 256), ("qk_nope_head_dim", 128), ("qk_rope_head_dim", 64),
+              ("v_head_dim", 128), ("n_shared_experts", 1), ("first_k_dense_replace", 1), ("n_group", 4),
+              ("topk_group", 2), ("routed_scaling_factor", 2.5), ("norm_topk_prob", True),
+              ("intermediate_size", 512))
+# Moonlight-16B-A3B's config.json (moonshotai/Moonlight-16B-A3B, a deepseek_v3 model): hidden 2048, 16
+# heads, no low-rank query (q_lora_rank null), kv_lora_rank 512, qk_nope/qk_rope/v head dims 128/64/128,
+# 64 routed experts top-6 of width 1408, 2 shared, n_group = topk_group = 1, routed_scaling_factor
+# 2.446, norm_topk_prob, first_k_dense_replace 1, dense width 11264, 27 layers, rope_theta 50000,
+# rms_norm_eps 1e-5 (its vocabulary of 163840 is byte-level 256 here, as in every preset).
+_MOONLIGHT = (("q_lora_rank", None), ("kv_lora_rank", 512), ("qk_nope_head_dim", 128), ("qk_rope_head_dim", 64),
+              ("v_head_dim", 128), ("n_shared_experts", 2), ("first_k_dense_replace", 1), ("n_group", 1),
+              ("topk_group", 1), ("routed_scaling_factor", 2.446), ("norm_topk_prob", True),
+              ("intermediate_size", 11264), ("rms_norm_eps", 1e-5),
+              ("rope_parameters", (("rope_type", "default"), ("rope_theta", 50000.0))))
+# GLM-4.5's own config entries at test widths (GLM-4.5: q/k norms, q/k/v biases, one group, scale 2.5).
+_TINY_GLM4_MOE = (("n_shared_experts", 1), ("first_k_dense_replace", 1), ("routed_scaling_factor", 2.5),
+                  ("norm_topk_prob", True), ("use_qk_norm", True), ("intermediate_size", 512))
+PRESETS.update({
+    "tiny-deepseek-v3": BuiltinShape(
+        "for tests: DeepSeek-V3 (MLA with low-rank query, layer 0 dense, 16 experts top-4 in 4 groups keeping 2, "
+        "1 shared, sigmoid router with selection bias), 4 layers, widths 256",
+        layers=4, hidden=256, experts=16, top_k=4, expert_width=256, heads=4, kv_heads=4, head_dim=64,
+        family="deepseek_v3", expert_keys="per_expert", config=_TINY_DSV3,
+    ),
+    "tiny-glm4-moe": BuiltinShape(
+        "for tests: GLM-4.5 (GQA with q/k norms and q/k/v biases, half-rotary heads, layer 0 dense, 16 experts "
+        "top-4, 1 shared, sigmoid router with selection bias, weights scaled by 2.5), 4 layers, widths 256",
+        layers=4, hidden=256, experts=16, top_k=4, expert_width=256, heads=4, kv_heads=2, head_dim=64,
+        family="glm4_moe", expert_keys="per_expert", config=_TINY_GLM4_MOE,
+    ),
+    "moonlight-16b-a3b": BuiltinShape(
+        "Moonlight-16B-A3B's real widths (deepseek_v3: hidden 2048, MLA 16 heads, kv_lora_rank 512, 64 experts "
+        "top-6 of width 1408, 2 shared, layer 0 dense of width 11264); choose layers with :layers=N (default 2; "
+        "the real model has 27)",
+        layers=2, hidden=2048, experts=64, top_k=6, expert_width=1408, heads=16, kv_heads=16, head_dim=64,
+        family="deepseek_v3", expert_keys="per_expert", config=_MOONLIGHT,
+    ),
+})
 DEFAULT_PRESET = "mini"
 OVERRIDABLE = ("layers", "seed")
 
@@ -169,11 +210,20 @@ class BuiltinModel:
     @property
     def content_hash(self) -> str:
         blob = json.dumps(
-            {"v": GENERATOR_VERSION, "shape": dataclasses.asdict(self.shape), "plant": str(self.plant or ""),
+            {"v": GENERATOR_VERSION, "shape": _hashed_shape(self.shape), "plant": str(self.plant or ""),
              "plant_std": PLANT_STD if self.plant else None},
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _hashed_shape(shape: BuiltinShape) -> dict:
+    """The shape's fields for the content hash; an empty ``config`` is left out, so presets without
+    one keep the hash (and cached folders) they had before the field existed."""
+    d = dataclasses.asdict(shape)
+    if not d["config"]:
+        del d["config"]
+    return d
 
 
 def parse_builtin(spec: str, plant: str | Plant | None = None) -> BuiltinModel:
@@ -315,6 +365,7 @@ def hf_config_dict(shape: BuiltinShape) -> dict:
         "pad_token_id": None,
         "dtype": "bfloat16",
         **f.gguf_config,
+        **{k: dict(v) if isinstance(v, tuple) else v for k, v in shape.config},
     }
 
 
@@ -522,11 +573,13 @@ def checkpoint_plan(shape: BuiltinShape, plant: Plant | None = None):
     """Yield (name, dims, make) of every tensor as a checkpoint of the shape's family names it.
 
     :func:`tensor_plan` names tensors as transformers 5 holds Qwen3-MoE; here each becomes
-    the family's: a tensor the family has not (Mixtral's q/k norms) is left out, a 1-D norm
-    weight of another width (OLMoE's whole-projection q/k norms) is resized to it (``np.resize``
-    repeats the values, same distribution), and with ``expert_keys="per_expert"`` the fused
-    expert tensors are split into the family's per-expert keys (``fusion.key``) and the other
-    keys take their checkpoint names (``fusion.renames`` reversed).
+    the family's: a tensor the layer has not (Mixtral's q/k norms, the experts of a dense layer)
+    is left out, a 1-D norm weight of another width (OLMoE's whole-projection q/k norms) is
+    resized to it (``np.resize`` repeats the values, same distribution), a tensor Qwen3-MoE lacks
+    or holds at another shape (DeepSeek's latent attention, shared experts, router bias, dense
+    MLP) is generated from its shape and role (see :func:`_family_tensor`), and with
+    ``expert_keys="per_expert"`` the fused expert tensors are split into the family's per-expert
+    keys (``fusion.key``) and the other keys take their checkpoint names (``fusion.renames`` reversed).
     """
     from types import SimpleNamespace
 
@@ -535,17 +588,41 @@ def checkpoint_plan(shape: BuiltinShape, plant: Plant | None = None):
     per_expert = shape.expert_keys == "per_expert"
     if per_expert and fusion is None:
         raise MoetraceError(f"built-in preset with family {fam.name}: the family has no per-expert keys")
-    dims_of = fam.dims(SimpleNamespace(**hf_config_dict(shape)))
-    layer_keys = fam.layer_stems  # transformers 5 keys inside a layer
+    config = SimpleNamespace(**hf_config_dict(shape))
+    held: list = []  # one layer's planned tensors, until the layer is complete
     for name, dims, make in tensor_plan(shape, plant):
-        if not name.startswith("model.layers."):
-            yield name, dims, make
+        if name.startswith("model.layers."):
+            if held and int(held[0][0].split(".")[2]) != int(name.split(".")[2]):
+                yield from _family_layer(shape, fam, config, held, per_expert)
+                held = []
+            held.append((name, dims, make))
             continue
-        layer = int(name.split(".")[2])
-        prefix = fam.layer_prefix(layer)
+        if held:
+            yield from _family_layer(shape, fam, config, held, per_expert)
+            held = []
+        yield name, dims, make
+
+
+def _family_layer(shape: BuiltinShape, fam, config, planned: list, per_expert: bool):
+    """(name, dims, make) of one layer as the family's checkpoint holds it, from the Qwen3-MoE plan ``planned``."""
+    layer = int(planned[0][0].split(".")[2])
+    prefix = fam.layer_prefix(layer)
+    fusion = fam.fusion
+    want = _layer_shapes(fam, config, layer)  # transformers 5 key inside the layer -> shape
+    have = {}
+    for name, dims, make in planned:
         inner = name[len(prefix):]
-        if inner not in layer_keys:
+        if inner not in want:
             continue
+        if dims != want[inner]:
+            if len(dims) != 1 or len(want[inner]) != 1:
+                continue  # another shape: the family's own tensor is generated below
+            dims, make = want[inner], _resized(make, want[inner])
+        have[inner] = (dims, make)
+    for inner, dims in want.items():
+        if inner not in have:
+            have[inner] = (dims, _family_tensor(shape, fam, prefix + inner, dims))
+    for inner, (dims, make) in have.items():
         if per_expert and inner in fusion.fused:
             projs = fusion.fused[inner]
             rows = dims[1] // len(projs)
@@ -553,10 +630,35 @@ def checkpoint_plan(shape: BuiltinShape, plant: Plant | None = None):
                 for i, proj in enumerate(projs):
                     yield prefix + fusion.per_expert_key(e, proj), (rows, dims[2]), _rows(make, e, i * rows, rows)
             continue
-        want = tuple(dims_of[d] for d in fam.tensors.get(inner, ()))
-        if len(dims) == 1 and want and dims != want:
-            dims, make = want, _resized(make, want)
         yield prefix + (fusion.checkpoint_key(inner) if per_expert else inner), dims, make
+
+
+def _layer_shapes(fam, config, layer: int) -> dict:
+    """Transformers 5 key inside decoder ``layer`` -> shape, fused tensors as transformers holds them."""
+    out = {}
+    for key in fam.gguf_layer_names(layer, config):
+        out[key] = fam.fused_shape(key, config) if key in fam.fused else fam.hf_shape(key, config)
+    return out
+
+
+ROUTER_BIAS_STD = 0.1  # a selection bias that changes some choices among sigmoid scores of spread ~0.3
+
+
+def _family_tensor(shape: BuiltinShape, fam, name: str, dims: tuple):
+    """``make`` of a tensor the Qwen3-MoE plan lacks, from its shape and its role (by its GGUF name):
+    a norm 1 + 0.1 N(0, 1), another vector (a router's selection bias) N(0, ROUTER_BIAS_STD), a
+    matrix Student t scaled by 1/sqrt(row length), as the plan's own projections."""
+    from moetrace.kernels.compute import role_of
+
+    inner = name.split(".", 3)[3]
+    stems = fam.layer_stems_unfused
+    stem = stems[fam.fused[inner][0]] if inner in fam.fused else stems.get(inner, "")
+    rng = lambda: _rng(shape, name)  # noqa: E731
+    if len(dims) == 1 and role_of(stem + ".weight") == "norm":
+        return lambda: (1.0 + 0.1 * rng().standard_normal(dims)).astype(np.float32)
+    if len(dims) == 1:
+        return lambda: (ROUTER_BIAS_STD * rng().standard_normal(dims)).astype(np.float32)
+    return lambda: _t(rng(), dims, 1.0 / np.sqrt(dims[-1]))
 
 
 def _rows(make, e: int, start: int, n: int):

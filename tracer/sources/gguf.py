@@ -150,7 +150,9 @@ class GGUFSource:
         out = {}
         try:
             for hf, g in self.family.gguf_layer_names(layer, self.config).items():
-                if isinstance(g, tuple):  # a fused tensor: its GGUF tensors concatenated along rows
+                if isinstance(g, tuple) and not self.family.fuses_rows(hf):  # e.g. DeepSeek's kv_b from k_b, v_b
+                    out[hf] = self.family.gguf_merge(hf, [self._read(n) for n in g], self.config)
+                elif isinstance(g, tuple):  # a fused tensor: its GGUF tensors concatenated along rows
                     out[hf] = self._read_experts(list(g))
                 elif len(self._get(g).shape) == 3:  # 3-D expert tensors: one expert at a time
                     out[hf] = self._read_experts([g])

@@ -212,15 +212,17 @@ def check_layer_count(names, family, n_layers: int, where: str, key: str = "num_
         raise MoetraceError(f"{where} has no tensors of layer {absent[0]}, but {key} is {n_layers}")
 
 
-def expected_layer_shapes(family, config) -> dict[str, tuple[int, ...]]:
-    """Name inside a decoder layer -> shape, as a source's ``layer_state`` returns it (experts fused)."""
+def expected_layer_shapes(family, config, layer: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Name inside a decoder layer -> shape, as a source's ``layer_state`` returns it (experts fused);
+    with ``layer``, the tensors that layer has (``family.layer_tensors``), else the family's MoE layer's."""
     d = family.dims(config)
     shape = lambda sym: tuple(s if isinstance(s, int) else d[s] for s in sym)  # noqa: E731
+    tensors = family.tensors if layer is None else family.layer_tensors(config, layer)
     parts = {p for ps in family.fused.values() for p in ps}
-    out = {hf: shape(sym) for hf, sym in family.tensors.items() if hf not in parts}
+    out = {hf: shape(sym) for hf, sym in tensors.items() if hf not in parts}
     for fused, ps in family.fused.items():
-        first = shape(family.tensors[ps[0]])  # (E, rows, cols): row blocks stacked along dim 1
-        out[fused] = (first[0], sum(shape(family.tensors[p])[1] for p in ps), first[2])
+        if all(p in tensors for p in ps):
+            out[fused] = family.fused_shape(fused, config)
     return out
 
 
@@ -233,7 +235,7 @@ def check_layer(state: dict, family, config, layer: int, where: str) -> None:
     """
     if layer in family.dense_layers(config):
         return
-    check_shapes(state, expected_layer_shapes(family, config), f"{where}: layer {layer}")
+    check_shapes(state, expected_layer_shapes(family, config, layer), f"{where}: layer {layer}")
 
 
 def check_global(tensor, name: str, family, config, where: str) -> None:

@@ -209,8 +209,8 @@ def audit(source, weights: str, *, threshold: float = DEFAULT_THRESHOLD, imatrix
             _, _, other = audit_tensors({name: W.global_tensor(source, name)}, types, ctx, dtype, deq)
             rows += [(n, -1, t, met) for n, t, met in other]
     for L in range(n_layer):
-        deq = None if file is None else W.gguf_tensors_of_layer(file.layer_state(L), L, family)
-        experts, etypes, other = audit_tensors(W.gguf_tensors_of_layer(source.layer_state(L), L, family), types, ctx, dtype,
+        deq = None if file is None else W.gguf_tensors_of_layer(file.layer_state(L), L, family, c)
+        experts, etypes, other = audit_tensors(W.gguf_tensors_of_layer(source.layer_state(L), L, family, c), types, ctx, dtype,
                                                deq)
         for proj, met in experts.items():
             p = PROJS.index(proj)

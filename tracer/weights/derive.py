@@ -43,6 +43,7 @@ class TensorTypes(dict):
 
     context = None
     family = None
+    config = None  # the model's config: a family whose GGUF layout splits a tensor by its sizes needs it
 
 
 def never_quantized(gguf_name: str, ndim: int) -> bool:
@@ -63,6 +64,7 @@ def tensor_types(source, variant: Variant, *, has_imatrix: bool = False, context
     """
     out = TensorTypes(_types(source, variant, has_imatrix))
     out.family = family_of(source)
+    out.config = source.config
     if context is True:
         from moetrace.tracer.weights.qcache import context_for
 
@@ -354,6 +356,7 @@ class LayerState(dict):
     """A layer's weights by name inside the layer, plus ``roles``: name -> weight role (moetrace.kernels.compute)."""
 
     roles: dict[str, str] = {}
+    fp32: frozenset = frozenset()  # names the compute path holds in float32 (Family.fp32_tensors)
 
 
 def layer_roles(layer: int, family) -> dict[str, str]:
@@ -401,21 +404,25 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
     path = variant.path
     out = LayerState()
     out.roles = layer_roles(layer, family)
+    out.fp32 = frozenset(family.fp32_tensors) & set(ref)
     for key, w in ref.items():
         g = names.get(key)
         form = path.weight_form(out.roles.get(key, "other"))
         if isinstance(g, tuple):  # fused, e.g. gate_up (E, 2F, H) = gate (E, F, H) ++ up (E, F, H)
             ts = [types.get(n, "F32") for n in g]
-            parts = _row_blocks(w, len(g))
-            if form.blocks and not any(t in FLOAT_TYPES for t in ts):
+            config = getattr(types, "config", None)
+            parts = family.gguf_split(key, w, config)
+            # a block-computing path takes a fused tensor's parts only where they are row blocks of it;
+            # DeepSeek's kv_b (attn_k_b, attn_v_b) comes to it dense, its parts dequantized and merged
+            if form.blocks and family.fuses_rows(key) and not any(t in FLOAT_TYPES for t in ts):
                 out[key] = tuple(_blocks(part, n, t, ctx) for part, n, t in zip(parts, g, ts))
                 continue
             if all(t == "F32" for t in ts):
                 v = w.to(torch.float32) if cast else w
-            elif defer and not cast:
+            elif defer and not cast and family.fuses_rows(key):  # parts along dim 1, which Dequantizing fills
                 v = Dequantizing(tuple(zip(parts, g, ts)), ctx, tuple(w.shape))
             else:
-                v = torch.cat([dequantized(part, n, t, ctx) for part, n, t in zip(parts, g, ts)], dim=1)
+                v = family.gguf_merge(key, [dequantized(part, n, t, ctx) for part, n, t in zip(parts, g, ts)], config)
         else:
             t = types.get(g) if g else None
             if form.blocks and t is not None and t not in FLOAT_TYPES:
@@ -427,6 +434,10 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
                 v = Dequantizing(((w, g or key, t),), ctx, tuple(w.shape))
             else:
                 v = dequantized(w, g or key, t, ctx)
+        if key in out.fp32:  # kept in float32 by every path, as transformers and llama.cpp keep it
+            v = v.dense() if isinstance(v, Dequantizing) else v
+            out[key] = v.to(torch.float32) if cast else v
+            continue
         out[key] = v.to(form.dtype) if cast and form.dtype is not None else v
     return out
 
@@ -456,21 +467,17 @@ def variant_global(source, variant: Variant, types: dict[str, str], *, context=N
 
 # -- reference tensors under GGUF names ---------------------------------------------------
 
-def _row_blocks(w: torch.Tensor, n: int) -> list[torch.Tensor]:
-    """A fused (E, n*rows, cols) tensor's ``n`` row blocks (views), in the order its GGUF tensors list them."""
-    rows = w.shape[1] // n
-    return [w[:, i * rows:(i + 1) * rows] for i in range(n)]
-
-
-def gguf_tensors_of_layer(layer_state: dict[str, torch.Tensor], layer: int, family) -> dict[str, torch.Tensor]:
-    """A layer's reference tensors under GGUF names, fused tensors split into their GGUF tensors (views)."""
+def gguf_tensors_of_layer(layer_state: dict[str, torch.Tensor], layer: int, family, config=None
+                          ) -> dict[str, torch.Tensor]:
+    """A layer's reference tensors under GGUF names, fused tensors split into their GGUF tensors (views where
+    they can be; ``config``: the model's, for a family that splits a tensor by its sizes)."""
     out = {}
     for key, g in family.gguf_layer_names(layer).items():
         if key not in layer_state:
             continue
         w = layer_state[key]
         if isinstance(g, tuple):
-            out.update(zip(g, _row_blocks(w, len(g))))
+            out.update(zip(g, family.gguf_split(key, w, config)))
         else:
             out[g] = w.reshape(-1) if key in family.gguf_vectors else w
     return out
