@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 
-def write_layers(folder: Path, n_layers: int, preset: str = "qwen3-30b-a3b") -> None:
+def write_layers(folder: Path, n_layers: int, preset: str = "qwen3-30b-a3b", experts: int | None = None) -> None:
     """Write the preset's tensors with per-expert keys: one shard per layer plus one for the rest.
 
     Each shard is streamed by the built-in writer (header first, then one tensor at a time), so
@@ -47,7 +47,7 @@ def write_layers(folder: Path, n_layers: int, preset: str = "qwen3-30b-a3b") -> 
     from moetrace.tracer.sources import builtin as builtin
 
     shape = builtin.parse_builtin(f"builtin:{preset}:layers={n_layers}").shape
-    shape = dataclasses.replace(shape, expert_keys="per_expert")
+    shape = dataclasses.replace(shape, expert_keys="per_expert", experts=experts or shape.experts)
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "done.json").is_file() and json.loads((folder / "done.json").read_text())["layers"] >= n_layers:
         return
@@ -62,7 +62,11 @@ def write_layers(folder: Path, n_layers: int, preset: str = "qwen3-30b-a3b") -> 
         if i is None:
             glob += [(name, dims, make()) for name, dims, make in entries]  # generated now: the plan is one pass
             continue
-        builtin.write_safetensors(folder / f"layer-{i:05d}.safetensors", entries)
+        path = folder / f"layer-{i:05d}.safetensors"
+        if path.is_file():  # written whole by an earlier, interrupted call (renamed into place when done)
+            continue
+        builtin.write_safetensors(path.with_suffix(".partial"), entries)
+        path.with_suffix(".partial").rename(path)
         print(f"  wrote layer {i} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     builtin.write_safetensors(folder / "globals.safetensors", [(n, d, (lambda a=a: a)) for n, d, a in glob])
     (folder / "shape.json").write_text(json.dumps(dataclasses.asdict(shape)))
@@ -107,12 +111,13 @@ def write_gguf_file(folder: Path, file_type: str) -> Path:
     return path
 
 
-def run_once(folder: Path, variants: list[str], tokens: int, out: Path, gguf: Path | None = None) -> dict:
-    """One `moetrace run` in a subprocess: peak RSS (bytes), wall time, per-layer seconds."""
+def run_once(folder: Path, variants: list[str], tokens: int, out: Path, gguf: Path | None = None,
+             python: str = sys.executable) -> dict:
+    """One `moetrace run` in a subprocess (of interpreter ``python``): peak RSS (bytes), wall time, per-layer seconds."""
     from moetrace.tracer.sources.prompts import DEMO_TEXT
 
     text = ((DEMO_TEXT + " ") * (tokens // len(DEMO_TEXT) + 2))[:tokens]  # byte-level vocabulary: 1 char = 1 token
-    cmd = [sys.executable, "-m", "moetrace", "run", "--model", str(folder), "--text", text,
+    cmd = [python, "-m", "moetrace", "run", "--model", str(folder), "--text", text,
            "--max-tokens", str(tokens), "--out", str(out), "--run", folder.name]
     for v in variants:
         cmd += ["--variant", v]
@@ -180,23 +185,36 @@ def main():
     ap.add_argument("--gguf-file-type", default=None,
                     help="also write each model as a GGUF file of this llama.cpp file type (e.g. q8_0) and trace "
                          "its gguf-* variants (give them in --variants, e.g. gguf-bf16)")
+    ap.add_argument("--experts", type=int, default=None,
+                    help="fewer experts than the preset's (same widths): a smaller layer for a quick probe; "
+                         "give it a --dir of its own (written layers are reused)")
+    ap.add_argument("--baseline-python", default=None, metavar="PYTHON",
+                    help="also run each layer count with this interpreter (e.g. another checkout's .venv/bin/python, "
+                         "whose moetrace is the baseline), interleaved, and report the ratios")
     args = ap.parse_args()
 
+    if args.experts is not None and args.experts < 8:
+        ap.error("--experts must be at least 8 (Qwen3-30B-A3B's top-k)")
     counts = sorted(int(x) for x in args.layers.split(","))
     variants = [v for v in args.variants.split(",") if v]
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-memory-"))
     layers_dir = root / ("layers" if args.model == "qwen3-30b-a3b" else f"layers-{args.model}")
     print(f"Writing {counts[-1]} {args.model} layers with per-expert keys to {layers_dir} ...", file=sys.stderr)
-    write_layers(layers_dir, counts[-1], args.model)
+    write_layers(layers_dir, counts[-1], args.model, args.experts)
     # the largest layer file: a family's dense lead layers (DeepSeek's layer 0) are smaller than its MoE layers
     layer_bytes = max(p.stat().st_size for p in layers_dir.glob("layer-*.safetensors"))
-    results = {}
+    results, baseline = {}, {}
     try:
         for n in counts:
             folder = model_folder(layers_dir, root / "models", n, args.model)
             gguf = write_gguf_file(folder, args.gguf_file_type) if args.gguf_file_type else None
             print(f"moetrace run: {n} layers, variants {', '.join(variants)}, {args.tokens} tokens ...",
                   file=sys.stderr, flush=True)
+            if args.baseline_python:
+                baseline[n] = b = run_once(folder, variants, args.tokens, root / "traces", gguf, args.baseline_python)
+                shutil.rmtree(root / "traces", ignore_errors=True)
+                print(f"  baseline: peak RSS {b['peak_rss'] / 2**30:.2f} GiB, {b['wall']:.1f} s", file=sys.stderr,
+                      flush=True)
             results[n] = r = run_once(folder, variants, args.tokens, root / "traces", gguf)
             if gguf is not None:
                 gguf.unlink()
@@ -224,6 +242,14 @@ def main():
         print(f"{n:>6} {r['peak_rss'] / 2**30:>13.2f} {r['peak_rss_file'] / 2**30:>12.2f} "
               f"{r['peak_rss_anon'] / 2**30:>12.2f} {r['peak_rss'] / fp32_layer:>13.2f} "
               f"{r['peak_rss'] / first:>8.3f} {r['wall']:>8.1f} {med:>17.2f}")
+    if baseline:
+        print(f"baseline ({args.baseline_python}), same runs interleaved:")
+        for n, b in baseline.items():
+            r = results[n]
+            print(f"{n:>6} {b['peak_rss'] / 2**30:>13.2f} {b['peak_rss_file'] / 2**30:>12.2f} "
+                  f"{b['peak_rss_anon'] / 2**30:>12.2f} {b['peak_rss'] / fp32_layer:>13.2f} "
+                  f"{'':>8} {b['wall']:>8.1f}   this / baseline: peak RSS {r['peak_rss'] / b['peak_rss']:.2f}x, "
+                  f"wall {r['wall'] / b['wall']:.2f}x")
     peaks = [r["peak_rss"] for r in results.values()]
     medians.sort()
     per = medians[len(medians) // 2] if medians else float("nan")

@@ -194,8 +194,8 @@ class ComputePath:
             tensors = layer.state_dict(keep_vars=True)
             _check_names(tensors, state)
             device = getattr(layer, "_moetrace_device", None)  # the executor's run device (None: the default)
-            owned = {k: torch.empty(v.shape, dtype=torch.float32, device=device).copy_(v) if k in fp32 else
-                     torch.empty(v.shape, dtype=self.dtype, device=device).copy_(self.round(roles.get(k, "other"), v))
+            owned = {k: self._put(torch.empty(v.shape, dtype=torch.float32 if k in fp32 else self.dtype, device=device),
+                                  None if k in fp32 else roles.get(k, "other"), v)
                      for k, v in state.items()}
             layer.load_state_dict(owned, strict=True, assign=True)
             layer._moetrace_tensors = layer.state_dict(keep_vars=True)
@@ -203,7 +203,21 @@ class ComputePath:
         _check_names(tensors, state)
         with torch.no_grad():
             for name, t in tensors.items():
-                t.copy_(state[name] if name in fp32 else self.round(roles.get(name, "other"), state[name]))
+                self._put(t, None if name in fp32 else roles.get(name, "other"), state[name])
+
+    def _put(self, dst, role: str | None, w):
+        """``dst`` <- ``w`` rounded for ``role`` (None: as it is); a weight still to be dequantized (it has
+        ``fill_into``, moetrace.tracer.weights.stream) fills ``dst`` chunk by chunk, with the same rounding."""
+        convert = (lambda x: x) if role is None else (lambda x: self.round(role, x))
+        if hasattr(w, "fill_into"):
+            w.fill_into(dst, convert)
+            return dst
+        return dst.copy_(convert(w))
+
+    def fills_deferred(self) -> bool:
+        """Whether :meth:`load` takes weights still to be dequantized (the executor then streams them):
+        true for paths that load through this base class's :meth:`load` unchanged."""
+        return type(self).load is ComputePath.load
 
     # -- outside the layers ---------------------------------------------------------------
 

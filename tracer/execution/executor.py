@@ -316,7 +316,9 @@ class _VariantWeights:
             out = LayerState(gguf_state())
             out.roles = layer_roles(L, self.family)
             return out
-        return variant_layer_state(ref_state(), L, self.variant, self.types, cast=False)
+        # Dequantized chunk by chunk into the module's tensors where the path's load can (no float32 layer copy).
+        return variant_layer_state(ref_state(), L, self.variant, self.types, cast=False,
+                                   defer=self.variant.path.fills_deferred())
 
 
 class _LayerLoader:
@@ -346,7 +348,12 @@ class _LayerLoader:
     def _eager(self, L: int) -> dict:
         lazy = self._lazy(L)
         with torch.inference_mode():
-            return {v.name: lazy.pop(v.name) for v in self.variants}
+            states = {v.name: lazy.pop(v.name) for v in self.variants}
+            for state in states.values():  # dequantized here, in the prefetch thread, not in the forward's
+                for k, w in state.items():
+                    if hasattr(w, "dense"):
+                        state[k] = w.dense()
+            return states
 
     def _decide(self) -> bool:
         # The loader's torch ops need a core of their own: where torch's compute threads already

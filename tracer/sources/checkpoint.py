@@ -193,13 +193,18 @@ class CheckpointSource:
         the file again; nothing in moetrace writes to them. Outside :meth:`mapped` it does nothing
         (each read's map closes with its tensors).
         """
+        prefix = self.family.layer_prefix(layer)
+        return self._release_names([name for name in self._index if name.startswith(prefix)])
+
+    def _release_names(self, names) -> int:
+        """:meth:`release_layer` for the tensors ``names`` (HF names); the bytes advised."""
         maps = self._session_maps
         if not maps:
             return 0
-        prefix = self.family.layer_prefix(layer)
         ranges: dict[str, list[tuple[int, int]]] = {}
-        for name, shard in self._index.items():
-            if name.startswith(prefix) and shard in maps:
+        for name in names:
+            shard = self._index[name]
+            if shard in maps:
                 ranges.setdefault(shard, []).append(maps[shard].byte_range(name))
         return sum(maps[shard].release(spans) for shard, spans in ranges.items())
 
@@ -268,7 +273,8 @@ class CheckpointSource:
     def _fuse_one(self, projs: tuple[str, ...], n: int, keys, read) -> torch.Tensor:
         """(E, sum of rows, cols): the projections ``projs`` of every expert stacked along rows, expert by expert.
 
-        Peak memory is the fused tensor plus one expert's matrices.
+        Peak memory is the fused tensor plus one expert's matrices: each expert's mapped checkpoint
+        pages leave the resident set once copied (see :meth:`release_layer`; the copy owns the values).
         """
         out = None
         for e in range(n):
@@ -285,6 +291,8 @@ class CheckpointSource:
                         f"expert 0 makes it {out.dtype} {want}"
                     )
                 out[e, i * rows:(i + 1) * rows] = t
+            del mats, t
+            self._release_names([keys[(p, e)] for p in projs])
         return out
 
     @property

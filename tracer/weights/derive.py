@@ -22,6 +22,7 @@ import torch
 from moetrace.errors import MoetraceError
 from moetrace.hooks import arch
 from moetrace.tracer.variants import Variant
+from moetrace.tracer.weights.stream import Dequantizing
 
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -234,21 +235,28 @@ def quantized_shape(w_shape: tuple[int, ...], name: str, type_name: str) -> tupl
         raise _named(e, name) from None
 
 
-def _quantize_rows(flat: torch.Tensor, name: str, type_name: str, imat: torch.Tensor | None, rows_per_mat: int,
-                   n_mat: int):
-    """Yield (first flat row, uint8 numpy (n, bytes_per_row)) for ``flat`` (n_mat * rows, cols), chunk by chunk."""
+def _quantize_rows(mats: torch.Tensor, name: str, type_name: str, imat: torch.Tensor | None):
+    """Yield (first flat row, uint8 numpy (n, bytes_per_row)) for ``mats`` (n_mat, rows, cols), chunk by chunk.
+
+    Rows are quantized independently, so how they are grouped into chunks changes no byte.
+    """
     from moetrace.kernels import quantize
     from moetrace.kernels.errors import FormatError
 
-    total, cols = flat.shape
+    n_mat, rows_per_mat, cols = mats.shape
+    total = n_mat * rows_per_mat
     step = max(1, CHUNK_ELEMENTS // cols)
     # Without an imatrix every row is alike; with one, each expert has its own, so chunks stay inside one matrix.
-    spans = [(0, total)] if imat is None else [(m * rows_per_mat, (m + 1) * rows_per_mat) for m in range(n_mat)]
+    # So do they where the matrices are not contiguous (one part of a fused tensor): flattening would copy it.
+    whole = imat is None and mats.is_contiguous()
+    flat = mats.view(-1, cols) if whole else None  # (n_mat * rows, cols)
+    spans = [(0, total)] if whole else [(m * rows_per_mat, (m + 1) * rows_per_mat) for m in range(n_mat)]
     for start, end in spans:
         qv = None if imat is None else imat[start // rows_per_mat]
         for r0 in range(start, end, step):
             r1 = min(end, r0 + step)
-            x = flat[r0:r1].to(torch.float32)  # (n, cols)
+            rows = flat[r0:r1] if whole else mats[start // rows_per_mat, r0 - start:r1 - start]
+            x = rows.to(torch.float32)  # (n, cols)
             _check_finite(x, name, type_name, r0, rows_per_mat, n_mat)
             try:
                 q = quantize(x, type_name, imatrix=qv)
@@ -289,13 +297,12 @@ def quantized_stream(w: torch.Tensor, name: str, type_name: str, context=None, i
             for r0 in range(0, flat.shape[0], step):
                 yield r0, np.array(flat[r0:r0 + step])
             return
-    flat = mats.reshape(-1, mats.shape[-1])
     imat = _imatrix_rows(imatrix, n_mat, mats.shape[-1], name)
     if key is None:
-        yield from _quantize_rows(flat, name, type_name, imat, rows, n_mat)
+        yield from _quantize_rows(mats, name, type_name, imat)
         return
     with cache.writer(key, shape) as out:
-        for r0, q in _quantize_rows(flat, name, type_name, imat, rows, n_mat):
+        for r0, q in _quantize_rows(mats, name, type_name, imat):
             out.write(r0, q)
             yield r0, q
 
@@ -366,7 +373,7 @@ def _blocks(w: torch.Tensor, name: str, type_name: str, ctx):
 
 
 def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Variant, types: dict[str, str], *,
-                        context=None, cast: bool = True, family=None) -> LayerState:
+                        context=None, cast: bool = True, family=None, defer: bool = False) -> LayerState:
     """A decoder layer's weights under ``variant``, in the form its compute path asks for per role.
 
     Dense forms are dequantized in float32 and rounded to the form's dtype; a block form gives
@@ -383,6 +390,9 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
             reference's own tensors, others in float32. The path then rounds while copying into
             reused buffers, which saves allocating (and the kernel zeroing) a new layer's worth
             of memory per layer.
+        defer: with ``cast`` False, tensors that need dequantizing come back as
+            :class:`~moetrace.tracer.weights.stream.Dequantizing` weights, which the path's ``load``
+            fills into the module's tensors chunk by chunk: no float32 copy of the layer is made.
     """
     ctx = context if context is not None else getattr(types, "context", None)
     family = family or getattr(types, "family", None)
@@ -409,6 +419,8 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
                 continue
             if all(t == "F32" for t in ts):
                 v = w.to(torch.float32) if cast else w
+            elif defer and not cast and family.fuses_rows(key):  # parts along dim 1, which Dequantizing fills
+                v = Dequantizing(tuple(zip(parts, g, ts)), ctx, tuple(w.shape))
             else:
                 v = family.gguf_merge(key, [dequantized(part, n, t, ctx) for part, n, t in zip(parts, g, ts)], config)
         else:
@@ -416,8 +428,14 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
             if form.blocks and t is not None and t not in FLOAT_TYPES:
                 out[key] = _blocks(w, g, t, ctx)
                 continue
-            v = w if not cast and t in (None, "F32") else dequantized(w, g or key, t, ctx)
+            if not cast and t in (None, "F32"):
+                v = w
+            elif defer and not cast:
+                v = Dequantizing(((w, g or key, t),), ctx, tuple(w.shape))
+            else:
+                v = dequantized(w, g or key, t, ctx)
         if key in out.fp32:  # kept in float32 by every path, as transformers and llama.cpp keep it
+            v = v.dense() if isinstance(v, Dequantizing) else v
             out[key] = v.to(torch.float32) if cast else v
             continue
         out[key] = v.to(form.dtype) if cast and form.dtype is not None else v
