@@ -147,3 +147,32 @@ def test_budget_overrides_reproduce_the_prediction_through_a_gguf(cases, tmp_pat
     recovered = b["predicted"]["kl_variant"] - kl
     assert b["predicted"]["ci_low"] <= recovered <= b["predicted"]["ci_high"]
     assert r.stores
+
+
+def test_tokens_of_a_flagged_expert_and_the_report(cases):
+    """`moetrace routing --expert L:E` lists exactly the tokens either side routes to E at L (numpy on the stores);
+    the report opens with a table of contents of one-line verdicts and shows the per-expert, component and blame
+    sections of the variant."""
+    from moetrace.tracer.analysis.blame_run import run_blame
+    from moetrace.tracer.render.report import write_report
+
+    plant, run_dir = cases[1]
+    L, e, _ = (int(x) if x.isdigit() else x for x in plant.split(":"))
+    p = moetrace("routing", str(run_dir / "orig-fp32.zarr"), str(run_dir / f"{VARIANT}.zarr"), "--expert",
+                 f"{L}:{e}", "--json")
+    rows = json.loads(p.stdout)["tokens"]
+    ref, var = _open(run_dir, "orig-fp32"), _open(run_dir, VARIANT)
+    ri = ref["topk_idx"].sel(mode="free", moe_layer=L).values
+    vi = var["topk_idx"].sel(mode="free", moe_layer=L).values
+    want = np.flatnonzero((ri == e).any(-1) | (vi == e).any(-1))
+    assert [r["token"] for r in rows] == want.tolist()
+    assert all((r["ref_weight"] is None) == (not (ri[r["token"]] == e).any()) for r in rows)
+
+    run_blame(run_dir, VARIANT, level="layer")
+    rep = write_report(run_dir, n_resamples=20)
+    page = rep.index.read_text()
+    assert '<ul class="toc">' in page
+    for sid in (f"{VARIANT}-experts", f"{VARIANT}-components", f"{VARIANT}-blame"):
+        assert f'href="#{sid}"' in page and f'id="{sid}"' in page
+    assert f"worst expert matrix: layer {L} expert {e}" in page
+    assert f"blame layer {L}" in page

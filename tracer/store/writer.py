@@ -99,7 +99,10 @@ class TraceWriter:
         self._group = group
         self._arrays = {name: group[name] for name in [*S.LAYER_VARS, "logits"]
                         if name in self.sites and name in group}
-        self._arrays.update({name: group[name] for name in S.TABLE_VARS if name in group})
+        # The table's slabs of modes that do not compute it are all fill values; the config that writes such
+        # chunks anyway (create_data_array) is not stored with an array, so a reopened one is told again.
+        self._arrays.update({name: group[name].with_config({"write_empty_chunks": True})
+                             for name in S.TABLE_VARS if name in group})
 
     def _submit(self, fn, *args):
         for f in self._pending + self._older:
