@@ -40,13 +40,23 @@ def _since(t):
     return w - t[0], c - t[1]
 
 
-def _draw(model: str, seed: int) -> str:
-    from moetrace.tracer.weights.derive import config_source
+def _draw(model: str, variant: str, seed: int, probe_dir: Path, tokens, min_tokens: int) -> str:
+    """A plant drawn from ``seed``: a layer and projection, then an expert the variant's routing at that layer sends
+    at least ``min_tokens`` token slots to, read from an unplanted probe run (the variant's routing at layer L
+    depends on the layers before L only, which a plant in L leaves alone). An expert no token reaches cannot
+    matter to the output; blame then rightly calls it harmless, which is not what this benchmark measures."""
+    from moetrace.tracer import api
+    from moetrace.tracer.store.reader import open_trace
 
-    cfg = config_source(model).config
+    r = api.run(model=model, variants=[variant], modes=["free"], max_tokens=tokens, out_dir=probe_dir,
+                run_name="probe", sites=["topk_idx"])
+    var = open_trace(r.stores[variant])
     rng = np.random.default_rng(seed)
-    return f"{int(rng.integers(1, cfg.num_hidden_layers - 1))}:{int(rng.integers(0, cfg.num_experts))}:" \
-           f"{rng.choice(['gate', 'up', 'down'])}"
+    n_layers = var.sizes["layer"]
+    L, proj = int(rng.integers(1, n_layers - 1)), str(rng.choice(["gate", "up", "down"]))
+    idx = var["topk_idx"].sel(mode="free", moe_layer=L).values.ravel()
+    reached = [e for e in range(var.sizes["expert"]) if (idx == e).sum() >= min_tokens]
+    return f"{L}:{int(rng.choice(reached))}:{proj}"
 
 
 def main():
@@ -55,6 +65,7 @@ def main():
     ap.add_argument("--variant", default="q4_k_m-bf16")
     ap.add_argument("--plant", default=None, help="L:E:PROJ (default: drawn from --seed on built-in models)")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--min-tokens", type=int, default=20, help="a drawn expert receives at least this many tokens")
     ap.add_argument("--no-plant", action="store_true")
     ap.add_argument("--tokens", type=int, default=None, help="cut the demo text to this many tokens")
     ap.add_argument("--level", default="expert", choices=["layer", "kind", "expert"])
@@ -66,9 +77,10 @@ def main():
     from moetrace.tracer.analysis import blame as B
     from moetrace.tracer.analysis.blame_run import open_run
 
-    plant = None if args.no_plant else (args.plant or _draw(args.model, args.seed))
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-blame-", dir="."))
     try:
+        plant = None if args.no_plant else (args.plant or _draw(args.model, args.variant, args.seed, out,
+                                                                args.tokens, args.min_tokens))
         api.run(model=args.model, variants=[args.variant], modes=["free"], plant=plant, max_tokens=2,
                 out_dir=out, run_name="warm")  # generation, quantization cache, imports: not timed
         t = _clock()

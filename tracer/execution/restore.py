@@ -257,7 +257,8 @@ class Restorer:
                         streams[c.name] = self._layer_forward(L, self.state(L, c.restore[L], c.expert), hs)
                 del base
                 self._measure(L, candidates, streams, out, rule)
-            self._held = None            for c in candidates:
+            self._held = None  # free the last layer's weights
+            for c in candidates:
                 if c.name in streams:
                     out[c.name].kl = _kl(self.ref_logits, self._head(streams.pop(c.name)))
         self.seconds += time.perf_counter() - t0
