@@ -55,7 +55,7 @@ def _draw(model: str, variant: str, seed: int, probe_dir: Path, tokens, min_toke
     n_layers = var.sizes["layer"]
     L, proj = int(rng.integers(1, n_layers - 1)), str(rng.choice(["gate", "up", "down"]))
     idx = var["topk_idx"].sel(mode="free", moe_layer=L).values.ravel()
-    reached = [e for e in range(var.sizes["expert"]) if (idx == e).sum() >= min_tokens]
+    reached = [e for e in range(int(idx.max()) + 1) if (idx == e).sum() >= min_tokens]
     return f"{L}:{int(rng.choice(reached))}:{proj}"
 
 

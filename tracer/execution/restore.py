@@ -244,7 +244,7 @@ class Restorer:
                 running = [c for c in candidates if c.name in streams]
                 if not starting and not running:
                     continue
-                base = self.state(L) if running or any(L != c.start for c in starting) else None
+                base = self.state(L) if running else None  # the variant's own layer, for every running branch
                 for c in running:
                     if L in c.restore:  # a candidate restoring several layers
                         streams[c.name] = self._layer_forward(L, self.state(L, c.restore[L], c.expert),
