@@ -22,9 +22,9 @@ from tests.cli_runner import moetrace
 TINY = "builtin:tiny"
 SEED = 1202
 VARIANT = "q6_k-bf16"
-TOKENS = 32
+TOKENS = 48
 N_CASES = 2
-MIN_TOKENS = 4  # a drawn expert is one at least this many token slots reach
+MIN_TOKENS = 6  # a drawn expert is one at least this many token slots reach
 # Restoring the blamed expert matrix alone recovers at least this share of what restoring its whole
 # layer recovers (the acceptance's "most of"): the rest of the layer holds ordinary Q6_K noise only.
 MOST = 0.5
@@ -195,3 +195,11 @@ def test_unchanged_weights_leave_only_arithmetic_error(tiny_run):
                              - ref["moe_out"].sel(mode="free").values.astype(np.float64), axis=-1)  # (moe_layer, token)
     # the teacher-mode MoE input carries the attention's BF16 error too, so the whole block errs at least as much
     assert np.median(t["experts_part"].values / np.maximum(moe_err, 1e-30)) < 1.0
+
+
+def test_blame_without_the_variant_store_is_one_line(cases):
+    """A variant the run folder has no store of: exit status 2, one line naming the stores there."""
+    plant, run_dir = cases[0]
+    p = moetrace("blame", str(run_dir), "q8_0-bf16", check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+    assert "no store of variant q8_0-bf16" in p.stderr and VARIANT in p.stderr
