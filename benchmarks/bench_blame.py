@@ -20,7 +20,13 @@ blame 1.91x wall, 2.18x CPU. Blame put layer 1 first (blk.1.ffn_gate_exps, exper
 plant, and real traced runs agree: restoring blk.1.ffn_gate_exps to bf16 takes the KL from 0.3854 to 0.3405
 nats, restoring the planted blk.14.ffn_up_exps only to 0.3785 and all of layer 14 to 0.3758. On this
 synthetic model a Q4_K_M hot spot in layer 1 matters more than a planted fault at most locations; with
-q6_k-bf16, whose ordinary error is small, the plant is the largest cause (tests/tracer/test_blame.py).
+q6_k-bf16 the same drawn location (14:24:up) is not first either: blk.0.attn_v recovers 13% of the KL
+(layer + kind levels 3.96x forwards, 1.19x wall; whole blame 1.20x wall). On builtin:tiny with q6_k-bf16 the
+drawn plants are found first at every level (tests/tracer/test_blame.py).
+builtin:qwen3-30b-a3b:layers=4, q4_k_m-bf16, plant 2:78:up (seed 7), 64 tokens, under flock /work/heavy.lock: the
+traced run 74.8 s wall, 12 layer forwards; layer level 10 forwards (0.83x) in 0.71x the run's wall time, kind
+level 14 (1.17x) in 0.31x; layer + kind 2.00x forwards, 1.02x wall; the planted layer first, its
+blk.2.ffn_up_exps first within it.
 
     python benchmarks/bench_blame.py [--model builtin:] [--variant q4_k_m-bf16] [--plant L:E:P | --seed S]
         [--tokens N] [--level expert]
@@ -122,6 +128,8 @@ def main():
         if plant:
             L, e, p = plant.split(":")
             top_l, top_k, top_e = res.top("layer"), res.top("kind"), res.top("expert")
+            ranks = [r["layer"] for r in res.level("layer")]
+            print(f"planted layer {L} ranks {ranks.index(int(L)) + 1} of {len(ranks)} at layer level")
             print(f"planted {plant}: layer level first {top_l['part'] if top_l else '-'}"
                   f" ({'right' if top_l and top_l['layer'] == int(L) else 'WRONG'})"
                   + (f"; kind level first {top_k['part']}" if top_k else "")
