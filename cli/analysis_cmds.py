@@ -76,10 +76,13 @@ def decompose(reference, variant, as_json, floor):
 @click.argument("reference", type=click.Path())
 @click.argument("variant", type=click.Path())
 @click.option("--mode", default="free", show_default=True, type=MODES, help="The variant's mode to compare.")
+@click.option("--expert", "expert", default=None, metavar="L:E",
+              help="List the tokens the reference or the variant routes to expert E at layer L (with both routing "
+                   "weights and the variant's error there) instead of the routing diff.")
 @JSON
 @FLOOR
 @friendly_errors
-def routing(reference, variant, mode, as_json, floor):
+def routing(reference, variant, mode, expert, as_json, floor):
     """Routing diff of VARIANT's trace store against REFERENCE's.
 
     Per layer: top-k overlap, top-1 flip rate, set-flip rate (any chosen expert changed), routing
@@ -94,6 +97,12 @@ def routing(reference, variant, mode, as_json, floor):
     from moetrace.tracer.analysis.summary import open_floor
 
     ref, var = open_pair(reference, variant)
+    if expert is not None:
+        from moetrace.tracer.analysis.expert_view import parse_expert, tokens_of_expert
+
+        t = tokens_of_expert(ref, var, *parse_expert(expert), mode=mode)
+        _echo(as_json, lambda t: {"tokens": t.records()}, lambda t: t.to_text(), t)
+        return
     rd = routing_diff(ref, var, mode)
     fl_ds = open_floor(ref, variant, mode) if floor else None
     fl = routing_diff(ref, fl_ds, mode) if fl_ds is not None else None

@@ -307,6 +307,7 @@ def cache(prune_to, clear, as_json):
 # Commands defined in their own modules register themselves on `main` when imported; each
 # keeps its heavy imports inside the command bodies so `moetrace --help` stays fast.
 from moetrace.cli import analysis_cmds, weights_cmds  # noqa: E402,F401
+from moetrace.cli import blame_cmds  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

@@ -113,6 +113,9 @@ class Sites:
         shared: the shared expert's module (None: the family has none); ``shared_out`` is its
             output times the sigmoid of ``shared_gate``'s output, as the MoE block combines them.
         shared_gate: the shared expert's gate module (None: the shared output is not gated).
+        experts: the routed experts' module of an MoE layer, called as ``experts(hidden (token, H),
+            top_k_index (token, k), top_k_weights (token, k))`` (the per-expert error table runs it
+            on chosen experts).
     """
 
     attention: str = "self_attn"
@@ -120,6 +123,7 @@ class Sites:
     router: str = "mlp.gate"
     shared: str | None = None
     shared_gate: str | None = None
+    experts: str = "mlp.experts"
 
 
 @dataclass(frozen=True, eq=False)
@@ -530,6 +534,10 @@ class Family:
 
     def router(self, layer: torch.nn.Module) -> torch.nn.Module:
         return layer.get_submodule(self.sites.router)
+
+    def experts(self, layer: torch.nn.Module) -> torch.nn.Module:
+        """The routed experts' module of an MoE layer (see :attr:`Sites.experts`)."""
+        return layer.get_submodule(self.sites.experts)
 
     def is_moe_layer(self, layer: torch.nn.Module) -> bool:
         """Whether a decoder-layer module holds an MoE block (its router exists), not a dense MLP."""

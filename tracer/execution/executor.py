@@ -464,8 +464,9 @@ def _open_writers(run_dir: Path, ref: Variant, variants: list[Variant], config: 
     from moetrace.tracer.execution import resume as R
 
     def new(v: Variant, modes):
-        return TraceWriter(store_loc.join(run_dir, f"{v.store_name}.zarr"), sizes, tokens, modes, config.sites,
-                           {**base_attrs, "variant": v.name, "modes": list(modes)})
+        table = {"expert_table": "teacher" in modes and bool(sizes["moe_layers"])}  # the per-expert table
+        return TraceWriter(store_loc.join(run_dir, f"{v.store_name}.zarr"), {**sizes, **table}, tokens, modes,
+                           config.sites, {**base_attrs, "variant": v.name, "modes": list(modes)})
 
     wanted = ([ref] if write_reference else []) + variants
     if not resume:
@@ -613,6 +614,8 @@ class _Run:
     ctx: dict = field(default_factory=dict)  # arithmetic dtype -> per sequence (mask, position embeddings)
     layer_now: int = 0
     findings: Findings = field(default_factory=Findings)  # the first non-finite site of each stream
+    tables: dict = field(default_factory=dict)  # (variant name, mode) -> this layer's per-expert table
+    ref_layer: object = None  # the reference's layer module, kept while the variants' tables need it
 
     @property
     def n_layers(self) -> int:
@@ -706,22 +709,27 @@ def _run_layer(run: _Run, L: int, loader: "_LayerLoader") -> None:
     run.emit("layer_start", layer=L, layers=run.n_layers)
     states = loader.get(L)
     ref_in = run.ref_h
-    ref_recs = _forward(run, L, run.ref, states.pop(run.ref.name), {"free": ref_in}, run.ref_sites, None)
+    moe = L not in run.dense_layers
+    table = moe and "teacher" in run.config.modes  # the per-expert table (tracer/execution/expert_table.py)
+    ref_recs = _forward(run, L, run.ref, states.pop(run.ref.name), {"free": ref_in}, run.ref_sites, None, keep=table)
     run.ref_h = ref_recs["free"][1]
     _check_finite(run, run.ref.name, "free", L, *ref_recs["free"])
     if run.ref.name in run.writers:
         run.writers[run.ref.name].write_layer("free", L, _cat(ref_recs["free"][0]))
-    moe = L not in run.dense_layers
     ref_topk = [r["topk_idx"] for r in ref_recs["free"][0]] if "routing" in run.config.modes and moe else None
     for v in run.variants:
         inputs = {m: [h.to(v.dtype) for h in ref_in] if m == "teacher" else run.streams[(v.name, m)]
                   for m in run.config.modes}
-        recs = _forward(run, L, v, states.pop(v.name), inputs, run.layer_sites, ref_topk)
+        recs = _forward(run, L, v, states.pop(v.name), inputs, run.layer_sites, ref_topk,
+                        ref_layer=run.ref_layer if table else None)
         for m, (rec, out) in recs.items():
             if m != "teacher":
                 run.streams[(v.name, m)] = out
             _check_finite(run, v.name, m, L, rec, out)
-            run.writers[v.name].write_layer(m, L, _cat(rec))
+            run.writers[v.name].write_layer(m, L, {**_cat(rec), **_table_of(run, v, m, table)})
+    if run.ref_layer is not None:
+        run.model.release(run.ref_layer)
+        run.ref_layer = None
     for w in run.writers.values():
         w.mark_layers_done(L + 1)
     del states  # the layer's weights, freed by reference counting
@@ -730,26 +738,52 @@ def _run_layer(run: _Run, L: int, loader: "_LayerLoader") -> None:
     run.emit("layer_done", layer=L, layers=run.n_layers)
 
 
-def _forward(run: _Run, L: int, v: Variant, state: dict, inputs: dict, sites: list[str], ref_topk) -> dict:
+def _table_of(run: _Run, v: Variant, mode: str, table: bool) -> dict:
+    """The per-expert table records of ``v``'s layer in ``mode`` (teacher: computed; other modes: empty)."""
+    from moetrace.tracer.execution.expert_table import empty_table
+
+    if not table:
+        return {}
+    got = run.tables.pop((v.name, mode), None)
+    return got if got is not None else empty_table(run.sizes["expert"], run.tokens.n)
+
+
+def _forward(run: _Run, L: int, v: Variant, state: dict, inputs: dict, sites: list[str], ref_topk,
+             ref_layer=None, keep: bool = False) -> dict:
     """Variant ``v``'s layer L on each mode's inputs (per sequence (1, T_s, H)), recording ``sites``.
+
+    With ``ref_layer`` (the reference's layer module), the teacher mode also computes the layer's
+    per-expert table into ``run.tables``; ``keep`` keeps this layer's module in ``run.ref_layer``
+    instead of handing it back.
 
     Returns:
         mode -> (records per sequence, outputs per sequence (1, T_s, H)).
     """
+    from moetrace.tracer.execution.expert_table import expert_inputs, layer_table
+
     layer = run.model.layer(L, state, v.path)
     sites = layer_kind_sites(sites, L not in run.dense_layers, run.sizes["shared"])
     out = {}
+    adapter = run.model.adapter
     for m, hs in inputs.items():
         recs, outs = [], []
-        for s, h in enumerate(hs):
-            masks, pe = run.ctx[v.dtype][s]
-            mask = masks[run.model.layer_types[L]]
-            forced = ref_topk[s] if m == "routing" and ref_topk is not None else None  # dense layers: none
-            with capture(layer, run.model.adapter, sites, forced_topk=forced) as rec:
-                outs.append(layer(h, attention_mask=mask, position_embeddings=pe))
-            recs.append(rec)
+        table = ref_layer is not None and m == "teacher"
+        with expert_inputs(layer, adapter, table) as calls:
+            for s, h in enumerate(hs):
+                masks, pe = run.ctx[v.dtype][s]
+                mask = masks[run.model.layer_types[L]]
+                forced = ref_topk[s] if m == "routing" and ref_topk is not None else None  # dense layers: none
+                with capture(layer, adapter, sites, forced_topk=forced) as rec:
+                    outs.append(layer(h, attention_mask=mask, position_embeddings=pe))
+                recs.append(rec)
+        if table:
+            run.tables[(v.name, m)] = layer_table(adapter.experts(ref_layer), adapter.experts(layer), calls,
+                                                  run.sizes["expert"], run.ref.dtype)
         out[m] = (recs, outs)
-    run.model.release(layer)
+    if keep:
+        run.ref_layer = layer
+    else:
+        run.model.release(layer)
     return out
 
 

@@ -63,6 +63,7 @@ class ResumedWriter(TraceWriter):
                     self.sizes[dim + "s"] = [int(x) for x in g[dim][...]]
                 elif any(S.LAYER_DIMS[n] == dim for n in present):
                     self.sizes[dim + "s"] = list(range(self.sizes["layers"]))
+            self.sizes["expert_table"] = "expert_error" in g  # the per-expert table, where the store has it
             self._index_layers(self.sizes)
             marks = {n for n in loc_.names(self.path) if n.startswith(S.PROGRESS_PREFIX)}
             self._start(markers=marks, done=_layers_done(self.path))

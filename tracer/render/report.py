@@ -1,10 +1,13 @@
 """``moetrace report``: a folder with PNG plots and an index.html holding every table of a run.
 
-The page has, in order: the headline figures of every variant (with bootstrap intervals and as
+The page opens with a table of contents giving each section's one-line verdict. It has, in order:
+the headline figures of every variant (with bootstrap intervals and as
 multiples of the noise floor), the divergence curves, the KL histogram, the routing flip rates,
 the BF16-vs-FP32 dequantization comparisons where the run has both, and per variant the
 decomposition (local, propagated, gain, with its growth summary), the routing diff with its
-expert-load heat map, and the output metrics. The HTML is self-contained apart from the PNGs
+expert-load heat map, the output metrics, the per-expert and component views (teacher mode: which expert
+matrix is worst by its own error, which component carries each layer's local error), and the blame
+ranking where ``moetrace blame`` was run on the variant (``RUN/blame-VARIANT.json``). The HTML is self-contained apart from the PNGs
 beside it, so the folder can be copied or zipped as it is.
 """
 
@@ -108,6 +111,75 @@ def pair_lines(pairs) -> list[str]:
     return [pair_table(pairs).to_text()] if pairs else []
 
 
+def _section(sid: str, title: str, verdict: str, body: str, level: int = 2) -> dict:
+    return {"id": sid, "title": title, "verdict": verdict, "level": level,
+            "html": f'<h{level} id="{html.escape(sid)}">{html.escape(title)}</h{level}>'
+                    f'<p class="verdict">{html.escape(verdict)}</p>{body}'}
+
+
+def _toc(sections: list[dict]) -> str:
+    items = "".join(f'<li class="l{s["level"]}"><a href="#{html.escape(s["id"])}">{html.escape(s["title"])}</a>: '
+                    f'{html.escape(s["verdict"])}</li>' for s in sections)
+    return f'<h2>Contents</h2><ul class="toc">{items}</ul>'
+
+
+def _headline_verdict(run: RunAnalysis) -> str:
+    kls = {n: float(a.output["kl_mean"]) for n, a in run.variants.items() if a.output is not None}
+    if not kls:
+        return "no output logits recorded"
+    worst = max(kls, key=kls.get)
+    return f"{len(run.variants)} variant(s) against {run.reference}; the largest output KL is {worst}'s, " \
+           f"{kls[worst]:.3e} nats"
+
+
+def _expert_sections(a, run, run_dir: Path) -> list[dict]:
+    """The per-expert view, the component view and the blame ranking of one variant, where recorded."""
+    import json
+
+    from moetrace.tracer.analysis import blame as B
+    from moetrace.tracer.analysis import expert_view as EV
+
+    var, ref = run.datasets[a.name], run.datasets[run.reference]
+    out = []
+    if "expert_error" in var:
+        rows = EV.expert_rows(var)
+        if rows:
+            w = rows[0]
+            verdict = (f"worst expert matrix: layer {w['layer']} expert {w['expert']}, its error "
+                       f"{w['x_median']:.1f}x its layer's median on {w['tokens']} tokens "
+                       f"(`moetrace routing ... --expert {w['layer']}:{w['expert']}` lists them)")
+            out.append(_section(f"{a.name}-experts", f"{a.name}: per-expert error", verdict,
+                                EV.expert_table(var).to_html(), 3))
+    if a.decomposition is not None:
+        comp = EV.component_table(ref, var)
+        worst = max(comp.rows, key=lambda r: r["local"])
+        verdict = f"the largest local error is layer {worst['layer']}'s ({worst['local']:.3e}), most of it from its " \
+                  f"{worst['largest']}"
+        out.append(_section(f"{a.name}-components", f"{a.name}: components of the local error", verdict,
+                            comp.to_html(), 3))
+    saved = run_dir / f"blame-{a.name}.json"
+    if saved.is_file():
+        d = json.loads(saved.read_text())
+        body = "".join(f"<h4>{html.escape(level)}</h4>" + _records_table(d[level]) for level in B.LEVELS if d.get(level))
+        body += "".join(f"<p>{html.escape(x)}</p>" for x in d.get("cross_check", []))
+        if d.get("budget") and d["budget"].get("llama_quantize"):
+            body += f"<pre>llama-quantize {html.escape(d['budget']['llama_quantize'])}</pre>"
+        out.append(_section(f"{a.name}-blame", f"{a.name}: blame", d["verdict"], body, 3))
+    return out
+
+
+def _records_table(records: list[dict]) -> str:
+    from moetrace.tracer.analysis.blame import COLUMNS
+
+    keys = {"part", "kl_recovered", "ci_low", "ci_high", "share", "of_layer", "tokens", "bytes", "added_bytes",
+            "stopped_at"}
+    cols = [c for c in COLUMNS if c.key in keys]
+    t = Table([Column(c.key, c.header, c.fmt, c.description, align=c.align) for c in cols])
+    for r in records:
+        t.add(r)
+    return t.to_html()
+
+
 def write_report(run_dir, out_dir=None, reference: str | None = None, n_resamples: int = stats.N_RESAMPLES,
                  seed: int = 0, log=None, score_positions: str | None = None) -> Report:
     """Analyse a run folder and write the report folder (default ``RUN/report``).
@@ -146,8 +218,17 @@ def write_report(run_dir, out_dir=None, reference: str | None = None, n_resample
     if any(a.routing is not None for a in run.variants.values()):
         files.append(plots.plot_routing(run, out / "routing_flips.png"))
     sections = []
+    toc = [{"id": "headline", "title": "Headline figures", "verdict": _headline_verdict(run), "level": 2},
+           {"id": "divergence", "title": "Divergence per layer", "verdict": "the residual stream's error, layer by "
+            "layer, every variant (plots)", "level": 2}]
     for a in run.variants.values():
-        parts = [f'<h2 id="{html.escape(a.name)}">{html.escape(a.name)}</h2>']
+        verdict = summary_lines(a.decomposition)[0] if a.decomposition is not None else \
+            "no teacher mode: where the error is injected is not separated from where it is inherited"
+        toc.append({"id": a.name, "title": a.name, "verdict": verdict, "level": 2})
+        extra = _expert_sections(a, run, run_dir)
+        toc += extra
+        parts = [f'<h2 id="{html.escape(a.name)}">{html.escape(a.name)}</h2>',
+                 f'<p class="verdict">{html.escape(verdict)}</p>']
         if a.decomposition is not None:
             f = plots.plot_decomposition(a, run, out / f"decomposition_{a.name}.png")
             files.append(f)
@@ -163,6 +244,7 @@ def write_report(run_dir, out_dir=None, reference: str | None = None, n_resample
             floor_om = run.floor.output if run.floor is not None and a is not run.floor else None
             t = output_table(a.output, floor_om)
             parts += ["<h3>Output</h3>", f"<p>{html.escape(t.title.rstrip(':'))}.</p>", t.to_html()]
+        parts += [s["html"] for s in extra]
         sections.append("\n".join(parts))
     plant = f", planted fault {html.escape(run.plant)} (layer:expert:projection)" if run.plant else ""
     page = f"""<!DOCTYPE html>
@@ -173,15 +255,18 @@ table {{ border-collapse: collapse; margin: 0.6em 0 1.2em; font-size: 13px; }}
 th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
 th {{ background: #f2f2f2; }} td:first-child {{ text-align: left; }}
 ul.legend {{ font-size: 12px; color: #555; margin-top: -0.8em; }}
+p.verdict {{ font-weight: bold; }} ul.toc li.l3 {{ margin-left: 1.5em; }}
 img {{ max-width: 100%; }} pre {{ background: #f7f7f7; padding: 0.6em; overflow-x: auto; }}
 </style></head><body>
 <h1>moetrace report: {html.escape(run_dir.name)}</h1>
 <p>Model {html.escape(run.model)}{plant}; reference {html.escape(run.reference)};
 variants {html.escape(", ".join(run.variants))}. Free-running figures unless said otherwise;
 intervals are {int(n_resamples)}-resample bootstraps over tokens (seed {seed}).</p>
-<h2>Headline figures</h2>
+{_toc(toc)}
+<h2 id="headline">Headline figures</h2>
+<p class="verdict">{html.escape(toc[0]["verdict"])}</p>
 {_headline_html(run)}
-<h2>Divergence per layer</h2>
+<h2 id="divergence">Divergence per layer</h2>
 {_img("divergence.png", "divergence curves")}
 {_img("kl_histogram.png", "KL histogram") if (out / "kl_histogram.png") in files else ""}
 {_img("routing_flips.png", "routing flip rates") if (out / "routing_flips.png") in files else ""}

@@ -15,7 +15,23 @@ variable           dims                                 dtype    what
 ``topk_idx``       (mode, moe_layer, token, k)          int16    chosen experts (-1 where not yet written)
 ``topk_weight``    (mode, moe_layer, token, k)          float32  their routing weights
 ``logits``         (mode, token, vocab)                 float32  final logits
+``expert_error``   (mode, moe_layer, expert)            float32  per-expert table (teacher mode, see below)
+``expert_tokens``  (mode, moe_layer, expert)            int32    tokens routed to each expert
+``expert_weight``  (mode, moe_layer, expert)            float32  routing weight those tokens carry (sum)
+``expert_sq``      (mode, moe_layer, expert)            float32  sum over its tokens of w^2 ||dy||^2
+``experts_part``   (mode, moe_layer, token)             float32  ||sum_k w_k dy_k|| per token
 =================  ===================================  =======  ==========================================
+
+The per-expert table. In ``teacher`` mode every MoE layer's routed experts are run twice on the
+variant's own expert inputs (the tokens its router sent to each expert): with the variant's
+weights and with the reference's. ``dy`` is the difference of the two outputs (before the
+routing weight), so the table isolates each expert matrix's error from everything upstream:
+``expert_error`` is ``||dy|| / ||y_ref||`` over the expert's tokens (NaN where no token reached
+it), ``expert_tokens`` and ``expert_weight`` say how much of the layer's traffic it carries, and
+``expert_sq`` how much error energy it puts into the MoE output. ``experts_part`` is, per token,
+the norm of the routed experts' combined weight error (``sum_k w_k dy_k``), which the component
+view compares with the attention and whole-MoE errors. The table exists in stores with a
+``teacher`` mode and MoE layers; the other modes' slabs are NaN (0 tokens).
 
 Coordinates: ``mode`` (``free``, ``teacher``, ``routing``), ``layer``, ``token`` (0..T-1 over all
 sequences), and along ``token``: ``token_id``, ``seq``, ``pos``, ``token_text``.
@@ -86,6 +102,16 @@ LAYER_DIMS = {"resid": "layer", "attn_out": "layer", "moe_out": "moe_layer", "sh
               "mlp_out": "dense_layer", "router_logits": "moe_layer", "topk_idx": "moe_layer",
               "topk_weight": "moe_layer"}
 LAYER_DIM_NAMES = ("layer", "moe_layer", "dense_layer")
+# The per-expert table (see "The per-expert table" above): name -> (last dimension, dtype); dims
+# (mode, moe_layer, last). Stored where ``sizes["expert_table"]`` is true (a teacher mode, MoE layers).
+TABLE_VARS = {
+    "expert_error": ("expert", "float32"),
+    "expert_tokens": ("expert", "int32"),
+    "expert_weight": ("expert", "float32"),
+    "expert_sq": ("expert", "float32"),
+    "experts_part": ("token", "float32"),
+}
+LAYER_DIMS.update({name: "moe_layer" for name in TABLE_VARS})
 _LAYER_LISTS = {"moe_layer": "moe_layers", "dense_layer": "dense_layers"}
 
 
@@ -184,6 +210,12 @@ def data_specs(sizes: dict, n_modes: int, n_tokens: int, sites) -> list[ArraySpe
             L = len(layer_list(sizes, dim))
             out.append(ArraySpec(name, (m, L, T, n), (1, 1, T, n), dtype, -1 if dtype == "int16" else float("nan"),
                                  ("mode", dim, "token", last)))
+    if sizes.get("expert_table") and layer_list(sizes, "moe_layer"):
+        L = len(layer_list(sizes, "moe_layer"))
+        for name, (last, dtype) in TABLE_VARS.items():
+            n = T if last == "token" else sizes[last]
+            out.append(ArraySpec(name, (m, L, n), (1, 1, n), dtype, 0 if dtype == "int32" else float("nan"),
+                                 ("mode", "moe_layer", last)))
     if "logits" in sites:
         V = sizes["vocab"]
         out.append(ArraySpec("logits", (m, T, V), (1, logit_chunk_tokens(T, V), V), "float32", float("nan"),
@@ -195,6 +227,8 @@ def coordinates(modes, sizes: dict, tokens: Tokens, sites=()) -> dict:
     """name -> (dims, values) of the store's coordinate arrays (a ``moe_layer``/``dense_layer`` coordinate
     where a stored site lies along it)."""
     dims = {LAYER_DIMS[s] for s in stored_sites(sites, sizes) if s in LAYER_DIMS} - {"layer"}
+    if sizes.get("expert_table") and layer_list(sizes, "moe_layer"):
+        dims.add("moe_layer")
     extra = {d: ((d,), np.array(layer_list(sizes, d), dtype=np.int64)) for d in sorted(dims)}
     return {
         "mode": (("mode",), np.array(list(modes), dtype=object)),

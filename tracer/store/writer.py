@@ -99,6 +99,10 @@ class TraceWriter:
         self._group = group
         self._arrays = {name: group[name] for name in [*S.LAYER_VARS, "logits"]
                         if name in self.sites and name in group}
+        # The table's slabs of modes that do not compute it are all fill values; the config that writes such
+        # chunks anyway (create_data_array) is not stored with an array, so a reopened one is told again.
+        self._arrays.update({name: group[name].with_config({"write_empty_chunks": True})
+                             for name in S.TABLE_VARS if name in group})
 
     def _submit(self, fn, *args):
         for f in self._pending + self._older:
@@ -124,6 +128,10 @@ class TraceWriter:
 
                     raise InternalError(f"site {name} recorded at layer {layer}, which its store has no slab for")
                 slabs.append((name, i, record[name].detach().to("cpu", dtype=_torch_dtype(dtype)).numpy()))
+        for name, (_, dtype) in S.TABLE_VARS.items():  # the per-expert table: stores that have it
+            if name in record and self.sizes.get("expert_table"):
+                slabs.append((name, self._pos["moe_layer"][layer],
+                              record[name].detach().to("cpu", dtype=_torch_dtype(dtype)).numpy()))
         if slabs:
             self._submit(self._write_slabs, mi, layer, slabs)
 
@@ -213,4 +221,4 @@ class TraceWriter:
 def _torch_dtype(name: str):
     import torch
 
-    return {"float32": torch.float32, "int16": torch.int16}[name]
+    return {"float32": torch.float32, "int16": torch.int16, "int32": torch.int32}[name]
