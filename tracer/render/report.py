@@ -132,14 +132,15 @@ def _headline_verdict(run: RunAnalysis) -> str:
            f"{kls[worst]:.3e} nats"
 
 
-def _expert_sections(a, run, run_dir: Path) -> list[dict]:
-    """The per-expert view, the component view and the blame ranking of one variant, where recorded."""
+def _expert_sections(a, key: str, run, run_dir: Path) -> list[dict]:
+    """The per-expert view, the component view and the blame ranking of one variant (its store ``key``
+    in the run; ``a.name`` also names a mode other than free), where recorded."""
     import json
 
     from moetrace.tracer.analysis import blame as B
     from moetrace.tracer.analysis import expert_view as EV
 
-    var, ref = run.datasets[a.name], run.datasets[run.reference]
+    var, ref = run.datasets[key], run.datasets[run.reference]
     out = []
     if "expert_error" in var:
         rows = EV.expert_rows(var)
@@ -157,7 +158,7 @@ def _expert_sections(a, run, run_dir: Path) -> list[dict]:
                   f"{worst['largest']}"
         out.append(_section(f"{a.name}-components", f"{a.name}: components of the local error", verdict,
                             comp.to_html(), 3))
-    saved = run_dir / f"blame-{a.name}.json"
+    saved = run_dir / f"blame-{key}.json"
     if saved.is_file():
         d = json.loads(saved.read_text())
         body = "".join(f"<h4>{html.escape(level)}</h4>" + _records_table(d[level]) for level in B.LEVELS if d.get(level))
@@ -221,11 +222,11 @@ def write_report(run_dir, out_dir=None, reference: str | None = None, n_resample
     toc = [{"id": "headline", "title": "Headline figures", "verdict": _headline_verdict(run), "level": 2},
            {"id": "divergence", "title": "Divergence per layer", "verdict": "the residual stream's error, layer by "
             "layer, every variant (plots)", "level": 2}]
-    for a in run.variants.values():
+    for key, a in run.variants.items():
         verdict = summary_lines(a.decomposition)[0] if a.decomposition is not None else \
             "no teacher mode: where the error is injected is not separated from where it is inherited"
         toc.append({"id": a.name, "title": a.name, "verdict": verdict, "level": 2})
-        extra = _expert_sections(a, run, run_dir)
+        extra = _expert_sections(a, key, run, run_dir)
         toc += extra
         parts = [f'<h2 id="{html.escape(a.name)}">{html.escape(a.name)}</h2>',
                  f'<p class="verdict">{html.escape(verdict)}</p>']
