@@ -185,6 +185,13 @@ class Family:
             llama.cpp's ``llama`` architecture is both Mixtral (with experts) and dense Llama,
             so two families may share a GGUF architecture when they split it this way.
         checked: what has been checked for this family (``moetrace models`` and README list it).
+        transposed: transformers keys held as (E, in, out), the transpose of GGUF's [out, in]
+            (GPT-OSS's ``mlp.experts.gate_up_proj`` and ``down_proj``); see :meth:`to_gguf`.
+        interleaved: fused keys whose parts alternate along the fused rows (part i at rows i::n)
+            instead of following one another (GPT-OSS's gate/up: gate at even, up at odd rows).
+        packed: the checkpoint format of keys a published checkpoint may store quantized
+            (``{"mlp.experts.down_proj": "mxfp4"}``: ``down_proj_blocks``/``down_proj_scales``),
+            read exactly by :mod:`moetrace.tracer.sources.packed`.
     """
 
     name: str
@@ -209,6 +216,9 @@ class Family:
     gguf_vectors: tuple = ()
     gguf_experts: str = "any"
     checked: tuple = ()
+    transposed: tuple = ()
+    interleaved: tuple = ()
+    packed: dict = field(default_factory=dict)
 
     def __post_init__(self):
         # A family file is data a user may write: check it when it is made, naming what is wrong.
@@ -363,7 +373,8 @@ class Family:
         tensors never share a key), for lookups by key; with it: only the keys layer ``layer`` has.
         """
         def full(hf, s):
-            suffix = ".bias" if hf.endswith(".bias") else ".weight"
+            named = self.fused[hf][0] if hf in self.fused else hf  # a fused key's parts name the suffix
+            suffix = ".bias" if named.endswith(".bias") else ".weight"
             return tuple(f"blk.{layer}.{x}{suffix}" for x in s) if isinstance(s, tuple) else f"blk.{layer}.{s}{suffix}"
 
         names = {hf: full(hf, s) for hf, s in self.layer_stems.items()}
@@ -423,6 +434,50 @@ class Family:
         d = self.dims(config)
         sym = {**self.tensors, **self.dense_tensors}[hf]
         return tuple(s if isinstance(s, int) else d[s] for s in sym)
+
+    def hf_layer_shapes(self, config, layer: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Key inside an MoE layer (or ``layer``) -> shape as transformers holds it: fused keys joined
+        (:meth:`from_gguf`), transposed keys as (E, in, out)."""
+        d = self.dims(config)
+        shape = lambda sym: tuple(s if isinstance(s, int) else d[s] for s in sym)  # noqa: E731
+        tensors = self.tensors if layer is None else self.layer_tensors(config, layer)
+        parts = {p for ps in self.fused.values() for p in ps}
+        out = {hf: shape(sym) for hf, sym in tensors.items() if hf not in parts}
+        for fused, ps in self.fused.items():
+            if not all(p in tensors for p in ps):
+                continue
+            first = shape(tensors[ps[0]])  # parts stack along dim 1 (rows of each expert)
+            out[fused] = (first[0], sum(shape(tensors[p])[1] for p in ps), *first[2:])
+        for key in self.transposed:
+            if key in out:
+                out[key] = (*out[key][:-2], out[key][-1], out[key][-2])
+        return out
+
+    def to_gguf(self, key: str, w: torch.Tensor) -> list[torch.Tensor]:
+        """A transformers tensor of a layer as its GGUF tensors' layout ([out, in]), one per part (views).
+
+        A fused key gives its parts (row blocks, or rows i::n where :attr:`interleaved`); a
+        :attr:`transposed` key is transposed first; any other key is itself.
+        """
+        if key in self.transposed:
+            w = w.transpose(-1, -2)  # (E, in, out) -> (E, out, in)
+        n = len(self.fused.get(key, (key,)))
+        if n == 1:
+            return [w]
+        if key in self.interleaved:
+            return [w[:, i::n] for i in range(n)]
+        rows = w.shape[1] // n
+        return [w[:, i * rows:(i + 1) * rows] for i in range(n)]
+
+    def from_gguf(self, key: str, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The inverse of :meth:`to_gguf`: GGUF-layout parts joined into the tensor transformers holds."""
+        if len(parts) == 1:
+            w = parts[0]
+        elif key in self.interleaved:
+            w = torch.stack(parts, dim=2).flatten(1, 2)  # rows part0[0], part1[0], part0[1], ...
+        else:
+            w = torch.cat(parts, dim=1)
+        return w.transpose(-1, -2).contiguous() if key in self.transposed else w
 
     def gguf_row_order(self, gguf_name: str, config):
         """Row indices taking a transformers tensor to its GGUF row order (None: the same order).

@@ -62,7 +62,10 @@ class BuiltinShape:
     vocab: int = 256
     seed: int = 0
     family: str = MODEL_TYPE  # the transformers model type of the family it is written as
-    expert_keys: str = "fused"  # "fused" (transformers 5's) or "per_expert" (as released checkpoints ship)
+    # "fused" (transformers 5's), "per_expert" (as released checkpoints ship) or "packed" (the
+    # family's ``packed`` format, GPT-OSS's MXFP4 experts, as its published checkpoints ship)
+    expert_keys: str = "fused"
+    extra_config: str = ""  # a JSON object of config.json entries of the real model (sliding window, RoPE)
 
 
 PRESETS: dict[str, BuiltinShape] = {
@@ -94,6 +97,25 @@ PRESETS: dict[str, BuiltinShape] = {
         "choose layers with :layers=N (default 2; the real model has 32)",
         layers=2, hidden=4096, experts=8, top_k=2, expert_width=14336, heads=32, kv_heads=8, head_dim=128,
         family="mixtral", expert_keys="per_expert",
+    ),
+    "tiny-gpt-oss": BuiltinShape(
+        "for tests: GPT-OSS (sinks, sliding window 8 on alternate layers, router bias, clamped SwiGLU, 16 experts "
+        "top-4, MXFP4 experts as published), 4 layers, widths 256, 4/2 heads of 64",
+        layers=4, hidden=256, experts=16, top_k=4, expert_width=256, heads=4, kv_heads=2, head_dim=64,
+        family="gpt_oss", expert_keys="packed",
+        extra_config='{"sliding_window": 8, "rms_norm_eps": 1e-05, "rope_parameters": {"rope_type": "yarn", '
+                     '"rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": false, '
+                     '"original_max_position_embeddings": 4096}}',
+    ),
+    "gpt-oss-20b": BuiltinShape(
+        "gpt-oss-20b's real widths (hidden 2880, 64/8 heads of 64, 32 experts top-4, expert width 2880, sliding "
+        "window 128 on alternate layers, MXFP4 experts); choose layers with :layers=N (default 2; the real model "
+        "has 24)",
+        layers=2, hidden=2880, experts=32, top_k=4, expert_width=2880, heads=64, kv_heads=8, head_dim=64,
+        family="gpt_oss", expert_keys="packed",
+        extra_config='{"sliding_window": 128, "rms_norm_eps": 1e-05, "rope_parameters": {"rope_type": "yarn", '
+                     '"rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, '
+                     '"truncate": false, "original_max_position_embeddings": 4096}}',
     ),
     "olmoe-1b-7b": BuiltinShape(
         "OLMoE-1B-7B's real widths (hidden 2048, 16/16 heads of 128, 64 experts top-8, expert width 1024); "
@@ -168,8 +190,11 @@ class BuiltinModel:
 
     @property
     def content_hash(self) -> str:
+        shape = dataclasses.asdict(self.shape)
+        if not shape["extra_config"]:
+            del shape["extra_config"]  # presets without one keep the hash they had before the field existed
         blob = json.dumps(
-            {"v": GENERATOR_VERSION, "shape": dataclasses.asdict(self.shape), "plant": str(self.plant or ""),
+            {"v": GENERATOR_VERSION, "shape": shape, "plant": str(self.plant or ""),
              "plant_std": PLANT_STD if self.plant else None},
             sort_keys=True,
         )
@@ -291,7 +316,7 @@ def hf_config_dict(shape: BuiltinShape) -> dict:
     """
     f = family(shape)
     k = f.keys
-    return {
+    cfg = {
         "architectures": [f.hf_architecture],
         "model_type": f.model_types[0],
         "vocab_size": shape.vocab,
@@ -314,8 +339,20 @@ def hf_config_dict(shape: BuiltinShape) -> dict:
         "eos_token_id": None,
         "pad_token_id": None,
         "dtype": "bfloat16",
-        **f.gguf_config,
+        # rope_parameters there are details joined to a GGUF file's RoPE, not a whole config entry
+        **{k: v for k, v in f.gguf_config.items() if k != "rope_parameters"},
     }
+    cfg.update(json.loads(shape.extra_config or "{}"))  # the real model's own settings
+    if shape.expert_keys == "packed":
+        formats = sorted(set(f.packed.values()))
+        if len(formats) != 1:
+            raise MoetraceError(f"built-in preset with family {f.name}: expert_keys 'packed' needs the family to pack "
+                                f"its experts in one format; it has {formats or 'none'}")
+        # As a published checkpoint says it: which format, and that only the packed keys are in it.
+        cfg["quantization_config"] = {"quant_method": formats[0],
+                                      "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                                 "model.embed_tokens", "lm_head"]}
+    return cfg
 
 
 def _rng(shape: BuiltinShape, name: str) -> np.random.Generator:
@@ -535,17 +572,32 @@ def checkpoint_plan(shape: BuiltinShape, plant: Plant | None = None):
     per_expert = shape.expert_keys == "per_expert"
     if per_expert and fusion is None:
         raise MoetraceError(f"built-in preset with family {fam.name}: the family has no per-expert keys")
-    dims_of = fam.dims(SimpleNamespace(**hf_config_dict(shape)))
+    config = SimpleNamespace(**hf_config_dict(shape))
+    dims_of = fam.dims(config)
     layer_keys = fam.layer_stems  # transformers 5 keys inside a layer
+    # another family's tensor of the same GGUF kind (stem, and weight or bias)
+    by_stem = {(stem, key.endswith(".bias")): key for key, stem in layer_keys.items() if isinstance(stem, str)}
+    base_stems = family().layer_stems
+    done: set = set()
     for name, dims, make in tensor_plan(shape, plant):
         if not name.startswith("model.layers."):
+            if done:
+                yield from _extra_plan(shape, fam, config, layer, done)
+                done = set()
             yield name, dims, make
             continue
         layer = int(name.split(".")[2])
         prefix = fam.layer_prefix(layer)
+        if done and not any(d.startswith(prefix) for d in done):
+            yield from _extra_plan(shape, fam, config, layer - 1, done)
+            done = set()
         inner = name[len(prefix):]
         if inner not in layer_keys:
-            continue
+            # GPT-OSS's router is mlp.router, Qwen3-MoE's mlp.gate
+            inner = by_stem.get((base_stems.get(inner), inner.endswith(".bias")))
+            if inner is None:
+                continue
+        done.add(prefix + inner)
         if per_expert and inner in fusion.fused:
             projs = fusion.fused[inner]
             rows = dims[1] // len(projs)
@@ -553,10 +605,70 @@ def checkpoint_plan(shape: BuiltinShape, plant: Plant | None = None):
                 for i, proj in enumerate(projs):
                     yield prefix + fusion.per_expert_key(e, proj), (rows, dims[2]), _rows(make, e, i * rows, rows)
             continue
+        if inner in fam.transposed or inner in fam.interleaved:  # from Qwen3-MoE's layout to the family's
+            dims, make = fam.hf_layer_shapes(config)[inner], _relaid(make, family(), fam, inner)
+        if shape.expert_keys == "packed" and inner in fam.packed:
+            yield from _packed_plan(prefix, inner, dims, make, fam)
+            continue
         want = tuple(dims_of[d] for d in fam.tensors.get(inner, ()))
         if len(dims) == 1 and want and dims != want:
             dims, make = want, _resized(make, want)
         yield prefix + (fusion.checkpoint_key(inner) if per_expert else inner), dims, make
+
+
+# Tensors a family has and the Qwen3-MoE plan has not (GPT-OSS's biases and sinks), by GGUF stem:
+# their standard deviation. Attention sinks are logits of the order of the scores; the router's
+# bias a per-expert preference of a fifth of the router's logit spread; other biases small.
+EXTRA_SCALES = {"attn_sinks": 1.0, "ffn_gate_inp": 0.5}
+EXTRA_BIAS_SCALE = 0.02
+
+
+def _extra_plan(shape: BuiltinShape, fam, config, layer: int, done: set):
+    """(name, dims, make) of layer ``layer``'s tensors the family has beyond the base plan's."""
+    prefix = fam.layer_prefix(layer)
+    for key, dims in fam.hf_layer_shapes(config, layer).items():
+        if prefix + key in done:
+            continue
+        stem = fam.layer_stems[key]
+        stem = stem[0] if isinstance(stem, tuple) else stem
+        scale = EXTRA_SCALES.get(stem, EXTRA_BIAS_SCALE)
+        yield prefix + key, dims, (lambda k=prefix + key, d=dims, sc=scale: _t(_rng(shape, k), d, sc))
+
+
+def _relaid(make, base, fam, key: str):
+    """``make``'s tensor, held as ``base`` holds ``key``, as ``fam`` holds it (transposed, interleaved)."""
+    import torch
+
+    def relaid():
+        parts = base.to_gguf(key, torch.from_numpy(make()))
+        return fam.from_gguf(key, parts).contiguous().numpy()
+
+    return relaid
+
+
+def _packed_plan(prefix: str, key: str, dims: tuple, make, fam):
+    """The checkpoint tensors of ``key`` packed in the family's format (GPT-OSS: MXFP4 blocks and scales)."""
+    from moetrace.tracer.sources.packed import pack, packed_names
+
+    fmt = fam.packed[key]
+    out_in = (*dims[:-2], dims[-1], dims[-2]) if key in fam.transposed else dims  # [out, in]
+    names = packed_names(key, fmt)
+    held = _OneSlot()
+
+    def part(i):
+        def make_part():
+            def build():
+                import torch
+
+                w = torch.from_numpy(make())
+                w = w.transpose(-1, -2) if key in fam.transposed else w
+                return pack(fmt, w)
+            return held.get(key, build)[i]
+        return make_part
+
+    shapes = [(*out_in[:-1], out_in[-1] // 32, 16), (*out_in[:-1], out_in[-1] // 32)]
+    for i, (n, shp) in enumerate(zip(names, shapes)):
+        yield prefix + n, shp, part(i)
 
 
 def _rows(make, e: int, start: int, n: int):
@@ -609,7 +721,14 @@ def _planted(model: BuiltinModel, name: str) -> bool:
     m = fusion.match(inner) if fusion is not None else None
     if m:
         return m[1] == model.plant.expert
-    return fusion is not None and fusion.rename(inner) in fusion.fused
+    if fusion is None:  # no per-expert keys: the planted layer's expert tensors (packed ones by their parts)
+        from moetrace.tracer.sources.validate import PACKED_SUFFIXES
+
+        for suffix in PACKED_SUFFIXES:
+            inner = inner[:-len(suffix)] if inner.endswith(suffix) and inner[:-len(suffix)] in fam.packed else inner
+        stems = fam.layer_stems.get(inner, ())
+        return any(st.endswith("_exps") for st in ((stems,) if isinstance(stems, str) else stems))
+    return fusion.rename(inner) in fusion.fused
 
 
 def _write_descriptors(model: BuiltinModel, folder: Path) -> None:
@@ -630,8 +749,9 @@ def write_safetensors(path: Path, plan, progress=None) -> None:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, dims, _ in entries:
-        size = 2 * int(np.prod(dims, dtype=np.int64))
-        header[name] = {"dtype": "BF16", "shape": list(dims), "data_offsets": [offset, offset + size]}
+        dtype = _st_dtype(name)
+        size = (1 if dtype == "U8" else 2) * int(np.prod(dims, dtype=np.int64))
+        header[name] = {"dtype": dtype, "shape": list(dims), "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors pads it
@@ -639,11 +759,22 @@ def write_safetensors(path: Path, plan, progress=None) -> None:
         fh.write(len(blob).to_bytes(8, "little") + blob)
         for k, (name, dims, make) in enumerate(entries):
             arr = make()
-            if arr.shape != tuple(dims) or arr.dtype != np.float32:
+            want = np.uint8 if _st_dtype(name) == "U8" else np.float32
+            if arr.shape != tuple(dims) or arr.dtype != want:
                 raise InternalError(f"built-in generator bug: {name} is {arr.dtype} {arr.shape}, planned {dims}")
-            _write_bf16(fh, arr)
+            if want == np.uint8:
+                fh.write(np.ascontiguousarray(arr).data)  # packed blocks and scales, as they are
+            else:
+                _write_bf16(fh, arr)
             if progress:
                 progress(k + 1, len(entries), name)
+
+
+def _st_dtype(name: str) -> str:
+    """The safetensors dtype a built-in checkpoint stores ``name`` in: BF16, or U8 for packed blocks and scales."""
+    from moetrace.tracer.sources.validate import PACKED_SUFFIXES
+
+    return "U8" if name.endswith(PACKED_SUFFIXES) else "BF16"
 
 
 def _write_bf16(fh, arr: np.ndarray) -> None:

@@ -150,8 +150,10 @@ class GGUFSource:
         out = {}
         try:
             for hf, g in self.family.gguf_layer_names(layer, self.config).items():
-                if isinstance(g, tuple):  # a fused tensor: its GGUF tensors concatenated along rows
-                    out[hf] = self._read_experts(list(g))
+                if isinstance(g, tuple) or hf in self.family.transposed:  # joined as transformers holds them
+                    parts = [self._read_experts([n]) if len(self._get(n).shape) == 3 else self._read(n)
+                             for n in (g if isinstance(g, tuple) else (g,))]
+                    out[hf] = self.family.from_gguf(hf, parts)
                 elif len(self._get(g).shape) == 3:  # 3-D expert tensors: one expert at a time
                     out[hf] = self._read_experts([g])
                 else:

@@ -111,8 +111,16 @@ def _check_spans(p: Path, spans: list, data_len: int) -> None:
                             f"the file holds {data_len}")
 
 
+# Quantized checkpoints (GPT-OSS's MXFP4 experts) store a weight as uint8 blocks and scales under
+# these suffixes; the family's ``packed`` says how they dequantize (moetrace.tracer.sources.packed).
+PACKED_SUFFIXES = ("_blocks", "_scales")
+
+
 def check_weight_dtype(path, name: str, dtype: str) -> None:
-    """Weights are floating point: an integer or boolean tensor is no weight moetrace can trace."""
+    """Weights are floating point: an integer or boolean tensor is no weight moetrace can trace
+    (packed quantized weights, uint8 under :data:`PACKED_SUFFIXES`, aside)."""
+    if dtype == "U8" and name.endswith(PACKED_SUFFIXES):
+        return
     if dtype not in WEIGHT_DTYPES:
         raise MoetraceError(f"{str(path)!r}: tensor {name!r} is {dtype}; weights must be one of "
                             f"{', '.join(WEIGHT_DTYPES)}")
@@ -214,14 +222,7 @@ def check_layer_count(names, family, n_layers: int, where: str, key: str = "num_
 
 def expected_layer_shapes(family, config) -> dict[str, tuple[int, ...]]:
     """Name inside a decoder layer -> shape, as a source's ``layer_state`` returns it (experts fused)."""
-    d = family.dims(config)
-    shape = lambda sym: tuple(s if isinstance(s, int) else d[s] for s in sym)  # noqa: E731
-    parts = {p for ps in family.fused.values() for p in ps}
-    out = {hf: shape(sym) for hf, sym in family.tensors.items() if hf not in parts}
-    for fused, ps in family.fused.items():
-        first = shape(family.tensors[ps[0]])  # (E, rows, cols): row blocks stacked along dim 1
-        out[fused] = (first[0], sum(shape(family.tensors[p])[1] for p in ps), first[2])
-    return out
+    return family.hf_layer_shapes(config)
 
 
 def check_layer(state: dict, family, config, layer: int, where: str) -> None:

@@ -45,8 +45,10 @@ class TensorTypes(dict):
 
 
 def never_quantized(gguf_name: str, ndim: int) -> bool:
-    """llama.cpp keeps 1-D tensors, norms and the router in F32."""
-    return ndim < 2 or "_norm.weight" in gguf_name or "ffn_gate_inp.weight" in gguf_name
+    """llama.cpp keeps 1-D tensors, norms, the router and every tensor whose name does not end in
+    ``weight`` (biases, also GPT-OSS's 2-D expert biases) as they are."""
+    return (ndim < 2 or "_norm.weight" in gguf_name or "ffn_gate_inp.weight" in gguf_name
+            or not gguf_name.endswith("weight"))
 
 
 def tensor_types(source, variant: Variant, *, has_imatrix: bool = False, context=True) -> TensorTypes:
@@ -396,20 +398,25 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
         form = path.weight_form(out.roles.get(key, "other"))
         if isinstance(g, tuple):  # fused, e.g. gate_up (E, 2F, H) = gate (E, F, H) ++ up (E, F, H)
             ts = [types.get(n, "F32") for n in g]
-            parts = _row_blocks(w, len(g))
+            parts = family.to_gguf(key, w)  # in the GGUF tensors' layout ([out, in])
             if form.blocks and not any(t in FLOAT_TYPES for t in ts):
                 out[key] = tuple(_blocks(part, n, t, ctx) for part, n, t in zip(parts, g, ts))
                 continue
             if all(t == "F32" for t in ts):
                 v = w.to(torch.float32) if cast else w
             else:
-                v = torch.cat([dequantized(part, n, t, ctx) for part, n, t in zip(parts, g, ts)], dim=1)
+                v = family.from_gguf(key, [dequantized(part, n, t, ctx) for part, n, t in zip(parts, g, ts)])
         else:
             t = types.get(g) if g else None
+            wg = family.to_gguf(key, w)[0] if key in family.transposed else w  # quantized along GGUF rows
             if form.blocks and t is not None and t not in FLOAT_TYPES:
-                out[key] = _blocks(w, g, t, ctx)
+                out[key] = _blocks(wg, g, t, ctx)
                 continue
-            v = w if not cast and t in (None, "F32") else dequantized(w, g or key, t, ctx)
+            if not cast and t in (None, "F32"):
+                v = w
+            else:
+                v = dequantized(wg, g or key, t, ctx)
+                v = family.from_gguf(key, [v]) if key in family.transposed else v
         out[key] = v.to(form.dtype) if cast and form.dtype is not None else v
     return out
 
@@ -439,12 +446,6 @@ def variant_global(source, variant: Variant, types: dict[str, str], *, context=N
 
 # -- reference tensors under GGUF names ---------------------------------------------------
 
-def _row_blocks(w: torch.Tensor, n: int) -> list[torch.Tensor]:
-    """A fused (E, n*rows, cols) tensor's ``n`` row blocks (views), in the order its GGUF tensors list them."""
-    rows = w.shape[1] // n
-    return [w[:, i * rows:(i + 1) * rows] for i in range(n)]
-
-
 def gguf_tensors_of_layer(layer_state: dict[str, torch.Tensor], layer: int, family) -> dict[str, torch.Tensor]:
     """A layer's reference tensors under GGUF names, fused tensors split into their GGUF tensors (views)."""
     out = {}
@@ -453,7 +454,9 @@ def gguf_tensors_of_layer(layer_state: dict[str, torch.Tensor], layer: int, fami
             continue
         w = layer_state[key]
         if isinstance(g, tuple):
-            out.update(zip(g, _row_blocks(w, len(g))))
+            out.update(zip(g, family.to_gguf(key, w)))
+        elif key in family.transposed:
+            out[g] = family.to_gguf(key, w)[0]
         else:
             out[g] = w.reshape(-1) if key in family.gguf_vectors else w
     return out
