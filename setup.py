@@ -16,7 +16,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "kernels" / "csrc"
-KERNEL_SOURCES = ["module.c", "quant_kquant_qkx.c", "quant_qx.c", "dequant.c"]
+KERNEL_SOURCES = ["module.c", "quant_kquant_qkx.c", "quant_qx.c", "dequant.c", "quant_mxfp4.c"]
 ENGINE_SOURCES = ["engine_module.c", "engine_cpu.c"]
 
 

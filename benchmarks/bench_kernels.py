@@ -25,7 +25,9 @@ compiled kernels split rows over that many threads), "1t" is one thread. It prin
    ``--skip-layer`` leaves it out (minutes at full width).
 
 Every run also checks bit-exactness on this large matrix: each quantize path's bytes against ggml's,
-and the dequantized floats against ggml's and gguf-py's. A mismatch is printed as a line starting
+and the dequantized floats against ggml's and gguf-py's; with ggml, the types of ``--edge-types``
+(MXFP4 by default) are also checked on 104 rows drawn to stress a quantizer (subnormals, the
+float32 edge, zeros, blocks whose largest magnitude sits a few float32 steps from a power of two). A mismatch is printed as a line starting
 with ``MISMATCH`` (type, path, how many rows differ) and the script then exits with status 1
 (floats that are equal in value but differ in the sign of a zero are reported as a ``NOTE``).
 
@@ -67,11 +69,11 @@ import torch
 # ggml's single-thread quantize rates on a 2-core machine of this kind, M params/s: constants
 # copied from documentation, used only when no ggml library is given.
 GGML_QUANTIZE_REF = {"Q4_K": 21.0, "Q6_K": 41.0, "Q8_0": 360.0}
-DEFAULT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+DEFAULT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
 GGML_LIB_ENV = "MOETRACE_GGML_LIB"
 # enum ggml_type values (include/ggml.h); each is checked at run time against ggml_type_name.
 GGML_TYPE_IDS = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
-                 "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+                 "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "MXFP4": 39}
 ROWS, COLS = 768, 2048
 
 _MISMATCHES: list[str] = []
@@ -191,7 +193,7 @@ class Ggml:
         self.commit = lib.ggml_commit().decode()
         self._to_float: dict[str, _TO_FLOAT] = {}
         for t, tid in GGML_TYPE_IDS.items():
-            want = t[0].lower() + t[1:]  # ggml spells them "q4_0", "q4_K"
+            want = t.lower() if t == "MXFP4" else t[0].lower() + t[1:]  # ggml spells them "q4_0", "q4_K", "mxfp4"
             tr = lib.ggml_get_type_traits(tid).contents
             got = (tr.type_name or b"").decode(errors="replace")
             block, size = BLOCK_SIZES[t]
@@ -362,6 +364,73 @@ def bench_dequantize(types, repeat, ggml: Ggml | None):
     return out
 
 
+EDGE_KINDS = ("gauss", "student_t", "zeros", "constant", "tiny", "subnormal", "fp16_edge", "sparse", "outlier",
+              "mixed_blocks", "scale_overflow", "float32_edge", "near_pow2")
+
+
+def _edge_rows(kind: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """(rows, cols) float32 of one kind of input that stresses a quantizer (as tests/kernels/drawn.py draws them)."""
+    g = rng.standard_normal((rows, cols))
+    if kind == "student_t":
+        x = rng.standard_t(3, (rows, cols))
+    elif kind == "zeros":
+        x = np.zeros((rows, cols))
+    elif kind == "constant":
+        x = np.full((rows, cols), rng.choice([-1, 1]) * 10.0 ** rng.uniform(-8, 4))
+    elif kind == "tiny":
+        x = g * 10.0 ** rng.uniform(-40, -4, (rows, 1))
+    elif kind == "subnormal":
+        x = g * 1e-41
+    elif kind == "fp16_edge":
+        x = g / np.abs(g).max() * 65504.0
+    elif kind == "sparse":
+        x = g * (rng.random((rows, cols)) < 0.05)
+    elif kind == "outlier":
+        x = g.copy()
+        x[:, rng.integers(0, cols, 8)] *= 1000.0
+    elif kind == "mixed_blocks":  # every 16 values at their own scale
+        x = (g.reshape(rows, -1, 16) * 10.0 ** rng.uniform(-30, 30, (rows, cols // 16, 1))).reshape(rows, cols)
+    elif kind == "scale_overflow":
+        x = g * 10.0 ** rng.uniform(7, 30, (rows, 1))
+    elif kind == "float32_edge":
+        x = np.clip(g * 3e38, -3.4e38, 3.4e38)
+    elif kind == "near_pow2":  # each block's largest magnitude a few float32 steps from a power of two
+        x = g / np.abs(g).max() * 0.5
+        k = rng.integers(-140, 127, (rows, cols // 32))
+        steps = rng.integers(-48, 49, (rows, cols // 32))
+        bits = np.ldexp(np.float32(1), k).astype(np.float32).view(np.uint32).astype(np.int64) + steps
+        amax = np.clip(bits, 1, 0x7F7FFFFF).astype(np.uint32).view(np.float32).astype(np.float64)
+        x = (x.reshape(rows, -1, 32) * amax[..., None])
+        x[..., 5] = amax * rng.choice([-1.0, 1.0], amax.shape)
+        x = x.reshape(rows, cols)
+    else:
+        x = g
+    return x.astype(np.float32)
+
+
+def check_edge_inputs(types, ggml: "Ggml", rows_per_kind: int = 8) -> None:
+    """Bytes and floats against ggml itself on inputs drawn to stress a quantizer (no timing)."""
+    from moetrace.kernels import dequantize, native, quantize, row_bytes
+
+    rng = np.random.default_rng(2026)
+    x = np.concatenate([_edge_rows(k, rows_per_kind, COLS, rng) for k in EDGE_KINDS])  # (kinds * rows, COLS)
+    print(f"\nDrawn inputs against ggml: {x.shape[0]} rows of {COLS} ({rows_per_kind} each of "
+          f"{', '.join(EDGE_KINDS)}), bytes and floats, np.array_equal")
+    for t in types:
+        qg = np.empty((x.shape[0], row_bytes(t, COLS)), dtype=np.uint8)
+        ggml.quantize(x, t, qg)
+        xt = torch.from_numpy(x)
+        ok = _mismatch(f"drawn quantize {t} ({_path_name(native.has_quantize(t))} path)", quantize(xt, t).numpy(),
+                       qg, "ggml")
+        with native.disabled():
+            ok &= _mismatch(f"drawn quantize {t} (torch path)", quantize(xt, t).numpy(), qg, "ggml")
+        dg = np.empty(x.shape, dtype=np.float32)
+        ggml.to_float(qg, t, dg)
+        with np.errstate(all="ignore"):
+            ok &= _mismatch(f"drawn dequantize {t}", dequantize(torch.from_numpy(qg), t, COLS).numpy(), dg, "ggml")
+        print(f"  {t:5} {'equal' if ok else 'DIFF'}")
+
+
 def bench_audit_layer(repeat, experts):
     from types import SimpleNamespace
 
@@ -433,12 +502,16 @@ def main() -> None:
     ap.add_argument("--layer-repeat", type=int, default=3, help="runs of the one-layer audit")
     ap.add_argument("--experts", type=int, default=128, help="experts in the audited layer")
     ap.add_argument("--types", default=",".join(DEFAULT_TYPES))
+    ap.add_argument("--edge-types", default="MXFP4",
+                    help="types whose bytes are also checked against ggml on drawn stress inputs (subnormals, "
+                         "the float32 edge, amax next to powers of two, ...); needs --ggml-lib; '' for none")
     ap.add_argument("--with-torch-path", action="store_true",
                     help="also time the torch kernels (native.disabled()) where a C kernel is the default (slow)")
     ap.add_argument("--skip-layer", action="store_true", help="skip the one-layer audit (minutes at full width)")
     args = ap.parse_args()
     types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
-    unknown = [t for t in types if t not in GGML_TYPE_IDS]
+    unknown = [t for t in types + [e.strip().upper() for e in args.edge_types.split(",") if e.strip()]
+               if t not in GGML_TYPE_IDS]
     if unknown:
         ap.error(f"--types: {', '.join(unknown)} not among {', '.join(GGML_TYPE_IDS)}")
     ggml = Ggml(args.ggml_lib) if args.ggml_lib else None
@@ -458,6 +531,9 @@ def main() -> None:
     print()
     bench_quantize(types, args.repeat, ggml, args.with_torch_path)
     bench_dequantize(types, args.repeat, ggml)
+    edge = [t.strip().upper() for t in args.edge_types.split(",") if t.strip()]
+    if ggml is not None and edge:
+        check_edge_inputs(edge, ggml)
     if ggml is not None:
         ggml.lib.ggml_quantize_free()
     if not args.skip_layer:

@@ -70,13 +70,15 @@ LAYOUTS: dict[str, Layout] = {
     "Q6_K": Layout(QK_K, (("ql", QK_K // 2), ("qh", QK_K // 4), ("scales", QK_K // 16), ("d", 2))),
     # Q8_K: float32 d, int8 qs, int16 bsums (sums of 16 consecutive codes).
     "Q8_K": Layout(QK_K, (("d", 4), ("qs", QK_K), ("bsums", 2 * (QK_K // 16)))),
+    # MXFP4: e is an E8M0 exponent byte (no sign, no mantissa), qs 4-bit E2M1 codes.
+    "MXFP4": Layout(QK, (("e", 1), ("qs", QK // 2))),
 }
 
 # The types with compiled kernels (kernels/csrc): the header defines macros for these.
 # name -> (elements per block, bytes per block), for code that needs only the sizes (torch-free).
 BLOCK_SIZES: dict[str, tuple[int, int]] = {name: (lay.elems, lay.bytes) for name, lay in LAYOUTS.items()}
 
-C_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+C_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
 # Activation types the engine emulation (kernels/csrc/engine_cpu.c) writes and reads: in the header too.
 C_ACTIVATION_TYPES = ("Q8_1", "Q8_K")
 

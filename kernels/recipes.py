@@ -18,7 +18,13 @@ whose pattern is found in the name (``re.search``; llama.cpp uses ``std::regex_s
 its type, the file type's rule is skipped for it (so its attn_v/ffn counters do not advance, as in
 llama.cpp), and the row-size fallback still applies; ``--pure`` does not turn them off.
 
-Not modelled: the IQ*/TQ*/MXFP4 file types, ``--output-tensor-type`` / ``--token-embedding-type``,
+``mxfp4_moe`` is llama.cpp's MXFP4_MOE (``LLAMA_FTYPE_MOSTLY_MXFP4_MOE``, same commit): expert
+tensors (3-D with more than one matrix, ``ne[2] > 1``) MXFP4, the output head (and a tied token
+embedding) and every other quantized tensor Q8_0; it has no attn_v/ffn counters and no fallback.
+``mxfp4`` is not a llama.cpp file type but the layout GPT-OSS checkpoints ship in (and
+convert_hf_to_gguf keeps): the same expert tensors MXFP4, every other tensor as the source stores it.
+
+Not modelled: the IQ*/TQ*/NVFP4 file types, ``--output-tensor-type`` / ``--token-embedding-type``,
 ``--leave-output-tensor`` and pruning.
 """
 
@@ -41,9 +47,13 @@ _MIXES: dict[str, str] = {
     "q5_k_s": "Q5_K", "q5_k_m": "Q5_K",
     "q6_k": "Q6_K",
     "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1",
+    "mxfp4_moe": "MXFP4",
+    "mxfp4": "MXFP4",  # expert tensors only (see the module docstring); not a llama.cpp file type
 }
+# File types that quantize the expert tensors alone and keep every other tensor's source type.
+_EXPERTS_ONLY = ("mxfp4",)
 # Types a pure_TYPE file type may use (llama-quantize --pure): the ones moetrace has block formats for.
-_PURE_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+_PURE_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
 
 FILE_TYPES: tuple[str, ...] = tuple(_MIXES) + tuple(f"pure_{t.lower()}" for t in _PURE_TYPES)
 """Every valid file-type name, lower case: the llama.cpp mixtures, then ``pure_TYPE``."""
@@ -241,14 +251,27 @@ class _State:
         return self.i_ffn[cat], n_layer
 
 
+def _is_expert_tensor(spec: TensorSpec, cat: str, arch: str) -> bool:
+    """MXFP4_MOE's test for an expert tensor: ``ne[2] > 1`` (bailingmoe3's 3-D MLA projections excepted)."""
+    if len(spec.shape) < 3 or spec.shape[-3] <= 1:
+        return False
+    return arch != "bailingmoe3" or cat in ("ffn_up", "ffn_gate", "ffn_down")
+
+
 def _mixture_type(st: _State, spec: TensorSpec, ft: FileType, cat: str) -> str:
-    """llama_tensor_get_type_impl restricted to the K and legacy file types."""
+    """llama_tensor_get_type_impl restricted to the K, legacy and MXFP4_MOE file types."""
     f, t, hp = ft.name, ft.default_type, st.shape
     falcon = hp.arch == "falcon"
+    if f in _EXPERTS_ONLY:
+        return t if _is_expert_tensor(spec, cat, hp.arch) else spec.dtype
     if cat == "output" or (st.tied and cat == "token_embd"):
+        if f == "mxfp4_moe":
+            return "Q8_0"
         if falcon or spec.n_per_row % BLOCK_SIZES[t][0]:
             return "Q8_0"
         return "Q6_K" if t != "Q8_0" else t
+    if f == "mxfp4_moe":  # before the attn_v and ffn rules: no counter moves
+        return t if _is_expert_tensor(spec, cat, hp.arch) else "Q8_0"
     if cat == "token_embd":
         return t  # only IQ/TQ file types change an untied token_embd
     if cat in ("attn_v", "attn_qkv", "attn_kv_b"):

@@ -152,6 +152,27 @@ def _q8_0_kernel(
     _store(out_ptr, offs, q * d, mask, OUT)
 
 
+@triton.jit
+def _mxfp4_kernel(
+    q_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr, OUT: tl.constexpr,
+    QK: tl.constexpr, TS: tl.constexpr, O_E: tl.constexpr, O_QS: tl.constexpr,
+):
+    # dequantize_row_mxfp4: e (E8M0), qs[16] nibbles as Q4_0; value kvalues_mxfp4[code] * d with
+    # d = ggml_e8m0_to_fp32_half(e) = 2**(e - 128) (subnormal bit patterns 0x00200000 << e for e < 2).
+    base, offs, e, mask = _tile(n_blocks, BLOCKS, QK, TS)
+    x = _ld_u8(q_ptr + base + O_E, mask)  # (BLOCKS, 1)
+    d = tl.where(x < 2, 0x00200000 << x, (x - 1) << 23).to(tl.float32, bitcast=True)
+    qb = _ld_u8(q_ptr + base + O_QS + e % (QK // 2), mask)
+    c = (qb >> ((e // (QK // 2)) * 4)) & 0xF
+    # kvalues (E2M1 doubled) from the code's bits: sign bit 3, exponent bits 2-1, mantissa bit 0;
+    # exponent 0 is the subnormal mantissa (0 or 1), else (2 + mantissa) << (exponent - 1).
+    m = c & 7
+    ex = m >> 1
+    mag = tl.where(ex == 0, m & 1, (2 + (m & 1)) << tl.maximum(ex - 1, 0))
+    v = tl.where(c >= 8, -mag, mag)
+    _store(out_ptr, offs, v.to(tl.float32) * d, mask, OUT)
+
+
 # --- 256-element K types ----------------------------------------------------------------------
 
 @triton.jit
@@ -280,6 +301,7 @@ def _layout_constexprs(type_name: str) -> dict[str, int]:
 _KERNEL_FNS = {
     "Q4_0": _q4_0_kernel, "Q4_1": _q4_1_kernel, "Q5_0": _q5_0_kernel, "Q5_1": _q5_1_kernel, "Q8_0": _q8_0_kernel,
     "Q2_K": _q2_k_kernel, "Q3_K": _q3_k_kernel, "Q4_K": _q4_k_kernel, "Q5_K": _q5_k_kernel, "Q6_K": _q6_k_kernel,
+    "MXFP4": _mxfp4_kernel,
 }
 # type -> (kernel, default blocks per program, layout constexprs).
 _KERNELS = {

@@ -6,6 +6,9 @@ r"""Variants: named numeric treatments of the reference model, written ``WEIGHTS
 - a llama.cpp file type in lower case (``q8_0``, ``q4_k_m``, ...): each tensor gets the GGML type
   llama.cpp's quantizer would give it, is quantized bit-exactly as ggml does, and dequantized;
 - ``pure_TYPE`` (``pure_q4_0``): every quantizable tensor in TYPE (llama.cpp's ``--pure``);
+- ``mxfp4``: the expert matrices in MXFP4 (bit-exact with ggml), every other tensor as the checkpoint
+  has it, the way GPT-OSS checkpoints ship; ``mxfp4_moe`` is llama.cpp's MXFP4_MOE file type (expert
+  matrices MXFP4, every other quantized tensor Q8_0);
 - ``gguf``: the tensors of the GGUF file given with ``--gguf FILE``, dequantized (bit-exact with
   ggml); the file must have the reference's tensor names and shapes;
 - ``gguf_NAME``: the tensors of the GGUF file given with ``--gguf NAME=FILE`` (repeat ``--gguf``

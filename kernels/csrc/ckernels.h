@@ -13,6 +13,7 @@
 enum mt_type {
     MT_Q4_0, MT_Q4_1, MT_Q5_0, MT_Q5_1, MT_Q8_0,
     MT_Q2_K, MT_Q3_K, MT_Q4_K, MT_Q5_K, MT_Q6_K,
+    MT_MXFP4,
     MT_N_TYPES
 };
 
@@ -53,6 +54,7 @@ typedef struct {
  * MOETRACE_NO_AVX2 is not set); a file without an AVX2 build ignores it. */
 void mt_register_kquant_qkx(mt_kernel_table *t, int use_avx2); /* quant_kquant_qkx.c: Q2_K, Q4_K, Q5_K quantize */
 void mt_register_qx(mt_kernel_table *t, int use_avx2);         /* quant_qx.c: Q3_K, Q6_K and Q4_0..Q8_0 quantize */
-void mt_register_dequant(mt_kernel_table *t);                  /* dequant.c: dequantize, every type */
+void mt_register_dequant(mt_kernel_table *t);                  /* dequant.c: dequantize, the GGUF integer types */
+void mt_register_mxfp4(mt_kernel_table *t);                    /* quant_mxfp4.c: MXFP4 quantize and dequantize */
 
 #endif

@@ -11,7 +11,9 @@
  *  - Q3_K/Q4_K/Q5_K/Q6_K: eight float32 lane accumulators (lane l holds elements j with j % 8 == l)
  *    over super-blocks, sums[l] += (dx*dy)*aux[l]; for Q4_K/Q5_K one more accumulator takes
  *    -= (dminx*dy)*sum(bsums*mins); at the end sumf += sums[0..7] in order;
- *  - Q2_K: one accumulator, sumf += (dy*dx)*isum - (dy*dminx)*summs.
+ *  - Q2_K: one accumulator, sumf += (dy*dx)*isum - (dy*dminx)*summs;
+ *  - MXFP4 (ggml_vec_dot_mxfp4_q8_0_generic): one accumulator, sumf += (dy*dx)*sumi with dx the
+ *    block's E8M0 scale halved (ggml_e8m0_to_fp32_half) and codes the doubled E2M1 kvalues.
  * -ffp-contract=off (setup.py) keeps a*b+c two roundings, as ggml's generic build has them.
  *
  * Speed: each weight row is decoded once into int8 codes and per-16 scales, then dotted with every
@@ -113,6 +115,11 @@ static void k4_scale_min(const uint8_t *q, int j, int *sc, int *m) { /* ggml's g
     }
 }
 
+/* ggml's kvalues_mxfp4 (E2M1 doubled) and ggml_e8m0_to_fp32_half (2**(e-128), subnormal below e = 2). */
+static const int8_t kvalues_mxfp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+static inline float e8m0_half(uint8_t e) { return mt_bits_f32(e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23); }
+
 static void decode_row(int t, const uint8_t *w, int64_t n, mt_row *r) {
     if (t == MT_ENG_Q2_K || t == MT_ENG_Q3_K || t == MT_ENG_Q4_K || t == MT_ENG_Q5_K || t == MT_ENG_Q6_K) {
         for (int64_t i = 0; i < n / MT_QK_K; i++) {
@@ -195,6 +202,15 @@ static void decode_row(int t, const uint8_t *w, int64_t n, mt_row *r) {
             r->d[i] = mt_load_fp16(b + MT_Q8_0_D);
             continue;
         }
+        if (t == MT_ENG_MXFP4) {
+            const uint8_t *b = w + i * MT_MXFP4_BYTES, *qs = b + MT_MXFP4_QS;
+            for (int j = 0; j < QK / 2; j++) {
+                a[j] = kvalues_mxfp4[qs[j] & 0xF];
+                a[j + QK / 2] = kvalues_mxfp4[qs[j] >> 4];
+            }
+            r->d[i] = e8m0_half(b[MT_MXFP4_E]);
+            continue;
+        }
         const int bytes = t == MT_ENG_Q4_0 ? MT_Q4_0_BYTES : t == MT_ENG_Q4_1 ? MT_Q4_1_BYTES
                         : t == MT_ENG_Q5_0 ? MT_Q5_0_BYTES : MT_Q5_1_BYTES;
         const uint8_t *b = w + i * bytes;
@@ -229,6 +245,7 @@ static float dot_legacy(int t, const mt_row *r, const uint8_t *y, int64_t n) {
         case MT_ENG_Q4_0: sumf += (float)sumi * dx * dy; break;
         case MT_ENG_Q8_0: sumf += (float)sumi * (dx * dy); break;
         case MT_ENG_Q5_0: sumf += (dx * dy) * (float)sumi; break;
+        case MT_ENG_MXFP4: sumf += (dy * dx) * (float)sumi; break;
         default: sumf += (dx * dy) * (float)sumi + r->dm[i] * mt_load_fp16(y + MT_Q8_1_S); break;
         }
     }

@@ -6,8 +6,9 @@
 
 #include "layouts.h" /* generated from kernels/layouts.py by setup.py */
 
-/* Weight types the matmul takes; legacy ones first, K-quants from MT_ENG_Q2_K on. */
-enum mt_eng_type { MT_ENG_Q4_0, MT_ENG_Q4_1, MT_ENG_Q5_0, MT_ENG_Q5_1, MT_ENG_Q8_0,
+/* Weight types the matmul takes; the 32-element ones first (MXFP4 among them: Q8_0 activations as
+ * the legacy types), K-quants from MT_ENG_Q2_K on. */
+enum mt_eng_type { MT_ENG_Q4_0, MT_ENG_Q4_1, MT_ENG_Q5_0, MT_ENG_Q5_1, MT_ENG_Q8_0, MT_ENG_MXFP4,
                    MT_ENG_Q2_K, MT_ENG_Q3_K, MT_ENG_Q4_K, MT_ENG_Q5_K, MT_ENG_Q6_K, MT_ENG_N };
 
 /* n float32 values (a multiple of the block size) -> blocks, bit-exact with quantize_row_*_ref. */

@@ -6,7 +6,7 @@
 
 #include "engine_cpu.h"
 
-static const char *const eng_names[MT_ENG_N] = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+static const char *const eng_names[MT_ENG_N] = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4",
                                                 "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"};
 
 static int get_buffer(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t need, const char *what) {

@@ -15,6 +15,7 @@ static mt_kernel_table table;
 static const struct { const char *name; int block; int bytes; } types[MT_N_TYPES] = {
     MT_TYPE_ENTRY(Q4_0), MT_TYPE_ENTRY(Q4_1), MT_TYPE_ENTRY(Q5_0), MT_TYPE_ENTRY(Q5_1), MT_TYPE_ENTRY(Q8_0),
     MT_TYPE_ENTRY(Q2_K), MT_TYPE_ENTRY(Q3_K), MT_TYPE_ENTRY(Q4_K), MT_TYPE_ENTRY(Q5_K), MT_TYPE_ENTRY(Q6_K),
+    MT_TYPE_ENTRY(MXFP4),
 };
 
 static const char *const search_names[MT_N_SEARCHES] = {
@@ -213,5 +214,6 @@ PyMODINIT_FUNC PyInit__ckernels(void) {
     mt_register_kquant_qkx(&table, avx2);
     mt_register_qx(&table, avx2);
     mt_register_dequant(&table);
+    mt_register_mxfp4(&table);
     return PyModule_Create(&moduledef);
 }

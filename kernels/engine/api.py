@@ -7,7 +7,7 @@ Paths (``path=``):
 
 - ``llamacpp_cpu``: llama.cpp's CPU backend with ggml's generic (scalar reference) vec_dot. The
   activations are quantized to the weight type's ``vec_dot_type`` (Q8_K for the K-quants, Q8_0 for
-  Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1; :mod:`moetrace.kernels.engine.activations`), each (row, token)
+  Q4_0/Q5_0/Q8_0/MXFP4, Q8_1 for Q4_1/Q5_1; :mod:`moetrace.kernels.engine.activations`), each (row, token)
   dot is ``ggml_vec_dot_<type>_<vec_dot_type>_generic``: integer block products and float32 sums in
   ggml's order. F32/F16/BF16 weights dot in their own type (:mod:`.engine.float_dots`). The
   integer-dot path runs in C (kernels/csrc/engine_cpu.c) over row ranges on several threads, or in
@@ -65,9 +65,10 @@ def matmul(x: torch.Tensor, q: torch.Tensor, type_name: str, n_per_row: int, pat
     if fmt.name in float_dots.FLOAT_TYPES:
         return float_dots.matmul(x, q, fmt.name, n_per_row)
     vdt = fmt.vec_dot_type
-    if vdt not in activations.ACTIVATION_TYPES or fmt.name not in cpu_torch.K_TYPES + cpu_torch.LEGACY_TYPES:
+    dot_types = cpu_torch.LEGACY_TYPES + cpu_torch.FP4_TYPES + cpu_torch.K_TYPES
+    if vdt not in activations.ACTIVATION_TYPES or fmt.name not in dot_types:
         raise FormatError(f"no llamacpp_cpu matmul for {fmt.name}; valid types: "
-                          f"{', '.join(cpu_torch.LEGACY_TYPES + cpu_torch.K_TYPES + tuple(float_dots.FLOAT_TYPES))}")
+                          f"{', '.join(dot_types + tuple(float_dots.FLOAT_TYPES))}")
     x_q = activations.quantize(x, vdt)  # (tokens, activation bytes)
     if activations.compiled():
         return _matmul_c(x_q, q, fmt.name, n_per_row)

@@ -9,6 +9,7 @@ time, vectorized over (tokens, rows).
 The weight codes come from moetrace's own bit-exact dequantizers run on the block bytes with their
 fp16 scales replaced: d = 1 and dmin (or m) = 0 gives each element's integer ``scale * code``
 (for Q4_0 ``code - 8``, for Q3_K ``(scale - 32) * code``); d = 0 and dmin = 1 gives ``-min``.
+MXFP4's scale is an E8M0 byte: e = 128 makes it 1, so the codes come out as ggml's doubled E2M1 kvalues.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from moetrace.kernels.layouts import LAYOUTS
 
 K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 LEGACY_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+FP4_TYPES = ("MXFP4",)  # 32-element blocks with Q8_0 activations and an E8M0 scale
+_E8M0_ONE = 128  # the E8M0 byte whose halved scale (ggml_e8m0_to_fp32_half) is 1.0
 _ONE, _ZERO = 0x3C00, 0x0000  # fp16 bit patterns of 1.0 and 0.0
 _ROW_CHUNK_ELEMS = 1 << 24  # bounds the (tokens, rows, blocks, lanes) float64 intermediates
 
@@ -41,6 +44,19 @@ def _fp16(q: torch.Tensor, type_name: str, name: str) -> torch.Tensor:
     lay = LAYOUTS[type_name]
     b = q.reshape(q.shape[0], -1, lay.bytes)
     return b[..., lay.span(name)].contiguous().view(torch.float16)[..., 0].float()
+
+
+def _mxfp4_codes_and_scales(q: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 weight rows -> (rows, n) float32 kvalues and (rows, nb) float32 scales 2**(e - 128)."""
+    from moetrace.kernels.formats_mxfp4 import e8m0_to_fp32_half
+
+    lay = LAYOUTS["MXFP4"]
+    b = q.reshape(q.shape[0], -1, lay.bytes)  # (rows, nb, 17)
+    e = b[..., lay.offset("e")]  # (rows, nb) uint8
+    one = b.clone()
+    one[..., lay.offset("e")] = _E8M0_ONE
+    codes = dequantize(one.reshape(q.shape), "MXFP4", n)  # (rows, n): kvalues[code] * 1.0
+    return codes, e8m0_to_fp32_half(e.reshape(-1)).reshape(e.shape)
 
 
 def matmul(x_q: torch.Tensor, q: torch.Tensor, type_name: str, n: int) -> torch.Tensor:
@@ -64,10 +80,14 @@ def _matmul_rows(x_q, q, type_name, n, blk):
     act = fields(x_q, "Q8_K" if k else ("Q8_1" if type_name in ("Q4_1", "Q5_1") else "Q8_0"))
     has_min = "dmin" in dict(LAYOUTS[type_name].fields) or "m" in dict(LAYOUTS[type_name].fields)
     second = "dmin" if k else "m"
-    codes = dequantize(_patched(q, type_name, {"d": _ONE, **({second: _ZERO} if has_min else {})}), type_name, n)
+    if type_name in FP4_TYPES:
+        codes, dx = _mxfp4_codes_and_scales(q, n)
+    else:
+        codes = dequantize(_patched(q, type_name, {"d": _ONE, **({second: _ZERO} if has_min else {})}), type_name, n)
+        dx = _fp16(q, type_name, "d")  # (rows, nb)
     codes = codes.reshape(rows, nb, blk).double()  # (rows, nb, blk) integer scale*code
     y = act["qs"].double()  # (tokens, nb, blk)
-    dx, dy = _fp16(q, type_name, "d"), act["d"]  # (rows, nb), (tokens, nb)
+    dy = act["d"]  # (tokens, nb)
     t = y.shape[0]
     sumf = torch.zeros(t, rows, dtype=torch.float32)
     if not k:
@@ -78,7 +98,7 @@ def _matmul_rows(x_q, q, type_name, n, blk):
                 term = si * dxb * dyb
             elif type_name == "Q8_0":
                 term = si * (dxb * dyb)
-            elif type_name == "Q5_0":
+            elif type_name in ("Q5_0", "MXFP4"):  # MXFP4: d = dy * dx, then d * sumi
                 term = (dxb * dyb) * si
             else:  # Q4_1, Q5_1
                 term = (dxb * dyb) * si + _fp16(q, type_name, "m")[None, :, b] * act["s"][:, None, b]

@@ -16,7 +16,7 @@ from moetrace.kernels import dequantize, matmul, native, quantize
 from moetrace.kernels.engine import activations
 from moetrace.kernels.errors import FormatError
 
-TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "MXFP4"]
 VECTORS = Path(os.environ.get("MOETRACE_SHARED", Path(__file__).parents[3] / "shared")) / "ggml-vectors"
 U = 2.0 ** -24  # float32 unit roundoff
 

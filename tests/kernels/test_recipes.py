@@ -301,7 +301,7 @@ def test_parse_file_type():
     assert parse_file_type("Q4_K_M").name == "q4_k_m"
     assert parse_file_type("q4_k_m").default_type == "Q4_K"
     assert parse_file_type("pure_Q4_K").pure and parse_file_type("pure_q4_k").default_type == "Q4_K"
-    assert len(FILE_TYPES) == 24 and "q3_k_l" in FILE_TYPES and "pure_q6_k" in FILE_TYPES
+    assert len(FILE_TYPES) == 27 and "q3_k_l" in FILE_TYPES and "pure_q6_k" in FILE_TYPES and "mxfp4_moe" in FILE_TYPES
     with pytest.raises(FormatError, match="q4km.*valid file types: q2_k, q3_k_s"):
         parse_file_type("q4km")
     with pytest.raises(FormatError, match="pure_iq4_xs"):
@@ -340,3 +340,55 @@ def test_summary_sizes_and_bits_per_weight(qwen3):
     assert (row.type_name, row.n_bytes) == ("Q4_K", 4096 * (2048 // 256) * 144)
     assert s.bytes_by_type()["Q6_K"] == q6 // 256 * 210
     assert "bits per weight" in s.format_table()
+
+
+# -- MXFP4_MOE (llama_tensor_get_type_impl's LLAMA_FTYPE_MOSTLY_MXFP4_MOE branch, commit 007dbbf3) --------
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_mxfp4_moe_experts_mxfp4_everything_else_q8_0(tied):
+    """ne[2] > 1 (the expert tensors) -> MXFP4; the output head, a tied token embedding and every other
+    quantized tensor -> Q8_0 (no attn_v/ffn_down rules, no use_more_bits); norms and the router stay F32."""
+    specs, shape = qwen3moe_specs(n_layer=8, hidden=256, n_head=4, n_head_kv=2, head_dim=64, n_expert=8,
+                                  moe_ff=128, vocab=512, tied=tied)
+    got = assign_types(specs, "mxfp4_moe", shape)
+    for spec in specs:
+        n = spec.name
+        if len(spec.shape) < 2 or "_norm" in n or "ffn_gate_inp" in n:
+            want = "F32"
+        elif n.endswith("_exps.weight"):
+            want = "MXFP4"
+        else:
+            want = "Q8_0"
+        assert got[n] == want, (n, got[n], want)
+    assert ("output.weight" in got) != tied
+
+
+def test_mxfp4_moe_single_expert_tensor_and_bailingmoe3():
+    """A 3-D tensor of one matrix (ne[2] == 1) is not an expert tensor; bailingmoe3 takes only ffn_* ones."""
+    shape = ModelShape(n_layer=2, n_expert=4, n_head=4, n_head_kv=4, arch="bailingmoe3")
+    specs = [TensorSpec("blk.0.ffn_up_exps.weight", (4, 64, 128)), TensorSpec("blk.0.attn_kv_b.weight", (4, 64, 128)),
+             TensorSpec("blk.1.ffn_down_exps.weight", (1, 128, 64)), TensorSpec("output.weight", (512, 128))]
+    got = assign_types(specs, "mxfp4_moe", shape)
+    assert got == {"output.weight": "Q8_0", "blk.0.attn_kv_b.weight": "Q8_0", "blk.0.ffn_up_exps.weight": "MXFP4",
+                   "blk.1.ffn_down_exps.weight": "Q8_0"}
+    qwen = ModelShape(n_layer=2, n_expert=4, n_head=4, n_head_kv=4, arch="qwen3moe")
+    assert assign_types(specs, "mxfp4_moe", qwen)["blk.0.attn_kv_b.weight"] == "MXFP4"  # ne[2] > 1 is enough
+
+
+def test_mxfp4_moe_has_no_fallback():
+    """MXFP4 and Q8_0 have no tensor_type_fallback: rows that 32 does not divide stop llama-quantize."""
+    shape = ModelShape(n_layer=1, n_expert=4)
+    with pytest.raises(FormatError, match="no fallback for MXFP4"):
+        assign_types([TensorSpec("blk.0.ffn_up_exps.weight", (4, 64, 100))], "mxfp4_moe", shape)
+
+
+def test_mxfp4_experts_only_keeps_every_other_tensor():
+    """``mxfp4`` (GPT-OSS's checkpoint layout, not a llama.cpp file type): the same expert tensors MXFP4, the
+    rest in their source type."""
+    specs, shape = qwen3moe_specs(n_layer=2, hidden=256, n_head=4, n_head_kv=2, head_dim=64, n_expert=8, moe_ff=128,
+                                  vocab=512)
+    got = assign_types(specs, "mxfp4", shape)
+    for spec in specs:
+        assert got[spec.name] == ("MXFP4" if spec.name.endswith("_exps.weight") else spec.dtype), spec.name
+    assert {s.dtype for s in specs} == {"F32", "BF16"}

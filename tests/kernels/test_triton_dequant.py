@@ -21,7 +21,7 @@ import gguf  # noqa: E402
 from moetrace.errors import MoetraceError  # noqa: E402
 from moetrace.kernels import FormatError  # noqa: E402
 
-TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "MXFP4"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 

@@ -53,6 +53,10 @@ LEVELS: dict[str, Level] = {
     "Q2_K": Level(nmse=0.12, rel=0.75, atol=2 * 3 * 15 * FP16_STEP, rel_imatrix=0.95, block=256),
     "Q4_K": Level(nmse=0.0075, rel=0.15, atol=2 * 15 * 63 * FP16_STEP, rel_imatrix=0.22, block=256),
     "Q5_K": Level(nmse=0.002, rel=0.075, atol=2 * 31 * 63 * FP16_STEP, rel_imatrix=0.12, block=256),
+    # MXFP4: the largest value, 6 * 2**(E-2) with E = floor(log2(amax)), is 0.75 * 2**(E+1), so an amax just
+    # below 2**(E+1) is clipped by up to 0.25 * amax, and the top step (4 to 6) is half that; blocks whose
+    # amax is below 2**-125 get a wrapped exponent and dequantize to 0 (ggml's x86 behaviour). No imatrix path.
+    "MXFP4": Level(nmse=0.02, rel=0.25 + 2.0**-20, atol=2.0**-125),
 }
 
 

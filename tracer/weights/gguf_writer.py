@@ -36,9 +36,12 @@ from moetrace.errors import MoetraceError
 _FTYPE_IDS = {
     "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13,
     "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18,
+    # LLAMA_FTYPE_MOSTLY_MXFP4_MOE; also for ``mxfp4`` (MXFP4 experts, the rest as stored), which is no
+    # llama.cpp file type: its files are mostly MXFP4 MoE weights too.
+    "mxfp4_moe": 38, "mxfp4": 38,
 }
 _PURE_FTYPE = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "q5_0", "Q5_1": "q5_1", "Q8_0": "q8_0", "Q2_K": "q2_k",
-               "Q3_K": "q3_k_m", "Q4_K": "q4_k_m", "Q5_K": "q5_k_m", "Q6_K": "q6_k"}
+               "Q3_K": "q3_k_m", "Q4_K": "q4_k_m", "Q5_K": "q5_k_m", "Q6_K": "q6_k", "MXFP4": "mxfp4_moe"}
 
 
 def ftype_id(file_type: str) -> int:
