@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 
-def write_layers(folder: Path, n_layers: int) -> None:
+def write_layers(folder: Path, n_layers: int, preset: str = "qwen3-30b-a3b") -> None:
     """Write the preset's tensors with per-expert keys: one shard per layer plus one for the rest.
 
     Each shard is streamed by the built-in writer (header first, then one tensor at a time), so
@@ -46,8 +46,9 @@ def write_layers(folder: Path, n_layers: int) -> None:
 
     from moetrace.tracer.sources import builtin as builtin
 
-    shape = builtin.parse_builtin(f"builtin:qwen3-30b-a3b:layers={n_layers}").shape
-    shape = dataclasses.replace(shape, expert_keys="per_expert")
+    shape = builtin.parse_builtin(f"builtin:{preset}:layers={n_layers}").shape
+    if shape.expert_keys == "fused":  # as Qwen3-30B-A3B ships; a packed preset (gpt-oss-20b) stays as published
+        shape = dataclasses.replace(shape, expert_keys="per_expert")
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "done.json").is_file() and json.loads((folder / "done.json").read_text())["layers"] >= n_layers:
         return
@@ -76,7 +77,7 @@ def model_folder(layers_dir: Path, out: Path, n: int) -> Path:
     from moetrace.tracer.sources import builtin as builtin
 
     shape = builtin.BuiltinShape(**json.loads((layers_dir / "shape.json").read_text()))
-    folder = out / f"qwen3-30b-a3b-{n}layers"
+    folder = out / f"{shape.family}-{n}layers"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     shards = ["globals.safetensors"] + [f"layer-{i:05d}.safetensors" for i in range(n)]
@@ -135,6 +136,19 @@ def run_once(folder: Path, variants: list[str], tokens: int, out: Path, gguf: Pa
     return {"peak_rss": usage.ru_maxrss * 1024, "wall": wall, "per_layer": per_layer, **sampler.peaks}
 
 
+def layer_params(preset: str) -> int:
+    """Parameters of one decoder layer of the preset, from its family's shapes."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from moetrace.tracer.sources import builtin as builtin
+
+    shape = builtin.parse_builtin(f"builtin:{preset}").shape
+    config = SimpleNamespace(**builtin.hf_config_dict(shape))
+    return int(sum(np.prod(s) for s in builtin.family(shape).hf_layer_shapes(config).values()))
+
+
 class RssSampler(threading.Thread):
     """Samples a process's RssFile and RssAnon (/proc/PID/status) every ``interval`` seconds; keeps the peaks.
 
@@ -168,6 +182,8 @@ class RssSampler(threading.Thread):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", default="2,4,8", help="comma-separated layer counts")
+    ap.add_argument("--model", default="qwen3-30b-a3b", help="the built-in preset whose widths to write "
+                    "(qwen3-30b-a3b; gpt-oss-20b: MXFP4 experts, as published)")
     ap.add_argument("--variants", default="orig-bf16", help="comma-separated variants (reference orig-fp32 always)")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--dir", default=None, help="scratch folder (default: a new temporary one; deleted unless --keep)")
@@ -181,8 +197,8 @@ def main():
     variants = [v for v in args.variants.split(",") if v]
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-memory-"))
     layers_dir = root / "layers"
-    print(f"Writing {counts[-1]} Qwen3-30B-A3B-width layers with per-expert keys to {layers_dir} ...", file=sys.stderr)
-    write_layers(layers_dir, counts[-1])
+    print(f"Writing {counts[-1]} {args.model}-width layers to {layers_dir} ...", file=sys.stderr)
+    write_layers(layers_dir, counts[-1], args.model)
     layer_bytes = (layers_dir / "layer-00000.safetensors").stat().st_size
     results = {}
     try:
@@ -201,8 +217,8 @@ def main():
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
-    fp32_layer = 2 * layer_bytes  # the checkpoint is BF16
-    print(f"\nQwen3-30B-A3B widths, one layer = {layer_bytes / 2**30:.2f} GiB of BF16 on disk "
+    fp32_layer = 4 * layer_params(args.model)  # from the shapes: on disk a layer is BF16, or MXFP4 experts
+    print(f"\n{args.model} widths, one layer = {layer_bytes / 2**30:.2f} GiB on disk "
           f"({fp32_layer / 2**30:.2f} GiB in fp32); reference orig-fp32, variants {', '.join(variants)}, "
           f"{args.tokens} tokens, all sites, torch threads from the default")
     print("peak RSS from the kernel (ru_maxrss); its file-backed (RssFile) and anonymous (RssAnon) parts sampled "

@@ -9,7 +9,6 @@ prompt of a few dozen tokens crosses it.
 from __future__ import annotations
 
 import json
-import shutil
 
 import gguf
 import numpy as np
@@ -134,14 +133,27 @@ def test_every_mode_and_command(tmp_path):
     # softmax over the chosen logits: the weights sum to 1 (bf16 rounding aside)
     np.testing.assert_allclose(v.topk_weight.sel(mode="routing").values.sum(-1), 1.0, rtol=1e-2)
     # the router's logits include its bias: the reference's equal x W^T + b of the layer input
+    # The analysis commands in this process (click's runner): the run above is the subprocess end to end,
+    # and each further interpreter would cost seconds of imports.
     for cmd in (["diff", str(ref), str(var)], ["diff", str(ref), str(var), "--mode", "teacher"],
                 ["decompose", str(ref), str(var)], ["routing", str(ref), str(var)],
                 ["report", str(run), "--out", str(tmp_path / "report"), "-q", "--resamples", "20"]):
-        moetrace_cli(*cmd)
+        _cli(*cmd)
     assert (tmp_path / "report" / "index.html").is_file()
-    audit = json.loads(moetrace_cli("audit", "--model", PRESET, "--variant", "q4_k_m", "--json",
-                                    "--out", str(tmp_path / "audit.zarr")).stdout)
+    audit = json.loads(_cli("audit", "--model", PRESET, "--variant", "q4_k_m", "--json",
+                            "--out", str(tmp_path / "audit.zarr")))
     assert audit
+
+
+def _cli(*args) -> str:
+    """A moetrace command run in this process; its stdout."""
+    from click.testing import CliRunner
+
+    from moetrace.cli.main import main
+
+    res = CliRunner().invoke(main, list(args))
+    assert res.exit_code == 0, (args, res.output, res.exception)
+    return res.stdout
 
 
 def _dequantized_with_gguf_py(path, model):
@@ -197,13 +209,13 @@ def test_quantized_gguf(tmp_path):
     with torch.no_grad():
         expect = model(ids).logits[0].numpy()
     out = tmp_path / "traces"
-    moetrace_cli("run", "--model", PRESET, "--gguf", str(path), "--variant", "gguf-fp32", "--mode", "free",
-                 "--text", TEXT, "--out", str(out), "--run", "g", "-q")
+    _cli("run", "--model", PRESET, "--gguf", str(path), "--variant", "gguf-fp32", "--mode", "free",
+         "--text", TEXT, "--out", str(out), "--run", "g", "-q")
     got = moetrace.open_trace(out / "g" / "gguf-fp32.zarr").logits.sel(mode="free").values
     assert np.array_equal(got, expect), np.abs(got - expect).max()
     # The file as a model source: its config read back from the metadata (YaRN, window), the same logits.
-    moetrace_cli("run", "--model", str(path), "--variant", "orig-bf16", "--mode", "free", "--text", TEXT,
-                 "--out", str(out), "--run", "m", "-q")
+    _cli("run", "--model", str(path), "--variant", "orig-bf16", "--mode", "free", "--text", TEXT,
+         "--out", str(out), "--run", "m", "-q")
     assert np.array_equal(moetrace.open_trace(out / "m" / "orig-fp32.zarr").logits.sel(mode="free").values, expect)
 
 
@@ -231,3 +243,33 @@ def test_recipe_is_llama_cpp_at_gpt_oss_20b_widths():
                   "attn_sinks.weight", "attn_q.bias", "ffn_gate_exps.bias", "ffn_down_exps.bias"):
             assert types[f"blk.{i}.{s}"] == "F32", (i, s)
     assert types["output.weight"] == "Q8_0" and types["token_embd.weight"] == "Q5_0"
+
+
+def test_mxfp4_variant_keeps_the_checkpoint(tmp_path):
+    """mxfp4-*: ggml's MXFP4 quantizer run on the exactly dequantized experts gives back the checkpoint's values,
+    so mxfp4-fp32 equals the reference bit for bit; the checkpoint's own blocks as ggml bytes
+    (kernels' from_ocp, what llama.cpp's convert script writes) dequantize to the same values."""
+    from safetensors import safe_open
+
+    from moetrace.kernels import dequantize
+    from moetrace.kernels.formats_mxfp4 import from_ocp
+    from moetrace.tracer.execution.executor import RunConfig, run_trace
+    from moetrace.tracer.weights import derive as W
+
+    src = _source()
+    fam = src.family
+    state = src.layer_state(0)
+    with safe_open(str(src.folder / "model.safetensors"), "pt") as f:
+        p = "model.layers.0.mlp.experts.down_proj"
+        own = from_ocp(f.get_tensor(p + "_blocks"), f.get_tensor(p + "_scales"))  # (E, H, bytes) ggml rows
+    down = fam.to_gguf("mlp.experts.down_proj", state["mlp.experts.down_proj"])[0].float()  # (E, H, I)
+    cols = down.shape[-1]
+    assert torch.equal(dequantize(own.reshape(-1, own.shape[-1]), "MXFP4", cols).reshape(down.shape), down)
+    requant = W.quantized_bytes(down, "blk.0.ffn_down_exps.weight", "MXFP4")  # ggml's quantizer
+    assert torch.equal(dequantize(torch.from_numpy(requant.reshape(-1, requant.shape[-1])), "MXFP4", cols)
+                       .reshape(down.shape), down)
+    toks = _tokens(src)
+    stores = run_trace(src, RunConfig(model=src.model_id, variants=["mxfp4-fp32"]), toks, tmp_path / "run")
+    ref, var = moetrace.open_trace(stores["orig-fp32"]), moetrace.open_trace(stores["mxfp4-fp32"])
+    assert np.array_equal(var.resid.sel(mode="free").values, ref.resid.sel(mode="free").values)
+    assert np.array_equal(var.logits.sel(mode="free").values, ref.logits.sel(mode="free").values)

@@ -266,8 +266,8 @@ class CheckpointSource:
                                     f"{names[have.index(False)]}; a {fmt} tensor needs both")
             if prefix + key in self._index:
                 raise MoetraceError(f"{str(self.folder)!r} holds {prefix + key} both plain and as {fmt} blocks")
-            w = read_packed(fmt, [read(n) for n in names], prefix + key)  # (E, out, in) float32
-            out[key] = self.family.from_gguf(key, [w.to(torch.bfloat16)])
+            w = read_packed(fmt, [read(n) for n in names], prefix + key, torch.bfloat16)  # (E, out, in), exact
+            out[key] = self.family.from_gguf(key, [w])
         return out
 
     def _fuse_experts(self, layer: int, keys: dict[tuple[str, int], str], read) -> dict[str, torch.Tensor]:

@@ -33,16 +33,19 @@ def packed_names(key: str, fmt: str) -> tuple[str, ...]:
     return f"{key}_blocks", f"{key}_scales"
 
 
-def unpack_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, name: str = "") -> torch.Tensor:
+def unpack_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, name: str = "", dtype=torch.float32) -> torch.Tensor:
     """Dequantize MXFP4 blocks exactly.
 
     Args:
         blocks: uint8 (..., rows, cols/32, 16).
         scales: uint8 (..., rows, cols/32), E8M0 exponents biased by 127.
         name: the tensor, for messages.
+        dtype: the result's dtype: float32, or bfloat16, which holds every MXFP4 value as exactly
+            (same exponent range, and a code has at most two significant bits) in half the memory.
 
     Returns:
-        float32 (..., rows, cols).
+        (..., rows, cols) in ``dtype``; filled a bounded number of rows at a time, so the index
+        and float32 temporaries stay small whatever the tensor's size.
 
     Raises:
         MoetraceError: shapes that do not pair up, or non-uint8 data.
@@ -54,9 +57,17 @@ def unpack_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, name: str = "") -> 
         raise MoetraceError(f"MXFP4 tensor {name}: blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do "
                             f"not pair up; expected blocks (..., rows, cols/32, 16) and scales (..., rows, cols/32)")
     lut = torch.tensor(E2M1, dtype=torch.float32)
-    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).long()  # (..., rows, nb, 16, 2): low nibble first
-    vals = lut[codes].flatten(-2)  # (..., rows, nb, 32)
-    return (vals * e8m0(scales).unsqueeze(-1)).flatten(-2)  # (..., rows, cols); every product exact
+    nb = scales.shape[-1]
+    b = blocks.reshape(-1, nb, BLOCK // 2)  # (rows, nb, 16)
+    sc = scales.reshape(-1, nb)  # (rows, nb)
+    out = torch.empty(b.shape[0], nb * BLOCK, dtype=dtype)  # (rows, cols)
+    step = max(1, (1 << 22) // (nb * BLOCK))
+    for r0 in range(0, b.shape[0], step):
+        blk = b[r0:r0 + step]
+        codes = torch.stack((blk & 0x0F, blk >> 4), dim=-1).long()  # (n, nb, 16, 2): low nibble first
+        vals = lut[codes].flatten(-2)  # (n, nb, 32)
+        out[r0:r0 + step] = (vals * e8m0(sc[r0:r0 + step]).unsqueeze(-1)).flatten(-2)  # every product exact
+    return out.reshape(*scales.shape[:-1], nb * BLOCK)
 
 
 def e8m0(scales: torch.Tensor) -> torch.Tensor:
@@ -67,10 +78,10 @@ def e8m0(scales: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
-def read_packed(fmt: str, parts: list[torch.Tensor], name: str = "") -> torch.Tensor:
+def read_packed(fmt: str, parts: list[torch.Tensor], name: str = "", dtype=torch.float32) -> torch.Tensor:
     """The dequantized [out, in] tensor from the checkpoint tensors :func:`packed_names` lists, in order."""
     if fmt == "mxfp4":
-        return unpack_mxfp4(parts[0], parts[1], name)
+        return unpack_mxfp4(parts[0], parts[1], name, dtype)
     raise MoetraceError(f"packed format {fmt!r} is unknown; supported: {', '.join(FORMATS)}")
 
 
