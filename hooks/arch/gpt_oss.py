@@ -91,5 +91,7 @@ FAMILY = Family(
         "GGUF written by quantize: gguf-py names and shapes (experts de-interleaved, transposed), re-read as a "
         "model source equal to gguf-fp32",
         "llama.cpp recipe: biases and sinks unquantized, rows of 2880 fall back (llama-quant.cpp)",
+        "mxfp4-fp32 equals the reference bit for bit (ggml's quantizer gives the checkpoint's MXFP4 values back)",
+        "llamacpp_cpu experts (biases after the matmuls, clamped SwiGLU) equal a float64 model of llama.cpp's",
     ),
 )

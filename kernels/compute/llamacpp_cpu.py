@@ -139,17 +139,21 @@ def _experts_forward(mod, engine: str, hidden: torch.Tensor, top_k_index: torch.
 
 
 def _gated(mod, g: torch.Tensor, u: torch.Tensor, e: int) -> torch.Tensor:
-    """Expert ``e``'s activation of its gate and up outputs (t_e, I) -> (t_e, I).
+    """Expert ``e``'s activation of its gate and up outputs (t_e, I) -> (t_e, I): the module's own.
 
-    SiLU(g) * u; or, for an experts module with its own gated activation (transformers' GPT-OSS
-    ``_apply_gate``, the clamped SwiGLU over gate and up interleaved as the module holds them, with
-    per-expert gate/up biases), that activation, the biases added after the matmuls as ggml does.
+    transformers' experts modules gate through ``_apply_gate`` on gate and up joined as the module
+    holds them: concatenated (``act_fn(gate) * up``), or interleaved where ``is_concatenated`` is
+    False (GPT-OSS, whose ``_apply_gate`` is the clamped SwiGLU); per-expert gate/up biases
+    (``gate_up_proj_bias``, same layout) are added after the matmuls, as ggml does.
     """
     import torch
 
     if not hasattr(mod, "_apply_gate"):
         return mod.act_fn(g) * u
-    gate_up = torch.stack([g, u], dim=-1).flatten(-2)  # (t_e, 2I): gate at even, up at odd columns
+    if getattr(mod, "is_concatenated", True):
+        gate_up = torch.cat([g, u], dim=-1)  # (t_e, 2I)
+    else:
+        gate_up = torch.stack([g, u], dim=-1).flatten(-2)  # (t_e, 2I): gate at even, up at odd columns
     bias = getattr(mod, "gate_up_proj_bias", None)
     if bias is not None:
         gate_up = gate_up + bias[e].to(torch.float32)
