@@ -309,8 +309,11 @@ def test_llamacpp_cpu_computes_the_gpt_oss_experts(engine_run):
                                                                                      context=None), family=fam)
     emb = src.tensor("model.embed_tokens.weight").double()[torch.from_numpy(toks.sequences()[0]).long()]  # (T, H)
     h = emb + torch.from_numpy(v.attn_out.values[0]).double()  # the MoE block's residual input (teacher: ref input)
-    norm = state["post_attention_layernorm.weight"].double()
-    x = norm * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)  # (T, H)
+    # the layer's RMSNorm in float32, as transformers computes it: Q8_0 rounds this input, so a float64 norm
+    # would move some values across a rounding boundary (a whole Q8_0 step, not a float32 sum's error)
+    hf = h.float()
+    norm = state["post_attention_layernorm.weight"].float()
+    x = (norm * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps))).double()  # (T, H)
     gate, up = (p.double() for p in fam.to_gguf("mlp.experts.gate_up_proj", deq["mlp.experts.gate_up_proj"]))
     gb, ub = (p.double() for p in fam.to_gguf("mlp.experts.gate_up_proj_bias", state["mlp.experts.gate_up_proj_bias"]))
     down = fam.to_gguf("mlp.experts.down_proj", deq["mlp.experts.down_proj"])[0].double()  # (E, H, I)
