@@ -21,8 +21,8 @@ llama.cpp), and the row-size fallback still applies; ``--pure`` does not turn th
 ``mxfp4_moe`` is llama.cpp's MXFP4_MOE (``LLAMA_FTYPE_MOSTLY_MXFP4_MOE``, same commit): expert
 tensors (3-D with more than one matrix, ``ne[2] > 1``) MXFP4, the output head (and a tied token
 embedding) and every other quantized tensor Q8_0; it has no attn_v/ffn counters and no fallback.
-``mxfp4`` is not a llama.cpp file type but the layout GPT-OSS checkpoints ship in (and
-convert_hf_to_gguf keeps): the same expert tensors MXFP4, every other tensor as the source stores it.
+``mxfp4`` is not a llama.cpp file type but the layout GPT-OSS checkpoints ship in: the same expert
+tensors MXFP4, every other tensor as the source stores it.
 
 Not modelled: the IQ*/TQ*/NVFP4 file types, ``--output-tensor-type`` / ``--token-embedding-type``,
 ``--leave-output-tensor`` and pruning.

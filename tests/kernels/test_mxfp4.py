@@ -213,6 +213,11 @@ def test_round_trip_within_level(case):
     assert excess <= 0, f"{kind}: element {i} x={x.reshape(-1)[i]!r} y={y.reshape(-1)[i].item()!r} {excess:.3g} past"
 
 
+@pytest.mark.skipif(os.environ.get("MOETRACE_NATIVE") == "0", reason="MOETRACE_NATIVE=0: the compiled kernels are off")
+def test_compiled_kernels_built():
+    assert native.has_quantize(T) and native.has_dequantize(T), f"no compiled MXFP4 kernels: {native._KERNELS}"
+
+
 def test_format_registered_with_its_vec_dot_type():
     fmt = get_format("mxfp4")
     assert (fmt.name, fmt.block_size, fmt.type_size, fmt.vec_dot_type) == (T, BLOCK, BYTES, "Q8_0")
