@@ -265,6 +265,13 @@ class Family:
             missing = [n for n in names if n not in self.tensors]
             if missing:
                 raise MoetraceError(f"family {self.name}: {what} names {missing[0]!r}, which is not in its tensors")
+        layer_keys = {*self.fused, *(n for n in self.tensors if n not in {p for ps in self.fused.values() for p in ps})}
+        for what, keys in (("transposed", self.transposed), ("interleaved", self.interleaved),
+                           ("packed", tuple(self.packed))):
+            stray = [k for k in keys if k not in layer_keys or (what == "interleaved" and k not in self.fused)]
+            if stray:
+                raise MoetraceError(f"family {self.name}: {what} names {stray[0]!r}, which is not one of its "
+                                    f"{'fused keys' if what == 'interleaved' else 'layer keys'}")
         if self.gguf_experts not in ("any", "moe", "dense"):
             raise MoetraceError(f"family {self.name}: gguf_experts {self.gguf_experts!r}; valid: any, moe, dense")
         if self.routing.scoring not in ("softmax", "sigmoid"):

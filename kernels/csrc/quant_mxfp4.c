@@ -44,11 +44,16 @@ static inline uint8_t shared_exponent(float amax) {
 
 MT_HOT
 static void quantize_block(const float *restrict x, uint8_t *restrict y) {
+    /* The largest |x| in 8 lanes, then across them: for finite values (checked by the caller), all
+     * >= +0, the maximum does not depend on the order, so this is ggml's sequential amax. */
+    float lane[8] = {0};
+    for (int b = 0; b < QK; b += 8)
+        for (int l = 0; l < 8; l++) {
+            const float ax = fabsf(x[b + l]);
+            lane[l] = lane[l] < ax ? ax : lane[l];
+        }
     float amax = 0.0f;
-    for (int j = 0; j < QK; j++) {
-        const float ax = fabsf(x[j]); /* x is finite (checked by the caller) */
-        amax = amax < ax ? ax : amax;
-    }
+    for (int l = 0; l < 8; l++) amax = amax < lane[l] ? lane[l] : amax;
     const uint8_t e = shared_exponent(amax);
     const float d = e8m0_half(e);
     float best[QK];
@@ -79,6 +84,16 @@ static int quantize_mxfp4(const float *x, uint8_t *y, int64_t n_rows, int64_t n_
     return 0;
 }
 
+/* kvalues_mxfp4[c] from the code's bits (sign bit 3, exponent bits 2-1, mantissa bit 0 of E2M1, doubled):
+ * exponent 0 gives the mantissa (0 or 1), exponent ex > 0 gives (2 + mantissa) << (ex - 1). Integer
+ * arithmetic instead of a table lookup, so the dequantizer's loop vectorizes without gathers (slow on
+ * some x86 CPUs). The value is the same integer, so the product with d is ggml's. */
+static inline int kvalue_of(int c) {
+    const int m = c & 7, ex = m >> 1, mant = m & 1;
+    const int mag = ex ? ((2 + mant) << ex) >> 1 : mant;
+    return (c & 8) ? -mag : mag;
+}
+
 /* dequantize_row_mxfp4: kvalues[code] * d, one exact product per element. */
 MT_HOT
 static void dequantize_mxfp4(const uint8_t *restrict q, float *restrict y, int64_t nb) {
@@ -86,8 +101,8 @@ static void dequantize_mxfp4(const uint8_t *restrict q, float *restrict y, int64
         const float d = e8m0_half(q[MT_MXFP4_E]);
         const uint8_t *restrict qs = q + MT_MXFP4_QS;
         for (int j = 0; j < QK / 2; j++) {
-            y[j] = kvalues[qs[j] & 0xF] * d;
-            y[j + QK / 2] = kvalues[qs[j] >> 4] * d;
+            y[j] = (float)kvalue_of(qs[j] & 0xF) * d;
+            y[j + QK / 2] = (float)kvalue_of(qs[j] >> 4) * d;
         }
     }
 }

@@ -31,12 +31,14 @@ def test_types_on_the_tiny_model(tiny_source, weights):
     assert others == {"mxfp4": {"F32"}, "mxfp4_moe": {"Q8_0"}, "pure_mxfp4": {"MXFP4"}}[weights]
 
 
-def test_mxfp4_llamacpp_cpu_runs_and_differs_from_dense_only_by_activation_quantization(tmp_path, tiny_source,
-                                                                                     tiny_tokens):
+def test_mxfp4_llamacpp_cpu_runs_and_differs_from_dense_only_by_activation_quantization(tmp_path, tiny_source):
     """The engine path computes from the MXFP4 blocks (Q8_0 activations, integer dots); the fp32 path from
     the same weights dequantized. Both are finite and close; they differ where the activations are quantized."""
+    from moetrace.tracer.sources.prompts import tokenize
+
+    tokens = tokenize(["Experts in MXFP4."], tiny_source.tokenizer)
     cfg = RunConfig(model="builtin:tiny", variants=["mxfp4-llamacpp_cpu", "mxfp4-fp32"], modes=["free"])
-    stores = run_trace(tiny_source, cfg, tiny_tokens, tmp_path / "run")
+    stores = run_trace(tiny_source, cfg, tokens, tmp_path / "run")
     a = moetrace.open_trace(stores["mxfp4-llamacpp_cpu"]).logits.sel(mode="free").values
     b = moetrace.open_trace(stores["mxfp4-fp32"]).logits.sel(mode="free").values
     assert a.shape == b.shape and np.isfinite(a).all()
