@@ -47,7 +47,9 @@ def write_layers(folder: Path, n_layers: int, preset: str = "qwen3-30b-a3b", exp
     from moetrace.tracer.sources import builtin as builtin
 
     shape = builtin.parse_builtin(f"builtin:{preset}:layers={n_layers}").shape
-    shape = dataclasses.replace(shape, expert_keys="per_expert", experts=experts or shape.experts)
+    if shape.expert_keys == "fused":  # as Qwen3-30B-A3B ships; a packed preset (gpt-oss-20b) stays as published
+        shape = dataclasses.replace(shape, expert_keys="per_expert")
+    shape = dataclasses.replace(shape, experts=experts or shape.experts)
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "done.json").is_file() and json.loads((folder / "done.json").read_text())["layers"] >= n_layers:
         return
@@ -143,6 +145,22 @@ def run_once(folder: Path, variants: list[str], tokens: int, out: Path, gguf: Pa
     return {"peak_rss": usage.ru_maxrss * 1024, "wall": wall, "per_layer": per_layer, **sampler.peaks}
 
 
+def layer_params(preset: str) -> int:
+    """Parameters of the preset's largest decoder layer, from its family's shapes (DeepSeek's dense lead
+    layer is smaller than its MoE layers)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from moetrace.tracer.sources import builtin as builtin
+
+    shape = builtin.parse_builtin(f"builtin:{preset}").shape
+    config = SimpleNamespace(**builtin.hf_config_dict(shape))
+    fam = builtin.family(shape)
+    return max(int(sum(np.prod(s) for s in fam.hf_layer_shapes(config, i).values()))
+               for i in range(int(config.num_hidden_layers)))
+
+
 class RssSampler(threading.Thread):
     """Samples a process's RssFile and RssAnon (/proc/PID/status) every ``interval`` seconds; keeps the peaks.
 
@@ -176,8 +194,8 @@ class RssSampler(threading.Thread):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", default="2,4,8", help="comma-separated layer counts")
-    ap.add_argument("--model", default="qwen3-30b-a3b",
-                    help="built-in preset at real widths to write (e.g. moonlight-16b-a3b)")
+    ap.add_argument("--model", default="qwen3-30b-a3b", help="the built-in preset whose widths to write "
+                    "(qwen3-30b-a3b; moonlight-16b-a3b; gpt-oss-20b: MXFP4 experts, as published)")
     ap.add_argument("--variants", default="orig-bf16", help="comma-separated variants (reference orig-fp32 always)")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--dir", default=None, help="scratch folder (default: a new temporary one; deleted unless --keep)")
@@ -199,7 +217,7 @@ def main():
     variants = [v for v in args.variants.split(",") if v]
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-memory-"))
     layers_dir = root / ("layers" if args.model == "qwen3-30b-a3b" else f"layers-{args.model}")
-    print(f"Writing {counts[-1]} {args.model} layers with per-expert keys to {layers_dir} ...", file=sys.stderr)
+    print(f"Writing {counts[-1]} {args.model}-width layers to {layers_dir} ...", file=sys.stderr)
     write_layers(layers_dir, counts[-1], args.model, args.experts)
     # the largest layer file: a family's dense lead layers (DeepSeek's layer 0) are smaller than its MoE layers
     layer_bytes = max(p.stat().st_size for p in layers_dir.glob("layer-*.safetensors"))
@@ -225,8 +243,8 @@ def main():
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
-    fp32_layer = 2 * layer_bytes  # the checkpoint is BF16
-    print(f"\n{args.model} widths, one layer = {layer_bytes / 2**30:.2f} GiB of BF16 on disk "
+    fp32_layer = 4 * layer_params(args.model)  # from the shapes: on disk a layer is BF16, or MXFP4 experts
+    print(f"\n{args.model} widths, one layer = {layer_bytes / 2**30:.2f} GiB on disk "
           f"({fp32_layer / 2**30:.2f} GiB in fp32); reference orig-fp32, variants {', '.join(variants)}, "
           f"{args.tokens} tokens, all sites, torch threads from the default")
     print("peak RSS from the kernel (ru_maxrss); its file-backed (RssFile) and anonymous (RssAnon) parts sampled "

@@ -80,8 +80,10 @@ def capture(layer: torch.nn.Module, adapter, sites=tuple(LAYER_SITES), forced_to
             )
         for name in ("moe_out", "mlp_out"):
             if name in sites:
+                # GPT-OSS's MoE block returns (hidden, router_scores): the hidden state is the output.
                 handles.append(adapter.moe(layer).register_forward_hook(
-                    lambda m, a, out, name=name: rec.__setitem__(name, _flat(out))))
+                    lambda m, a, out, name=name: rec.__setitem__(name, _flat(out[0] if isinstance(out, tuple)
+                                                                           else out))))
         if "shared_out" in sites:
             expert, gate = adapter.shared(layer)
             parts: dict[str, torch.Tensor] = {}

@@ -83,17 +83,17 @@ class DeepseekFamily(Family):
         d = self.dims(config)
         return d["heads"], d["qk_nope"], d["v_head"]
 
-    def gguf_split(self, key: str, w: torch.Tensor, config=None) -> list[torch.Tensor]:
+    def to_gguf(self, key: str, w: torch.Tensor, config=None) -> list[torch.Tensor]:
         """kv_b (heads*(nope+v), kv_lora) -> attn_k_b (heads, kv_lora, nope), attn_v_b (heads, v, kv_lora)."""
         if key != KV_B:
-            return super().gguf_split(key, w, config)
+            return super().to_gguf(key, w, config)
         heads, nope, v = self._kv_b_sizes(config)
         per_head = w.reshape(heads, nope + v, w.shape[-1])  # (heads, nope+v, kv_lora)
         return [per_head[:, :nope].transpose(1, 2), per_head[:, nope:]]
 
-    def gguf_merge(self, key: str, parts: list[torch.Tensor], config=None) -> torch.Tensor:
+    def from_gguf(self, key: str, parts: list[torch.Tensor], config=None) -> torch.Tensor:
         if key != KV_B:
-            return super().gguf_merge(key, parts, config)
+            return super().from_gguf(key, parts, config)
         k_b, v_b = parts  # (heads, kv_lora, nope), (heads, v, kv_lora)
         merged = torch.cat([k_b.transpose(1, 2), v_b], dim=1)  # (heads, nope+v, kv_lora)
         return merged.reshape(-1, merged.shape[-1])
@@ -124,7 +124,7 @@ MLA_TENSORS = {
     "self_attn.q_b_proj.weight": ("q_heads_dim", "q_lora"),
     "self_attn.kv_a_proj_with_mqa.weight": ("kv_a", "hidden"),
     "self_attn.kv_a_layernorm.weight": ("kv_lora",),
-    # kv_b_proj (kv_b, kv_lora) as GGUF holds it: two 3-D tensors (see gguf_split)
+    # kv_b_proj (kv_b, kv_lora) as GGUF holds it: two 3-D tensors (see to_gguf)
     "self_attn.k_b_proj.weight": ("heads", "kv_lora", "qk_nope"),
     "self_attn.v_b_proj.weight": ("heads", "v_head", "kv_lora"),
     "self_attn.o_proj.weight": ("hidden", "v_heads_dim"),

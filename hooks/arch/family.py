@@ -218,6 +218,13 @@ class Family:
             llama.cpp's ``llama`` architecture is both Mixtral (with experts) and dense Llama,
             so two families may share a GGUF architecture when they split it this way.
         checked: what has been checked for this family (``moetrace models`` and README list it).
+        transposed: transformers keys held as (E, in, out), the transpose of GGUF's [out, in]
+            (GPT-OSS's ``mlp.experts.gate_up_proj`` and ``down_proj``); see :meth:`to_gguf`.
+        interleaved: fused keys whose parts alternate along the fused rows (part i at rows i::n)
+            instead of following one another (GPT-OSS's gate/up: gate at even, up at odd rows).
+        packed: the checkpoint format of keys a published checkpoint may store quantized
+            (``{"mlp.experts.down_proj": "mxfp4"}``: ``down_proj_blocks``/``down_proj_scales``),
+            read exactly by :mod:`moetrace.tracer.sources.packed`.
     """
 
     name: str
@@ -245,6 +252,9 @@ class Family:
     fp32_tensors: tuple = ()
     gguf_experts: str = "any"
     checked: tuple = ()
+    transposed: tuple = ()
+    interleaved: tuple = ()
+    packed: dict = field(default_factory=dict)
 
     def __post_init__(self):
         # A family file is data a user may write: check it when it is made, naming what is wrong.
@@ -259,6 +269,13 @@ class Family:
             missing = [n for n in names if n not in self.tensors]
             if missing:
                 raise MoetraceError(f"family {self.name}: {what} names {missing[0]!r}, which is not in its tensors")
+        layer_keys = {*self.fused, *(n for n in self.tensors if n not in {p for ps in self.fused.values() for p in ps})}
+        for what, keys in (("transposed", self.transposed), ("interleaved", self.interleaved),
+                           ("packed", tuple(self.packed))):
+            stray = [k for k in keys if k not in layer_keys or (what == "interleaved" and k not in self.fused)]
+            if stray:
+                raise MoetraceError(f"family {self.name}: {what} names {stray[0]!r}, which is not one of its "
+                                    f"{'fused keys' if what == 'interleaved' else 'layer keys'}")
         if self.gguf_experts not in ("any", "moe", "dense"):
             raise MoetraceError(f"family {self.name}: gguf_experts {self.gguf_experts!r}; valid: any, moe, dense")
         if self.routing.scoring not in ("softmax", "sigmoid"):
@@ -414,7 +431,7 @@ class Family:
         tensors never share a key), for lookups by key; with it: only the keys layer ``layer`` has.
         """
         def full(hf, s):
-            suffix = self.gguf_suffix(hf)
+            suffix = self.gguf_suffix(self.fused[hf][0] if hf in self.fused else hf)  # a fused key's parts name it
             return tuple(f"blk.{layer}.{x}{suffix}" for x in s) if isinstance(s, tuple) else f"blk.{layer}.{s}{suffix}"
 
         names = {hf: full(hf, s) for hf, s in self.layer_stems.items()}
@@ -469,32 +486,69 @@ class Family:
             out[g[hf]] = shape(sym)
         return out
 
-    # -- fused tensors: one transformers tensor, several GGUF tensors ------------------------
-    def gguf_split(self, key: str, w: torch.Tensor, config=None) -> list[torch.Tensor]:
-        """The GGUF tensors of fused transformers tensor ``key`` (views where they can be), in
-        :attr:`fused` order; default: row blocks of a 3-D (E, n*rows, cols) expert tensor."""
-        n = len(self.fused[key])
+    # -- layout: a transformers tensor as its GGUF tensors, and back ----------------------------
+    # One pair of methods takes every layer tensor between the two layouts: to_gguf / from_gguf.
+    # The data fields say the common cases (fused row blocks, interleaved rows, transposed
+    # experts); a family whose split is its own (DeepSeek's kv_b) overrides them for that key,
+    # with fused_shape and fuses_rows to match.
+    def to_gguf(self, key: str, w: torch.Tensor, config=None) -> list[torch.Tensor]:
+        """A transformers tensor of a layer in its GGUF tensors' layout ([out, in]), one per part, in
+        :attr:`fused` order (views where they can be).
+
+        A fused key gives its parts (row blocks, or rows i::n where :attr:`interleaved`); a
+        :attr:`transposed` key is transposed first; any other key is itself. ``config``: the
+        model's, for a family that splits a tensor by its sizes.
+        """
+        if key in self.transposed:
+            w = w.transpose(-1, -2)  # (E, in, out) -> (E, out, in)
+        n = len(self.fused.get(key, (key,)))
+        if n == 1:
+            return [w]
+        if key in self.interleaved:
+            return [w[:, i::n] for i in range(n)]
         rows = w.shape[1] // n
         return [w[:, i * rows:(i + 1) * rows] for i in range(n)]
 
+    def from_gguf(self, key: str, parts: list[torch.Tensor], config=None) -> torch.Tensor:
+        """The inverse of :meth:`to_gguf`: GGUF-layout parts joined into the tensor transformers holds."""
+        if len(parts) == 1:
+            w = parts[0]
+        elif key in self.interleaved:
+            w = torch.stack(list(parts), dim=2).flatten(1, 2)  # rows part0[0], part1[0], part0[1], ...
+        else:
+            w = torch.cat(list(parts), dim=1)
+        return w.transpose(-1, -2).contiguous() if key in self.transposed else w
+
     def fuses_rows(self, key: str) -> bool:
-        """Whether fused tensor ``key`` is its GGUF tensors' row blocks (:meth:`gguf_split`'s default)."""
+        """Whether fused tensor ``key``'s GGUF tensors are rows of it (row blocks, or :attr:`interleaved`
+        rows), so that a block-computing path can take them as they are; False: it needs the tensor dense."""
         return True
 
-    def gguf_merge(self, key: str, parts: list[torch.Tensor], config=None) -> torch.Tensor:
-        """Fused transformers tensor ``key`` from its GGUF tensors (:meth:`gguf_split` reversed)."""
-        return torch.cat(list(parts), dim=1)
-
     def fused_shape(self, key: str, config) -> tuple[int, ...]:
-        """The shape transformers holds fused tensor ``key`` in; default: the row blocks stacked along dim 1."""
-        first = self.hf_shape(self.fused[key][0], config)  # (E, rows, cols)
-        return (first[0], sum(self.hf_shape(p, config)[1] for p in self.fused[key]), first[2])
+        """Fused tensor ``key``'s shape as transformers holds it before any :attr:`transposed` transposition;
+        default: its parts stacked along dim 1 (rows of each expert; a bias (E, rows) too)."""
+        first = self.hf_shape(self.fused[key][0], config)
+        return (first[0], sum(self.hf_shape(p, config)[1] for p in self.fused[key]), *first[2:])
 
     def hf_shape(self, hf: str, config) -> tuple[int, ...]:
-        """The shape transformers holds the unfused tensor ``hf`` (inside a layer) in."""
+        """The shape of the unfused tensor ``hf`` (inside a layer), in GGUF's layout ([out, in])."""
         d = self.dims(config)
         sym = {**self.tensors, **self.dense_tensors}[hf]
         return tuple(s if isinstance(s, int) else d[s] for s in sym)
+
+    def hf_layer_shapes(self, config, layer: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Key inside an MoE layer (or layer ``layer``) -> shape as transformers holds it (a source's
+        ``layer_state``): fused keys joined (:meth:`fused_shape`), :attr:`transposed` keys as (E, in, out)."""
+        tensors = self.tensors if layer is None else self.layer_tensors(config, layer)
+        parts = {p for ps in self.fused.values() for p in ps}
+        out = {hf: self.hf_shape(hf, config) for hf in tensors if hf not in parts}
+        for fused, ps in self.fused.items():
+            if all(p in tensors for p in ps):
+                out[fused] = self.fused_shape(fused, config)
+        for key in self.transposed:
+            if key in out:
+                out[key] = (*out[key][:-2], out[key][-1], out[key][-2])
+        return out
 
     def gguf_row_order(self, gguf_name: str, config):
         """Row indices taking a transformers tensor to its GGUF row order (None: the same order).

@@ -105,8 +105,9 @@ def read_config(family, field, tensors: dict, where: str):
     if expert_ff is None and family.has_experts:
         raise MoetraceError(f"GGUF file {where!r} lacks {key(K.EXPERT_FEED_FORWARD_LENGTH)}")
     scaling = opt(gguf.Keys.Rope.SCALING_TYPE)
-    if scaling not in (None, "none"):
-        raise MoetraceError(f"GGUF file {where!r} uses RoPE scaling {scaling!r}, which moetrace does not support yet")
+    if scaling not in (None, "none", "yarn"):
+        raise MoetraceError(f"GGUF file {where!r} uses RoPE scaling {scaling!r}, which moetrace does not support yet; "
+                            f"supported: none, yarn")
     k = family.keys
     d = {
         "architectures": [family.hf_architecture],
@@ -129,9 +130,16 @@ def read_config(family, field, tensors: dict, where: str):
                   k.top_k: int(req(K.EXPERT_USED_COUNT))})
     if k.shared_width:
         d[k.shared_width] = int(opt(K.EXPERT_SHARED_FEED_FORWARD_LENGTH, 0))
+    if scaling == "yarn":
+        d["rope_parameters"].update({"rope_type": "yarn", "factor": _f32(req(gguf.Keys.Rope.SCALING_FACTOR)),
+                                     "original_max_position_embeddings": int(req(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN))})
     for suffix, cfg_key, _ in family.gguf_extra:
         value = field(f"{family.gguf_arch}.{suffix}")
         if value is not None:
             d[cfg_key] = value
-    d.update(family.gguf_config)
+    fixed = dict(family.gguf_config)
+    # A family's fixed RoPE details (GPT-OSS's YaRN without truncation) join what the file says.
+    d["rope_parameters"].update(fixed.pop("rope_parameters", {}) if scaling == "yarn" else {})
+    fixed.pop("rope_parameters", None)
+    d.update(fixed)
     return AutoConfig.for_model(family.model_types[0], **d)

@@ -129,9 +129,33 @@ def _experts_forward(mod, engine: str, hidden: torch.Tensor, top_k_index: torch.
         xe = x[tok]  # (t_e, H)
         g = block_linear(xe, gate_up[0], e, engine)  # (t_e, I)
         u = block_linear(xe, gate_up[1], e, engine)
-        y = block_linear(mod.act_fn(g) * u, down, e, engine)  # (t_e, H)
+        y = block_linear(_gated(mod, g, u, e), down, e, engine)  # (t_e, H)
+        if getattr(mod, "down_proj_bias", None) is not None:  # ggml adds it after the matmul, in F32
+            y = y + mod.down_proj_bias[e].to(torch.float32)
         slots[tok, pos] = y * top_k_weights[tok, pos, None].to(torch.float32)
     out = slots[:, 0]
     for s in range(1, k):  # llama.cpp adds the weighted experts slot by slot
         out = out + slots[:, s]
     return out.reshape(hidden.shape).to(hidden.dtype)
+
+
+def _gated(mod, g: torch.Tensor, u: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert ``e``'s activation of its gate and up outputs (t_e, I) -> (t_e, I): the module's own.
+
+    transformers' experts modules gate through ``_apply_gate`` on gate and up joined as the module
+    holds them: concatenated (``act_fn(gate) * up``), or interleaved where ``is_concatenated`` is
+    False (GPT-OSS, whose ``_apply_gate`` is the clamped SwiGLU); per-expert gate/up biases
+    (``gate_up_proj_bias``, same layout) are added after the matmuls, as ggml does.
+    """
+    import torch
+
+    if not hasattr(mod, "_apply_gate"):
+        return mod.act_fn(g) * u
+    if getattr(mod, "is_concatenated", True):
+        gate_up = torch.cat([g, u], dim=-1)  # (t_e, 2I)
+    else:
+        gate_up = torch.stack([g, u], dim=-1).flatten(-2)  # (t_e, 2I): gate at even, up at odd columns
+    bias = getattr(mod, "gate_up_proj_bias", None)
+    if bias is not None:
+        gate_up = gate_up + bias[e].to(torch.float32)
+    return mod._apply_gate(gate_up)

@@ -62,8 +62,37 @@ class BuiltinShape:
     vocab: int = 256
     seed: int = 0
     family: str = MODEL_TYPE  # the transformers model type of the family it is written as
-    expert_keys: str = "fused"  # "fused" (transformers 5's) or "per_expert" (as released checkpoints ship)
-    config: tuple = ()  # the family's own config entries, (key, value) pairs (DeepSeek's MLA ranks, ...)
+    # "fused" (transformers 5's), "per_expert" (as released checkpoints ship) or "packed" (the
+    # family's ``packed`` format, GPT-OSS's MXFP4 experts, as its published checkpoints ship)
+    expert_keys: str = "fused"
+    # config.json entries of the family or the real model beyond the common ones (DeepSeek's MLA
+    # ranks, GPT-OSS's sliding window and YaRN), as (key, value) pairs; a dict value as its own pairs
+    config: tuple = ()
+
+    def __post_init__(self):
+        # hashable however it came (a shape read back from JSON holds lists): pairs of pairs
+        object.__setattr__(self, "config", _frozen(self.config))
+
+
+def _frozen(v):
+    """Lists as tuples, all the way down (JSON gives lists where a preset wrote tuples)."""
+    return tuple(_frozen(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def _config_value(v):
+    """A ``config`` value as config.json holds it: (key, value) pairs are a dict."""
+    if isinstance(v, tuple) and v and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in v):
+        return {k: _config_value(x) for k, x in v}
+    return v
+
+
+# GPT-OSS's own config entries (openai/gpt-oss-20b's config.json): YaRN over 4096 positions,
+# factor 32, not truncated; rms_norm_eps 1e-5. The window is the preset's own.
+_GPT_OSS_YARN = ("rope_parameters", (("rope_type", "yarn"), ("rope_theta", 150000.0), ("factor", 32.0),
+                                     ("beta_fast", 32.0), ("beta_slow", 1.0), ("truncate", False),
+                                     ("original_max_position_embeddings", 4096)))
+_TINY_GPT_OSS = (("sliding_window", 8), ("rms_norm_eps", 1e-05), _GPT_OSS_YARN)
+_GPT_OSS_20B = (("sliding_window", 128), ("rms_norm_eps", 1e-05), _GPT_OSS_YARN)
 
 
 PRESETS: dict[str, BuiltinShape] = {
@@ -95,6 +124,19 @@ PRESETS: dict[str, BuiltinShape] = {
         "choose layers with :layers=N (default 2; the real model has 32)",
         layers=2, hidden=4096, experts=8, top_k=2, expert_width=14336, heads=32, kv_heads=8, head_dim=128,
         family="mixtral", expert_keys="per_expert",
+    ),
+    "tiny-gpt-oss": BuiltinShape(
+        "for tests: GPT-OSS (sinks, sliding window 8 on alternate layers, router bias, clamped SwiGLU, 16 experts "
+        "top-4, MXFP4 experts as published), 4 layers, widths 256, 4/2 heads of 64",
+        layers=4, hidden=256, experts=16, top_k=4, expert_width=256, heads=4, kv_heads=2, head_dim=64,
+        family="gpt_oss", expert_keys="packed", config=_TINY_GPT_OSS,
+    ),
+    "gpt-oss-20b": BuiltinShape(
+        "gpt-oss-20b's real widths (hidden 2880, 64/8 heads of 64, 32 experts top-4, expert width 2880, sliding "
+        "window 128 on alternate layers, MXFP4 experts); choose layers with :layers=N (default 2; the real model "
+        "has 24)",
+        layers=2, hidden=2880, experts=32, top_k=4, expert_width=2880, heads=64, kv_heads=8, head_dim=64,
+        family="gpt_oss", expert_keys="packed", config=_GPT_OSS_20B,
     ),
     "olmoe-1b-7b": BuiltinShape(
         "OLMoE-1B-7B's real widths (hidden 2048, 16/16 heads of 128, 64 experts top-8, expert width 1024); "
@@ -341,7 +383,7 @@ def hf_config_dict(shape: BuiltinShape) -> dict:
     """
     f = family(shape)
     k = f.keys
-    return {
+    cfg = {
         "architectures": [f.hf_architecture],
         "model_type": f.model_types[0],
         "vocab_size": shape.vocab,
@@ -364,9 +406,20 @@ def hf_config_dict(shape: BuiltinShape) -> dict:
         "eos_token_id": None,
         "pad_token_id": None,
         "dtype": "bfloat16",
-        **f.gguf_config,
-        **{k: dict(v) if isinstance(v, tuple) else v for k, v in shape.config},
+        # rope_parameters there are details joined to a GGUF file's RoPE, not a whole config entry
+        **{k: v for k, v in f.gguf_config.items() if k != "rope_parameters"},
+        **{k: _config_value(v) for k, v in shape.config},  # the family's and the real model's own
     }
+    if shape.expert_keys == "packed":
+        formats = sorted(set(f.packed.values()))
+        if len(formats) != 1:
+            raise MoetraceError(f"built-in preset with family {f.name}: expert_keys 'packed' needs the family to pack "
+                                f"its experts in one format; it has {formats or 'none'}")
+        # As a published checkpoint says it: which format, and that only the packed keys are in it.
+        cfg["quantization_config"] = {"quant_method": formats[0],
+                                      "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                                 "model.embed_tokens", "lm_head"]}
+    return cfg
 
 
 def _rng(shape: BuiltinShape, name: str) -> np.random.Generator:
@@ -577,9 +630,12 @@ def checkpoint_plan(shape: BuiltinShape, plant: Plant | None = None):
     is left out, a 1-D norm weight of another width (OLMoE's whole-projection q/k norms) is
     resized to it (``np.resize`` repeats the values, same distribution), a tensor Qwen3-MoE lacks
     or holds at another shape (DeepSeek's latent attention, shared experts, router bias, dense
-    MLP) is generated from its shape and role (see :func:`_family_tensor`), and with
-    ``expert_keys="per_expert"`` the fused expert tensors are split into the family's per-expert
-    keys (``fusion.key``) and the other keys take their checkpoint names (``fusion.renames`` reversed).
+    MLP; GPT-OSS's biases and sinks) is generated from its shape and role (see :func:`_family_tensor`),
+    a tensor the family names or lays out otherwise (GPT-OSS's router, its transposed and interleaved
+    experts) is renamed and relaid (see :func:`_as_family`); with ``expert_keys="per_expert"`` the
+    fused expert tensors are split into the family's per-expert keys (``fusion.key``) and the other
+    keys take their checkpoint names (``fusion.renames`` reversed); with ``expert_keys="packed"`` the
+    family's ``packed`` keys are written in its format (GPT-OSS's MXFP4 blocks and scales).
     """
     from types import SimpleNamespace
 
@@ -608,12 +664,10 @@ def _family_layer(shape: BuiltinShape, fam, config, planned: list, per_expert: b
     layer = int(planned[0][0].split(".")[2])
     prefix = fam.layer_prefix(layer)
     fusion = fam.fusion
-    want = _layer_shapes(fam, config, layer)  # transformers 5 key inside the layer -> shape
+    want = fam.hf_layer_shapes(config, layer)  # transformers 5 key inside the layer -> shape
     have = {}
-    for name, dims, make in planned:
-        inner = name[len(prefix):]
-        if inner not in want:
-            continue
+    for inner, dims, make in _as_family(fam, [(name[len(prefix):], dims, make) for name, dims, make in planned],
+                                        want):
         if dims != want[inner]:
             if len(dims) != 1 or len(want[inner]) != 1:
                 continue  # another shape: the family's own tensor is generated below
@@ -630,35 +684,98 @@ def _family_layer(shape: BuiltinShape, fam, config, planned: list, per_expert: b
                 for i, proj in enumerate(projs):
                     yield prefix + fusion.per_expert_key(e, proj), (rows, dims[2]), _rows(make, e, i * rows, rows)
             continue
+        if shape.expert_keys == "packed" and inner in fam.packed:
+            yield from _packed_plan(prefix, inner, dims, make, fam)
+            continue
         yield prefix + (fusion.checkpoint_key(inner) if per_expert else inner), dims, make
 
 
-def _layer_shapes(fam, config, layer: int) -> dict:
-    """Transformers 5 key inside decoder ``layer`` -> shape, fused tensors as transformers holds them."""
-    out = {}
-    for key in fam.gguf_layer_names(layer, config):
-        out[key] = fam.fused_shape(key, config) if key in fam.fused else fam.hf_shape(key, config)
-    return out
+def _as_family(fam, planned: list, want: dict):
+    """(key, dims, make) of the Qwen3-MoE plan's layer tensors ``planned`` (keys inside the layer) under the
+    family's keys and in its layout: a key the family holds under another name with the same GGUF tensor
+    (GPT-OSS's router ``mlp.router``, Qwen3-MoE's ``mlp.gate``) takes that name, a key the family holds
+    transposed or interleaved (GPT-OSS's experts) is laid out so; a tensor the family has not is left out."""
+    base = family()
+
+    def kind(f, key):  # the GGUF tensor a key is (stem, .weight or .bias); None: a fused or unknown key
+        stem = f.layer_stems.get(key)
+        return (stem, f.gguf_suffix(key)) if isinstance(stem, str) else None
+
+    by_kind = {kind(fam, key): key for key in want if kind(fam, key) is not None}
+    planned_keys = {inner for inner, _, _ in planned}
+    for inner, dims, make in planned:
+        if inner not in want:
+            inner = by_kind.get(kind(base, inner))
+            if inner is None or inner in planned_keys:
+                continue
+        if inner in fam.transposed or inner in fam.interleaved:  # from Qwen3-MoE's layout to the family's
+            dims = (*dims[:-2], dims[-1], dims[-2]) if inner in fam.transposed else dims
+            make = _relaid(make, base, fam, inner)
+        yield inner, dims, make
 
 
 ROUTER_BIAS_STD = 0.1  # a selection bias that changes some choices among sigmoid scores of spread ~0.3
+# Biases and other vectors the Qwen3-MoE plan lacks, by GGUF stem: their standard deviation
+# (default ROUTER_BIAS_STD). GPT-OSS's attention sinks are logits of the order of the scores; its
+# router's bias a per-expert preference of a fifth of the router's logit spread; its expert biases small.
+VECTOR_STD = {"attn_sinks": 1.0, "ffn_gate_inp": 0.5, "ffn_gate_exps": 0.02, "ffn_up_exps": 0.02,
+              "ffn_down_exps": 0.02}
 
 
 def _family_tensor(shape: BuiltinShape, fam, name: str, dims: tuple):
     """``make`` of a tensor the Qwen3-MoE plan lacks, from its shape and its role (by its GGUF name):
-    a norm 1 + 0.1 N(0, 1), another vector (a router's selection bias) N(0, ROUTER_BIAS_STD), a
-    matrix Student t scaled by 1/sqrt(row length), as the plan's own projections."""
+    a norm 1 + 0.1 N(0, 1); a bias or another vector (a router's selection bias, attention sinks)
+    N(0, std) with std from VECTOR_STD; a matrix Student t scaled by 1/sqrt(row length), as the
+    plan's own projections."""
     from moetrace.kernels.compute import role_of
 
     inner = name.split(".", 3)[3]
     stems = fam.layer_stems_unfused
-    stem = stems[fam.fused[inner][0]] if inner in fam.fused else stems.get(inner, "")
+    part = fam.fused[inner][0] if inner in fam.fused else inner
+    stem = stems.get(part, "")
     rng = lambda: _rng(shape, name)  # noqa: E731
     if len(dims) == 1 and role_of(stem + ".weight") == "norm":
         return lambda: (1.0 + 0.1 * rng().standard_normal(dims)).astype(np.float32)
-    if len(dims) == 1:
-        return lambda: (ROUTER_BIAS_STD * rng().standard_normal(dims)).astype(np.float32)
+    if len(dims) == 1 or (part in stems and fam.gguf_suffix(part) == ".bias"):
+        std = VECTOR_STD.get(stem, ROUTER_BIAS_STD)
+        return lambda: (std * rng().standard_normal(dims)).astype(np.float32)
     return lambda: _t(rng(), dims, 1.0 / np.sqrt(dims[-1]))
+
+
+def _relaid(make, base, fam, key: str):
+    """``make``'s tensor, held as ``base`` holds ``key``, as ``fam`` holds it (transposed, interleaved)."""
+    import torch
+
+    def relaid():
+        parts = base.to_gguf(key, torch.from_numpy(make()))
+        return fam.from_gguf(key, parts).contiguous().numpy()
+
+    return relaid
+
+
+def _packed_plan(prefix: str, key: str, dims: tuple, make, fam):
+    """The checkpoint tensors of ``key`` packed in the family's format (GPT-OSS: MXFP4 blocks and scales)."""
+    from moetrace.tracer.sources.packed import pack, packed_names
+
+    fmt = fam.packed[key]
+    out_in = (*dims[:-2], dims[-1], dims[-2]) if key in fam.transposed else dims  # [out, in]
+    names = packed_names(key, fmt)
+    held = _OneSlot()
+
+    def part(i):
+        def make_part():
+            def build():
+                import torch
+
+                w = torch.from_numpy(make())
+                w = w.transpose(-1, -2) if key in fam.transposed else w
+                return pack(fmt, w)
+            return held.get(key, build)[i]
+        return make_part
+
+    shapes = [(*out_in[:-1], out_in[-1] // 32, 16), (*out_in[:-1], out_in[-1] // 32)]
+    for i, (n, shp) in enumerate(zip(names, shapes)):
+        yield prefix + n, shp, part(i)
 
 
 def _rows(make, e: int, start: int, n: int):
@@ -711,7 +828,14 @@ def _planted(model: BuiltinModel, name: str) -> bool:
     m = fusion.match(inner) if fusion is not None else None
     if m:
         return m[1] == model.plant.expert
-    return fusion is not None and fusion.rename(inner) in fusion.fused
+    if fusion is None:  # no per-expert keys: the planted layer's expert tensors (packed ones by their parts)
+        from moetrace.tracer.sources.validate import PACKED_SUFFIXES
+
+        for suffix in PACKED_SUFFIXES:
+            inner = inner[:-len(suffix)] if inner.endswith(suffix) and inner[:-len(suffix)] in fam.packed else inner
+        stems = fam.layer_stems.get(inner, ())
+        return any(st.endswith("_exps") for st in ((stems,) if isinstance(stems, str) else stems))
+    return fusion.rename(inner) in fusion.fused
 
 
 def _write_descriptors(model: BuiltinModel, folder: Path) -> None:
@@ -732,8 +856,9 @@ def write_safetensors(path: Path, plan, progress=None) -> None:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, dims, _ in entries:
-        size = 2 * int(np.prod(dims, dtype=np.int64))
-        header[name] = {"dtype": "BF16", "shape": list(dims), "data_offsets": [offset, offset + size]}
+        dtype = _st_dtype(name)
+        size = (1 if dtype == "U8" else 2) * int(np.prod(dims, dtype=np.int64))
+        header[name] = {"dtype": dtype, "shape": list(dims), "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors pads it
@@ -741,11 +866,22 @@ def write_safetensors(path: Path, plan, progress=None) -> None:
         fh.write(len(blob).to_bytes(8, "little") + blob)
         for k, (name, dims, make) in enumerate(entries):
             arr = make()
-            if arr.shape != tuple(dims) or arr.dtype != np.float32:
+            want = np.uint8 if _st_dtype(name) == "U8" else np.float32
+            if arr.shape != tuple(dims) or arr.dtype != want:
                 raise InternalError(f"built-in generator bug: {name} is {arr.dtype} {arr.shape}, planned {dims}")
-            _write_bf16(fh, arr)
+            if want == np.uint8:
+                fh.write(np.ascontiguousarray(arr).data)  # packed blocks and scales, as they are
+            else:
+                _write_bf16(fh, arr)
             if progress:
                 progress(k + 1, len(entries), name)
+
+
+def _st_dtype(name: str) -> str:
+    """The safetensors dtype a built-in checkpoint stores ``name`` in: BF16, or U8 for packed blocks and scales."""
+    from moetrace.tracer.sources.validate import PACKED_SUFFIXES
+
+    return "U8" if name.endswith(PACKED_SUFFIXES) else "BF16"
 
 
 def _write_bf16(fh, arr: np.ndarray) -> None:

@@ -19,6 +19,7 @@ from moetrace.errors import MoetraceError
 from moetrace.hooks import arch
 from moetrace.tracer.sources import builtin as builtin
 from moetrace.tracer.sources import validate
+from moetrace.tracer.sources.packed import packed_names, read_packed
 
 
 class ByteTokenizer:
@@ -231,10 +232,13 @@ class CheckpointSource:
         fusion = self.family.fusion
         state: dict[str, torch.Tensor] = {}
         experts: dict[tuple[str, int], str] = {}  # (proj, expert) -> HF name
+        packed = {n: (key, fmt) for key, fmt in self.family.packed.items() for n in packed_names(key, fmt)}
         with self._reader() as read:
             for k in self._index:
                 if not k.startswith(prefix):
                     continue
+                if k[len(prefix):] in packed:
+                    continue  # read below, whole
                 m = fusion.match(k[len(prefix):]) if fusion is not None else None
                 if m:
                     experts[m] = k
@@ -248,8 +252,28 @@ class CheckpointSource:
                         f"a checkpoint has one or the other"
                     )
                 state.update(self._fuse_experts(layer, experts, read))
+            state.update(self._unpack(prefix, read))
         validate.check_layer(state, self.family, self.config, layer, repr(str(self.folder)))
         return state
+
+    def _unpack(self, prefix: str, read) -> dict[str, torch.Tensor]:
+        """The family's packed keys of one layer (MXFP4 blocks and scales), dequantized exactly
+        (see moetrace.tracer.sources.packed) and laid out as transformers holds them. BF16 holds
+        every MXFP4 value exactly, at half float32's memory."""
+        out = {}
+        for key, fmt in self.family.packed.items():
+            names = [prefix + n for n in packed_names(key, fmt)]
+            have = [n in self._index for n in names]
+            if not any(have):
+                continue  # stored plain (a dequantized copy of the checkpoint)
+            if not all(have):
+                raise MoetraceError(f"{str(self.folder)!r} has {names[have.index(True)]} but lacks "
+                                    f"{names[have.index(False)]}; a {fmt} tensor needs both")
+            if prefix + key in self._index:
+                raise MoetraceError(f"{str(self.folder)!r} holds {prefix + key} both plain and as {fmt} blocks")
+            w = read_packed(fmt, [read(n) for n in names], prefix + key, torch.bfloat16)  # (E, out, in), exact
+            out[key] = self.family.from_gguf(key, [w])
+        return out
 
     def _fuse_experts(self, layer: int, keys: dict[tuple[str, int], str], read) -> dict[str, torch.Tensor]:
         fusion = self.family.fusion

@@ -150,10 +150,12 @@ class GGUFSource:
         out = {}
         try:
             for hf, g in self.family.gguf_layer_names(layer, self.config).items():
-                if isinstance(g, tuple) and not self.family.fuses_rows(hf):  # e.g. DeepSeek's kv_b from k_b, v_b
-                    out[hf] = self.family.gguf_merge(hf, [self._read(n) for n in g], self.config)
-                elif isinstance(g, tuple):  # a fused tensor: its GGUF tensors concatenated along rows
+                if isinstance(g, tuple) and self._row_blocks(hf, g):  # concatenated along rows, expert by expert
                     out[hf] = self._read_experts(list(g))
+                elif isinstance(g, tuple) or hf in self.family.transposed:  # joined as transformers holds them
+                    parts = [self._read_experts([n]) if len(self._get(n).shape) == 3 else self._read(n)
+                             for n in (g if isinstance(g, tuple) else (g,))]
+                    out[hf] = self.family.from_gguf(hf, parts, self.config)
                 elif len(self._get(g).shape) == 3:  # 3-D expert tensors: one expert at a time
                     out[hf] = self._read_experts([g])
                 else:
@@ -165,6 +167,13 @@ class GGUFSource:
         finally:
             self._drop_pages()
         return out
+
+    def _row_blocks(self, hf: str, names: tuple) -> bool:
+        """Whether fused ``hf`` is its 3-D GGUF tensors stacked along rows as they are (Family.from_gguf's
+        default join), which _read_experts builds one expert at a time without a second copy."""
+        fam = self.family
+        return (fam.fuses_rows(hf) and hf not in fam.interleaved and hf not in fam.transposed
+                and all(len(self._get(n).shape) == 3 for n in names))
 
     def _get(self, name: str):
         if name not in self._tensors:

@@ -111,8 +111,16 @@ def _check_spans(p: Path, spans: list, data_len: int) -> None:
                             f"the file holds {data_len}")
 
 
+# Quantized checkpoints (GPT-OSS's MXFP4 experts) store a weight as uint8 blocks and scales under
+# these suffixes; the family's ``packed`` says how they dequantize (moetrace.tracer.sources.packed).
+PACKED_SUFFIXES = ("_blocks", "_scales")
+
+
 def check_weight_dtype(path, name: str, dtype: str) -> None:
-    """Weights are floating point: an integer or boolean tensor is no weight moetrace can trace."""
+    """Weights are floating point: an integer or boolean tensor is no weight moetrace can trace
+    (packed quantized weights, uint8 under :data:`PACKED_SUFFIXES`, aside)."""
+    if dtype == "U8" and name.endswith(PACKED_SUFFIXES):
+        return
     if dtype not in WEIGHT_DTYPES:
         raise MoetraceError(f"{str(path)!r}: tensor {name!r} is {dtype}; weights must be one of "
                             f"{', '.join(WEIGHT_DTYPES)}")
@@ -213,17 +221,10 @@ def check_layer_count(names, family, n_layers: int, where: str, key: str = "num_
 
 
 def expected_layer_shapes(family, config, layer: int | None = None) -> dict[str, tuple[int, ...]]:
-    """Name inside a decoder layer -> shape, as a source's ``layer_state`` returns it (experts fused);
-    with ``layer``, the tensors that layer has (``family.layer_tensors``), else the family's MoE layer's."""
-    d = family.dims(config)
-    shape = lambda sym: tuple(s if isinstance(s, int) else d[s] for s in sym)  # noqa: E731
-    tensors = family.tensors if layer is None else family.layer_tensors(config, layer)
-    parts = {p for ps in family.fused.values() for p in ps}
-    out = {hf: shape(sym) for hf, sym in tensors.items() if hf not in parts}
-    for fused, ps in family.fused.items():
-        if all(p in tensors for p in ps):
-            out[fused] = family.fused_shape(fused, config)
-    return out
+    """Name inside a decoder layer -> shape, as a source's ``layer_state`` returns it (experts fused,
+    transposed where transformers holds them so); with ``layer``, the tensors that layer has
+    (``family.layer_tensors``), else the family's MoE layer's."""
+    return family.hf_layer_shapes(config, layer)
 
 
 def check_layer(state: dict, family, config, layer: int, where: str) -> None:

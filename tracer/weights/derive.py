@@ -47,8 +47,10 @@ class TensorTypes(dict):
 
 
 def never_quantized(gguf_name: str, ndim: int) -> bool:
-    """llama.cpp keeps 1-D tensors, norms and the router in F32."""
-    return ndim < 2 or "_norm.weight" in gguf_name or "ffn_gate_inp.weight" in gguf_name
+    """llama.cpp keeps 1-D tensors, norms, the router and every tensor whose name does not end in
+    ``weight`` (biases, also GPT-OSS's 2-D expert biases) as they are."""
+    return (ndim < 2 or "_norm.weight" in gguf_name or "ffn_gate_inp.weight" in gguf_name
+            or not gguf_name.endswith("weight"))
 
 
 def tensor_types(source, variant: Variant, *, has_imatrix: bool = False, context=True) -> TensorTypes:
@@ -411,29 +413,32 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
         if isinstance(g, tuple):  # fused, e.g. gate_up (E, 2F, H) = gate (E, F, H) ++ up (E, F, H)
             ts = [types.get(n, "F32") for n in g]
             config = getattr(types, "config", None)
-            parts = family.gguf_split(key, w, config)
-            # a block-computing path takes a fused tensor's parts only where they are row blocks of it;
+            parts = family.to_gguf(key, w, config)  # in the GGUF tensors' layout ([out, in])
+            # a block-computing path takes a fused tensor's parts only where they are rows of it;
             # DeepSeek's kv_b (attn_k_b, attn_v_b) comes to it dense, its parts dequantized and merged
             if form.blocks and family.fuses_rows(key) and not any(t in FLOAT_TYPES for t in ts):
                 out[key] = tuple(_blocks(part, n, t, ctx) for part, n, t in zip(parts, g, ts))
                 continue
             if all(t == "F32" for t in ts):
                 v = w.to(torch.float32) if cast else w
-            elif defer and not cast and family.fuses_rows(key):  # parts along dim 1, which Dequantizing fills
+            elif defer and not cast and family.fuses_rows(key) and key not in family.interleaved \
+                    and key not in family.transposed:  # parts as row blocks along dim 1, which Dequantizing fills
                 v = Dequantizing(tuple(zip(parts, g, ts)), ctx, tuple(w.shape))
             else:
-                v = family.gguf_merge(key, [dequantized(part, n, t, ctx) for part, n, t in zip(parts, g, ts)], config)
+                v = family.from_gguf(key, [dequantized(part, n, t, ctx) for part, n, t in zip(parts, g, ts)], config)
         else:
             t = types.get(g) if g else None
+            wg = family.to_gguf(key, w)[0] if key in family.transposed else w  # quantized along GGUF rows
             if form.blocks and t is not None and t not in FLOAT_TYPES:
-                out[key] = _blocks(w, g, t, ctx)
+                out[key] = _blocks(wg, g, t, ctx)
                 continue
             if not cast and t in (None, "F32"):
                 v = w
-            elif defer and not cast:
+            elif defer and not cast and key not in family.transposed:  # Dequantizing fills GGUF's row layout
                 v = Dequantizing(((w, g or key, t),), ctx, tuple(w.shape))
             else:
-                v = dequantized(w, g or key, t, ctx)
+                v = dequantized(wg, g or key, t, ctx)
+                v = family.from_gguf(key, [v]) if key in family.transposed else v
         if key in out.fp32:  # kept in float32 by every path, as transformers and llama.cpp keep it
             v = v.dense() if isinstance(v, Dequantizing) else v
             out[key] = v.to(torch.float32) if cast else v
@@ -469,15 +474,18 @@ def variant_global(source, variant: Variant, types: dict[str, str], *, context=N
 
 def gguf_tensors_of_layer(layer_state: dict[str, torch.Tensor], layer: int, family, config=None
                           ) -> dict[str, torch.Tensor]:
-    """A layer's reference tensors under GGUF names, fused tensors split into their GGUF tensors (views where
-    they can be; ``config``: the model's, for a family that splits a tensor by its sizes)."""
+    """A layer's reference tensors under GGUF names, fused tensors split into their GGUF tensors and transposed
+    ones transposed (views where they can be; ``config``: the model's, for a family that splits a tensor by
+    its sizes)."""
     out = {}
     for key, g in family.gguf_layer_names(layer).items():
         if key not in layer_state:
             continue
         w = layer_state[key]
         if isinstance(g, tuple):
-            out.update(zip(g, family.gguf_split(key, w, config)))
+            out.update(zip(g, family.to_gguf(key, w, config)))
+        elif key in family.transposed:
+            out[g] = family.to_gguf(key, w, config)[0]
         else:
             out[g] = w.reshape(-1) if key in family.gguf_vectors else w
     return out
