@@ -68,7 +68,7 @@ def test_dense_equals_dequantized_across_chunks(tiny_source, monkeypatch):
     d = Dequantizing(((w, "blk.0.ffn_down_exps.weight", "Q4_K"),), None, tuple(w.shape))
     assert torch.equal(d.dense(), want)
     gate_up = tiny_source.layer_state(0)["mlp.experts.gate_up_proj"]  # (E, 2F, H): its parts are not contiguous
-    parts = tiny_source.family.gguf_split("mlp.experts.gate_up_proj", gate_up)
+    parts = tiny_source.family.to_gguf("mlp.experts.gate_up_proj", gate_up)
     names = ("blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight")
     whole = torch.cat([W.dequantized(p, n, t) for p, n, t in zip(parts, names, ("Q4_K", "BF16"))], dim=1)
     fused = Dequantizing(tuple(zip(parts, names, ("Q4_K", "BF16"))), None, tuple(gate_up.shape))
