@@ -415,9 +415,11 @@ def hf_config_dict(shape: BuiltinShape) -> dict:
         if len(formats) != 1:
             raise MoetraceError(f"built-in preset with family {f.name}: expert_keys 'packed' needs the family to pack "
                                 f"its experts in one format; it has {formats or 'none'}")
-        # As a published checkpoint says it: which format, and that only the packed keys are in it.
+        # As a published checkpoint says it: which format, and that only the packed keys are in it
+        # (attention and router by the family's own module paths).
+        layers = f.layer_prefix("*")
         cfg["quantization_config"] = {"quant_method": formats[0],
-                                      "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                      "modules_to_not_convert": [layers + f.sites.attention, layers + f.sites.router,
                                                                  "model.embed_tokens", "lm_head"]}
     return cfg
 
