@@ -73,3 +73,18 @@ def test_analyses_run_and_say_where(overflow_run):
     assert "non-finite" in routing.format_routing(routing.routing_diff(ref, var))
     om = output.output_metrics(ref, var, n_resamples=20)
     assert np.isnan(float(om["kl_mean"]))
+
+
+def test_a_finite_record_whose_sum_overflows_has_no_finding():
+    """The check sums each site first: a sum that overflows fp16 (65504) while every value is finite
+    must not be reported; a single Inf or NaN among finite values must."""
+    big = torch.full((64, 8), 60000.0, dtype=torch.float16)  # finite; its sum is not
+    assert not torch.isfinite(big.sum())
+    assert first_nonfinite({"resid": big}) is None
+    for bad, kind in ((float("inf"), "inf"), (float("-inf"), "inf"), (float("nan"), "nan")):
+        x = torch.zeros(64, 8)
+        x[17, 3] = bad
+        assert first_nonfinite({"resid": x}) == ("resid", 17, kind)
+    both = torch.zeros(64, 8)
+    both[5, 0], both[9, 1] = float("inf"), float("-inf")  # they cancel to NaN in the sum: still found
+    assert first_nonfinite({"resid": both}) == ("resid", 5, "inf")

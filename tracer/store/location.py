@@ -64,12 +64,18 @@ def filesystem(loc, storage_options: dict | None = None):
     return fs, path
 
 
-def zarr_store(loc, read_only: bool, storage_options: dict | None = None):
-    """zarr's store for ``loc``: a LocalStore for a path, an FsspecStore for a URL."""
+def zarr_store(loc, read_only: bool, storage_options: dict | None = None, chunk_writes: bool = False):
+    """zarr's store for ``loc``: a LocalStore for a path, an FsspecStore for a URL.
+
+    ``chunk_writes``: the trace writer's local store, :func:`chunk_file_store` (chunk objects
+    written in place, metadata as LocalStore writes it).
+    """
     from zarr.storage import FsspecStore, LocalStore
 
     loc = as_location(loc)
     if isinstance(loc, Path):
+        if chunk_writes and not read_only:
+            return chunk_file_store()(loc)
         return LocalStore(loc, read_only=read_only)
     # zarr makes its own asynchronous file system instance, bound to zarr's event loop (fsspec's
     # synchronous one lives on another loop and cannot serve zarr's calls).
@@ -77,6 +83,56 @@ def zarr_store(loc, read_only: bool, storage_options: dict | None = None):
         return FsspecStore.from_url(loc, storage_options=storage_options, read_only=read_only)
     except ImportError as e:
         raise MoetraceError(f"cannot use {loc!r}: {e}; for s3:// URLs install moetrace[s3]") from None
+
+
+def chunk_file_store():
+    """The class of the trace writer's local store: zarr's LocalStore, whose ``set`` writes a chunk
+    object straight into its file.
+
+    LocalStore (zarr 3.1) writes every object to a temporary file and renames it, from a worker
+    thread, creating its parent folders first: four system calls and a thread handoff per
+    object, most of the cost of a megabyte-sized chunk after its encoding (benchmarks/
+    bench_store_write.py). A trace chunk needs none of it: its CRC-32C codec makes a torn chunk
+    an error on reading (tracer/store/reader.py), and resume rewrites every layer after the last
+    one marked done. Metadata objects (``zarr.json``) keep LocalStore's atomic replacement: a
+    reader may open the store while it is written.
+    """
+    global _ChunkFileStore
+    if _ChunkFileStore is None:
+        from zarr.storage import LocalStore
+
+        class ChunkFileStore(LocalStore):
+            async def set(self, key, value):
+                if key.rsplit("/", 1)[-1] == "zarr.json":
+                    return await super().set(key, value)
+                if not self._is_open:
+                    await self._open()
+                self._check_writable()
+                # In the event loop's thread: one layer's chunks are written one after another,
+                # with no handoff per chunk (the writer thread waits for the layer as a whole).
+                _write_file(self.root / key, value.as_buffer_like())
+
+        _ChunkFileStore = ChunkFileStore
+    return _ChunkFileStore
+
+
+_ChunkFileStore = None
+
+
+def _write_file(path: Path, data) -> None:
+    """Replace ``path``'s content with ``data`` (bytes-like), creating its folder if missing."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, flags, 0o644)
+    try:
+        view = memoryview(data).cast("B")
+        while view:  # a regular file takes it whole; a short write is finished, not dropped
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def listing(loc, storage_options: dict | None = None) -> dict[str, int]:

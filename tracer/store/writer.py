@@ -71,7 +71,7 @@ class TraceWriter:
         self._attrs_at = time.monotonic()  # when the layers_done attribute was last written
 
     def _store(self):
-        return loc_.zarr_store(self.path, read_only=False, storage_options=self.storage_options)
+        return loc_.zarr_store(self.path, read_only=False, storage_options=self.storage_options, chunk_writes=True)
 
     def _create(self, group_attrs: dict, coords: dict, specs: list) -> None:
         """Replace an earlier store of the same name (but keep this writer's lock) and create the arrays."""
@@ -144,8 +144,11 @@ class TraceWriter:
         from zarr.core.sync import sync  # what zarr's synchronous Array runs its coroutines with
 
         async def write_all():
-            # (token, n) each: exactly one chunk of its array.
-            await asyncio.gather(*(self._arrays[name].async_array.setitem((mi, i), arr) for name, i, arr in slabs))
+            # (token, n) each: exactly one chunk of its array, handed over with the chunk's own
+            # (1, 1, token, n) shape, which zarr encodes as it is (any other shape is first
+            # copied into a new chunk-shaped buffer).
+            await asyncio.gather(*(self._arrays[name].async_array.setitem(
+                (slice(mi, mi + 1), slice(i, i + 1)), arr[None, None]) for name, i, arr in slabs))
 
         with quiet():
             sync(write_all())
