@@ -22,7 +22,7 @@ demo: install
 	$(VENV)/bin/moetrace run $(DEMO_ARGS) --run demo
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 clean:
 	rm -rf $(VENV) traces/*/ *.egg-info
