@@ -166,3 +166,9 @@ def test_packed_experts_decode_expert_by_expert_as_whole(gpt_oss_source):
         want = src.family.from_gguf(key, [read_packed(fmt, parts, key, torch.bfloat16)])
         assert state[key].dtype == torch.bfloat16 and state[key].is_contiguous()
         assert torch.equal(state[key], want), key
+    # Blocks and scales that do not pair up are still one error naming both whole shapes.
+    from moetrace.errors import MoetraceError
+
+    blocks, scales = torch.zeros(4, 8, 2, 16, dtype=torch.uint8), torch.full((3, 8, 2), 127, dtype=torch.uint8)
+    with pytest.raises(MoetraceError, match=r"blocks \(4, 8, 2, 16\) and scales \(3, 8, 2\) do not pair up"):
+        src._unpack_one("mlp.experts.down_proj", "mxfp4", [blocks, scales], "x")

@@ -281,9 +281,12 @@ class CheckpointSource:
         family's ``transposed``), each expert's decoded (out, in) matrix is written through a
         transposed view, so memory holds the layer's tensor and one expert's, not a second whole copy.
         """
+        whole = lambda: self.family.from_gguf(key, [read_packed(fmt, parts, name, torch.bfloat16)])  # noqa: E731
         if parts[0].ndim < 3 or any(p.shape[0] != parts[0].shape[0] for p in parts):  # no expert axis to go by
-            return self.family.from_gguf(key, [read_packed(fmt, parts, name, torch.bfloat16)])  # or its error
+            return whole()  # or its error, naming the whole tensors' shapes
         first = read_packed(fmt, [p[0] for p in parts], name, torch.bfloat16)  # (out, in), exact
+        if first.ndim != 2:  # not (E, ...) of matrices: as a whole, where validation names the shape
+            return whole()
         n = parts[0].shape[0]
         hf = (n, *first.shape[::-1]) if key in self.family.transposed else (n, *first.shape)
         w = torch.empty(hf, dtype=torch.bfloat16)
