@@ -41,6 +41,19 @@ rule of its own for MLA tensors: ``attn_kv_b`` (absent from current conversions)
 ``attn_v``; ``attn_k_b``, ``attn_v_b``, ``attn_q_a``, ``attn_q_b`` and ``attn_kv_a_mqa`` take the
 file type's default type, with the row-size fallback (``attn_k_b`` rows are qk_nope_head_dim long:
 128 is no multiple of 256, so Q4_K falls back to Q5_0).
+
+Checked against llama.cpp's loader (src/llama-model.cpp ``LLM_ARCH_DEEPSEEK2``, read at commit
+00342301d01a; ggml shapes reversed into numpy's): ``attn_kv_a_norm`` (kv_lora,), ``attn_kv_a_mqa``
+(kv_lora + rope, hidden), ``attn_k_b`` (heads, kv_lora, nope), ``attn_v_b`` (heads, v, kv_lora),
+``attn_output`` (hidden, heads*v); ``attn_q_a_norm``/``attn_q_a``/``attn_q_b`` or ``attn_q``;
+``ffn_gate_inp`` (experts, hidden), ``exp_probs_b.bias`` optional (V2 has none), ``ffn_*_exps`` of
+``expert_feed_forward_length``, ``ffn_*_shexp`` of that times ``expert_shared_count``, dense lead
+layers ``ffn_*`` of ``feed_forward_length``; ``output`` required (no tied embeddings). All as
+written here. One difference is llama.cpp's own: at that commit it picks the query form by the
+layer count (``is_lite = n_layer == 27``, DeepSeek-V2-Lite's and Moonlight's), not by
+``q_lora_rank``, so a file of a full-query model with another layer count (the moonlight-16b-a3b
+preset at ``:layers=2``) or a low-rank one with 27 layers is written as convert_hf_to_gguf
+writes it but is not loaded by that llama.cpp; moetrace reads it either way.
 """
 
 from __future__ import annotations

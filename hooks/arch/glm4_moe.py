@@ -15,6 +15,15 @@ GGUF (llama.cpp's ``glm4moe``): ``attn_{q,k,v}`` with ``.bias``, ``attn_{q,k}_no
 ``rope.dimension_count`` = head_dim * partial_rotary_factor, ``expert_shared_count``,
 ``leading_dense_block_count``, sigmoid ``expert_gating_func``, ``expert_weights_scale``.
 The MTP layer (``num_nextn_predict_layers``) is not part of the decoder stack traced here.
+
+Checked against llama.cpp's loader (src/llama-model.cpp ``LLM_ARCH_GLM4_MOE``, read at commit
+00342301d01a): ``attn_{q,k,v}.weight`` and ``.bias``, ``attn_output`` (hidden, heads*head_dim),
+``post_attention_norm``, ``ffn_gate_inp`` and ``exp_probs_b.bias`` are required; ``attn_{q,k}_norm``
+are optional (head_dim,); dense lead layers ``ffn_{gate,up,down}`` of ``feed_forward_length``, MoE
+layers ``ffn_*_exps`` of ``expert_feed_forward_length`` and ``ffn_*_shexp`` of that times
+``expert_shared_count``; ``output`` optional (tied embeddings). Since the q/k/v biases are required,
+a model without them (``attention_bias`` false) cannot be a glm4moe file llama.cpp loads:
+:meth:`Glm4MoeFamily.gguf_unwritable` says so.
 """
 
 from __future__ import annotations
@@ -42,6 +51,13 @@ class Glm4MoeFamily(Family):
         if not getattr(config, "attention_bias", False):
             drop.update(QKV_BIASES)
         return {hf: s for hf, s in super().layer_tensors(config, layer).items() if hf not in drop}
+
+    def gguf_unwritable(self, config) -> str | None:
+        """llama.cpp's glm4moe loader requires the q/k/v biases (llama-model.cpp at 00342301d01a)."""
+        if not getattr(config, "attention_bias", False):
+            return ("its attention has no q/k/v biases (attention_bias false), which llama.cpp's glm4moe loader "
+                    "requires")
+        return super().gguf_unwritable(config)
 
     def config_from_gguf(self, field, tensors: dict, where: str):
         """The generic config; q/k norms and q/k/v biases as the file's tensors show (no GGUF key says them)."""

@@ -30,6 +30,14 @@ de-interleaved into ``ffn_gate_exps`` and ``ffn_up_exps`` (E, I, H), their biase
 ``post_attention_norm`` (not ffn_norm); q/k not permuted (NeoX rotary). llama-quantize keeps
 every tensor whose name does not end in ``weight`` (the biases) and 1-D tensors (the sinks) as
 they are.
+
+Checked against llama.cpp's loader (src/llama-model.cpp ``LLM_ARCH_OPENAI_MOE``, read at commit
+00342301d01a; ggml shapes reversed into numpy's): every tensor is required: ``attn_norm``,
+``post_attention_norm``, ``attn_{q,k,v}`` (heads*head_dim or kv_heads*head_dim, hidden) with
+biases, ``attn_output`` (hidden, heads*head_dim) with bias, ``attn_sinks`` (heads,),
+``ffn_gate_inp`` (experts, hidden) with bias (experts,), ``ffn_{gate,up}_exps`` (experts,
+expert_width, hidden) with biases (experts, expert_width), ``ffn_down_exps`` (experts, hidden,
+expert_width) with bias (experts, hidden), and ``output`` (no tied embeddings). All as written here.
 """
 
 from moetrace.hooks.arch.family import ConfigKeys, Family, Router, Sites

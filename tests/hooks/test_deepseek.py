@@ -349,3 +349,25 @@ def test_glm4_moe_reference_equals_transformers_and_its_gguf(tmp_path):
     q8 = moetrace.open_trace(stores["q8_0-fp32"])
     assert np.array_equal(from_file.logits.sel(mode="free").values, q8.logits.sel(mode="free").values)
 
+
+
+def test_glm4_moe_without_qkv_biases_is_no_llama_cpp_file(tmp_path):
+    """llama.cpp's glm4moe loader requires attn_{q,k,v}.bias (llama-model.cpp at 00342301d01a): a model without
+    them is refused by quantize with a one-line error, while the same model with them writes its file."""
+    import copy
+    from types import SimpleNamespace
+
+    from moetrace.errors import MoetraceError
+    from moetrace.tracer.weights.derive import config_source
+    from moetrace.tracer.weights.gguf_writer import write_gguf
+
+    fam = arch.by_name("glm4_moe")
+    config = config_source(GLM).config
+    assert config.attention_bias and fam.gguf_unwritable(config) is None
+    plain = copy.copy(config)
+    plain.attention_bias = False
+    assert "attention_bias" in fam.gguf_unwritable(plain)
+    src = SimpleNamespace(config=plain, family=fam, model_id="glm-without-biases")
+    with pytest.raises(MoetraceError, match="cannot be written as a GGUF file: its attention has no q/k/v biases"):
+        write_gguf(src, "q8_0", tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()

@@ -111,3 +111,64 @@ def test_fusing_per_expert_keys_drops_their_mapped_pages():
         e = src.family.n_experts(src.config) - 1
         name = next(k for k in expert_keys if src.family.fusion.match(k[len(prefix):]) == ("w2", e))
         assert torch.equal(state["mlp.experts.down_proj"][e], src.tensor(name))
+
+
+# GPT-OSS holds its experts transposed, (E, in, out), with gate/up interleaved along the last axis; its
+# published checkpoint stores them as MXFP4 blocks. Q4_K experts, and Q4_K gate with BF16 up (parts of
+# different types, both written through strided views of the module's tensor).
+GPT_OSS_VARIANTS = ["q4_k_m-bf16", "q4_k_m+ffn_up_exps=bf16-bf16"]
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_source():
+    from moetrace.tracer.sources.checkpoint import open_source
+
+    return open_source("builtin:tiny-gpt-oss")
+
+
+@pytest.mark.parametrize("name", GPT_OSS_VARIANTS)
+def test_transposed_interleaved_experts_stream_the_same_bits(gpt_oss_source, name):
+    from moetrace.tracer.execution.executor import _Model
+
+    src = gpt_oss_source
+    fam = src.family
+    assert {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"} <= set(fam.transposed)
+    v = Variant.parse(name)
+    types = W.tensor_types(src, v, context=None)
+    ref = src.layer_state(1)
+    whole = W.variant_layer_state(ref, 1, v, types, cast=False)
+    streamed = W.variant_layer_state(ref, 1, v, types, cast=False, defer=True)
+    deferred = {k for k, w in streamed.items() if isinstance(w, Dequantizing)}
+    assert {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"} <= deferred
+    skel = _Model(src).skeleton.model.layers[1]
+    want, got = _loaded(skel, v.path, whole), _loaded(skel, v.path, streamed)
+    for k in want:
+        assert got[k].dtype == want[k].dtype, k
+        assert torch.equal(got[k], want[k]), k
+    # the experts' values went through the quantizer: not the reference's
+    assert not torch.equal(got["mlp.experts.down_proj"], ref["mlp.experts.down_proj"].to(got["mlp.experts.down_proj"].dtype))
+
+
+def test_packed_experts_decode_expert_by_expert_as_whole(gpt_oss_source):
+    """The reference read from MXFP4 blocks expert by expert into transformers' layout is the whole-tensor decode."""
+    from safetensors import safe_open
+
+    from moetrace.tracer.sources.packed import packed_names, read_packed
+
+    src = gpt_oss_source
+    state = src.layer_state(2)
+    for key, fmt in src.family.packed.items():
+        names = [src.family.layer_prefix(2) + n for n in packed_names(key, fmt)]
+        parts = []
+        for n in names:
+            with safe_open(str(src.folder / src._index[n]), framework="pt") as h:
+                parts.append(h.get_tensor(n))
+        want = src.family.from_gguf(key, [read_packed(fmt, parts, key, torch.bfloat16)])
+        assert state[key].dtype == torch.bfloat16 and state[key].is_contiguous()
+        assert torch.equal(state[key], want), key
+    # Blocks and scales that do not pair up are still one error naming both whole shapes.
+    from moetrace.errors import MoetraceError
+
+    blocks, scales = torch.zeros(4, 8, 2, 16, dtype=torch.uint8), torch.full((3, 8, 2), 127, dtype=torch.uint8)
+    with pytest.raises(MoetraceError, match=r"blocks \(4, 8, 2, 16\) and scales \(3, 8, 2\) do not pair up"):
+        src._unpack_one("mlp.experts.down_proj", "mxfp4", [blocks, scales], "x")

@@ -155,7 +155,10 @@ _TINY_DSV3 = (("q_lora_rank", 256), ("kv_lora_rank", 256), ("qk_nope_head_dim", 
 # heads, no low-rank query (q_lora_rank null), kv_lora_rank 512, qk_nope/qk_rope/v head dims 128/64/128,
 # 64 routed experts top-6 of width 1408, 2 shared, n_group = topk_group = 1, routed_scaling_factor
 # 2.446, norm_topk_prob, first_k_dense_replace 1, dense width 11264, 27 layers, rope_theta 50000,
-# rms_norm_eps 1e-5 (its vocabulary of 163840 is byte-level 256 here, as in every preset).
+# rms_norm_eps 1e-5 (its vocabulary of 163840 is byte-level 256 here, as in every preset). config.json itself was
+# not at hand; these agree with published training recipes of the model (27 layers, 1 dense + 26 MoE, 64 experts
+# top-6 of 1408 + 2 shared, kv_lora 512, dense 11264, 16 heads of 128, scale 2.446, rope 50000, eps 1e-5) and with
+# llama.cpp's deepseek2 loader taking a 27-layer file as the full-query ("lite") form.
 _MOONLIGHT = (("q_lora_rank", None), ("kv_lora_rank", 512), ("qk_nope_head_dim", 128), ("qk_rope_head_dim", 64),
               ("v_head_dim", 128), ("n_shared_experts", 2), ("first_k_dense_replace", 1), ("n_group", 1),
               ("topk_group", 1), ("routed_scaling_factor", 2.446), ("norm_topk_prob", True),

@@ -271,9 +271,30 @@ class CheckpointSource:
                                     f"{names[have.index(False)]}; a {fmt} tensor needs both")
             if prefix + key in self._index:
                 raise MoetraceError(f"{str(self.folder)!r} holds {prefix + key} both plain and as {fmt} blocks")
-            w = read_packed(fmt, [read(n) for n in names], prefix + key, torch.bfloat16)  # (E, out, in), exact
-            out[key] = self.family.from_gguf(key, [w])
+            out[key] = self._unpack_one(key, fmt, [read(n) for n in names], prefix + key)
         return out
+
+    def _unpack_one(self, key: str, fmt: str, parts: list[torch.Tensor], name: str) -> torch.Tensor:
+        """One packed key in transformers' layout, decoded expert by expert straight into it.
+
+        The checkpoint holds the [out, in] layout; where transformers holds the transpose (the
+        family's ``transposed``), each expert's decoded (out, in) matrix is written through a
+        transposed view, so memory holds the layer's tensor and one expert's, not a second whole copy.
+        """
+        whole = lambda: self.family.from_gguf(key, [read_packed(fmt, parts, name, torch.bfloat16)])  # noqa: E731
+        if parts[0].ndim < 3 or any(p.shape[0] != parts[0].shape[0] for p in parts):  # no expert axis to go by
+            return whole()  # or its error, naming the whole tensors' shapes
+        first = read_packed(fmt, [p[0] for p in parts], name, torch.bfloat16)  # (out, in), exact
+        if first.ndim != 2:  # not (E, ...) of matrices: as a whole, where validation names the shape
+            return whole()
+        n = parts[0].shape[0]
+        hf = (n, *first.shape[::-1]) if key in self.family.transposed else (n, *first.shape)
+        w = torch.empty(hf, dtype=torch.bfloat16)
+        gguf = w.transpose(-1, -2) if key in self.family.transposed else w  # (E, out, in): a view
+        gguf[0] = first
+        for e in range(1, n):
+            gguf[e] = read_packed(fmt, [p[e] for p in parts], name, torch.bfloat16)
+        return w
 
     def _fuse_experts(self, layer: int, keys: dict[tuple[str, int], str], read) -> dict[str, torch.Tensor]:
         fusion = self.family.fusion

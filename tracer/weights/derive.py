@@ -421,9 +421,8 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
                 continue
             if all(t == "F32" for t in ts):
                 v = w.to(torch.float32) if cast else w
-            elif defer and not cast and family.fuses_rows(key) and key not in family.interleaved \
-                    and key not in family.transposed:  # parts as row blocks along dim 1, which Dequantizing fills
-                v = Dequantizing(tuple(zip(parts, g, ts)), ctx, tuple(w.shape))
+            elif defer and not cast and family.fuses_rows(key):  # filled through views of the module's tensor
+                v = Dequantizing(tuple(zip(parts, g, ts)), ctx, tuple(w.shape), _gguf_views(family, key, config))
             else:
                 v = family.from_gguf(key, [dequantized(part, n, t, ctx) for part, n, t in zip(parts, g, ts)], config)
         else:
@@ -434,8 +433,8 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
                 continue
             if not cast and t in (None, "F32"):
                 v = w
-            elif defer and not cast and key not in family.transposed:  # Dequantizing fills GGUF's row layout
-                v = Dequantizing(((w, g or key, t),), ctx, tuple(w.shape))
+            elif defer and not cast:  # Dequantizing fills GGUF's row layout (a transposed view where transposed)
+                v = Dequantizing(((wg, g or key, t),), ctx, tuple(w.shape), _gguf_views(family, key, None))
             else:
                 v = dequantized(wg, g or key, t, ctx)
                 v = family.from_gguf(key, [v]) if key in family.transposed else v
@@ -445,6 +444,12 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
             continue
         out[key] = v.to(form.dtype) if cast and form.dtype is not None else v
     return out
+
+
+def _gguf_views(family, key: str, config):
+    """Destination (as transformers holds ``key``) -> its parts as views in GGUF's layout: the family's
+    ``to_gguf``, which slices and transposes without copying, for a :class:`Dequantizing` weight."""
+    return lambda dst: family.to_gguf(key, dst, config)
 
 
 def variant_global(source, variant: Variant, types: dict[str, str], *, context=None) -> dict[str, torch.Tensor]:

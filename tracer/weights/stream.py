@@ -8,6 +8,12 @@ the module's tensor, and it quantizes, dequantizes, rounds and copies one chunk 
 time (:data:`moetrace.tracer.weights.derive.CHUNK_ELEMENTS`), so memory holds one chunk in
 float32 instead of the layer. Every element goes through the same operations as the whole-tensor
 path (dequantize to float32, the path's rounding, the copy's cast), so the values are the same bits.
+
+Where transformers holds a tensor in another layout than GGUF's (GPT-OSS's experts: transposed,
+(E, in, out), and gate/up interleaved along the last axis), ``split`` gives the destination's parts
+as *views* in GGUF's layout (the family's ``to_gguf`` applied to the destination), so the same
+row-by-row fill writes straight into the module's tensor through strided views, with no float32
+copy of the whole tensor and no transposing copy.
 """
 
 from __future__ import annotations
@@ -23,14 +29,18 @@ class Dequantizing:
     """A dense weight still to be dequantized: ``parts`` stacked along dim 1 (one part unless fused).
 
     Attributes:
-        parts: per part (reference tensor (rows, cols) or (E, rows, cols), GGUF name, GGML type name).
+        parts: per part (reference tensor in GGUF's layout, (rows, cols) or (E, rows, cols), GGUF name,
+            GGML type name).
         context: the QuantContext (cache, imatrix) or None.
-        shape: the dense shape (the parts' shapes joined along dim 1).
+        shape: the dense shape, as the module holds it (without ``split``: the parts' shapes joined along dim 1).
+        split: destination (``shape``) -> one view of it per part, in GGUF's layout (the family's
+            ``to_gguf``); None: the parts are row blocks along dim 1.
     """
 
     parts: tuple
     context: object
     shape: tuple
+    split: Callable[[torch.Tensor], list] | None = None
 
     dtype = torch.float32  # the dtype of what it dequantizes to, as a dense weight's ``dtype``
 
@@ -40,11 +50,30 @@ class Dequantizing:
             from moetrace.errors import InternalError
 
             raise InternalError(f"{self.parts[0][1]}: destination {tuple(dst.shape)}, weight {tuple(self.shape)}")
-        at = 0
-        for w, name, type_name in self.parts:  # fused parts lie along dim 1, as derive's torch.cat puts them
-            part = dst.narrow(1, at, w.shape[1])  # shaped like w: a view into dst
+        for (w, name, type_name), part in zip(self.parts, self._views(dst)):  # each shaped like w, a view into dst
             _fill_part(part if part.ndim == 3 else part.unsqueeze(0), w, name, type_name, self.context, convert)
-            at += w.shape[1]
+
+    def _views(self, dst: torch.Tensor) -> list[torch.Tensor]:
+        """One view of ``dst`` per part, shaped like the part; a split that would copy is an internal error."""
+        if self.split is None:  # fused parts lie along dim 1, as derive's torch.cat puts them
+            starts = [0]
+            for w, _, _ in self.parts[:-1]:
+                starts.append(starts[-1] + w.shape[1])
+            return [dst.narrow(1, at, w.shape[1]) for at, (w, _, _) in zip(starts, self.parts)]
+        views = list(self.split(dst))
+        if len(views) != len(self.parts):
+            from moetrace.errors import InternalError
+
+            raise InternalError(f"{self.parts[0][1]}: the destination splits into {len(views)} parts, the weight has "
+                                f"{len(self.parts)}")
+        base = dst.untyped_storage().data_ptr()
+        for v, (w, name, _) in zip(views, self.parts):
+            if v.untyped_storage().data_ptr() != base or tuple(v.shape) != tuple(w.shape):
+                from moetrace.errors import InternalError
+
+                raise InternalError(f"{name}: the destination's part {tuple(v.shape)} is not a view shaped like the "
+                                    f"weight {tuple(w.shape)}")
+        return views
 
     def dense(self) -> torch.Tensor:
         """The whole float32 tensor (where no destination exists yet, e.g. a prefetch thread)."""
