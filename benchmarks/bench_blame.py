@@ -13,6 +13,9 @@ prints where the plant is and where blame put it, so the acceptance reads off th
 the planted layer first at layer level, the planted expert matrix first within it.
 
 Measured on the shared 2-core machine under a load of about 15 (wall times stretched alike for both sides):
+The figures below were measured before the plant's gain (tracer/sources/builtin.py, PLANT_GAIN): their plants
+were ordinary experts, today's ``--plant L:E:P:1``; with the default gain see benchmarks/bench_plant_table.py
+and docs/benchmarks.md.
 builtin:mini, q4_k_m-bf16, plant 14:25:up drawn with --seed 7, 271 tokens: the traced run 157.5 s wall,
 48 layer forwards; blame's layer level 111 forwards (2.31x) in 1.15x the run's wall time, kind level 77
 (1.60x) in 0.40x, expert level 61 (1.27x) in 0.36x; layer + kind 3.92x forwards, 1.55x wall; the whole

@@ -7,7 +7,11 @@ Blame and the table are given the run folder only; they never see the plant.
 
 The variant is Q6_K: ordinary matrices keep about 1% error there, while the planted matrix's block
 scales round to zero (tracer/sources/builtin.py, PLANT_STD), so the fault stands far above the noise
-on a 4-layer model as Q4_K_M's does on builtin:mini (benchmarks/bench_blame.py shows that case).
+on a 3-layer model as Q4_K_M's does on builtin:mini (benchmarks/bench_plant_table.py shows that case).
+
+For time, the runs are shared by the module (one probe run of the routing alone, one traced run per
+drawn plant, one blame search per plant, saved in its run folder as ``moetrace blame`` saves it), on
+builtin:tiny cut to 3 layers.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ import json
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from tests.cli_runner import moetrace
 
-TINY = "builtin:tiny"
+TINY = "builtin:tiny:layers=3"
+LAYERS = 3
 SEED = 1202
 VARIANT = "q6_k-bf16"
-TOKENS = 48
+TOKENS = 32
 N_CASES = 2
 MIN_TOKENS = 6  # a drawn expert is one at least this many token slots reach
 # Restoring the blamed expert matrix alone recovers at least this share of what restoring its whole
@@ -42,12 +48,12 @@ def cases(tmp_path_factory):
     from moetrace.tracer import api
 
     root = tmp_path_factory.mktemp("blame")
-    api.run(model=TINY, variants=[VARIANT], max_tokens=TOKENS, out_dir=root, run_name="probe")
+    api.run(model=TINY, variants=[VARIANT], max_tokens=TOKENS, out_dir=root, run_name="probe", sites=["topk_idx"])
     probe = _open(root / "probe", VARIANT)
     rng = np.random.default_rng(SEED)
     out = []
     while len(out) < N_CASES:
-        L, proj = int(rng.integers(0, 4)), str(rng.choice(["gate", "up", "down"]))
+        L, proj = int(rng.integers(0, LAYERS)), str(rng.choice(["gate", "up", "down"]))
         idx = probe["topk_idx"].sel(mode="free", moe_layer=L).values.ravel()
         reached = sorted(e for e in range(8) if (idx == e).sum() >= MIN_TOKENS)
         plant = f"{L}:{int(rng.choice(reached))}:{proj}"
@@ -60,22 +66,48 @@ def cases(tmp_path_factory):
     return out
 
 
+BUDGET = "1MB"
+
+
+@pytest.fixture(scope="module")
+def blamed(cases):
+    """Each case's blame search to the expert level, from its run folder alone, as saved there
+    (``RUN/blame-VARIANT.json``, where the report finds it): case 0 by the CLI, ``moetrace blame RUN VARIANT
+    --budget BUDGET --audit --json`` (a real process, whose JSON stdout must equal the saved file), case 1 by
+    the library call behind it."""
+    from moetrace.tracer.analysis.blame_run import run_blame
+
+    out = []
+    for i, (_, run_dir) in enumerate(cases):
+        if i == 0:
+            printed = json.loads(moetrace("blame", str(run_dir), VARIANT, "--budget", BUDGET, "--audit", "--json",
+                                          "-q").stdout)
+        else:
+            run_blame(run_dir, VARIANT)
+        saved = json.loads((run_dir / f"blame-{VARIANT}.json").read_text())
+        assert i != 0 or printed == saved
+        out.append(saved)
+    return out
+
+
+def _top(d: dict, level: str) -> dict:
+    """The first measured row of a level of a saved blame result (stopped branches have no KL)."""
+    return next(r for r in d[level] if r["kl_recovered"] is not None)
+
+
 @pytest.mark.parametrize("i", range(N_CASES))
-def test_blame_ranks_the_drawn_plant_first(cases, i):
+def test_blame_ranks_the_drawn_plant_first(cases, blamed, i):
     """Layer level: the planted layer first; kind level: its planted tensor; expert level: the planted expert,
     recovering most of what its layer recovers; all from the run folder alone."""
-    from moetrace.tracer.analysis import blame as B
-    from moetrace.tracer.analysis.blame_run import open_run
-
-    plant, run_dir = cases[i]
+    plant, _ = cases[i]
     L, e, proj = plant.split(":")
-    source, ref, var, _ = open_run(run_dir, VARIANT)
-    res = B.blame(source, ref, var, level="expert", n_resamples=200)
-    assert res.top("layer")["layer"] == int(L), B.format_blame(res)
-    assert res.top("kind")["part"] == f"blk.{L}.ffn_{proj}_exps", B.format_blame(res)
-    top = res.top("expert")
-    assert top["expert"] == int(e), B.format_blame(res)
-    assert top["of_layer"] >= MOST, B.format_blame(res)
+    d = blamed[i]
+    why = json.dumps({k: d[k][:4] for k in ("layer", "kind", "expert")}, indent=1)
+    assert _top(d, "layer")["layer"] == int(L), why
+    assert _top(d, "kind")["part"] == f"blk.{L}.ffn_{proj}_exps", why
+    top = _top(d, "expert")
+    assert top["expert"] == int(e), why
+    assert top["of_layer"] >= MOST, why
     assert top["ci_low"] > 0  # the recovery is not noise over tokens
 
 
@@ -108,13 +140,13 @@ def test_nothing_restored_reproduces_the_recorded_output(cases):
 
     source, ref, var, _ = open_run(cases[0][1], VARIANT)
     R = Restorer(source, ref, var)
-    out = R.run([Candidate("none", {2: {}})])["none"]
+    out = R.run([Candidate("none", {1: {}})])["none"]
     assert np.array_equal(out.kl, R.variant_kl())
-    assert R.forwards == 2  # layers 2 and 3 only
+    assert R.forwards == 2  # layers 1 and 2 only
 
 
-def test_budget_overrides_reproduce_the_prediction_through_a_gguf(cases, tmp_path):
-    """`moetrace blame --budget` (a CLI run) picks the planted tensor; its llama-quantize overrides, written into a
+def test_budget_overrides_reproduce_the_prediction_through_a_gguf(cases, blamed, tmp_path):
+    """`moetrace blame --budget` (the CLI run of the `blamed` fixture) picks the planted tensor; its llama-quantize overrides, written into a
     GGUF file by moetrace's quantizer and traced as that file, recover the KL blame predicted, inside its stated
     interval; the audit cross-check names the planted matrix as blamed first."""
     from moetrace.tracer import api
@@ -125,8 +157,7 @@ def test_budget_overrides_reproduce_the_prediction_through_a_gguf(cases, tmp_pat
 
     plant, run_dir = cases[0]
     L, e, proj = plant.split(":")
-    out = json.loads(moetrace("blame", str(run_dir), VARIANT, "--budget", "1MB", "--audit", "--level", "kind",
-                              "--json", "-q").stdout)
+    out = blamed[0]
     b = out["budget"]
     assert f"blk.{L}.ffn_{proj}_exps" in b["chosen"] and 0 < b["added_bytes"] <= 1e6
     assert b["within"]
@@ -149,17 +180,18 @@ def test_budget_overrides_reproduce_the_prediction_through_a_gguf(cases, tmp_pat
     assert r.stores
 
 
-def test_tokens_of_a_flagged_expert_and_the_report(cases):
-    """`moetrace routing --expert L:E` lists exactly the tokens either side routes to E at L (numpy on the stores);
+def test_tokens_of_a_flagged_expert_and_the_report(cases, blamed):
+    """`moetrace routing --expert L:E` (run in this process) lists exactly the tokens either side routes to E at L (numpy on the stores);
     the report opens with a table of contents of one-line verdicts and shows the per-expert, component and blame
     sections of the variant."""
-    from moetrace.tracer.analysis.blame_run import run_blame
+    from moetrace.cli.main import main
     from moetrace.tracer.render.report import write_report
 
     plant, run_dir = cases[1]
-    L, e, _ = (int(x) if x.isdigit() else x for x in plant.split(":"))
-    p = moetrace("routing", str(run_dir / "orig-fp32.zarr"), str(run_dir / f"{VARIANT}.zarr"), "--expert",
-                 f"{L}:{e}", "--json")
+    L, e, proj = (int(x) if x.isdigit() else x for x in plant.split(":"))
+    p = CliRunner().invoke(main, ["routing", str(run_dir / "orig-fp32.zarr"), str(run_dir / f"{VARIANT}.zarr"),
+                                 "--expert", f"{L}:{e}", "--json"])
+    assert p.exit_code == 0, p.stderr
     rows = json.loads(p.stdout)["tokens"]
     ref, var = _open(run_dir, "orig-fp32"), _open(run_dir, VARIANT)
     ri = ref["topk_idx"].sel(mode="free", moe_layer=L).values
@@ -168,14 +200,13 @@ def test_tokens_of_a_flagged_expert_and_the_report(cases):
     assert [r["token"] for r in rows] == want.tolist()
     assert all((r["ref_weight"] is None) == (not (ri[r["token"]] == e).any()) for r in rows)
 
-    run_blame(run_dir, VARIANT, level="layer")
-    rep = write_report(run_dir, n_resamples=20)
+    rep = write_report(run_dir, n_resamples=20)  # finds the blame ranking saved by the `blamed` fixture
     page = rep.index.read_text()
     assert '<ul class="toc">' in page
     for sid in (f"{VARIANT}-experts", f"{VARIANT}-components", f"{VARIANT}-blame"):
         assert f'href="#{sid}"' in page and f'id="{sid}"' in page
     assert f"worst expert matrix: layer {L} expert {e}" in page
-    assert f"blame layer {L}" in page
+    assert f"blame blk.{L}.ffn_{proj}_exps[{e}]" in page
 
 
 # BF16 arithmetic alone: about 2**-8 relative per rounding, a few roundings deep in an expert's SwiGLU.
@@ -198,8 +229,11 @@ def test_unchanged_weights_leave_only_arithmetic_error(tiny_run):
 
 
 def test_blame_without_the_variant_store_is_one_line(cases):
-    """A variant the run folder has no store of: exit status 2, one line naming the stores there."""
+    """A variant the run folder has no store of: exit status 2, one line naming the stores there (the command run
+    in this process: its error path needs no second interpreter)."""
+    from moetrace.cli.main import main
+
     plant, run_dir = cases[0]
-    p = moetrace("blame", str(run_dir), "q8_0-bf16", check=False)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+    p = CliRunner().invoke(main, ["blame", str(run_dir), "q8_0-bf16"])
+    assert p.exit_code == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "no store of variant q8_0-bf16" in p.stderr and VARIANT in p.stderr

@@ -8,7 +8,7 @@ import torch
 
 from moetrace.errors import MoetraceError
 from moetrace.tracer.sources import builtin as builtin
-from moetrace.tracer.sources.builtin import PLANT_STD, Plant, generate_tensors, parse_builtin
+from moetrace.tracer.sources.builtin import PLANT_GAIN, PLANT_STD, Plant, generate_tensors, parse_builtin
 
 
 def test_default_model_shape_meets_requirements():
@@ -80,8 +80,12 @@ def _cos(a, b):
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
-def test_plant_rescales_one_expert_keeping_its_function():
-    m = parse_builtin("builtin:tiny", plant="2:5:down")
+@pytest.mark.parametrize("gain", [1.0, PLANT_GAIN])
+def test_plant_rescales_one_expert_scaling_its_output_by_the_gain(gain):
+    """The planted matrix shrinks to PLANT_STD, its partner grows by the inverse factor times the gain: the
+    expert computes its function times the gain (gain 1: the same function)."""
+    m = parse_builtin("builtin:tiny", plant=f"2:5:down:{gain}")
+    assert m.plant.gain == gain
     t = {k: torch.from_numpy(v).to(torch.bfloat16).float().numpy() for k, v in generate_tensors(m.shape, m.plant)}
     clean = {k: torch.from_numpy(v).to(torch.bfloat16).float().numpy() for k, v in generate_tensors(m.shape)}
     down, down0 = t["model.layers.2.mlp.experts.down_proj"], clean["model.layers.2.mlp.experts.down_proj"]
@@ -91,9 +95,23 @@ def test_plant_rescales_one_expert_keeping_its_function():
                                      clean[f"model.layers.2.mlp.experts.{name}"][e])]
     assert changed == [(5, "down_proj"), (5, "gate_up_proj")]  # one expert, the matrix and its partner
     x = torch.randn(16, m.shape.hidden, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    # The same function up to the BF16 rounding of both rescaled matrices (2**-9 relative each).
-    assert _cos(_expert(t, 2, 5, x), _expert(clean, 2, 5, x)) > 0.9999
+    # The same function up to the BF16 rounding of both rescaled matrices (2**-9 relative each), times the gain.
+    out, out0 = _expert(t, 2, 5, x), _expert(clean, 2, 5, x)
+    assert _cos(out, out0) > 0.9999
+    assert float(out.norm() / out0.norm()) == pytest.approx(gain, rel=BF16_RESCALE)
     assert m.content_hash != parse_builtin("builtin:tiny").content_hash
+
+
+# Two BF16 roundings of the rescaled matrices, each 2**-9 relative at most, over the expert's output norm.
+BF16_RESCALE = 2 * 2.0 ** -9
+
+
+def test_plant_gain_is_in_the_name_and_the_cache_key():
+    default, ordinary = parse_builtin("builtin:tiny", plant="2:5:down"), parse_builtin("builtin:tiny", plant="2:5:down:1")
+    assert str(default.plant) == "2:5:down" and default.plant.gain == PLANT_GAIN
+    assert str(ordinary.plant) == "2:5:down:1" and ordinary.model_id.endswith("+plant=2:5:down:1")
+    assert default.content_hash != ordinary.content_hash
+    assert parse_builtin("builtin:tiny", plant=f"2:5:down:{PLANT_GAIN}").content_hash == default.content_hash
 
 
 def test_plant_breaks_q4_k_but_not_q8_0():
@@ -108,7 +126,8 @@ def test_plant_breaks_q4_k_but_not_q8_0():
 
 
 @pytest.mark.parametrize("plant,msg", [("99:0:down", "outside"), ("0:99:up", "outside"), ("1:2:mid", "PROJ"),
-                                       ("a:b:up", "integers"), ("1:2", "LAYER:EXPERT:PROJ")])
+                                       ("a:b:up", "integers"), ("1:2", "LAYER:EXPERT:PROJ"),
+                                       ("1:2:up:0", "GAIN"), ("1:2:up:x", "GAIN"), ("1:2:up:1:2", "PROJ")])
 def test_bad_plant_is_rejected(plant, msg):
     with pytest.raises(MoetraceError, match=msg):
         parse_builtin("builtin:tiny", plant=plant)
@@ -123,6 +142,7 @@ def test_bad_builtin_spec(spec, msg):
 
 def test_plant_parse_roundtrip():
     assert str(Plant.parse("5:3:down")) == "5:3:down"
+    assert str(Plant.parse("5:3:down:2.5")) == "5:3:down:2.5"
 
 
 # Calibration bounds: where a trained byte- or small-vocabulary LM's next-token distribution sits on

@@ -15,8 +15,9 @@ for error propagation in real LLMs:
   distribution of a random head, whose argmax any nudge flips (see :func:`_lm_head`);
 - optionally a planted fault in one expert matrix (see :func:`_plant`): its weights shrink to
   magnitudes where GGUF's fp16 block scales lose their precision, while its partner projection
-  grows by the inverse factor, so the reference computes the same function and only the
-  quantized model breaks (like the cosine-0.78 matrix of the original investigation).
+  grows by the inverse factor, so only the quantized model breaks (like the cosine-0.78 matrix of
+  the original investigation); the partner also takes the plant's gain, which makes the planted
+  expert a "loud" one whose output in the reference is PLANT_GAIN times an ordinary expert's.
 """
 
 from __future__ import annotations
@@ -199,6 +200,14 @@ OVERRIDABLE = ("layers", "seed")
 # Q4_0 0.994. With q4_k_m-bf16 the planted layer then has the highest teacher-forced (local)
 # error of builtin:mini's 16 layers, mean and p99 over tokens.
 PLANT_STD = 4.7e-6
+# The planted expert is also a "loud" one: its output grows by this gain (the partner projection takes
+# it, see _plant), as real MoE models have a few "super experts" whose outputs are far larger than the
+# rest. The reference then routes a large output through the planted expert, and losing the planted
+# matrix's block scales costs that much more at the output. With gain 1 (an ordinary expert, ``--plant
+# L:E:P:1``) the fault is real but on builtin:mini often matters less than an early layer's ordinary
+# Q4_K error, which the later layers amplify; the default was chosen by measuring drawn plants
+# (benchmarks/bench_plant_table.py, docs/benchmarks.md "Planted faults").
+PLANT_GAIN = 4.0
 
 # The output calibration (see _lm_head): each input byte has SUCCESSORS likely next bytes whose
 # logits fall off by a per-byte decay drawn from SUCCESSOR_DECAY, the first several nats above
@@ -213,28 +222,37 @@ OUTLIER_NORM = 0.05  # the final norm's weight on the outlier channels
 
 @dataclass(frozen=True)
 class Plant:
-    """A planted fault in expert ``expert`` of layer ``layer``, projection ``proj`` (gate, up or down)."""
+    """A planted fault in expert ``expert`` of layer ``layer``, projection ``proj`` (gate, up or down),
+    whose output is ``gain`` times an ordinary expert's (see PLANT_GAIN)."""
 
     layer: int
     expert: int
     proj: str
+    gain: float = PLANT_GAIN
 
     @classmethod
     def parse(cls, text: str) -> "Plant":
         parts = text.split(":")
         projs = family().expert_projs
-        if len(parts) != 3 or parts[2] not in projs:
+        if len(parts) not in (3, 4) or parts[2] not in projs:
             raise MoetraceError(
-                f"invalid --plant {text!r}; expected LAYER:EXPERT:PROJ with PROJ one of {', '.join(projs)}"
+                f"invalid --plant {text!r}; expected LAYER:EXPERT:PROJ[:GAIN] with PROJ one of {', '.join(projs)}"
             )
         try:
             layer, expert = int(parts[0]), int(parts[1])
         except ValueError:
             raise MoetraceError(f"invalid --plant {text!r}; LAYER and EXPERT must be integers") from None
-        return cls(layer, expert, parts[2])
+        try:
+            gain = float(parts[3]) if len(parts) == 4 else PLANT_GAIN
+        except ValueError:
+            gain = float("nan")
+        if not (np.isfinite(gain) and gain > 0):
+            raise MoetraceError(f"invalid --plant {text!r}; GAIN must be a positive number (default {PLANT_GAIN:g})")
+        return cls(layer, expert, parts[2], gain)
 
     def __str__(self) -> str:
-        return f"{self.layer}:{self.expert}:{self.proj}"
+        gain = f":{self.gain:g}" if self.gain != PLANT_GAIN else ""
+        return f"{self.layer}:{self.expert}:{self.proj}{gain}"
 
 
 @dataclass(frozen=True)
@@ -256,7 +274,8 @@ class BuiltinModel:
     def content_hash(self) -> str:
         blob = json.dumps(
             {"v": GENERATOR_VERSION, "shape": _hashed_shape(self.shape), "plant": str(self.plant or ""),
-             "plant_std": PLANT_STD if self.plant else None},
+             "plant_std": PLANT_STD if self.plant else None,
+             **({"plant_gain": self.plant.gain} if self.plant else {})},
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -600,7 +619,8 @@ def _head_scale(shape: BuiltinShape) -> float:
 
 
 def _plant(shape: BuiltinShape, plant: Plant, gate_up: np.ndarray, down: np.ndarray) -> None:
-    """Shrink the planted matrix to PLANT_STD and grow its partner by the same factor, in place.
+    """Shrink the planted matrix to PLANT_STD and grow its partner by the same factor times the
+    plant's gain, in place.
 
     Why not "a few extreme values": whatever outliers do to the rest of their blocks, they hold
     most of the matrix's energy and any faithful quantizer reproduces them, so the matrix's
@@ -610,7 +630,9 @@ def _plant(shape: BuiltinShape, plant: Plant, gate_up: np.ndarray, down: np.ndar
 
     down is paired with up (``down(silu(gate) * up)`` is unchanged when up grows by s and down
     shrinks by s); up with down likewise; gate with up, which keeps the expert's output
-    magnitude where silu is near-linear but not its exact function.
+    magnitude where silu is near-linear but not its exact function. The expert's output is linear in
+    the partner (up or down), so the gain scales that output and nothing else: the reference routes
+    the same tokens to a louder expert.
     """
     f, e = shape.expert_width, plant.expert
     views = {"gate": gate_up[e, :f], "up": gate_up[e, f:], "down": down[e]}
@@ -619,6 +641,8 @@ def _plant(shape: BuiltinShape, plant: Plant, gate_up: np.ndarray, down: np.ndar
     factor = np.float32(PLANT_STD / mat.std())
     mat *= factor  # writes through the views
     views[partner] /= factor
+    if plant.gain != 1.0:  # gain 1 keeps the very values of the ordinary plant
+        views[partner] *= np.float32(plant.gain)
 
 
 def checkpoint_tensors(shape: BuiltinShape, plant: Plant | None = None):
