@@ -25,6 +25,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--experts", type=int, default=16, help="experts timed (the estimate scales to 128)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--paths", default="", help="comma-separated paths to time (default: all); the baseline always runs")
     args = ap.parse_args(argv)
 
     import types
@@ -80,6 +81,10 @@ def main(argv=None):
                                                                                          marlin.roundtrip(w))),
                                  lambda: cpu._experts_forward(m_blocks, "llamacpp_cpu", x_exp.bfloat16(), idx, wts)),
     }
+
+    if args.paths:
+        keep = set(args.paths.split(","))
+        paths = {k: v for k, v in paths.items() if k == "bf16 (baseline)" or k in keep}
 
     def timed(pair):
         t0 = time.perf_counter()
