@@ -44,7 +44,7 @@ class LlamaCppCudaMMQ(LlamaCppCPU):
 
     name = "llamacpp_cuda_mmq"
     summary = ("llama.cpp CUDA MMQ/MMVQ: activations to q8_1 (32-value blocks), int8 dots from the GGUF blocks, "
-               "fp32 accumulation; fp32 elsewhere (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4, Q3_K, Q4_K, Q5_K, Q6_K weights)")
+               "fp32 accumulation; fp32 elsewhere (Q4_0 to Q8_0, MXFP4, Q2_K to Q6_K weights)")
     engine = "llamacpp_cuda_mmq"
 
     def prepare(self, layer: torch.nn.Module) -> None:

@@ -24,11 +24,18 @@
  *   Q6_K          per 128 values: t += (C0*sc0 + C1*sc1)*d_a acc += d*(d_a*(C0*sc0 + C1*sc1))
  *                 over 4 blocks, then acc += t*d
  *   Q3_K          acc += d_a*(C0*(d*sc0) + C1*(d*sc1))       acc += d*(d_a*(C0*sc0 + C1*sc1))
+ *   Q2_K          see below                                  acc += d*(d_a*(C0*sc0 + C1*sc1))
+ *                                                              - dmin*(d_a*(S0*m0 + S1*m1))
  *
  * The accumulator runs over the blocks in order: one MMQ thread's order over k (without stream-k's
  * split of long k ranges into partial sums added at the end); MMVQ's per-thread partial sums and
  * warp reduction are not modelled (a float32 reordering, within the bound the tests assert).
- * Q2_K's MMQ layout (D2S6: one activation scale per 64 values) is not emulated.
+ *
+ * Q2_K's MMQ (vec_dot_q2_K_q8_1_mma; activation layout D2S6: one fp16 scale d_a per 64 values, fp16
+ * sums s_g per 16 values for the first 96 of every 128, each the sum of 4 values per thread and 2 xor
+ * shuffles; A_g = h(d*sc_g), M_g = h(dmin*m_g) per 16 values): per 128 values, for each block
+ * t = C0*A0 + C1*A1 (the last block also t -= S0*M0 + S1*M1), acc += t*d_a; then for the first three
+ * blocks acc -= M_g*s_g for each of their two halves.
  *
  * Speed: each weight row is decoded once into the kernel's int8 codes and scales, then dotted with
  * every token's activations (the 16-lane int8 loops vectorize). */
@@ -38,6 +45,8 @@
 #include "engine_cuda.h"
 
 #define QK MT_QK
+
+int mt_cuda_sums_per_block(int t, int kernel) { return t == MT_ENG_Q2_K && kernel == MT_CUDA_MMQ ? 2 : 1; }
 
 int mt_cuda_ds4(int t) {
     return t == MT_ENG_Q4_0 || t == MT_ENG_Q4_1 || t == MT_ENG_Q5_1 || t == MT_ENG_Q4_K || t == MT_ENG_Q5_K;
@@ -53,8 +62,36 @@ static float xor_sum(float *v, int lanes) {
     return v[0];
 }
 
+/* quantize_mmq_q8_1 with layout D2S6 (Q2_K): per 64 values one scale, per 16 values a sum (the first 96 of
+ * every 128; the others 0). d and s per 32 values: d repeated over the two blocks of a 64, two sums each. */
+static void quantize_d2s6(const float *x, int64_t n, int8_t *qs, float *d, float *s) {
+    for (int64_t g = 0; g < n / 64; g++, x += 64, qs += 64) {
+        float amax = 0.0f, v[4];
+        for (int j = 0; j < 64; j++) amax = fmaxf(amax, fabsf(x[j]));
+        float dd = 0.0f;
+        if (amax == 0.0f) {
+            memset(qs, 0, 64);
+        } else {
+            const float d_inv = 127.0f / amax;
+            for (int j = 0; j < 64; j++) qs[j] = (int8_t)roundf(x[j] * d_inv);
+            dd = 1.0f / d_inv;
+        }
+        d[2 * g] = d[2 * g + 1] = h(dd);
+        for (int k = 0; k < 4; k++) { /* the 16-value groups of this 64 */
+            const int64_t g16 = 4 * g + k;
+            const float *x16 = x + 16 * k;
+            for (int th = 0; th < 4; th++) v[th] = ((x16[4 * th] + x16[4 * th + 1]) + x16[4 * th + 2]) + x16[4 * th + 3];
+            s[g16] = g16 % 8 < 6 ? h(xor_sum(v, 4)) : 0.0f;
+        }
+    }
+}
+
 void mt_cuda_quantize(const float *x, int64_t n, int kernel, int t, int8_t *qs, float *d, float *s) {
     const int ds4 = mt_cuda_ds4(t);
+    if (kernel == MT_CUDA_MMQ && t == MT_ENG_Q2_K) {
+        quantize_d2s6(x, n, qs, d, s);
+        return;
+    }
     for (int64_t b = 0; b < n / QK; b++, x += QK, qs += QK) {
         float amax = 0.0f, v[QK];
         for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
@@ -217,6 +254,31 @@ static void decode_q6k(const uint8_t *b, int64_t i, mt_crow *r) {
         }
 }
 
+/* Q2_K: unsigned 2-bit codes, sc and mn the 4-bit scale and min per 16; MMQ f0/f1 per 16 values
+ * h(d*sc), h(dmin*m) (load_tiles_q2_K's __hmul2), MMVQ f0/f1 per 32 values d, dmin. */
+static void decode_q2k(int mmq, const uint8_t *b, int64_t i, mt_crow *r) {
+    const uint8_t *qs = b + MT_Q2_K_QS;
+    const float d = mt_load_fp16(b + MT_Q2_K_D), dmin = mt_load_fp16(b + MT_Q2_K_DMIN);
+    int8_t *a = r->a + i * MT_QK_K;
+    for (int g = 0; g < 16; g++) {
+        const int sc = b[MT_Q2_K_SCALES + g] & 0xF, m = b[MT_Q2_K_SCALES + g] >> 4;
+        r->sc[16 * i + g] = (int16_t)sc;
+        r->mn[16 * i + g] = (int16_t)m;
+        if (mmq) {
+            r->f0[16 * i + g] = h(d * (float)sc);
+            r->f1[16 * i + g] = h(dmin * (float)m);
+        }
+    }
+    if (!mmq)
+        for (int j = 0; j < 8; j++) {
+            r->f0[8 * i + j] = d;
+            r->f1[8 * i + j] = dmin;
+        }
+    for (int k = 0; k < 2; k++)
+        for (int sh = 0; sh < 4; sh++)
+            for (int l = 0; l < 32; l++) a[128 * k + 32 * sh + l] = (int8_t)((qs[32 * k + l] >> (2 * sh)) & 3);
+}
+
 static void decode_row(int t, int mmq, const uint8_t *w, int64_t n, mt_crow *r) {
     if (t < MT_ENG_Q2_K) {
         decode_legacy(t, mmq, w, n, r);
@@ -226,6 +288,7 @@ static void decode_row(int t, int mmq, const uint8_t *w, int64_t n, mt_crow *r) 
         if (t == MT_ENG_Q4_K) decode_k45(0, mmq, w + i * MT_Q4_K_BYTES, i, r);
         else if (t == MT_ENG_Q5_K) decode_k45(1, mmq, w + i * MT_Q5_K_BYTES, i, r);
         else if (t == MT_ENG_Q3_K) decode_q3k(mmq, w + i * MT_Q3_K_BYTES, i, r);
+        else if (t == MT_ENG_Q2_K) decode_q2k(mmq, w + i * MT_Q2_K_BYTES, i, r);
         else decode_q6k(w + i * MT_Q6_K_BYTES, i, r);
     }
 }
@@ -235,6 +298,12 @@ static void decode_row(int t, int mmq, const uint8_t *w, int64_t n, mt_crow *r) 
 static inline int32_t dot16(const int8_t *restrict a, const int8_t *restrict q) {
     int32_t s = 0;
     for (int j = 0; j < 16; j++) s += a[j] * q[j];
+    return s;
+}
+
+static inline int32_t sum16(const int8_t *q) {
+    int32_t s = 0;
+    for (int j = 0; j < 16; j++) s += q[j];
     return s;
 }
 
@@ -249,6 +318,21 @@ static float dot_row(int t, int mmq, const mt_crow *r, const int8_t *q, const fl
     const float *f0 = r->f0, *f1 = r->f1;
     const int8_t *a = r->a;
     float acc = 0.0f;
+    if (t == MT_ENG_Q2_K && mmq) { /* per 128 values: the blocks' scaled dots, then the mins of the first 96 */
+        for (int64_t b0 = 0; b0 < nb; b0 += 4) {
+            for (int64_t b = b0; b < b0 + 4; b++) {
+                const int8_t *ab = a + 32 * b, *qb = q + 32 * b;
+                float tmp = (float)dot16(ab, qb) * f0[2 * b] + (float)dot16(ab + 16, qb + 16) * f0[2 * b + 1];
+                if (b == b0 + 3) tmp -= (float)sum16(qb) * f1[2 * b] + (float)sum16(qb + 16) * f1[2 * b + 1];
+                acc += tmp * d[b];
+            }
+            for (int64_t b = b0; b < b0 + 3; b++) {
+                acc -= f1[2 * b] * s[2 * b];
+                acc -= f1[2 * b + 1] * s[2 * b + 1];
+            }
+        }
+        return acc;
+    }
     if (t == MT_ENG_Q6_K && mmq) { /* a float partial sum per 128 values, scaled by d once */
         for (int64_t b0 = 0; b0 < nb; b0 += 4) {
             float tmp = 0.0f;
@@ -292,6 +376,10 @@ static float dot_row(int t, int mmq, const mt_crow *r, const int8_t *q, const fl
                 acc += f0[b] * (d[b] * (float)(r->sc[2 * b] * c)) - f1[b] * (d[b] * (float)(r->mn[2 * b] * sum32(qb)));
             }
             break;
+        case MT_ENG_Q2_K: /* MMVQ */
+            acc += f0[b] * (d[b] * (float)(c0 * r->sc[2 * b] + c1 * r->sc[2 * b + 1]))
+                 - f1[b] * (d[b] * (float)(sum16(qb) * r->mn[2 * b] + sum16(qb + 16) * r->mn[2 * b + 1]));
+            break;
         case MT_ENG_Q3_K:
             if (mmq) acc += d[b] * ((float)c0 * f0[b] + (float)c1 * f1[b]);
             else acc += f0[b] * (d[b] * (float)(c0 * r->sc[2 * b] + c1 * r->sc[2 * b + 1]));
@@ -305,15 +393,15 @@ static float dot_row(int t, int mmq, const mt_crow *r, const int8_t *q, const fl
 
 int mt_cuda_matmul(int t, int kernel, const uint8_t *w, int64_t row_bytes, int64_t r0, int64_t r1, const int8_t *qs,
                    const float *d, const float *s, int64_t n_tokens, int64_t n, float *out, int64_t n_rows) {
-    if (t == MT_ENG_Q2_K || t < 0 || t >= MT_ENG_N) return 2;
+    if (t < 0 || t >= MT_ENG_N) return 2;
     const int mmq = kernel == MT_CUDA_MMQ;
-    const int64_t nb = n / QK;
+    const int64_t nb = n / QK, ns = nb * mt_cuda_sums_per_block(t, kernel);
     mt_crow r;
     r.a = malloc((size_t)n);
     r.sc = calloc((size_t)(n / 16), sizeof(int16_t));
     r.mn = calloc((size_t)(n / 16), sizeof(int16_t));
-    r.f0 = calloc((size_t)nb, sizeof(float));
-    r.f1 = calloc((size_t)nb, sizeof(float));
+    r.f0 = calloc((size_t)(n / 16), sizeof(float)); /* per 32 values, or per 16 (Q2_K's MMQ) */
+    r.f1 = calloc((size_t)(n / 16), sizeof(float));
     if (!r.a || !r.sc || !r.mn || !r.f0 || !r.f1) {
         free(r.a), free(r.sc), free(r.mn), free(r.f0), free(r.f1);
         return 1;
@@ -321,7 +409,7 @@ int mt_cuda_matmul(int t, int kernel, const uint8_t *w, int64_t row_bytes, int64
     for (int64_t row = r0; row < r1; row++) {
         decode_row(t, mmq, w + row * row_bytes, n, &r);
         for (int64_t tok = 0; tok < n_tokens; tok++)
-            out[tok * n_rows + row] = dot_row(t, mmq, &r, qs + tok * n, d + tok * nb, s + tok * nb, nb);
+            out[tok * n_rows + row] = dot_row(t, mmq, &r, qs + tok * n, d + tok * nb, s + tok * ns, nb);
     }
     free(r.a), free(r.sc), free(r.mn), free(r.f0), free(r.f1);
     return 0;

@@ -102,7 +102,8 @@ static int cuda_kernel(const char *name) { return !strcmp(name, "mmvq") ? MT_CUD
 PyDoc_STRVAR(cuda_quantize_doc,
 "cuda_quantize(type_name, kernel, src, qs, d, s, n)\n\n"
 "n float32 values from src -> q8_1 blocks as llama.cpp's CUDA kernel ('mmq' or 'mmvq') keeps them for\n"
-"weights of type_name: qs (n) int8 codes, d and s (n/32) float32 scales and fp16-rounded sums.");
+"weights of type_name: qs (n) int8 codes, d (n/32) float32 scales and s the fp16-rounded sums (n/32; n/16\n"
+"for Q2_K's MMQ layout, one per 16 values).");
 
 static PyObject *py_cuda_quantize(PyObject *self, PyObject *args) {
     const char *name, *kname;
@@ -111,12 +112,13 @@ static PyObject *py_cuda_quantize(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "ssOOOOL", &name, &kname, &src_o, &qs_o, &d_o, &s_o, &n)) return NULL;
     const int t = eng_type(name), k = cuda_kernel(kname);
     if (t < 0 || k < 0) return PyErr_Format(PyExc_ValueError, "no CUDA q8_1 quantizer for %s, %s", name, kname);
-    if (n < 0 || n % MT_QK) return PyErr_Format(PyExc_ValueError, "%lld values are not whole 32-value blocks", n);
+    if (n < 0 || n % (t == MT_ENG_Q2_K ? 128 : MT_QK))
+        return PyErr_Format(PyExc_ValueError, "%lld values are not whole activation blocks for %s", n, name);
     Py_buffer src, qs, d, s;
     if (get_buffer(src_o, &src, 0, (Py_ssize_t)(n * 4), "src") < 0) return NULL;
     if (get_buffer(qs_o, &qs, 1, (Py_ssize_t)n, "qs") < 0) goto fail_src;
     if (get_buffer(d_o, &d, 1, (Py_ssize_t)(n / MT_QK * 4), "d") < 0) goto fail_qs;
-    if (get_buffer(s_o, &s, 1, (Py_ssize_t)(n / MT_QK * 4), "s") < 0) goto fail_d;
+    if (get_buffer(s_o, &s, 1, (Py_ssize_t)(n / MT_QK * 4 * mt_cuda_sums_per_block(t, k)), "s") < 0) goto fail_d;
     Py_BEGIN_ALLOW_THREADS
     mt_cuda_quantize((const float *)src.buf, n, k, t, (int8_t *)qs.buf, (float *)d.buf, (float *)s.buf);
     Py_END_ALLOW_THREADS
@@ -155,7 +157,8 @@ static PyObject *py_cuda_matmul(PyObject *self, PyObject *args) {
     if (get_buffer(w_o, &w, 0, (Py_ssize_t)(n_rows * row_bytes), "w") < 0) return NULL;
     if (get_buffer(qs_o, &qs, 0, (Py_ssize_t)(n_tokens * n), "qs") < 0) goto fail_w;
     if (get_buffer(d_o, &d, 0, (Py_ssize_t)(n_tokens * (n / MT_QK) * 4), "d") < 0) goto fail_qs;
-    if (get_buffer(s_o, &s, 0, (Py_ssize_t)(n_tokens * (n / MT_QK) * 4), "s") < 0) goto fail_d;
+    if (get_buffer(s_o, &s, 0, (Py_ssize_t)(n_tokens * (n / MT_QK) * 4 * mt_cuda_sums_per_block(t, k)), "s") < 0)
+        goto fail_d;
     if (get_buffer(out_o, &out, 1, (Py_ssize_t)(n_tokens * n_rows * 4), "out") < 0) goto fail_s;
     int rc;
     Py_BEGIN_ALLOW_THREADS

@@ -15,8 +15,8 @@ import torch
 from moetrace.kernels import native
 from moetrace.kernels.engine import activations
 
-# Weight types the compiled kernels emulate (Q2_K's MMQ activation layout, one scale per 64 values, is not).
-TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# Weight types the compiled kernels emulate.
+TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # Tokens x elements per thread part below which one call beats the thread handoff (as the CPU engine's).
 _MIN_ELEMS_PER_PART = 1 << 16
 
@@ -32,12 +32,14 @@ def quantize(x: torch.Tensor, type_name: str, kernel: str) -> dict[str, np.ndarr
     Returns:
         ``qs`` (T, n) int8 codes, ``d`` (T, n/32) float32 scales as the dots read them (fp16-rounded
         for MMVQ and MMQ's half2 layouts), ``s`` (T, n/32) float32 the fp16-rounded block sums
-        (zeros where the layout keeps none).
+        (zeros where the layout keeps none). Q2_K's MMQ layout (D2S6) has one scale per 64 values
+        (repeated in ``d``) and a sum per 16 values (``s`` (T, n/16); the first 96 of every 128).
     """
     t, n = x.shape
     src = np.ascontiguousarray(x.detach().to(device="cpu", dtype=torch.float32).numpy())
+    sums = n // 16 if type_name == "Q2_K" and kernel == "mmq" else n // 32
     out = {"qs": np.empty((t, n), np.int8), "d": np.empty((t, n // 32), np.float32),
-           "s": np.empty((t, n // 32), np.float32)}
+           "s": np.empty((t, sums), np.float32)}
     activations._cengine.cuda_quantize(type_name, kernel, src, out["qs"], out["d"], out["s"], t * n)
     return out
 

@@ -33,10 +33,9 @@ GEMM, as fast as a dense float32 linear plus one dequantization of the weight.
 
 Two implementations: this torch form (any device; Q4_K, Q5_K, Q6_K and Q8_0) and the compiled
 kernels (:mod:`.cuda_native`, kernels/csrc/engine_cuda.c: the CPU; also Q4_0, Q4_1, Q5_0, Q5_1,
-MXFP4 and Q3_K, with the MMQ and MMVQ formulas listed there, and the kernels' own float32
+MXFP4, Q2_K and Q3_K, with the MMQ and MMVQ formulas listed there, and the kernels' own float32
 accumulation over blocks). :func:`prepare` picks the compiled kernels for CPU activations, and on
 other devices for the types only they emulate (the result returns to the activations' device).
-Q2_K is refused by name (MMQ quantizes its activations with one scale per 64 values, layout D2S6).
 """
 
 from __future__ import annotations

@@ -24,12 +24,14 @@ U32 = 2.0 ** -24  # float32 unit roundoff
 U16 = 2.0 ** -11  # float16 unit roundoff
 # byte offsets of the fp16 fields and the code bytes (ggml's block structs)
 FIELDS = {"Q8_0": {"d": 0}, "Q6_K": {"d": 208}, "Q4_K": {"d": 0, "dmin": 2}, "Q5_K": {"d": 0, "dmin": 2},
-          "Q4_0": {"d": 0}, "Q5_0": {"d": 0}, "Q4_1": {"d": 0, "m": 2}, "Q5_1": {"d": 0, "m": 2}, "Q3_K": {"d": 108}}
+          "Q4_0": {"d": 0}, "Q5_0": {"d": 0}, "Q4_1": {"d": 0, "m": 2}, "Q5_1": {"d": 0, "m": 2}, "Q3_K": {"d": 108},
+          "Q2_K": {"d": 80, "dmin": 82}}
 BLOCK = {"Q8_0": (32, 34), "Q6_K": (256, 210), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q4_0": (32, 18),
-         "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "MXFP4": (32, 17), "Q3_K": (256, 110)}
+         "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "MXFP4": (32, 17), "Q3_K": (256, 110),
+         "Q2_K": (256, 84)}
 DS4 = ("Q4_0", "Q4_1", "Q5_1", "Q4_K", "Q5_K")  # MMQ keeps half2(d, sum) per 32 activations for these
 TORCH_TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0")
-C_ONLY_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "MXFP4", "Q3_K")
+C_ONLY_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "MXFP4", "Q2_K", "Q3_K")
 IMPLS = ("torch", "c")
 
 
@@ -93,11 +95,12 @@ def _roundf(v: np.ndarray) -> np.ndarray:
     return np.sign(v) * np.floor(np.abs(v) + 0.5)
 
 
-def _tree_sum32(b: np.ndarray, kernel: str) -> np.ndarray:
-    """The block sums (tokens, nb) as the kernels reduce them, in float32: MMVQ lane 0 of a 32-lane xor-shuffle
-    sum; MMQ (DS4) four values per thread added in order, then lane 0 of an 8-lane xor-shuffle sum."""
+def _tree_sum32(b: np.ndarray, per_thread: int) -> np.ndarray:
+    """Sums over the last axis as the kernels reduce them, in float32: ``per_thread`` values added in order by
+    each thread, then lane 0 of an xor-shuffle sum over the threads (MMVQ: 1 value, 32 lanes; MMQ DS4: 4 values,
+    8 lanes; D2S6: 4 values, 4 lanes)."""
     v = b.astype(np.float32)
-    if kernel == "mmq":
+    if per_thread == 4:
         v = ((v[..., 0::4] + v[..., 1::4]) + v[..., 2::4]) + v[..., 3::4]
     lanes = v.shape[-1]
     while lanes > 1:  # lane i adds lane i ^ off; lane 0 needs the lower half only
@@ -109,9 +112,12 @@ def _tree_sum32(b: np.ndarray, kernel: str) -> np.ndarray:
 def _q8_1_model(x: np.ndarray, kernel: str, type_name: str = "Q4_K"):
     """numpy q8_1: MMVQ d = amax/127 and q = roundf(x/d); MMQ d_inv = 127/amax, q = roundf(x*d_inv), d = 1/d_inv.
 
-    Returns codes (T, nb, 32), d (T, nb) float32 as the dots read it (fp16-rounded for MMVQ and DS4) and the
-    fp16-rounded block sums s (T, nb) float64 (zeros for MMQ's D4 layout)."""
-    b = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+    Returns codes (T, nb, 32), d (T, nb) float32 as the dots read it (fp16-rounded for MMVQ and the half
+    layouts) and the fp16-rounded sums s float64: (T, nb), zeros for MMQ's D4 layout; for Q2_K's MMQ
+    (layout D2S6: a scale per 64 values, repeated per 32 here) (T, n/16), the first 96 of every 128."""
+    d2s6 = kernel == "mmq" and type_name == "Q2_K"
+    t = x.shape[0]
+    b = x.astype(np.float32).reshape(t, -1, 64 if d2s6 else 32)
     amax = np.abs(b).max(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         if kernel == "mmvq":
@@ -123,18 +129,25 @@ def _q8_1_model(x: np.ndarray, kernel: str, type_name: str = "Q4_K"):
             d = np.float32(1) / d_inv
     q[amax == 0] = 0
     d[amax == 0] = 0
+    if d2s6:
+        s = _tree_sum32(b.reshape(t, -1, 16), 4).astype(np.float16).astype(np.float64)  # (T, n/16)
+        s[:, np.arange(s.shape[1]) % 8 >= 6] = 0
+        return q.reshape(t, -1, 32), np.repeat(d.astype(np.float16).astype(np.float32), 2, 1), s
     half2 = kernel == "mmvq" or type_name in DS4
-    s = _tree_sum32(b, kernel).astype(np.float16).astype(np.float64) if half2 else np.zeros(d.shape)
+    s = _tree_sum32(b, 1 if kernel == "mmvq" else 4).astype(np.float16).astype(np.float64) if half2 \
+        else np.zeros(d.shape)
     d = d.astype(np.float16).astype(np.float32) if half2 else d.astype(np.float32)
     return q, d, s
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kernel,type_name", [("mmvq", "Q4_K"), ("mmq", "Q4_K"), ("mmq", "Q8_0"), ("mmq", "Q4_0"),
-                                              ("mmq", "Q5_0"), ("mmvq", "Q5_1")])
+                                              ("mmq", "Q5_0"), ("mmvq", "Q5_1"), ("mmq", "Q2_K")])
 def test_q8_1_activations_are_the_kernels(kernel, type_name, impl):
     """Codes, scales and block sums bit for bit as the model (the sums in the kernels' shuffle order)."""
     _need(impl)
+    if impl == "torch" and type_name == "Q2_K":
+        pytest.skip("the torch form has no Q2_K")
     if impl == "torch":
         got = {k: v.numpy() for k, v in cuda_q8_1.quantize_q8_1(_data(7, 512, 2)[1], kernel, type_name).items()}
     else:
@@ -202,6 +215,8 @@ def _terms64(x: np.ndarray, q: np.ndarray, type_name: str, kernel: str, absolute
     if type_name == "MXFP4":
         codes, dx = _mxfp4_codes_and_scale(q)
         return [dot(codes) * dx[None] * a_d]
+    if type_name == "Q2_K":
+        return _q2k_terms64(q, a_q, a_d, a_s16, kernel, ab)
     d = np.repeat(_fp16_field(q, type_name, "d"), per, 1)[None]  # (1, R, nb)
     if type_name in ("Q8_0", "Q6_K", "Q3_K"):  # codes times their integer scales; d and d_a outside
         return [dot(_gguf_deq(_patch(q, type_name, d=1.0), type_name)) * ab(d) * a_d]
@@ -230,6 +245,28 @@ def _terms64(x: np.ndarray, q: np.ndarray, type_name: str, kernel: str, absolute
         return [a_dm * a_d * (dot_sc / np.maximum(sc, 1)[None]), ab(a_mm) * ab(a_s16)]
     s_int = ab(a_q.sum(-1))[:, None, :]
     return [d * a_d * dot_sc, -(dmin * a_d * s_int * m[None])]
+
+
+def _q2k_terms64(q, a_q, a_d, a_s16, kernel, ab) -> list[np.ndarray]:
+    """Q2_K per 16-value group g of each block: codes times sc_g (gguf-py with d = 1, dmin = 0), sc_g (all codes
+    set to 1), m_g (d = 0, dmin = 1); MMVQ d*d_a*sc*C - dmin*d_a*m*S; MMQ d_a*h(d*sc)*C, and the mins
+    h(dmin*m) times d_a*S in the last block of every 128 values, times the fp16 sums s_g elsewhere."""
+    rows = q.shape[0]
+    deq = lambda **f: _gguf_deq(_patch(q, "Q2_K", **f), "Q2_K").reshape(rows, -1, 2, 16)  # noqa: E731
+    scq, sc, m = deq(d=1.0, dmin=0.0), deq(d=1.0, dmin=0.0, qs=(16, 80, 0x55))[..., 0], -deq(d=0.0, dmin=1.0)[..., 0]
+    d = np.repeat(_fp16_field(q, "Q2_K", "d"), 8, 1)[None, :, :, None]  # (1, R, nb, 1)
+    dmin = np.repeat(_fp16_field(q, "Q2_K", "dmin"), 8, 1)[None, :, :, None]
+    aq = a_q.reshape(a_q.shape[0], -1, 2, 16)
+    dot_sc = np.einsum("tbgj,rbgj->trbg", ab(aq), ab(scq))  # sc * (codes . activation codes), exact
+    s_int = ab(aq.sum(-1))[:, None]  # (T, 1, nb, 2)
+    a_d = a_d[..., None]  # (T, 1, nb, 1)
+    if kernel == "mmvq":
+        return [(d * a_d * dot_sc).sum(-1), -(dmin * a_d * s_int * m[None]).sum(-1)]
+    h_sc, h_m = _h(d * sc[None]), _h(dmin * m[None])  # (1, R, nb, 2), formed in half
+    last = (np.arange(sc.shape[1]) % 4 == 3)[None, None, :, None]
+    s16 = a_s16.reshape(a_s16.shape[0], 1, -1, 2)
+    mins = np.where(last, a_d * ab(h_m) * s_int, ab(h_m) * ab(s16))
+    return [(a_d * h_sc * (dot_sc / np.maximum(sc, 1)[None])).sum(-1), -mins.sum(-1)]
 
 
 def _bound(x: torch.Tensor, q: torch.Tensor, type_name: str, kernel: str) -> np.ndarray:
@@ -283,10 +320,11 @@ def test_kernels_differ_where_the_source_says(impl):
 
 
 def test_unsupported_type_is_refused_by_name():
+    """F16 weights take cuBLAS or MMF in llama.cpp, not the integer kernels; the torch form has four types."""
     from moetrace.errors import MoetraceError
 
     w, x = _data(2, 256, 5)
-    with pytest.raises(MoetraceError, match="no llamacpp_cuda_mmq emulation for Q2_K; valid types: Q4_"):
-        cuda_q8_1.matmul(x, quantize(w, "Q2_K"), "Q2_K", 256, "mmq")
+    with pytest.raises(MoetraceError, match="no llamacpp_cuda_mmq emulation for F16; valid types: Q4_"):
+        cuda_q8_1.matmul(x, torch.zeros(2, 512, dtype=torch.uint8), "F16", 256, "mmq")
     with pytest.raises(MoetraceError, match="no llamacpp_cuda_mmq emulation for Q3_K; valid types: Q4_K, Q5_K"):
         cuda_q8_1.matmul(x, quantize(w, "Q3_K"), "Q3_K", 256, "mmq", impl="torch")
