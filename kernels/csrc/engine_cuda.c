@@ -80,7 +80,8 @@ static void quantize_d2s6(const float *x, int64_t n, int8_t *qs, float *d, float
         for (int k = 0; k < 4; k++) { /* the 16-value groups of this 64 */
             const int64_t g16 = 4 * g + k;
             const float *x16 = x + 16 * k;
-            for (int th = 0; th < 4; th++) v[th] = ((x16[4 * th] + x16[4 * th + 1]) + x16[4 * th + 2]) + x16[4 * th + 3];
+            for (int th = 0; th < 4; th++)
+                v[th] = ((x16[4 * th] + x16[4 * th + 1]) + x16[4 * th + 2]) + x16[4 * th + 3];
             s[g16] = g16 % 8 < 6 ? h(xor_sum(v, 4)) : 0.0f;
         }
     }

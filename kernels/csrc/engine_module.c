@@ -97,7 +97,9 @@ static int eng_type(const char *name) {
     return -1;
 }
 
-static int cuda_kernel(const char *name) { return !strcmp(name, "mmvq") ? MT_CUDA_MMVQ : !strcmp(name, "mmq") ? MT_CUDA_MMQ : -1; }
+static int cuda_kernel(const char *name) {
+    return !strcmp(name, "mmvq") ? MT_CUDA_MMVQ : !strcmp(name, "mmq") ? MT_CUDA_MMQ : -1;
+}
 
 PyDoc_STRVAR(cuda_quantize_doc,
 "cuda_quantize(type_name, kernel, src, qs, d, s, n)\n\n"
