@@ -38,7 +38,8 @@
  * blocks acc -= M_g*s_g for each of their two halves.
  *
  * Speed: each weight row is decoded once into the kernel's int8 codes and scales, then dotted with
- * every token's activations (the 16-lane int8 loops vectorize). */
+ * every token's activations: the integer dots per 16 values first (AVX2 where the CPU has it), then
+ * the float pass over blocks in the kernel's order. */
 #include <stdlib.h>
 
 #include "common.h"
@@ -296,35 +297,57 @@ static void decode_row(int t, int mmq, const uint8_t *w, int64_t n, mt_crow *r) 
 
 /* ------------------------------------------------------------------ dots of a decoded row */
 
-static inline int32_t dot16(const int8_t *restrict a, const int8_t *restrict q) {
-    int32_t s = 0;
-    for (int j = 0; j < 16; j++) s += a[j] * q[j];
-    return s;
+/* c[g] = the exact integer dot of codes a and activation codes q over 16-value group g, for 2*nb groups.
+ * Integer sums are exact in any order, so the AVX2 form (x86-64 CPUs that have it, chosen at run time)
+ * gives the same numbers as the scalar one: |a|, q*sign(a) through maddubs (pairs of products of at most
+ * 128*127 in int16), then madd with ones to int32 lanes, each 128-bit half one group. */
+static void dots_scalar(const int8_t *restrict a, const int8_t *restrict q, int64_t nb, int32_t *restrict c) {
+    for (int64_t g = 0; g < 2 * nb; g++) {
+        int32_t acc = 0;
+        for (int j = 0; j < 16; j++) acc += a[16 * g + j] * q[16 * g + j];
+        c[g] = acc;
+    }
 }
 
-static inline int32_t sum16(const int8_t *q) {
-    int32_t s = 0;
-    for (int j = 0; j < 16; j++) s += q[j];
-    return s;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define MT_HAVE_AVX2 1
+__attribute__((target("avx2"))) static void dots_avx2(const int8_t *a, const int8_t *q, int64_t nb, int32_t *c) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i va = _mm256_loadu_si256((const __m256i *)(a + 32 * b));
+        const __m256i vq = _mm256_loadu_si256((const __m256i *)(q + 32 * b));
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(va, va), _mm256_sign_epi8(vq, va)),
+                                            ones);
+        __m128i h2 = _mm_hadd_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+        h2 = _mm_hadd_epi32(h2, h2);
+        c[2 * b] = _mm_cvtsi128_si32(h2);
+        c[2 * b + 1] = _mm_extract_epi32(h2, 1);
+    }
+}
+#endif
+
+typedef void (*mt_dots_fn)(const int8_t *, const int8_t *, int64_t, int32_t *);
+
+static mt_dots_fn dots_impl(void) {
+#ifdef MT_HAVE_AVX2
+    if (__builtin_cpu_supports("avx2")) return dots_avx2;
+#endif
+    return dots_scalar;
 }
 
-static inline int32_t sum32(const int8_t *q) {
-    int32_t s = 0;
-    for (int j = 0; j < 32; j++) s += q[j];
-    return s;
-}
-
-/* The kernel's result for one row and one token (q, d, s: the token's activations; nb blocks of 32). */
-static float dot_row(int t, int mmq, const mt_crow *r, const int8_t *q, const float *d, const float *s, int64_t nb) {
+/* The kernel's result for one row and one token from the integer dots c and activation code sums S per
+ * 16 values (2*nb each) and the token's d and s (nb blocks of 32). */
+static float dot_row(int t, int mmq, const mt_crow *r, const int32_t *c, const int32_t *S, const float *d,
+                     const float *s, int64_t nb) {
     const float *f0 = r->f0, *f1 = r->f1;
-    const int8_t *a = r->a;
+    const int16_t *sc = r->sc, *mn = r->mn;
     float acc = 0.0f;
     if (t == MT_ENG_Q2_K && mmq) { /* per 128 values: the blocks' scaled dots, then the mins of the first 96 */
         for (int64_t b0 = 0; b0 < nb; b0 += 4) {
             for (int64_t b = b0; b < b0 + 4; b++) {
-                const int8_t *ab = a + 32 * b, *qb = q + 32 * b;
-                float tmp = (float)dot16(ab, qb) * f0[2 * b] + (float)dot16(ab + 16, qb + 16) * f0[2 * b + 1];
-                if (b == b0 + 3) tmp -= (float)sum16(qb) * f1[2 * b] + (float)sum16(qb + 16) * f1[2 * b + 1];
+                float tmp = (float)c[2 * b] * f0[2 * b] + (float)c[2 * b + 1] * f0[2 * b + 1];
+                if (b == b0 + 3) tmp -= (float)S[2 * b] * f1[2 * b] + (float)S[2 * b + 1] * f1[2 * b + 1];
                 acc += tmp * d[b];
             }
             for (int64_t b = b0; b < b0 + 3; b++) {
@@ -337,56 +360,53 @@ static float dot_row(int t, int mmq, const mt_crow *r, const int8_t *q, const fl
     if (t == MT_ENG_Q6_K && mmq) { /* a float partial sum per 128 values, scaled by d once */
         for (int64_t b0 = 0; b0 < nb; b0 += 4) {
             float tmp = 0.0f;
-            for (int64_t b = b0; b < b0 + 4; b++) {
-                const int32_t c = dot16(a + 32 * b, q + 32 * b) * r->sc[2 * b]
-                                + dot16(a + 32 * b + 16, q + 32 * b + 16) * r->sc[2 * b + 1];
-                tmp += (float)c * d[b];
-            }
+            for (int64_t b = b0; b < b0 + 4; b++)
+                tmp += (float)(c[2 * b] * sc[2 * b] + c[2 * b + 1] * sc[2 * b + 1]) * d[b];
             acc += tmp * f0[b0];
         }
         return acc;
     }
     for (int64_t b = 0; b < nb; b++) {
-        const int8_t *ab = a + 32 * b, *qb = q + 32 * b;
-        const int32_t c0 = dot16(ab, qb), c1 = dot16(ab + 16, qb + 16), c = c0 + c1;
+        const int32_t c0 = c[2 * b], c1 = c[2 * b + 1], cb = c0 + c1;
         switch (t) {
         case MT_ENG_Q8_0:
         case MT_ENG_MXFP4:
-            acc += mmq ? ((float)c * f0[b]) * d[b] : (f0[b] * d[b]) * (float)c;
+            acc += mmq ? ((float)cb * f0[b]) * d[b] : (f0[b] * d[b]) * (float)cb;
             break;
         case MT_ENG_Q4_0:
         case MT_ENG_Q5_0:
-            if (mmq) acc += ((float)c * f0[b]) * d[b];
-            else acc += f0[b] * ((float)c * d[b] - (t == MT_ENG_Q4_0 ? 8.0f : 16.0f) * s[b]);
+            if (mmq) acc += ((float)cb * f0[b]) * d[b];
+            else acc += f0[b] * ((float)cb * d[b] - (t == MT_ENG_Q4_0 ? 8.0f : 16.0f) * s[b]);
             break;
         case MT_ENG_Q4_1:
         case MT_ENG_Q5_1:
             if (mmq) {
-                acc += (f0[b] * d[b]) * (float)c;
+                acc += (f0[b] * d[b]) * (float)cb;
                 acc += f1[b] * s[b];
             } else {
-                acc += (float)c * h(f0[b] * d[b]) + h(f1[b] * s[b]);
+                acc += (float)cb * h(f0[b] * d[b]) + h(f1[b] * s[b]);
             }
             break;
         case MT_ENG_Q4_K:
         case MT_ENG_Q5_K:
             if (mmq) {
-                acc += (f0[b] * d[b]) * (float)c;
+                acc += (f0[b] * d[b]) * (float)cb;
                 acc += f1[b] * s[b];
             } else {
-                acc += f0[b] * (d[b] * (float)(r->sc[2 * b] * c)) - f1[b] * (d[b] * (float)(r->mn[2 * b] * sum32(qb)));
+                acc += f0[b] * (d[b] * (float)(sc[2 * b] * cb))
+                     - f1[b] * (d[b] * (float)(mn[2 * b] * (S[2 * b] + S[2 * b + 1])));
             }
             break;
         case MT_ENG_Q2_K: /* MMVQ */
-            acc += f0[b] * (d[b] * (float)(c0 * r->sc[2 * b] + c1 * r->sc[2 * b + 1]))
-                 - f1[b] * (d[b] * (float)(sum16(qb) * r->mn[2 * b] + sum16(qb + 16) * r->mn[2 * b + 1]));
+            acc += f0[b] * (d[b] * (float)(c0 * sc[2 * b] + c1 * sc[2 * b + 1]))
+                 - f1[b] * (d[b] * (float)(S[2 * b] * mn[2 * b] + S[2 * b + 1] * mn[2 * b + 1]));
             break;
         case MT_ENG_Q3_K:
             if (mmq) acc += d[b] * ((float)c0 * f0[b] + (float)c1 * f1[b]);
-            else acc += f0[b] * (d[b] * (float)(c0 * r->sc[2 * b] + c1 * r->sc[2 * b + 1]));
+            else acc += f0[b] * (d[b] * (float)(c0 * sc[2 * b] + c1 * sc[2 * b + 1]));
             break;
         default: /* Q6_K, MMVQ */
-            acc += f0[b] * (d[b] * (float)(c0 * r->sc[2 * b] + c1 * r->sc[2 * b + 1]));
+            acc += f0[b] * (d[b] * (float)(c0 * sc[2 * b] + c1 * sc[2 * b + 1]));
         }
     }
     return acc;
@@ -398,20 +418,30 @@ int mt_cuda_matmul(int t, int kernel, const uint8_t *w, int64_t row_bytes, int64
     const int mmq = kernel == MT_CUDA_MMQ;
     const int64_t nb = n / QK, ns = nb * mt_cuda_sums_per_block(t, kernel);
     mt_crow r;
+    const mt_dots_fn dots = dots_impl();
     r.a = malloc((size_t)n);
     r.sc = calloc((size_t)(n / 16), sizeof(int16_t));
     r.mn = calloc((size_t)(n / 16), sizeof(int16_t));
     r.f0 = calloc((size_t)(n / 16), sizeof(float)); /* per 32 values, or per 16 (Q2_K's MMQ) */
     r.f1 = calloc((size_t)(n / 16), sizeof(float));
-    if (!r.a || !r.sc || !r.mn || !r.f0 || !r.f1) {
-        free(r.a), free(r.sc), free(r.mn), free(r.f0), free(r.f1);
+    int32_t *c = malloc(sizeof(int32_t) * (size_t)(2 * nb));
+    int32_t *S = malloc(sizeof(int32_t) * (size_t)(2 * nb * (n_tokens ? n_tokens : 1)));
+    if (!r.a || !r.sc || !r.mn || !r.f0 || !r.f1 || !c || !S) {
+        free(r.a), free(r.sc), free(r.mn), free(r.f0), free(r.f1), free(c), free(S);
         return 1;
+    }
+    for (int64_t g = 0; g < 2 * nb * n_tokens; g++) { /* each token's activation code sums per 16, once */
+        int32_t acc = 0;
+        for (int j = 0; j < 16; j++) acc += qs[16 * g + j];
+        S[g] = acc;
     }
     for (int64_t row = r0; row < r1; row++) {
         decode_row(t, mmq, w + row * row_bytes, n, &r);
-        for (int64_t tok = 0; tok < n_tokens; tok++)
-            out[tok * n_rows + row] = dot_row(t, mmq, &r, qs + tok * n, d + tok * nb, s + tok * ns, nb);
+        for (int64_t tok = 0; tok < n_tokens; tok++) {
+            dots(r.a, qs + tok * n, nb, c);
+            out[tok * n_rows + row] = dot_row(t, mmq, &r, c, S + tok * 2 * nb, d + tok * nb, s + tok * ns, nb);
+        }
     }
-    free(r.a), free(r.sc), free(r.mn), free(r.f0), free(r.f1);
+    free(r.a), free(r.sc), free(r.mn), free(r.f0), free(r.f1), free(c), free(S);
     return 0;
 }
