@@ -92,12 +92,17 @@ def _linear_forward(m, x):
     return y + m.bias if m.bias is not None else y  # ggml adds the bias after the matmul, in F32
 
 
+# Experts whose weights the torch form unpacks at once (about 100 MB of float32 at Qwen3-30B-A3B widths).
+EXPERT_GROUP = 16
+
+
 def _experts_forward(mod, hidden, top_k_index, top_k_weights):
     """Fused-layout experts from GGUF blocks (gate and up tensors, down): hidden (T, H) -> (T, H).
 
     Each token's q8_1 activations are the same whichever expert reads them (quantization is per
     token row), so they are formed once for the gate and up products and once for the down
-    products of all experts; each expert's rows of them go through its weight blocks.
+    products of all experts; each expert's rows of them go through its weight blocks (the torch
+    form unpacks the weights of a group of experts at once).
     """
     import torch
 
@@ -121,19 +126,21 @@ def _experts_forward(mod, hidden, top_k_index, top_k_weights):
     a_g = K.prepare(x, b_gate.ggml_type, kernel)
     a_u = a_g if b_up.ggml_type == b_gate.ggml_type else K.prepare(x, b_up.ggml_type, kernel)
     n_in, n_mid = b_gate.shape[-1], down.shape[-1]
+    groups = [hit[i:i + EXPERT_GROUP] for i in range(0, len(hit), EXPERT_GROUP)]
     h = {}  # expert -> its gated activation on its tokens (t_e, I)
-    for e in hit:
-        g = K.product(a_g.rows(tokens[e]), b_gate.data[e], n_in)  # (t_e, I)
-        u = K.product(a_u.rows(tokens[e]), b_up.data[e], n_in)
-        h[e] = _gated(mod, g, u, e)
+    for group in groups:
+        gs = K.products([a_g.rows(tokens[e]) for e in group], [b_gate.data[e] for e in group], n_in)  # (t_e, I)
+        us = K.products([a_u.rows(tokens[e]) for e in group], [b_up.data[e] for e in group], n_in)
+        h.update({e: _gated(mod, g, u, e) for e, g, u in zip(group, gs, us)})
     a_d = K.prepare(torch.cat([h[e] for e in hit]), down.ggml_type, kernel)  # rows in hit order
     ends = torch.tensor([h[e].shape[0] for e in hit]).cumsum(0).tolist()
     span = {e: torch.arange(end - h[e].shape[0], end) for e, end in zip(hit, ends)}
     bias = getattr(mod, "down_proj_bias", None)
     out = {}
-    for e in hit:
-        y = K.product(a_d.rows(span[e]), down.data[e], n_mid)  # (t_e, H)
-        out[e] = y + bias[e].to(torch.float32) if bias is not None else y  # ggml adds it after the matmul
+    for group in groups:
+        ys = K.products([a_d.rows(span[e]) for e in group], [down.data[e] for e in group], n_mid)  # (t_e, H)
+        for e, y in zip(group, ys):  # ggml adds the bias after the matmul
+            out[e] = y + bias[e].to(torch.float32) if bias is not None else y
 
     y = slot_sum(x, top_k_index, top_k_weights, n_exp, lambda e, xe: out[e])
     return y.reshape(hidden.shape).to(hidden.dtype)

@@ -186,6 +186,20 @@ def product(a: Prepared, q, n: int) -> torch.Tensor:
     return torch.cat(parts, 1) if parts else torch.empty(a.data["x"].shape[0], 0, device=a.device)
 
 
+def products(acts: list[Prepared], qs: list, n: int) -> list[torch.Tensor]:
+    """:func:`product` of each ``acts[i]`` with weight rows ``qs[i]`` (R, bytes per row; the same R and type
+    for all): the experts of one MoE block. The torch form forms the effective weights of all of them in one
+    unpacking (fewer, larger kernels on a GPU); the compiled form runs them one by one."""
+    if not acts or acts[0].impl == "c":
+        return [product(a, q, n) for a, q in zip(acts, qs)]
+    a0 = acts[0]
+    qt = torch.stack([torch.as_tensor(q) for q in qs]).to(a0.device)  # (E, R, bytes)
+    rows = qt.shape[1]
+    w = weights(qt.reshape(-1, qt.shape[-1]), a0.type_name, n, a0.kernel)  # (E * R, n) and (E * R, n/32)
+    return [apply(a.data, {k: (v[i * rows:(i + 1) * rows] if v is not None else None) for k, v in w.items()})
+            for i, a in enumerate(acts)]
+
+
 def matmul(x: torch.Tensor, q: torch.Tensor, type_name: str, n: int, kernel: str,
            impl: str | None = None) -> torch.Tensor:
     """(tokens, rows) float32: the CUDA kernel's result for W x per token.

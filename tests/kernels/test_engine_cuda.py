@@ -319,6 +319,43 @@ def test_kernels_differ_where_the_source_says(impl):
         assert not torch.equal(mmq, cuda_q8_1.matmul(x, q, t, 512, "mmvq", impl=impl)), t
 
 
+# The experts' down projection re-quantizes its input to q8_1: where the gate and up outputs of the two forms
+# differ in their last bits, a code may round the other way (one step in 127 of its block's maximum), so the
+# outputs agree to about that, not to the float32 summation bound.
+EXPERTS_FORMS_REL_L2 = 1e-3
+
+
+@pytest.mark.skipif(not cuda_native.available(), reason="the compiled kernels are not built in this install")
+def test_experts_forward_is_the_same_in_both_forms():
+    """The compute path's experts forward (token routing, gate and up, down, slot sums) through the compiled
+    kernels and through the torch form (what a CUDA device runs, here on the CPU): the same to EXPERTS_FORMS_REL_L2."""
+    import types
+
+    from moetrace.kernels import native
+    from moetrace.kernels.compute import BlockWeight
+    from moetrace.kernels.compute import llamacpp_cuda_mmq as path
+
+    g = torch.Generator().manual_seed(8)
+    experts, hidden, inter, t = 6, 256, 256, 24
+
+    def blocks(rows, cols, type_name):
+        w = torch.randn(experts * rows, cols, generator=g)
+        return BlockWeight(quantize(w, type_name).numpy().reshape(experts, rows, -1), type_name, (experts, rows, cols))
+
+    mod = types.SimpleNamespace(act_fn=torch.nn.functional.silu, _moetrace_blocks={
+        "gate_up_proj": (blocks(inter, hidden, "Q4_K"), blocks(inter, hidden, "Q4_K")),
+        "down_proj": blocks(hidden, inter, "Q6_K")})
+    x = torch.randn(t, hidden, generator=g)
+    idx = torch.stack([torch.randperm(experts, generator=g)[:2] for _ in range(t)])
+    wts = torch.rand(t, 2, generator=g)
+    compiled = path._experts_forward(mod, x, idx, wts)
+    with native.disabled():
+        plain = path._experts_forward(mod, x, idx, wts)
+    rel = float((compiled - plain).norm() / plain.norm())
+    assert rel < EXPERTS_FORMS_REL_L2, rel
+    assert plain.abs().sum() > 0
+
+
 def test_unsupported_type_is_refused_by_name():
     """F16 weights take cuBLAS or MMF in llama.cpp, not the integer kernels; the torch form has four types."""
     from moetrace.errors import MoetraceError
