@@ -17,7 +17,7 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "kernels" / "csrc"
 KERNEL_SOURCES = ["module.c", "quant_kquant_qkx.c", "quant_qx.c", "dequant.c", "quant_mxfp4.c"]
-ENGINE_SOURCES = ["engine_module.c", "engine_cpu.c"]
+ENGINE_SOURCES = ["engine_module.c", "engine_cpu.c", "engine_cuda.c"]
 
 
 def write_layouts_header() -> None:
@@ -52,11 +52,12 @@ setup(
             extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off", "-fno-math-errno"],
             optional=True,
         ),
-        # llama.cpp CPU-backend emulation (moetrace.kernels.matmul): activation quantizers, integer dots.
+        # llama.cpp CPU-backend emulation (moetrace.kernels.matmul): activation quantizers, integer dots;
+        # and the CUDA backend's MMQ/MMVQ arithmetic on the CPU (moetrace.kernels.engine.cuda_q8_1).
         Extension(
             "moetrace.kernels._cengine",
             sources=[f"kernels/csrc/{name}" for name in ENGINE_SOURCES],
-            depends=["kernels/layouts.py", "kernels/csrc/engine_cpu.h", "kernels/csrc/common.h"],
+            depends=["kernels/layouts.py", "kernels/csrc/engine_cpu.h", "kernels/csrc/engine_cuda.h", "kernels/csrc/common.h"],
             extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off", "-fno-math-errno"],
             optional=True,
         ),

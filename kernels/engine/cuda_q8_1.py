@@ -29,12 +29,18 @@ matmul of the q8_1 activations with the effective weights - instead of the kerne
 thread's accumulator over k, stream-k's fixup adding partial sums of k ranges; MMVQ: per-thread
 partial sums and a warp reduction). The orders only move float32 roundings, within the bound
 the tests (tests/kernels/test_engine_cuda.py) assert against a float64 model; the emulation is a
-GEMM, as fast as a dense float32 linear plus one dequantization of the weight. Types other
-than Q4_K, Q5_K, Q6_K and Q8_0 are refused by name (the MMQ tile formulas of the others differ
-and are not emulated yet).
+GEMM, as fast as a dense float32 linear plus one dequantization of the weight.
+
+Two implementations: this torch form (any device; Q4_K, Q5_K, Q6_K and Q8_0) and the compiled
+kernels (:mod:`.cuda_native`, kernels/csrc/engine_cuda.c: the CPU; also Q4_0, Q4_1, Q5_0, Q5_1,
+MXFP4, Q2_K and Q3_K, with the MMQ and MMVQ formulas listed there, and the kernels' own float32
+accumulation over blocks). :func:`prepare` picks the compiled kernels for CPU activations, and on
+other devices for the types only they emulate (the result returns to the activations' device).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -44,8 +50,9 @@ from moetrace.kernels.ggml_float import fdiv, fdiv_by, roundf
 from moetrace.kernels.layouts import LAYOUTS
 
 MMVQ_MAX_BATCH = 8  # MMVQ_MAX_BATCH_SIZE in ggml-cuda's mmvq.cuh
-TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0")
-_DS4 = ("Q4_K", "Q5_K")  # MMQ activation layout half2(d, sum); the others D4 (float d)
+TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0")  # the torch form's; see supported_types()
+# MMQ activation layout half2(d, sum) (DS4; mmq_get_q8_1_ds_layout); the others D4 (float d)
+_DS4 = ("Q4_0", "Q4_1", "Q5_1", "Q4_K", "Q5_K")
 _ONE, _ZERO = 0x3C00, 0x0000  # fp16 bit patterns of 1.0 and 0.0
 _ROW_CHUNK_ELEMS = 1 << 24  # bounds the weight rows unpacked at once
 
@@ -132,23 +139,109 @@ def _scale_min_k4(q: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.
 # -- the matmul ------------------------------------------------------------------------------
 
 
-def matmul(x: torch.Tensor, q: torch.Tensor, type_name: str, n: int, kernel: str) -> torch.Tensor:
+@dataclass(frozen=True)
+class Prepared:
+    """q8_1 activations of T tokens, quantized once for one weight type and kernel by one implementation
+    (``c``: the compiled kernels, numpy arrays on the CPU; ``torch``: :func:`activations`, on ``device``).
+    Rows are independent: :meth:`rows` equals the activations of those tokens alone."""
+
+    impl: str
+    type_name: str
+    kernel: str
+    data: dict
+    device: torch.device
+
+    def rows(self, idx: torch.Tensor) -> Prepared:
+        if self.impl == "c":
+            sel = idx.cpu().numpy()
+            return replace(self, data={k: v[sel] for k, v in self.data.items()})
+        return replace(self, data={k: (v[idx] if v is not None else None) for k, v in self.data.items()})
+
+
+def prepare(x: torch.Tensor, type_name: str, kernel: str, impl: str | None = None) -> Prepared:
+    """Activations (T, n) float -> :class:`Prepared` for weights of ``type_name``.
+
+    ``impl``: ``c`` (the compiled kernels; CPU), ``torch`` (any device), or None: the compiled kernels
+    for activations on the CPU, and on other devices for the types only they emulate; torch otherwise.
+    """
+    from moetrace.kernels.engine import cuda_native
+
+    impl = _impl(type_name, kernel, x.device, impl)
+    x = x.to(torch.float32)
+    data = cuda_native.quantize(x, type_name, kernel) if impl == "c" else activations(x, type_name, kernel)
+    return Prepared(impl, type_name, kernel, data, x.device)
+
+
+def product(a: Prepared, q, n: int) -> torch.Tensor:
+    """(T, R) float32 on the activations' device: the kernel's result for weight rows ``q`` (R, bytes per
+    row) uint8 (a tensor or numpy array) of ``a``'s type with the prepared activations ``a``."""
+    from moetrace.kernels.engine import cuda_native
+
+    if a.impl == "c":
+        qn = q.detach().cpu().numpy() if isinstance(q, torch.Tensor) else q
+        return cuda_native.matmul(a.data, qn, a.type_name, n, a.kernel).to(a.device)
+    qt = torch.as_tensor(q).to(a.device)
+    step = max(1, _ROW_CHUNK_ELEMS // (4 * n))  # rows of effective weights held at once
+    parts = [apply(a.data, weights(qt[r:r + step], a.type_name, n, a.kernel)) for r in range(0, qt.shape[0], step)]
+    return torch.cat(parts, 1) if parts else torch.empty(a.data["x"].shape[0], 0, device=a.device)
+
+
+def products(acts: list[Prepared], qs: list, n: int) -> list[torch.Tensor]:
+    """:func:`product` of each ``acts[i]`` with weight rows ``qs[i]`` (R, bytes per row; the same R and type
+    for all): the experts of one MoE block. The torch form forms the effective weights of all of them in one
+    unpacking (fewer, larger kernels on a GPU); the compiled form runs them one by one."""
+    if not acts or acts[0].impl == "c":
+        return [product(a, q, n) for a, q in zip(acts, qs)]
+    a0 = acts[0]
+    qt = torch.stack([torch.as_tensor(q) for q in qs]).to(a0.device)  # (E, R, bytes)
+    rows = qt.shape[1]
+    w = weights(qt.reshape(-1, qt.shape[-1]), a0.type_name, n, a0.kernel)  # (E * R, n) and (E * R, n/32)
+    return [apply(a.data, {k: (v[i * rows:(i + 1) * rows] if v is not None else None) for k, v in w.items()})
+            for i, a in enumerate(acts)]
+
+
+def matmul(x: torch.Tensor, q: torch.Tensor, type_name: str, n: int, kernel: str,
+           impl: str | None = None) -> torch.Tensor:
     """(tokens, rows) float32: the CUDA kernel's result for W x per token.
 
     Args:
         x: (tokens, n) float activations (taken as float32).
         q: (rows, bytes per row) uint8 weight blocks of ``type_name``.
         kernel: ``mmq`` or ``mmvq`` (see :func:`kernel_for`).
+        impl: ``c``, ``torch`` or None (see :func:`prepare`).
     """
-    a = activations(x, type_name, kernel)
-    step = max(1, _ROW_CHUNK_ELEMS // (4 * n))  # rows of effective weights held at once
-    parts = [apply(a, weights(q[r:r + step], type_name, n, kernel)) for r in range(0, q.shape[0], step)]
-    return torch.cat(parts, 1) if parts else torch.empty(x.shape[0], 0, device=x.device)
+    return product(prepare(x, type_name, kernel, impl), q, n)
+
+
+def supported_types() -> tuple[str, ...]:
+    """The weight types emulated: the compiled kernels' where they are built, else the torch form's."""
+    from moetrace.kernels.engine import cuda_native
+
+    return cuda_native.TYPES if cuda_native.available() else TYPES
+
+
+def _impl(type_name: str, kernel: str, device: torch.device, impl: str | None) -> str:
+    from moetrace.kernels.engine import cuda_native
+
+    if kernel not in ("mmq", "mmvq"):
+        raise FormatError(f"unknown CUDA kernel {kernel!r}; valid: mmq, mmvq")
+    if impl not in (None, "c", "torch"):
+        raise FormatError(f"unknown implementation {impl!r}; valid: c, torch")
+    compiled = cuda_native.available() and type_name in cuda_native.TYPES
+    valid = TYPES if impl == "torch" else supported_types()
+    if impl is None:
+        impl = "c" if compiled and (device.type == "cpu" or type_name not in TYPES) else "torch"
+    if impl == "c" and not compiled:
+        raise FormatError(f"no compiled llamacpp_cuda_mmq emulation for {type_name} (extension built: "
+                          f"{cuda_native.available()}); valid types: {', '.join(cuda_native.TYPES)}")
+    if impl == "torch" and type_name not in TYPES:
+        raise FormatError(f"no llamacpp_cuda_mmq emulation for {type_name}; valid types: {', '.join(valid)}")
+    return impl
 
 
 def _check(type_name: str, kernel: str) -> None:
     if type_name not in TYPES:
-        raise FormatError(f"no llamacpp_cuda_mmq emulation for {type_name}; valid types: {', '.join(TYPES)}")
+        raise FormatError(f"no torch llamacpp_cuda_mmq emulation for {type_name}; valid types: {', '.join(TYPES)}")
     if kernel not in ("mmq", "mmvq"):
         raise FormatError(f"unknown CUDA kernel {kernel!r}; valid: mmq, mmvq")
 

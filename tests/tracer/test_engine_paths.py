@@ -22,7 +22,8 @@ from moetrace.errors import MoetraceError
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_trace.py"
 VARIANTS = ["q4_k_m-llamacpp_cuda_mmq", "q4_k_m-llamacpp_cuda_f16", "q4_k_m-fp32",
-            "q8_0-ktransformers_prefill", "q8_0-ktransformers_decode", "q8_0-bf16"]
+            "q8_0-ktransformers_prefill", "q8_0-ktransformers_decode", "q8_0-bf16",
+            "q2_k-llamacpp_cuda_mmq", "q2_k-fp32"]
 # Engine arithmetic against plain float32 compute with the same weights: activation quantization
 # (q8_1) or F16 accumulation moves logits by a few percent on builtin:tiny, never tens of percent.
 ENGINE_REL_L2 = 0.1
@@ -57,6 +58,15 @@ def test_llamacpp_cuda_paths_differ_from_fp32_by_their_arithmetic_only(traces, v
     rel = np.linalg.norm(a - b) / np.linalg.norm(b)
     assert 0 < rel < ENGINE_REL_L2, f"{variant}: logits relL2 {rel:.3g} against q4_k_m-fp32"
     assert not np.array_equal(traces["q4_k_m-llamacpp_cuda_mmq"], traces["q4_k_m-llamacpp_cuda_f16"])
+
+
+def test_llamacpp_cuda_mmq_runs_a_file_type_that_mixes_in_q2_k_and_q3_k(traces):
+    """q2_k on builtin:tiny (8 experts: llama.cpp's Mixtral-like rules) mixes Q2_K (attn_q, gate and up
+    experts), Q3_K (down experts), Q5_K, Q6_K and Q8_0: every tensor goes through the MMQ/MMVQ emulation
+    (no refusal) and lands as close to float32 compute on the same weights as q4_k_m."""
+    a, b = traces["q2_k-llamacpp_cuda_mmq"], traces["q2_k-fp32"]
+    rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+    assert 0 < rel < ENGINE_REL_L2, f"logits relL2 {rel:.3g} against q2_k-fp32"
 
 
 def test_ktransformers_prefill_is_bf16_arithmetic(traces):
