@@ -10,8 +10,10 @@ reference's expert choices in ``routing`` mode, is a separate, explicit argument
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the site names are read by commands that never load torch (diff, report)
+    import torch
 
 LAYER_SITES: dict[str, str] = {
     "resid": "(token, hidden) the decoder layer's output hidden state",
@@ -93,7 +95,7 @@ def capture(layer: torch.nn.Module, adapter, sites=tuple(LAYER_SITES), forced_to
                     parts[which] = out
                     if "expert" in parts and ("gate" in parts or gate is None):
                         # as the MoE block combines them: sigmoid(gate(x)) * shared_expert(x)
-                        y = parts["expert"] if gate is None else torch.sigmoid(parts["gate"]) * parts["expert"]
+                        y = parts["expert"] if gate is None else parts["gate"].sigmoid() * parts["expert"]
                         rec["shared_out"] = _flat(y)
                         parts.clear()
                 return hook

@@ -11,7 +11,6 @@ import numpy as np
 from moetrace.errors import MoetraceError
 from moetrace.hooks.sites import ALL_SITES
 from moetrace.tracer.analysis import compare as compare
-from moetrace.tracer.execution.executor import RunConfig, run_trace
 from moetrace.tracer.sources.prompts import DEMO_TEXT, read_prompts, tokenize
 from moetrace.tracer.store import location as store_loc
 from moetrace.tracer.store.zarr_store import open_trace
@@ -122,6 +121,8 @@ def run(model="builtin:", variants=(), reference="orig-fp32", modes=("free",), t
         check_run_name(run_name)
     if text is not None and not text.strip():
         raise MoetraceError("--text is empty; give text with at least one token")
+    from moetrace.tracer.execution.executor import RunConfig, run_trace
+
     sites = list(sites) if sites else list(ALL_SITES)
     plain, named = parse_gguf_options(gguf)
     config = RunConfig(model=model, variants=list(variants), reference=reference, modes=list(modes), sites=sites,

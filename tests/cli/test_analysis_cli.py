@@ -78,3 +78,25 @@ def test_user_errors_are_one_line_and_exit_2(stores, tmp_path):
             continue
         assert len(lines) == 1 and lines[0].startswith("moetrace: error:") and msg in lines[0], (args, p.stderr)
     assert not (tmp_path / "nope").exists()  # a failed report writes nothing
+
+
+def test_analysis_commands_never_load_torch(tiny_run, tmp_path):
+    """diff, decompose, routing and report read stores only: they start without importing torch (seconds per
+    command), which the command line would lose to one module-level import."""
+    import subprocess
+    import sys
+
+    run_dir, s = tiny_run
+    ref, var = str(s["orig-fp32"]), str(s["orig-bf16"])
+    script = (
+        "import sys\nfrom moetrace.cli.main import main\n"
+        "for args in sys.argv[1:]:\n"
+        "    try:\n        main(args.split('|'), standalone_mode=False)\n"
+        "    except SystemExit as e:\n        assert not e.code, (args, e.code)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    cmds = [f"diff|{ref}|{var}", f"decompose|{ref}|{var}", f"routing|{ref}|{var}",
+            f"report|{run_dir}|--out|{tmp_path / 'rep'}|--resamples|20|-q"]
+    p = subprocess.run([sys.executable, "-c", script, *cmds], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "rep" / "index.html").is_file()

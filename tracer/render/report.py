@@ -137,7 +137,6 @@ def _expert_sections(a, key: str, run, run_dir: Path) -> list[dict]:
     in the run; ``a.name`` also names a mode other than free), where recorded."""
     import json
 
-    from moetrace.tracer.analysis import blame as B
     from moetrace.tracer.analysis import expert_view as EV
 
     var, ref = run.datasets[key], run.datasets[run.reference]
@@ -160,6 +159,8 @@ def _expert_sections(a, key: str, run, run_dir: Path) -> list[dict]:
                             comp.to_html(), 3))
     saved = run_dir / f"blame-{key}.json"
     if saved.is_file():
+        from moetrace.tracer.analysis import blame as B  # torch, for a run that has a blame only
+
         d = json.loads(saved.read_text())
         body = "".join(f"<h4>{html.escape(level)}</h4>" + _records_table(d[level]) for level in B.LEVELS if d.get(level))
         body += "".join(f"<p>{html.escape(x)}</p>" for x in d.get("cross_check", []))
