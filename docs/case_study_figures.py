@@ -9,7 +9,12 @@ the same tokens. Each run's variants are compared with that run's own ``orig-fp3
     python docs/case_study_figures.py fault --plant traces/plant --layer 0 --expert 22 \
         --without 'q4_k_m+blk.0.ffn_up_exps=bf16-bf16' --with q4_k_m-bf16
 
+    python docs/case_study_figures.py paths --run traces/plant
+
 ``load``: tokens per expert at one layer in the reference (which expert to plant the fault in).
+``paths``: one grid of file types (rows) by compute paths (columns) for claims 2 and 4: each variant's
+output KL against the reference, and against the same file type's ``fp32`` variant (the arithmetic
+alone, on the same weights), its final-layer error and its mean local (teacher-forced) error.
 ``fault``: per variant, the output figures with and without the fault (claim 1): the same
 variant in a run without the fault (``--clean``), or another variant of the same run that leaves
 the faulty tensor unquantized (``--without``), and the error split by token groups (claim 3): tokens the reference routed to the
@@ -133,6 +138,46 @@ def cmd_fault(args) -> None:
                   + f"{100 * (c['agree'][m].mean() - p['agree'][m].mean()):>+10.1f}%")
 
 
+def split_variant(name: str) -> tuple[str, str]:
+    """``WEIGHTS-COMPUTE`` -> (weights, compute); the compute path names hold no '-'."""
+    weights, _, compute = name.rpartition("-")
+    return weights, compute
+
+
+def _grid(title: str, cells: dict, rows: list[str], cols: list[str], fmt: str) -> None:
+    """Print one rows x cols table of ``cells[(row, col)]`` ('-' where absent)."""
+    print(f"\n{title}")
+    print(f"{'weights':<10}" + "".join(f"{c:>23}" for c in cols))
+    for r in rows:
+        print(f"{r:<10}" + "".join(f"{format(cells[(r, c)], fmt):>23}" if (r, c) in cells else f"{'-':>23}"
+                                   for c in cols))
+
+
+def cmd_paths(args) -> None:
+    ref = _open(args.run, "orig-fp32")
+    stores = {n: _open(args.run, n) for n in _variants(args.run)}
+    same = {**stores, "orig-fp32": ref}  # each variant's own weights in fp32, the reference's included
+    names = {n: split_variant(n) for n in stores}
+    rows = sorted({w for w, _ in names.values()}, key=lambda w: (w != "orig", w))
+    cols = sorted({c for _, c in names.values()}, key=lambda c: (c not in ("fp32", "bf16"), c != "fp32", c))
+    rl = reference(ref, "logits")
+    kl, kl_same, final, local = {}, {}, {}, {}
+    for n, ds in stores.items():
+        key, vl = names[n], variant(ds, "logits", "free")
+        kl[key] = float(kl_per_token(rl, vl).mean())
+        base = f"{key[0]}-fp32"
+        if base in same:  # KL(WEIGHTS-fp32 || variant): what the arithmetic alone adds on these weights
+            kl_same[key] = float(kl_per_token(variant(same[base], "logits", "free"), vl).mean())
+        final[key] = float(per_token(ref, ds, "free")["rel"][-1].mean())
+        if "teacher" in ds.attrs.get("modes", []):
+            local[key] = float(per_token(ref, ds, "teacher")["rel"].mean())
+    print(f"run {args.run}: {ref.sizes['token']} tokens, {len(stores)} variants against orig-fp32 (free mode unless said)")
+    _grid("KL(orig-fp32 || variant), nats, token mean", kl, rows, cols, ".3e")
+    _grid("KL(WEIGHTS-fp32 || variant), nats: the arithmetic alone on the same weights", kl_same, rows, cols, ".3e")
+    _grid("final-layer relative L2 error, token mean", final, rows, cols, ".3e")
+    _grid("local (teacher-forced) relative L2 error, mean over layers and tokens", local, rows, cols, ".3e")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -147,8 +192,10 @@ def main(argv=None) -> None:
     b.add_argument("--with", dest="with_", action="append", default=[], help="the variants compared with --without")
     b.add_argument("--layer", type=int, required=True)
     b.add_argument("--expert", type=int, required=True)
+    c = sub.add_parser("paths", help="file types x compute paths: output KL, the arithmetic alone (claims 2, 4)")
+    c.add_argument("--run", type=Path, required=True)
     args = ap.parse_args(argv)
-    {"load": cmd_load, "fault": cmd_fault}[args.cmd](args)
+    {"load": cmd_load, "fault": cmd_fault, "paths": cmd_paths}[args.cmd](args)
 
 
 if __name__ == "__main__":

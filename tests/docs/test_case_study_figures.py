@@ -36,7 +36,7 @@ def runs(tmp_path_factory):
     from moetrace.tracer.api import run
 
     out = tmp_path_factory.mktemp("cs")
-    args = dict(model="builtin:tiny", variants=["q4_k_m-fp32"], modes=["free", "teacher"], max_tokens=64,
+    args = dict(model="builtin:tiny", variants=["orig-bf16", "q4_k_m-fp32"], modes=["free", "teacher"], max_tokens=64,
                 out_dir=out)
     run(**args, run_name="clean")
     run(**args, run_name="plant", plant=PLANT)
@@ -68,3 +68,43 @@ def test_fault_output_before_group_is_untouched(runs, capsys):
     assert all(abs(float(x)) <= FP32_BATCHING for x in before[4:7]), out  # causally out of reach
     assert float(routed[4]) > 10 * abs(float(rows["after"][4])), out  # the planted layer hits the routed tokens
     assert float(routed[3]) > 2 * float(routed[2]), out  # local error at the planted layer, with vs without
+
+
+def _grid(out: str, title: str) -> dict[tuple[str, str], str]:
+    """The cells of the ``paths`` table whose title starts with ``title``: {(weights, compute): text}."""
+    lines = out.splitlines()
+    i = next(n for n, line in enumerate(lines) if line.startswith(title))
+    cols = lines[i + 1].split()[1:]
+    cells = {}
+    for line in lines[i + 2:]:
+        if not line.strip():
+            break
+        row, *vals = line.split()
+        cells.update({(row, c): v for c, v in zip(cols, vals)})
+    return cells
+
+
+def _kl_float64(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Token mean of KL(p || q) over the last axis, in float64: an independent reference."""
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+def test_paths_grid_compares_each_variant_with_its_own_weights_in_fp32(runs, capsys):
+    fig = _script()
+    _, plant = runs
+    fig.main(["paths", "--run", str(plant)])
+    out = capsys.readouterr().out
+    kl, same = _grid(out, "KL(orig-fp32 ||"), _grid(out, "KL(WEIGHTS-fp32 ||")
+    ref, q4, bf = (moetrace.open_trace(plant / f"{n}.zarr")["logits"].sel(mode="free").values
+                   for n in ("orig-fp32", "q4_k_m-fp32", "orig-bf16"))
+    assert same[("q4_k_m", "fp32")] == "0.000e+00", out  # a variant against itself
+    assert same[("orig", "bf16")] == kl[("orig", "bf16")], out  # orig's fp32 variant is the reference
+    assert same[("q4_k_m", "bf16")] == "-" and kl[("orig", "fp32")] == "-", out  # not traced: no cell
+    # Printed to 4 significant digits: within 1e-3 relative of the float64 KL.
+    assert float(kl[("q4_k_m", "fp32")]) == pytest.approx(_kl_float64(ref, q4), rel=1e-3), out
+    assert float(kl[("orig", "bf16")]) == pytest.approx(_kl_float64(ref, bf), rel=1e-3), out
