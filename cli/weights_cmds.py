@@ -216,7 +216,10 @@ def audit(variant, model, gguf_file, threshold, plant, imatrix_file, out, top, n
     if run_dir is not None:  # a missing or foreign run fails before the audit's work
         from moetrace.tracer.analysis.summary import load_run
 
+        from moetrace.tracer.weights.weighted import check_same_model
+
         ref_ds, _ = load_run(run_dir)
+        check_same_model(getattr(source, "model_hash", None), source.model_id, ref_ds, run_dir)
     ds = A.audit(source, variant, threshold=threshold, imatrix_file=imatrix_file, cache=not no_cache,
                  progress=progress, gguf=gguf_file)
     name = A.audit_name(variant)

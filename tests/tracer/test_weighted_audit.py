@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import xarray as xr
 
 from tests.cli_runner import moetrace
@@ -21,14 +22,21 @@ def _unrouted_expert(run_dir) -> int:
     return unused[0]
 
 
-def test_unrouted_planted_fault_ranks_below_routed_matrices(tmp_path):
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    """An unplanted run of builtin:tiny over 3 tokens (its routing, and a run of another model than a planted one)."""
+    out = tmp_path_factory.mktemp("probe")
+    moetrace("run", "--model", TINY, "--variant", "orig-bf16", "--max-tokens", "3", "--out", str(out),
+             "--run", "probe", "-q")
+    return out / "probe"
+
+
+def test_unrouted_planted_fault_ranks_below_routed_matrices(probe, tmp_path):
     """A planted expert no token reaches has the worst cosine (first in the plain audit), but impact 0 in the
     weighted one, below every routed matrix; the figures equal numpy on the stores."""
     # Routing at layer LAYER depends only on layers before it, so a fault planted in LAYER leaves it unchanged:
     # find an expert the text never reaches there, then plant the fault in that expert.
-    moetrace("run", "--model", TINY, "--variant", "orig-bf16", "--max-tokens", "3", "--out", str(tmp_path),
-             "--run", "probe", "-q")
-    e0 = _unrouted_expert(tmp_path / "probe")
+    e0 = _unrouted_expert(probe)
     plant = f"{LAYER}:{e0}:down"
     moetrace("run", "--model", TINY, "--plant", plant, "--variant", "q4_k_m-bf16", "--max-tokens", "3",
              "--out", str(tmp_path), "--run", "r", "-q")
@@ -76,10 +84,8 @@ def test_unrouted_planted_fault_ranks_below_routed_matrices(tmp_path):
     assert "tokens" in text and "impact" in text and f"The worst cosine, {worst['tensor']} expert {e0}" in text
 
 
-def test_run_of_another_model_is_refused(tmp_path):
-    moetrace("run", "--model", TINY, "--variant", "orig-bf16", "--max-tokens", "3", "--out", str(tmp_path),
-             "--run", "r", "-q")
-    p = moetrace("audit", "--variant", "q8_0", "--model", TINY, "--plant", "1:1:down", "--run", str(tmp_path / "r"),
+def test_run_of_another_model_is_refused(probe, tmp_path):
+    p = moetrace("audit", "--variant", "q8_0", "--model", TINY, "--plant", "1:1:down", "--run", str(probe),
                  "--out", str(tmp_path / "a.zarr"), "-q", check=False)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "same --model and --plant" in p.stderr
     p = moetrace("audit", "--variant", "q8_0", "--model", TINY, "--run", str(tmp_path / "nope"), "-q", check=False)

@@ -88,6 +88,20 @@ def routing_load(ref_ds, n_experts: int):
     )
 
 
+def check_same_model(model_hash, model: str, ref_ds, run: str = "") -> None:
+    """Refuse a run that traced another model than ``model`` (content hash ``model_hash``).
+
+    Raises:
+        MoetraceError: both hashes are known and differ.
+    """
+    r_hash = ref_ds.attrs.get("model_hash")
+    if model_hash and r_hash and model_hash != r_hash:
+        raise MoetraceError(
+            f"run {run or '?'} traced model {ref_ds.attrs.get('model', '?')} (hash {str(r_hash)[:12]}), but the audit "
+            f"is of {model} (hash {str(model_hash)[:12]}); give the same --model and --plant as the run"
+        )
+
+
 def weight_audit(audit_ds, ref_ds, run: str = ""):
     """The audit Dataset with the run's routing load and each expert matrix's ``impact``.
 
@@ -106,13 +120,7 @@ def weight_audit(audit_ds, ref_ds, run: str = ""):
     """
     import xarray as xr
 
-    a_hash, r_hash = audit_ds.attrs.get("model_hash"), ref_ds.attrs.get("model_hash")
-    if a_hash and r_hash and a_hash != r_hash:
-        raise MoetraceError(
-            f"run {run or '?'} traced model {ref_ds.attrs.get('model', '?')} (hash {str(r_hash)[:12]}), but the audit "
-            f"is of {audit_ds.attrs.get('model', '?')} (hash {str(a_hash)[:12]}); give the same --model and --plant "
-            f"as the run"
-        )
+    check_same_model(audit_ds.attrs.get("model_hash"), audit_ds.attrs.get("model", "?"), ref_ds, run)
     load = routing_load(ref_ds, audit_ds.sizes["expert"])
     if not set(load["layer"].values.tolist()) <= set(audit_ds["layer"].values.tolist()):
         raise MoetraceError(f"run {run or '?'} routes at layers {list(load['layer'].values)}, the audited model has "
