@@ -15,7 +15,7 @@ reaches with at least ``--min-tokens`` token slots, read from one unplanted prob
 L depends only on the layers before L, which a plant in L leaves alone).
 
     python benchmarks/bench_plant_table.py [--model builtin:] [--variant q4_k_m-bf16] [--seed 14] [--n 6]
-        [--gain G] [--plants L:E:P,...] [--tokens N] [--draw-only] [--run-dir RUN]
+        [--gain G] [--plants L:E:P,...] [--tokens N] [--draw-only] [--run-dir RUN [--restore-layers L,...]]
 
 Run it under ``flock /work/heavy.lock nice -n 10`` on a shared machine (several CPU-minutes per plant).
 """
@@ -126,6 +126,28 @@ def _budget(run_dir: Path, cfg: dict, var, ref, res, budget: str) -> dict:
             "real": round(rec, 4), "within": bool(p["ci_low"] <= rec <= p["ci_high"])}
 
 
+def restore_layers(run_dir: Path, variant: str, layers: list[int]) -> dict:
+    """A cheaper check than a whole blame: restore only the listed whole layers (blame's layer-level
+    candidates), each alone; KL recovered with its 95% bootstrap interval."""
+    from moetrace.tracer.analysis import blame as B
+    from moetrace.tracer.analysis import stats
+    from moetrace.tracer.analysis.blame_run import open_run
+    from moetrace.tracer.execution.restore import Candidate, Restorer
+
+    source, ref, var, cfg = open_run(run_dir, variant)
+    R = Restorer(source, ref, var)
+    parts = B._Parts(R, "ref")
+    kl_var = R.variant_kl()  # (token,)
+    cands = [Candidate(f"layer {L}", {L: {n: parts.to for n in parts.tensors(L)}}) for L in layers]
+    out = R.run(cands)
+    row = {"plant": cfg["plant"], "kl": round(float(np.mean(kl_var)), 4)}
+    for c in cands:
+        gain = kl_var - out[c.name].kl  # (token,)
+        lo, hi = stats.bootstrap_ci(gain, n_resamples=200)
+        row[c.name] = [round(float(np.mean(gain)), 4), round(lo, 4), round(hi, 4)]
+    return row
+
+
 COLS = ("plant", "tokens_to_expert", "kl", "layer_rank", "planted_layer_kl", "top_layer", "top_layer_kl",
         "kind_rank", "top_kind", "expert_rank", "top_expert", "top_of_layer", "table_worst", "max_local_layer",
         "run_s", "blame_s", "x_forwards_layer_kind", "budget")
@@ -143,6 +165,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=None, help="cut the default text to N tokens (default: all)")
     ap.add_argument("--run-dir", default=None, help="only analyse this traced run folder of a planted model")
     ap.add_argument("--budget", default=None, help="also blame --budget (e.g. 1MB) and a real run of its overrides")
+    ap.add_argument("--restore-layers", default=None, help="with --run-dir: only restore these whole layers, "
+                    "each alone (L,L,...), and print the KL each recovers")
     ap.add_argument("--draw-only", action="store_true", help="print the drawn plants and stop")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -152,6 +176,10 @@ def main():
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-plants-", dir="."))
     try:
+        if args.run_dir and args.restore_layers:
+            print(json.dumps(restore_layers(Path(args.run_dir), args.variant,
+                                            [int(x) for x in args.restore_layers.split(",")])))
+            return
         if args.run_dir:  # analyse a run traced before (e.g. by `moetrace run --plant ... --mode free --mode teacher`)
             print("| " + " | ".join(str(measure(Path(args.run_dir), args.variant, budget=args.budget)[c])
                                     for c in COLS) + " |")

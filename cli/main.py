@@ -128,7 +128,7 @@ def _progress_printer(quiet: bool):
 @click.option("--truncate", is_flag=True,
               help="Cut sequences longer than the model's max_position_embeddings instead of refusing them.")
 @click.option("--plant", default=None, help="Built-in models: plant a fault in LAYER:EXPERT:PROJ[:GAIN] (gate, up or down; "
-              "GAIN: the planted expert's output over an ordinary one's, default 4).")
+              "GAIN: the planted expert's output over an ordinary one's, default 1).")
 @click.option("--sites", default=None, help="Comma-separated sites to record (default: all).")
 @click.option("--out", "out_dir", default="traces", show_default=True,
               help="Folder or URL of runs (s3://bucket/traces with moetrace[s3]; credentials and endpoint from the "

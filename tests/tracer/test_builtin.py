@@ -80,7 +80,7 @@ def _cos(a, b):
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
-@pytest.mark.parametrize("gain", [1.0, PLANT_GAIN])
+@pytest.mark.parametrize("gain", [1.0, 4.0])
 def test_plant_rescales_one_expert_scaling_its_output_by_the_gain(gain):
     """The planted matrix shrinks to PLANT_STD, its partner grows by the inverse factor times the gain: the
     expert computes its function times the gain (gain 1: the same function)."""
@@ -107,22 +107,13 @@ BF16_RESCALE = 2 * 2.0 ** -9
 
 
 def test_plant_gain_is_in_the_name_and_the_cache_key():
-    default, ordinary = parse_builtin("builtin:tiny", plant="2:5:down"), parse_builtin("builtin:tiny", plant="2:5:down:1")
-    assert str(default.plant) == "2:5:down" and default.plant.gain == PLANT_GAIN
-    assert str(ordinary.plant) == "2:5:down:1" and ordinary.model_id.endswith("+plant=2:5:down:1")
-    assert default.content_hash != ordinary.content_hash
-    assert parse_builtin("builtin:tiny", plant=f"2:5:down:{PLANT_GAIN}").content_hash == default.content_hash
-
-
-def test_plant_breaks_q4_k_but_not_q8_0():
-    """The planted matrix's fp16 block scales lose precision in Q4_K (cosine far below the audit's 0.98)."""
-    from moetrace.kernels import dequantize, quantize
-
-    m = parse_builtin("builtin:tiny", plant="2:5:down")
-    w = torch.from_numpy(dict(generate_tensors(m.shape, m.plant))["model.layers.2.mlp.experts.down_proj"][5])
-    w = w.to(torch.bfloat16).float()
-    cos = {t: _cos(w.double(), dequantize(quantize(w, t), t, w.shape[1]).double()) for t in ("Q4_K", "Q8_0")}
-    assert cos["Q4_K"] < 0.9 and cos["Q8_0"] > 0.98, cos
+    """The default plant is an ordinary expert (gain 1) with the name and cache key it had before gains; a loud
+    one names its gain and has its own key."""
+    default, loud = parse_builtin("builtin:tiny", plant="2:5:down"), parse_builtin("builtin:tiny", plant="2:5:down:4")
+    assert PLANT_GAIN == 1.0 and default.plant.gain == 1.0 and str(default.plant) == "2:5:down"
+    assert str(loud.plant) == "2:5:down:4" and loud.model_id.endswith("+plant=2:5:down:4")
+    assert default.content_hash != loud.content_hash
+    assert parse_builtin("builtin:tiny", plant="2:5:down:1").content_hash == default.content_hash
 
 
 @pytest.mark.parametrize("plant,msg", [("99:0:down", "outside"), ("0:99:up", "outside"), ("1:2:mid", "PROJ"),
@@ -142,7 +133,7 @@ def test_bad_builtin_spec(spec, msg):
 
 def test_plant_parse_roundtrip():
     assert str(Plant.parse("5:3:down")) == "5:3:down"
-    assert str(Plant.parse("5:3:down:2.5")) == "5:3:down:2.5"
+    assert str(Plant.parse("5:3:down:2.5")) == "5:3:down:2.5" and str(Plant.parse("5:3:down:1")) == "5:3:down"
 
 
 # Calibration bounds: where a trained byte- or small-vocabulary LM's next-token distribution sits on

@@ -28,8 +28,7 @@ def _assert_same(new: dict, old: dict):
 
 
 @pytest.mark.parametrize("shape", [builtin.PRESETS["tiny"], NARROW], ids=["tiny", "narrow-1-layer"])
-# The frozen generator plants an ordinary expert: gain 1 (the gain is tested in test_builtin.py).
-@pytest.mark.parametrize("plant", [None, Plant(0, 1, "down", 1.0), Plant(0, 5, "gate", 1.0)], ids=["none", "down", "gate"])
+@pytest.mark.parametrize("plant", [None, Plant(0, 1, "down"), Plant(0, 5, "gate")], ids=["none", "down", "gate"])
 def test_generated_tensors_equal_the_v4_generator(shape, plant):
     _assert_same(dict(builtin.generate_tensors(shape, plant)), dict(v4.generate_tensors(shape, plant)))
 
@@ -40,7 +39,7 @@ def test_checkpoint_tensors_equal_the_v4_generator(preset):
     _assert_same(dict(builtin.checkpoint_tensors(shape)), dict(v4.checkpoint_tensors(shape)))
 
 
-@pytest.mark.parametrize("spec,plant", [("builtin:tiny", "2:3:up:1"), ("builtin:tiny-mixtral", None)])
+@pytest.mark.parametrize("spec,plant", [("builtin:tiny", "2:3:up"), ("builtin:tiny-mixtral", None)])
 def test_written_file_equals_the_v4_writer(tmp_path, spec, plant):
     model = parse_builtin(spec, plant)
     (tmp_path / "new").mkdir()

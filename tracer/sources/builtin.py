@@ -16,8 +16,8 @@ for error propagation in real LLMs:
 - optionally a planted fault in one expert matrix (see :func:`_plant`): its weights shrink to
   magnitudes where GGUF's fp16 block scales lose their precision, while its partner projection
   grows by the inverse factor, so only the quantized model breaks (like the cosine-0.78 matrix of
-  the original investigation); the partner also takes the plant's gain, which makes the planted
-  expert a "loud" one whose output in the reference is PLANT_GAIN times an ordinary expert's.
+  the original investigation); the partner also takes the plant's gain (default 1), which makes
+  the planted expert a "loud" one whose output in the reference is GAIN times an ordinary expert's.
 """
 
 from __future__ import annotations
@@ -200,14 +200,15 @@ OVERRIDABLE = ("layers", "seed")
 # Q4_0 0.994. With q4_k_m-bf16 the planted layer then has the highest teacher-forced (local)
 # error of builtin:mini's 16 layers, mean and p99 over tokens.
 PLANT_STD = 4.7e-6
-# The planted expert is also a "loud" one: its output grows by this gain (the partner projection takes
-# it, see _plant), as real MoE models have a few "super experts" whose outputs are far larger than the
-# rest. The reference then routes a large output through the planted expert, and losing the planted
-# matrix's block scales costs that much more at the output. With gain 1 (an ordinary expert, ``--plant
-# L:E:P:1``) the fault is real but on builtin:mini often matters less than an early layer's ordinary
-# Q4_K error, which the later layers amplify; the default was chosen by measuring drawn plants
-# (benchmarks/bench_plant_table.py, docs/benchmarks.md "Planted faults").
-PLANT_GAIN = 4.0
+# The plant's gain (``--plant L:E:P:GAIN``) also makes the planted expert a "loud" one: its partner
+# projection grows by GAIN more (see _plant), so the reference routes an output GAIN times an ordinary
+# expert's through it, as real MoE models have a few "super experts". The default, 1, is an ordinary
+# expert, which on builtin:mini often matters less at the output than an early layer's ordinary Q4_K
+# error that the later layers amplify (docs/benchmarks.md, "Planted faults"). A loud plant needs a
+# large gain to stand first at every depth (about 16-32 in the last layers), and the partner then holds
+# values far past fp16's range (max 65504; about 12000 * GAIN on builtin:mini), so fp16 weights
+# overflow: use gains above about 4 with bf16 or fp32 compute only.
+PLANT_GAIN = 1.0
 
 # The output calibration (see _lm_head): each input byte has SUCCESSORS likely next bytes whose
 # logits fall off by a per-byte decay drawn from SUCCESSOR_DECAY, the first several nats above
@@ -223,7 +224,7 @@ OUTLIER_NORM = 0.05  # the final norm's weight on the outlier channels
 @dataclass(frozen=True)
 class Plant:
     """A planted fault in expert ``expert`` of layer ``layer``, projection ``proj`` (gate, up or down),
-    whose output is ``gain`` times an ordinary expert's (see PLANT_GAIN)."""
+    whose output is ``gain`` times an ordinary expert's (see PLANT_GAIN; 1: an ordinary expert)."""
 
     layer: int
     expert: int
@@ -275,7 +276,8 @@ class BuiltinModel:
         blob = json.dumps(
             {"v": GENERATOR_VERSION, "shape": _hashed_shape(self.shape), "plant": str(self.plant or ""),
              "plant_std": PLANT_STD if self.plant else None,
-             **({"plant_gain": self.plant.gain} if self.plant else {})},
+             # an ordinary plant (gain 1) keeps the key it had before gains existed
+             **({"plant_gain": self.plant.gain} if self.plant and self.plant.gain != 1.0 else {})},
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
