@@ -8,8 +8,9 @@ process so the ratios compare like with like:
   (weights read layer by layer from the safetensors checkpoint, as a real run does);
 - traced, old store (with ``--old-store REV``): the same with the store writer of git revision REV
   (default ddf4e83, the last hand-written one: its own shard files and O_DIRECT), loaded from
-  ``git show REV:tracer/store/zarr_store.py`` into a module of its own, so the cost of writing
-  through zarr's API is measured against it in the same process, interleaved;
+  ``git show REV:tracer/store/writer.py`` (``zarr_store.py`` before the writer had a module of its
+  own) into a module of its own, so the cost of writing through zarr's API, or a change to the
+  writer, is measured against it in the same process, interleaved;
 - traced, no sites: the same executor recording nothing, which separates the cost of the
   hooks and the store from the cost of layer-by-layer execution;
 - load + plain forward: ``from_pretrained`` and the forward, the end-to-end cost a user of
@@ -140,8 +141,12 @@ def _old_writer(rev: str):
     import subprocess
     import sys
 
-    src = subprocess.run(["git", "show", f"{rev}:tracer/store/zarr_store.py"], capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    root = Path(__file__).resolve().parent.parent
+    # The writer's own module where the revision has one (the store written through zarr), else the
+    # hand-written store's single module.
+    has_writer = subprocess.run(["git", "cat-file", "-e", f"{rev}:tracer/store/writer.py"], cwd=root).returncode == 0
+    src = subprocess.run(["git", "show", f"{rev}:tracer/store/{'writer' if has_writer else 'zarr_store'}.py"],
+                         capture_output=True, text=True, check=True, cwd=root).stdout
     path = Path(tempfile.mkdtemp(prefix="moetrace-old-store-")) / "old_zarr_store.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("moetrace_old_zarr_store", path)
