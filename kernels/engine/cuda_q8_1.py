@@ -45,6 +45,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from moetrace.kernels.base import dequantize
+from moetrace.kernels.engine.cpu_torch import _fp16, _patched  # the block-field helpers both forms use
 from moetrace.kernels.errors import FormatError
 from moetrace.kernels.ggml_float import fdiv, fdiv_by, roundf
 from moetrace.kernels.layouts import LAYOUTS
@@ -104,23 +105,6 @@ def quantize_q8_1(x: torch.Tensor, kernel: str, type_name: str) -> dict[str, tor
 
 
 # -- weights -------------------------------------------------------------------------------
-
-
-def _patched(q: torch.Tensor, type_name: str, values: dict[str, int]):
-    """Block bytes (rows, bytes) with fp16 fields set to bit patterns."""
-    lay = LAYOUTS[type_name]
-    b = q.reshape(q.shape[0], -1, lay.bytes).clone()
-    for name, bits in values.items():
-        off = lay.offset(name)
-        b[..., off] = bits & 0xFF
-        b[..., off + 1] = bits >> 8
-    return b.reshape(q.shape)
-
-
-def _fp16(q: torch.Tensor, type_name: str, name: str) -> torch.Tensor:
-    lay = LAYOUTS[type_name]
-    b = q.reshape(q.shape[0], -1, lay.bytes)
-    return b[..., lay.span(name)].contiguous().view(torch.float16)[..., 0].float()  # (rows, blocks)
 
 
 def _scale_min_k4(q: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor]:
