@@ -221,3 +221,39 @@ def test_progress_attribute_refreshed_when_interval_passed(tmp_path, tiny_tokens
     w.flush()
     assert json.loads((tmp_path / "v.zarr" / "zarr.json").read_text())["attributes"]["layers_done"] == 1
     w.release()
+
+
+@pytest.mark.parametrize("torn", ["empty", "half"])
+def test_torn_chunk_after_last_done_layer_reads_as_unwritten(tmp_path, tiny_tokens, torn):
+    """A run killed while writing layer 2's chunks (an empty or half-written chunk file) leaves layers 0-1
+    readable; layer 2 reads as NaN, not as damage. The same tear in a layer counted done is damage."""
+    import torch
+
+    from moetrace.tracer.store import zarr_store as S
+
+    T = tiny_tokens.n
+    sizes = {"layers": 4, "hidden": 8, "expert": 4, "k": 2, "vocab": 16}
+    path = tmp_path / "v.zarr"
+    w = S.TraceWriter(path, sizes, tiny_tokens, ["free", "teacher"], ["resid"], {"variant": "v", "model": "m"})
+    for L in range(3):
+        for m in w.modes:
+            w.write_layer(m, L, {"resid": torch.full((T, 8), float(L + 1))})
+        if L < 2:
+            w.mark_layers_done(L + 1)
+    w.flush()
+    w.release()
+    chunk = path / "resid" / "c.1.2.0.0"  # teacher, layer 2
+    assert chunk.is_file()
+    data = chunk.read_bytes()
+    chunk.write_bytes(b"" if torn == "empty" else data[: len(data) // 2])
+    ds = moetrace.open_trace(path, allow_incomplete=True)
+    assert ds.attrs["layers_done"] == 2
+    resid = ds.resid.values
+    for L in range(2):
+        assert np.array_equal(resid[:, L], np.full((2, T, 8), L + 1.0, np.float32))
+    assert np.isnan(resid[:, 2:]).all()  # layer 2 (torn in teacher, whole in free) is not yet done
+    # A tear in a layer the store counts as done is damage, named.
+    done_chunk = path / "resid" / "c.1.1.0.0"
+    done_chunk.write_bytes(done_chunk.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(MoetraceError, match=r"damaged: resid of layer 1 \(teacher\)"):
+        moetrace.open_trace(path, allow_incomplete=True).resid.values

@@ -77,7 +77,7 @@ def open_trace(path, allow_incomplete: bool = False, storage_options: dict | Non
         )
     done = ds.sizes.get("layer", 0) if ds.attrs.get("complete") else int(ds.attrs.get("layers_done", 0))
     check_chunks_present(path, group, list(ds.data_vars), bool(ds.attrs.get("complete")), done, storage_options)
-    out = _checked_reads(ds, group, str(path))
+    out = _checked_reads(ds, group, str(path), None if ds.attrs.get("complete") else done)
     out.encoding["source"] = str(path)  # messages name the store a trace came from (analysis.common.store_name)
     return out
 
@@ -141,14 +141,48 @@ def check_chunks_present(path, group, names, complete: bool, done: int, storage_
 
 
 class _Checked:
-    """A zarr array whose reads name the store, variable and layer when a chunk fails to decode."""
+    """A zarr array whose reads name the store, variable and layer when a chunk fails to decode.
 
-    def __init__(self, array, store: str, name: str, dims, modes, layers=None):
+    ``done``: in an incomplete store, the number of layers fully written. A layer at or after it
+    reads as the array's fill value (NaN) without its chunks being read: the run may have been
+    killed while writing them, and a torn chunk there is expected, not damage.
+    """
+
+    def __init__(self, array, store: str, name: str, dims, modes, layers=None, done: int | None = None):
         self.array, self.store, self.name, self.dims, self.modes = array, store, name, list(dims), modes
         self.layers = layers
         self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+        self.layer_axis = next((i for i, d in enumerate(self.dims) if d in ("layer", "moe_layer", "dense_layer")),
+                               None)
+        self.done = done if self.layer_axis is not None else None
 
     def __getitem__(self, key):
+        if self.done is not None and isinstance(key, tuple) and isinstance(key[self.layer_axis], slice):
+            return self._read_finished(key)
+        return self._read(key)
+
+    def _layer(self, pos: int) -> int:
+        d = self.dims[self.layer_axis]
+        return self.layers[d][pos] if self.layers and d in self.layers else pos
+
+    def _read_finished(self, key):
+        """The slab ``key`` with its unfinished layers (a suffix: layers are stored ascending) filled."""
+        li = self.layer_axis
+        positions = range(*key[li].indices(self.shape[li]))
+        n_done = sum(1 for p in positions if self._layer(p) < self.done)
+        if n_done == len(positions):
+            return self._read(key)
+        shape = [len(range(*k.indices(n))) for k, n in zip(key, self.shape)]
+        out = np.full(shape, self.array.fill_value, dtype=self.dtype)
+        if n_done:
+            head = list(key)
+            head[li] = slice(positions.start, positions.start + n_done * positions.step, positions.step)
+            index = [slice(None)] * len(shape)
+            index[li] = slice(0, n_done)
+            out[tuple(index)] = self._read(tuple(head))
+        return out
+
+    def _read(self, key):
         try:
             with quiet():
                 return self.array[key]
@@ -160,8 +194,11 @@ class _Checked:
                                 f"({type(e).__name__}: {msg}); trace it again") from None
 
 
-def _checked_reads(ds, group, store: str):
-    """``ds`` with every data variable read through :class:`_Checked`, in the same Dask chunks."""
+def _checked_reads(ds, group, store: str, done: int | None = None):
+    """``ds`` with every data variable read through :class:`_Checked`, in the same Dask chunks.
+
+    ``done``: layers fully written, for an incomplete store (None when complete).
+    """
     import dask.array as da
     import xarray as xr
 
@@ -169,7 +206,7 @@ def _checked_reads(ds, group, store: str):
     layers = {d: [int(x) for x in ds[d].values] for d in ("moe_layer", "dense_layer") if d in ds.coords}
     out = {}
     for name, var in ds.data_vars.items():
-        checked = _Checked(group[name], store, name, var.dims, modes, layers)
+        checked = _Checked(group[name], store, name, var.dims, modes, layers, done)
         data = da.from_array(checked, chunks=var.chunks, name=f"moetrace-{store}-{name}", lock=False,
                              asarray=True, fancy=False)
         out[name] = xr.Variable(var.dims, data, attrs=var.attrs, encoding=var.encoding)
