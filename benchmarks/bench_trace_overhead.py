@@ -14,7 +14,11 @@ process so the ratios compare like with like:
 - traced, no sites: the same executor recording nothing, which separates the cost of the
   hooks and the store from the cost of layer-by-layer execution;
 - load + plain forward: ``from_pretrained`` and the forward, the end-to-end cost a user of
-  plain transformers pays (the traced runs read their weights inside the timing).
+  plain transformers pays (the traced runs read their weights inside the timing);
+- no sites + plain writes: the no-sites run, then the very bytes of an all-sites trace (every chunk
+  file, as the store wrote it) written with plain ``open``/``write`` into a fresh folder: the floor
+  that the file system under ``--out`` sets for any store of this trace, with no encoding, no
+  checksum and no zarr at all.
 
 The traced timings cover ``run_trace`` itself. Every run's output is kept, as a user keeps their
 traces, until all timings are done (in ``--out``, default a temporary folder on the file system of
@@ -91,17 +95,34 @@ def main():
         finally:
             executor.TraceWriter = writers["new"]
 
+    payload = []  # (relative path, bytes) of an all-sites trace's files, read after the warm-up
+
+    def no_sites_and_plain_writes():
+        t = time.perf_counter()
+        traced([])
+        d = out_root / f"plain{next(count)}"
+        for rel, data in payload:
+            path = d / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+        return time.perf_counter() - t
+
     cases = {
         "plain forward": plain,
         "traced, all sites": lambda: traced(ALL_SITES),
         "traced, old store": lambda: traced(ALL_SITES, store="old"),
         "traced, no sites": lambda: traced([]),
         "load + plain forward": load_and_plain,
+        "no sites + plain writes": no_sites_and_plain_writes,
     }
     if not args.old_store:
         del cases["traced, old store"]
     try:
-        for fn in cases.values():  # warm-up: caches, allocator, lazy imports
+        for k, fn in cases.items():  # warm-up: caches, allocator, lazy imports
+            if k == "no sites + plain writes":
+                payload[:] = [(f.relative_to(out_root / "run0"), f.read_bytes())
+                              for f in sorted((out_root / "run0").rglob("*")) if f.is_file()]
             fn()
         times = {k: [] for k in cases}
         for _ in range(args.repeats):
@@ -126,6 +147,13 @@ def main():
     no_sites = statistics.median(times["traced, no sites"])
     rec_paired = statistics.median(x / y for x, y in zip(times["traced, all sites"], times["traced, no sites"]))
     print(f"  recording itself (all sites / no sites): {all_sites / no_sites:.2f}x of medians, {rec_paired:.2f}x paired")
+    floor = times["no sites + plain writes"]
+    floor_paired = statistics.median(x / y for x, y in zip(floor, times["traced, no sites"]))
+    print(f"  the file system's floor (no sites + plain writes of the trace's bytes / no sites): "
+          f"{statistics.median(floor) / no_sites:.2f}x of medians, {floor_paired:.2f}x paired")
+    store_paired = statistics.median(x / y for x, y in zip(times["traced, all sites"], floor))
+    print(f"  the store against that floor (all sites / no sites + plain writes): "
+          f"{all_sites / statistics.median(floor):.2f}x of medians, {store_paired:.2f}x paired")
     e2e = statistics.median(times["load + plain forward"])
     print(f"  end to end (traced, all sites / load + plain forward): {all_sites / e2e:.2f}x")
     if args.old_store:
