@@ -70,6 +70,13 @@ class _OneLineErrors(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+
+# One help text for every command that takes --plant.
+PLANT_HELP = ("Built-in models: plant a fault in LAYER:EXPERT:PROJ[:GAIN] (gate, up or down): the matrix's block "
+              "scales are lost when quantized. GAIN: the planted expert's output over an ordinary one's, default 1. "
+              "At gain 1 the fault is often too small to matter at the output; q6_k-bf16 with gain 8 gives one that "
+              "blame ranks first (docs/benchmarks.md, 'Planted faults'). Gains above 4 overflow fp16 weights.")
+
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="moetrace")
 def main():
@@ -127,8 +134,7 @@ def _progress_printer(quiet: bool):
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Cut each prompt to this many tokens.")
 @click.option("--truncate", is_flag=True,
               help="Cut sequences longer than the model's max_position_embeddings instead of refusing them.")
-@click.option("--plant", default=None, help="Built-in models: plant a fault in LAYER:EXPERT:PROJ[:GAIN] (gate, up or down; "
-              "GAIN: the planted expert's output over an ordinary one's, default 1).")
+@click.option("--plant", default=None, help=PLANT_HELP)
 @click.option("--sites", default=None, help="Comma-separated sites to record (default: all).")
 @click.option("--out", "out_dir", default="traces", show_default=True,
               help="Folder or URL of runs (s3://bucket/traces with moetrace[s3]; credentials and endpoint from the "

@@ -11,7 +11,7 @@ import time
 
 import click
 
-from moetrace.cli.main import friendly_errors, main
+from moetrace.cli.main import PLANT_HELP, friendly_errors, main
 
 _MODEL_HELP = "builtin:NAME (see `moetrace models`), a transformers checkpoint folder or a GGUF file."
 TENSOR_TYPE = click.option(
@@ -98,8 +98,7 @@ def recipe(file_type, model, with_imatrix, summary, tensor_types, as_json):
 @click.option("--model", "model", default="builtin:", show_default=True, help=_MODEL_HELP)
 @click.option("--imatrix", "imatrix_file", type=click.Path(), default=None,
               help="llama.cpp importance-matrix file (GGUF or legacy .dat) to quantize with.")
-@click.option("--plant", default=None, help="Built-in models: plant a fault in LAYER:EXPERT:PROJ[:GAIN] (gate, up or down; "
-              "GAIN: the planted expert's output over an ordinary one's, default 1).")
+@click.option("--plant", default=None, help=PLANT_HELP)
 @click.option("--no-cache", is_flag=True, help="Quantize every tensor, ignoring the quantized-weight cache.")
 @TENSOR_TYPE
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -160,8 +159,7 @@ def quantize(file_type, output, model, imatrix_file, plant, no_cache, tensor_typ
               help="A GGUF file of the model (any quantizer's or engine's): audit its tensors (--variant gguf).")
 @click.option("--threshold", type=click.FloatRange(-1.0, 1.0), default=0.98, show_default=True,
               help="Flag matrices whose cosine similarity to the reference is below this.")
-@click.option("--plant", default=None, help="Built-in models: plant a fault in LAYER:EXPERT:PROJ[:GAIN] (gate, up or down; "
-              "GAIN: the planted expert's output over an ordinary one's, default 1).")
+@click.option("--plant", default=None, help=PLANT_HELP)
 @click.option("--imatrix", "imatrix_file", type=click.Path(), default=None,
               help="llama.cpp importance-matrix file to quantize with.")
 @click.option("--out", "out", type=click.Path(), default=None,
