@@ -118,6 +118,8 @@ def _budget(run_dir: Path, cfg: dict, var, ref, res, budget: str) -> dict:
     from moetrace.tracer.analysis.blame_run import parse_budget, quantize_args, verify
 
     chosen = B.propose(res, parse_budget(budget))
+    if not chosen:  # no tensor kind fits the budget
+        return {"chosen": [], "within": None}
     p = B.predict(res, chosen, n_resamples=1000)
     real = verify(run_dir, cfg, var, ref, B.overrides_of(chosen, res.to_type))
     rec = p["kl_variant"] - real["kl"]

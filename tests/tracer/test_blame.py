@@ -237,3 +237,24 @@ def test_blame_without_the_variant_store_is_one_line(cases):
     p = CliRunner().invoke(main, ["blame", str(run_dir), "q8_0-bf16"])
     assert p.exit_code == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "no store of variant q8_0-bf16" in p.stderr and VARIANT in p.stderr
+
+
+def test_stop_rule_recovery_is_not_diluted_by_a_sparse_fault():
+    """The stop rule's recovery weighs tokens by their error energy: removing a large error that few tokens
+    carry (one expert's fault, 20 of 270 tokens) counts for more than shaving every token's error by 40%, where a mean over tokens had it the other way round (and stopped the sparse fault's branch)."""
+    from moetrace.tracer.execution.restore import recovery
+
+    rng = np.random.default_rng(5)
+    var_err = rng.uniform(0.05, 0.15, 270)  # ordinary quantization error on every token
+    var_err[:20] = rng.uniform(0.6, 1.0, 20)  # the fault's tokens
+    fixes_fault = var_err.copy()
+    fixes_fault[:20] = rng.uniform(0.05, 0.15, 20)
+    shaves_all = var_err * 0.6
+    assert recovery(var_err, var_err) == 0.0 and recovery(var_err, np.zeros(270)) == 1.0
+    assert recovery(var_err, fixes_fault) > recovery(var_err, shaves_all)
+    # the mean measure it replaces ranked them the other way round
+    mean_rec = lambda err: 1 - err.mean() / var_err.mean()  # noqa: E731
+    assert mean_rec(fixes_fault) < mean_rec(shaves_all)
+    # energy, as a float64 sum of squares
+    assert np.isclose(recovery(var_err, fixes_fault), 1 - np.sum(fixes_fault ** 2) / np.sum(var_err ** 2), rtol=0,
+                      atol=1e-15)

@@ -10,7 +10,7 @@ A row reads: restoring PART (to the reference's weights, or to ``--to TYPE``) lo
 KL(ref || variant) by ``kl_recovered`` nats (95% bootstrap interval over tokens), which is
 ``share`` of the variant's whole KL and ``of_layer`` of what restoring the whole layer recovers;
 it costs ``bytes`` at the higher type, ``added`` more than now. A branch stopped early (its
-residual error recovered less than a tenth of the best at the same layer) has no KL figure.
+residual error energy recovered less than a tenth of the best at the same layer) has no KL figure.
 
 :func:`cross_check` reads an audit's flagged matrices against the ranking; :func:`propose` picks
 tensor overrides within a byte budget and :func:`predict` measures them together.
@@ -39,7 +39,8 @@ class BlameResult:
 
     Attributes:
         variant: the variant's name; ``to``: the type parts are restored to (``ref``: the reference's).
-        kl: the variant's own mean KL(ref || variant); ``final_error``: its last layer's relative L2 error.
+        kl: the variant's own mean KL(ref || variant); ``final_error``: its last layer's mean relative
+            L2 error, seen through the final norm (Restorer.head_view).
         rows: one dict per part measured, per level, best first (see the module docstring).
         cost: layer forwards run and seconds taken, per level.
     """
