@@ -9,7 +9,7 @@ DEMO_ARGS ?= --variant orig-bf16 --variant q8_0-bf16 --variant q4_k_m-bf16 --pla
 
 .PHONY: demo test install clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml setup.py kernels/layouts.py $(wildcard kernels/csrc/*.c kernels/csrc/ckernels.h kernels/csrc/common.h kernels/csrc/quant_kquant_qkx_body.h kernels/csrc/engine_cpu.h kernels/csrc/engine_cuda.h)
+$(VENV)/.installed: setup.cfg pyproject.toml setup.py kernels/layouts.py $(wildcard kernels/csrc/*.c kernels/csrc/ckernels.h kernels/csrc/common.h kernels/csrc/quant_kquant_qkx_body.h kernels/csrc/engine_cpu.h kernels/csrc/engine_cuda.h kernels/csrc/engine_decode.h)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"

@@ -57,7 +57,7 @@ setup(
         Extension(
             "moetrace.kernels._cengine",
             sources=[f"kernels/csrc/{name}" for name in ENGINE_SOURCES],
-            depends=["kernels/layouts.py", "kernels/csrc/engine_cpu.h", "kernels/csrc/engine_cuda.h", "kernels/csrc/common.h"],
+            depends=["kernels/layouts.py", "kernels/csrc/engine_cpu.h", "kernels/csrc/engine_cuda.h", "kernels/csrc/engine_decode.h", "kernels/csrc/common.h"],
             extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off", "-fno-math-errno"],
             optional=True,
         ),

@@ -22,6 +22,7 @@
 
 #include "common.h"
 #include "engine_cpu.h"
+#include "engine_decode.h"
 
 #define QK MT_QK
 
@@ -105,129 +106,34 @@ typedef struct {
     float *d, *dm;
 } mt_row;
 
-static void k4_scale_min(const uint8_t *q, int j, int *sc, int *m) { /* ggml's get_scale_min_k4 */
-    if (j < 4) {
-        *sc = q[j] & 63;
-        *m = q[j + 4] & 63;
-    } else {
-        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-    }
-}
-
-/* ggml's kvalues_mxfp4 (E2M1 doubled) and ggml_e8m0_to_fp32_half (2**(e-128), subnormal below e = 2). */
-static const int8_t kvalues_mxfp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
-
-static inline float e8m0_half(uint8_t e) { return mt_bits_f32(e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23); }
-
 static void decode_row(int t, const uint8_t *w, int64_t n, mt_row *r) {
     if (t == MT_ENG_Q2_K || t == MT_ENG_Q3_K || t == MT_ENG_Q4_K || t == MT_ENG_Q5_K || t == MT_ENG_Q6_K) {
         for (int64_t i = 0; i < n / MT_QK_K; i++) {
             int8_t *a = r->a + i * MT_QK_K;
             int16_t *sc = r->sc + i * 16, *mn = r->mn + i * 16;
             if (t == MT_ENG_Q2_K) {
-                const uint8_t *b = w + i * MT_Q2_K_BYTES, *qs = b + MT_Q2_K_QS;
-                for (int g = 0; g < 16; g++) {
-                    sc[g] = b[MT_Q2_K_SCALES + g] & 0xF;
-                    mn[g] = b[MT_Q2_K_SCALES + g] >> 4;
-                }
-                for (int k = 0; k < 2; k++)
-                    for (int s = 0; s < 4; s++)
-                        for (int l = 0; l < 32; l++) a[128 * k + 32 * s + l] = (qs[32 * k + l] >> (2 * s)) & 3;
-                r->d[i] = mt_load_fp16(b + MT_Q2_K_D);
-                r->dm[i] = mt_load_fp16(b + MT_Q2_K_DMIN);
+                mt_decode_q2k(w + i * MT_Q2_K_BYTES, a, sc, mn, &r->d[i], &r->dm[i]);
             } else if (t == MT_ENG_Q3_K) {
-                const uint8_t *b = w + i * MT_Q3_K_BYTES, *qs = b + MT_Q3_K_QS, *hm = b + MT_Q3_K_HMASK;
-                const uint8_t *s12 = b + MT_Q3_K_SCALES;
-                for (int g = 0; g < 16; g++) {
-                    const int lo = g < 8 ? s12[g] & 0xF : s12[g - 8] >> 4;
-                    const int hi = (s12[8 + g % 4] >> (2 * (g / 4))) & 3;
-                    sc[g] = (int16_t)((lo | (hi << 4)) - 32);
-                    mn[g] = 0;
-                }
-                for (int k = 0; k < 2; k++)
-                    for (int s = 0; s < 4; s++) {
-                        const uint8_t m = (uint8_t)(1u << (4 * k + s));
-                        for (int l = 0; l < 32; l++)
-                            a[128 * k + 32 * s + l] = (int8_t)(((qs[32 * k + l] >> (2 * s)) & 3) - ((hm[l] & m) ? 0 : 4));
-                    }
-                r->d[i] = mt_load_fp16(b + MT_Q3_K_D);
+                mt_decode_q3k(w + i * MT_Q3_K_BYTES, a, sc, &r->d[i]);
+                memset(mn, 0, 16 * sizeof *mn);
             } else if (t == MT_ENG_Q4_K || t == MT_ENG_Q5_K) {
                 const int five = t == MT_ENG_Q5_K;
-                const uint8_t *b = w + i * (five ? MT_Q5_K_BYTES : MT_Q4_K_BYTES);
-                const uint8_t *s12 = b + (five ? MT_Q5_K_SCALES : MT_Q4_K_SCALES);
-                const uint8_t *qs = b + (five ? MT_Q5_K_QS : MT_Q4_K_QS), *qh = five ? b + MT_Q5_K_QH : NULL;
+                int s8[8], m8[8];
+                mt_decode_k45(five, w + i * (five ? MT_Q5_K_BYTES : MT_Q4_K_BYTES), a, s8, m8, &r->d[i], &r->dm[i]);
                 for (int j = 0; j < 8; j++) {
-                    int s, m;
-                    k4_scale_min(s12, j, &s, &m);
-                    sc[2 * j] = sc[2 * j + 1] = (int16_t)s;
-                    mn[2 * j] = mn[2 * j + 1] = (int16_t)m;
+                    sc[2 * j] = sc[2 * j + 1] = (int16_t)s8[j];
+                    mn[2 * j] = mn[2 * j + 1] = (int16_t)m8[j];
                 }
-                for (int j = 0; j < 4; j++)
-                    for (int l = 0; l < 32; l++) {
-                        int lo = qs[32 * j + l] & 0xF, hi = qs[32 * j + l] >> 4;
-                        if (five) {
-                            lo += (qh[l] & (1u << (2 * j))) ? 16 : 0;
-                            hi += (qh[l] & (1u << (2 * j + 1))) ? 16 : 0;
-                        }
-                        a[64 * j + l] = (int8_t)lo;
-                        a[64 * j + 32 + l] = (int8_t)hi;
-                    }
-                r->d[i] = mt_load_fp16(b + (five ? MT_Q5_K_D : MT_Q4_K_D));
-                r->dm[i] = mt_load_fp16(b + (five ? MT_Q5_K_DMIN : MT_Q4_K_DMIN));
             } else { /* Q6_K */
-                const uint8_t *b = w + i * MT_Q6_K_BYTES, *ql = b + MT_Q6_K_QL, *qh = b + MT_Q6_K_QH;
-                for (int g = 0; g < 16; g++) {
-                    sc[g] = (int8_t)b[MT_Q6_K_SCALES + g];
-                    mn[g] = 0;
-                }
-                for (int k = 0; k < 2; k++, ql += 64, qh += 32)
-                    for (int l = 0; l < 32; l++) {
-                        int8_t *o = a + 128 * k;
-                        o[l] = (int8_t)(((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32);
-                        o[l + 32] = (int8_t)(((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
-                        o[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-                        o[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
-                    }
-                r->d[i] = mt_load_fp16(b + MT_Q6_K_D);
+                mt_decode_q6k(w + i * MT_Q6_K_BYTES, a, sc, &r->d[i]);
+                memset(mn, 0, 16 * sizeof *mn);
             }
         }
         return;
     }
-    for (int64_t i = 0; i < n / QK; i++) {
-        int8_t *a = r->a + i * QK;
-        if (t == MT_ENG_Q8_0) {
-            const uint8_t *b = w + i * MT_Q8_0_BYTES;
-            memcpy(a, b + MT_Q8_0_QS, QK);
-            r->d[i] = mt_load_fp16(b + MT_Q8_0_D);
-            continue;
-        }
-        if (t == MT_ENG_MXFP4) {
-            const uint8_t *b = w + i * MT_MXFP4_BYTES, *qs = b + MT_MXFP4_QS;
-            for (int j = 0; j < QK / 2; j++) {
-                a[j] = kvalues_mxfp4[qs[j] & 0xF];
-                a[j + QK / 2] = kvalues_mxfp4[qs[j] >> 4];
-            }
-            r->d[i] = e8m0_half(b[MT_MXFP4_E]);
-            continue;
-        }
-        const int bytes = t == MT_ENG_Q4_0 ? MT_Q4_0_BYTES : t == MT_ENG_Q4_1 ? MT_Q4_1_BYTES
-                        : t == MT_ENG_Q5_0 ? MT_Q5_0_BYTES : MT_Q5_1_BYTES;
-        const uint8_t *b = w + i * bytes;
-        const uint8_t *qs = b + (t == MT_ENG_Q4_0 ? MT_Q4_0_QS : t == MT_ENG_Q4_1 ? MT_Q4_1_QS
-                               : t == MT_ENG_Q5_0 ? MT_Q5_0_QS : MT_Q5_1_QS);
-        uint32_t qh = 0;
-        if (t == MT_ENG_Q5_0) memcpy(&qh, b + MT_Q5_0_QH, 4);
-        if (t == MT_ENG_Q5_1) memcpy(&qh, b + MT_Q5_1_QH, 4);
-        const int off = (t == MT_ENG_Q4_0) ? 8 : (t == MT_ENG_Q5_0) ? 16 : 0;
-        for (int j = 0; j < 16; j++) {
-            a[j] = (int8_t)(((qs[j] & 0xF) | (((qh >> j) & 1) << 4)) - off);
-            a[j + 16] = (int8_t)(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - off);
-        }
-        r->d[i] = mt_load_fp16(b);
-        if (t == MT_ENG_Q4_1) r->dm[i] = mt_load_fp16(b + MT_Q4_1_M);
-        if (t == MT_ENG_Q5_1) r->dm[i] = mt_load_fp16(b + MT_Q5_1_M);
-    }
+    const int off = mt_block32_offset(t);  /* the CPU dots take Q4_0/Q5_0's signed values */
+    const uint8_t *b = w;
+    for (int64_t i = 0; i < n / QK; i++) b += mt_decode_block32(t, b, off, r->a + i * QK, &r->d[i], &r->dm[i]);
 }
 
 /* ------------------------------------------------------------------ dots of a decoded row */

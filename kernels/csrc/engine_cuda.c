@@ -44,6 +44,7 @@
 
 #include "common.h"
 #include "engine_cuda.h"
+#include "engine_decode.h"
 
 #define QK MT_QK
 
@@ -134,151 +135,63 @@ typedef struct {
     float *f0, *f1;
 } mt_crow;
 
-static const int8_t kvalues_mxfp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
-
-static inline float e8m0_half(uint8_t e) { return mt_bits_f32(e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23); }
-
-static void k4_scale_min(const uint8_t *q, int j, int *sc, int *m) { /* ggml's get_scale_min_k4 */
-    if (j < 4) {
-        *sc = q[j] & 63;
-        *m = q[j + 4] & 63;
-    } else {
-        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-    }
-}
-
 /* 32-element types: f0 = d (MXFP4: the E8M0 scale halved), f1 = m (Q4_1, Q5_1). MMQ loads Q4_0/Q5_0 as
  * signed codes (q - 8, q - 16); MMVQ dots the unsigned ones and subtracts the offset through s_a. */
 static void decode_legacy(int t, int mmq, const uint8_t *w, int64_t n, mt_crow *r) {
-    for (int64_t i = 0; i < n / QK; i++) {
-        int8_t *a = r->a + i * QK;
-        if (t == MT_ENG_Q8_0) {
-            const uint8_t *b = w + i * MT_Q8_0_BYTES;
-            memcpy(a, b + MT_Q8_0_QS, QK);
-            r->f0[i] = mt_load_fp16(b + MT_Q8_0_D);
-            continue;
-        }
-        if (t == MT_ENG_MXFP4) {
-            const uint8_t *b = w + i * MT_MXFP4_BYTES, *qs = b + MT_MXFP4_QS;
-            for (int j = 0; j < QK / 2; j++) {
-                a[j] = kvalues_mxfp4[qs[j] & 0xF];
-                a[j + QK / 2] = kvalues_mxfp4[qs[j] >> 4];
-            }
-            r->f0[i] = e8m0_half(b[MT_MXFP4_E]);
-            continue;
-        }
-        const int bytes = t == MT_ENG_Q4_0 ? MT_Q4_0_BYTES : t == MT_ENG_Q4_1 ? MT_Q4_1_BYTES
-                        : t == MT_ENG_Q5_0 ? MT_Q5_0_BYTES : MT_Q5_1_BYTES;
-        const uint8_t *b = w + i * bytes;
-        const uint8_t *qs = b + (t == MT_ENG_Q4_0 ? MT_Q4_0_QS : t == MT_ENG_Q4_1 ? MT_Q4_1_QS
-                               : t == MT_ENG_Q5_0 ? MT_Q5_0_QS : MT_Q5_1_QS);
-        uint32_t qh = 0;
-        if (t == MT_ENG_Q5_0) memcpy(&qh, b + MT_Q5_0_QH, 4);
-        if (t == MT_ENG_Q5_1) memcpy(&qh, b + MT_Q5_1_QH, 4);
-        const int off = !mmq ? 0 : t == MT_ENG_Q4_0 ? 8 : t == MT_ENG_Q5_0 ? 16 : 0;
-        for (int j = 0; j < 16; j++) {
-            a[j] = (int8_t)(((qs[j] & 0xF) | (((qh >> j) & 1) << 4)) - off);
-            a[j + 16] = (int8_t)(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - off);
-        }
-        r->f0[i] = mt_load_fp16(b);
-        if (t == MT_ENG_Q4_1) r->f1[i] = mt_load_fp16(b + MT_Q4_1_M);
-        if (t == MT_ENG_Q5_1) r->f1[i] = mt_load_fp16(b + MT_Q5_1_M);
-    }
+    const int off = mmq ? mt_block32_offset(t) : 0;
+    const uint8_t *b = w;
+    for (int64_t i = 0; i < n / QK; i++) b += mt_decode_block32(t, b, off, r->a + i * QK, &r->f0[i], &r->f1[i]);
 }
 
 /* Q4_K/Q5_K: unsigned codes; sc, mn the 6-bit scale and min (per 16, repeated); MMQ f0 = h(d*sc),
  * f1 = h(-dmin*m) as load_tiles_q4_K forms them in half; MMVQ f0 = d, f1 = dmin. */
 static void decode_k45(int five, int mmq, const uint8_t *b, int64_t i, mt_crow *r) {
-    const uint8_t *s12 = b + (five ? MT_Q5_K_SCALES : MT_Q4_K_SCALES);
-    const uint8_t *qs = b + (five ? MT_Q5_K_QS : MT_Q4_K_QS), *qh = five ? b + MT_Q5_K_QH : NULL;
-    const float d = mt_load_fp16(b + (five ? MT_Q5_K_D : MT_Q4_K_D));
-    const float dmin = mt_load_fp16(b + (five ? MT_Q5_K_DMIN : MT_Q4_K_DMIN));
-    int8_t *a = r->a + i * MT_QK_K;
+    int sc[8], m[8];
+    float d, dmin;
+    mt_decode_k45(five, b, r->a + i * MT_QK_K, sc, m, &d, &dmin);
     for (int j = 0; j < 8; j++) {
-        int sc, m;
-        k4_scale_min(s12, j, &sc, &m);
-        r->sc[16 * i + 2 * j] = r->sc[16 * i + 2 * j + 1] = (int16_t)sc;
-        r->mn[16 * i + 2 * j] = r->mn[16 * i + 2 * j + 1] = (int16_t)m;
-        r->f0[8 * i + j] = mmq ? h(d * (float)sc) : d;
-        r->f1[8 * i + j] = mmq ? h(-dmin * (float)m) : dmin;
+        r->sc[16 * i + 2 * j] = r->sc[16 * i + 2 * j + 1] = (int16_t)sc[j];
+        r->mn[16 * i + 2 * j] = r->mn[16 * i + 2 * j + 1] = (int16_t)m[j];
+        r->f0[8 * i + j] = mmq ? h(d * (float)sc[j]) : d;
+        r->f1[8 * i + j] = mmq ? h(-dmin * (float)m[j]) : dmin;
     }
-    for (int j = 0; j < 4; j++)
-        for (int l = 0; l < 32; l++) {
-            int lo = qs[32 * j + l] & 0xF, hi = qs[32 * j + l] >> 4;
-            if (five) {
-                lo += (qh[l] & (1u << (2 * j))) ? 16 : 0;
-                hi += (qh[l] & (1u << (2 * j + 1))) ? 16 : 0;
-            }
-            a[64 * j + l] = (int8_t)lo;
-            a[64 * j + 32 + l] = (int8_t)hi;
-        }
 }
 
 /* Q3_K: signed codes, sc the 6-bit scale - 32 per 16; MMQ f0/f1 = d*sc of the block's two halves
  * (load_tiles_q3_K's x_df, exact), MMVQ f0 = d. */
 static void decode_q3k(int mmq, const uint8_t *b, int64_t i, mt_crow *r) {
-    const uint8_t *qs = b + MT_Q3_K_QS, *hm = b + MT_Q3_K_HMASK, *s12 = b + MT_Q3_K_SCALES;
-    const float d = mt_load_fp16(b + MT_Q3_K_D);
-    int8_t *a = r->a + i * MT_QK_K;
     int16_t *sc = r->sc + 16 * i;
-    for (int g = 0; g < 16; g++) {
-        const int lo = g < 8 ? s12[g] & 0xF : s12[g - 8] >> 4;
-        const int hi = (s12[8 + g % 4] >> (2 * (g / 4))) & 3;
-        sc[g] = (int16_t)((lo | (hi << 4)) - 32);
-    }
+    float d;
+    mt_decode_q3k(b, r->a + i * MT_QK_K, sc, &d);
     for (int j = 0; j < 8; j++) {
         r->f0[8 * i + j] = mmq ? d * (float)sc[2 * j] : d;
         r->f1[8 * i + j] = mmq ? d * (float)sc[2 * j + 1] : 0.0f;
     }
-    for (int k = 0; k < 2; k++)
-        for (int s = 0; s < 4; s++) {
-            const uint8_t m = (uint8_t)(1u << (4 * k + s));
-            for (int l = 0; l < 32; l++)
-                a[128 * k + 32 * s + l] = (int8_t)(((qs[32 * k + l] >> (2 * s)) & 3) - ((hm[l] & m) ? 0 : 4));
-        }
 }
 
 /* Q6_K: signed codes q - 32, sc the int8 scale per 16, f0 = d. */
 static void decode_q6k(const uint8_t *b, int64_t i, mt_crow *r) {
-    const uint8_t *ql = b + MT_Q6_K_QL, *qh = b + MT_Q6_K_QH;
-    const float d = mt_load_fp16(b + MT_Q6_K_D);
-    int8_t *a = r->a + i * MT_QK_K;
-    for (int g = 0; g < 16; g++) r->sc[16 * i + g] = (int8_t)b[MT_Q6_K_SCALES + g];
+    float d;
+    mt_decode_q6k(b, r->a + i * MT_QK_K, r->sc + 16 * i, &d);
     for (int j = 0; j < 8; j++) r->f0[8 * i + j] = d;
-    for (int k = 0; k < 2; k++, ql += 64, qh += 32)
-        for (int l = 0; l < 32; l++) {
-            int8_t *o = a + 128 * k;
-            o[l] = (int8_t)(((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32);
-            o[l + 32] = (int8_t)(((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
-            o[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-            o[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
-        }
 }
 
 /* Q2_K: unsigned 2-bit codes, sc and mn the 4-bit scale and min per 16; MMQ f0/f1 per 16 values
  * h(d*sc), h(dmin*m) (load_tiles_q2_K's __hmul2), MMVQ f0/f1 per 32 values d, dmin. */
 static void decode_q2k(int mmq, const uint8_t *b, int64_t i, mt_crow *r) {
-    const uint8_t *qs = b + MT_Q2_K_QS;
-    const float d = mt_load_fp16(b + MT_Q2_K_D), dmin = mt_load_fp16(b + MT_Q2_K_DMIN);
-    int8_t *a = r->a + i * MT_QK_K;
-    for (int g = 0; g < 16; g++) {
-        const int sc = b[MT_Q2_K_SCALES + g] & 0xF, m = b[MT_Q2_K_SCALES + g] >> 4;
-        r->sc[16 * i + g] = (int16_t)sc;
-        r->mn[16 * i + g] = (int16_t)m;
-        if (mmq) {
-            r->f0[16 * i + g] = h(d * (float)sc);
-            r->f1[16 * i + g] = h(dmin * (float)m);
+    int16_t *sc = r->sc + 16 * i, *mn = r->mn + 16 * i;
+    float d, dmin;
+    mt_decode_q2k(b, r->a + i * MT_QK_K, sc, mn, &d, &dmin);
+    if (mmq)
+        for (int g = 0; g < 16; g++) {
+            r->f0[16 * i + g] = h(d * (float)sc[g]);
+            r->f1[16 * i + g] = h(dmin * (float)mn[g]);
         }
-    }
-    if (!mmq)
+    else
         for (int j = 0; j < 8; j++) {
             r->f0[8 * i + j] = d;
             r->f1[8 * i + j] = dmin;
         }
-    for (int k = 0; k < 2; k++)
-        for (int sh = 0; sh < 4; sh++)
-            for (int l = 0; l < 32; l++) a[128 * k + 32 * sh + l] = (int8_t)((qs[32 * k + l] >> (2 * sh)) & 3);
 }
 
 static void decode_row(int t, int mmq, const uint8_t *w, int64_t n, mt_crow *r) {
