@@ -226,7 +226,8 @@ def test_progress_attribute_refreshed_when_interval_passed(tmp_path, tiny_tokens
 @pytest.mark.parametrize("torn", ["empty", "half"])
 def test_torn_chunk_after_last_done_layer_reads_as_unwritten(tmp_path, tiny_tokens, torn):
     """A run killed while writing layer 2's chunks (an empty or half-written chunk file) leaves layers 0-1
-    readable; layer 2 reads as NaN, not as damage. The same tear in a layer counted done is damage."""
+    readable; layer 2 reads as NaN, not as damage, and so do torn logits. The same tear in a layer counted
+    done is damage."""
     import torch
 
     from moetrace.tracer.store import zarr_store as S
@@ -234,13 +235,17 @@ def test_torn_chunk_after_last_done_layer_reads_as_unwritten(tmp_path, tiny_toke
     T = tiny_tokens.n
     sizes = {"layers": 4, "hidden": 8, "expert": 4, "k": 2, "vocab": 16}
     path = tmp_path / "v.zarr"
-    w = S.TraceWriter(path, sizes, tiny_tokens, ["free", "teacher"], ["resid"], {"variant": "v", "model": "m"})
+    w = S.TraceWriter(path, sizes, tiny_tokens, ["free", "teacher"], ["resid", "logits"],
+                      {"variant": "v", "model": "m"})
     for L in range(3):
         for m in w.modes:
             w.write_layer(m, L, {"resid": torch.full((T, 8), float(L + 1))})
         if L < 2:
             w.mark_layers_done(L + 1)
+    w.write_logits("free", torch.ones(T, 16))  # as if the kill came while the logits were written
     w.flush()
+    logits_chunk = next(p for p in (path / "logits").iterdir() if p.name.startswith("c"))
+    logits_chunk.write_bytes(logits_chunk.read_bytes()[:7])
     w.release()
     chunk = path / "resid" / "c.1.2.0.0"  # teacher, layer 2
     assert chunk.is_file()
@@ -252,6 +257,8 @@ def test_torn_chunk_after_last_done_layer_reads_as_unwritten(tmp_path, tiny_toke
     for L in range(2):
         assert np.array_equal(resid[:, L], np.full((2, T, 8), L + 1.0, np.float32))
     assert np.isnan(resid[:, 2:]).all()  # layer 2 (torn in teacher, whole in free) is not yet done
+    assert np.array_equal(ds.resid.sel(mode="free", layer=1).values, np.full((T, 8), 2.0, np.float32))
+    assert np.isnan(ds.logits.values).all()  # written after the last layer: an incomplete store has none
     # A tear in a layer the store counts as done is damage, named.
     done_chunk = path / "resid" / "c.1.1.0.0"
     done_chunk.write_bytes(done_chunk.read_bytes()[:-1] + b"\x00")

@@ -145,7 +145,8 @@ class _Checked:
 
     ``done``: in an incomplete store, the number of layers fully written. A layer at or after it
     reads as the array's fill value (NaN) without its chunks being read: the run may have been
-    killed while writing them, and a torn chunk there is expected, not damage.
+    killed while writing them, and a torn chunk there is expected, not damage. So do the logits,
+    which a run writes after its last layer.
     """
 
     def __init__(self, array, store: str, name: str, dims, modes, layers=None, done: int | None = None):
@@ -155,9 +156,14 @@ class _Checked:
         self.layer_axis = next((i for i, d in enumerate(self.dims) if d in ("layer", "moe_layer", "dense_layer")),
                                None)
         self.done = done if self.layer_axis is not None else None
+        # The output logits are written after the last layer: an incomplete store has none to trust.
+        self.unwritten = done is not None and name == "logits"
 
     def __getitem__(self, key):
-        if self.done is not None and isinstance(key, tuple) and isinstance(key[self.layer_axis], slice):
+        if self.unwritten:
+            return np.full(_shape_of(self.shape, key), self.array.fill_value, dtype=self.dtype)
+        if self.done is not None and isinstance(key, tuple) and len(key) == self.ndim \
+                and all(isinstance(k, slice) for k in key):  # Dask's reads: a slice per dimension
             return self._read_finished(key)
         return self._read(key)
 
@@ -172,7 +178,7 @@ class _Checked:
         n_done = sum(1 for p in positions if self._layer(p) < self.done)
         if n_done == len(positions):
             return self._read(key)
-        shape = [len(range(*k.indices(n))) for k, n in zip(key, self.shape)]
+        shape = _shape_of(self.shape, key)
         out = np.full(shape, self.array.fill_value, dtype=self.dtype)
         if n_done:
             head = list(key)
@@ -192,6 +198,11 @@ class _Checked:
             msg = " ".join(str(e).split())  # one line
             raise MoetraceError(f"{self.store!r} is damaged: {self.name} {where} does not read back "
                                 f"({type(e).__name__}: {msg}); trace it again") from None
+
+
+def _shape_of(shape: tuple, key) -> tuple:
+    """The shape that indexing an array of ``shape`` with ``key`` gives (numpy's rules, nothing allocated)."""
+    return np.broadcast_to(np.empty((), np.uint8), shape)[key].shape
 
 
 def _checked_reads(ds, group, store: str, done: int | None = None):
