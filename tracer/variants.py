@@ -10,7 +10,8 @@ r"""Variants: named numeric treatments of the reference model, written ``WEIGHTS
   has it, the way GPT-OSS checkpoints ship; ``mxfp4_moe`` is llama.cpp's MXFP4_MOE file type (expert
   matrices MXFP4, every other quantized tensor Q8_0);
 - ``gguf``: the tensors of the GGUF file given with ``--gguf FILE``, dequantized (bit-exact with
-  ggml); the file must have the reference's tensor names and shapes;
+  ggml), or as the file's own block bytes under a compute path that takes blocks
+  (``gguf-llamacpp_cpu``); the file must have the reference's tensor names and shapes;
 - ``gguf_NAME``: the tensors of the GGUF file given with ``--gguf NAME=FILE`` (repeat ``--gguf``
   for several files in one run: ``--gguf a=A.gguf --gguf b=B.gguf --variant gguf_a-bf16
   --variant gguf_b-bf16``). NAME is lower-case letters, digits and ``_``, starting with a letter.

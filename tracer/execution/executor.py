@@ -42,7 +42,8 @@ from moetrace.tracer.execution.nonfinite import Findings
 from moetrace.tracer.store import location as store_loc
 from moetrace.tracer.store.zarr_store import Tokens, TraceWriter
 from moetrace.tracer.variants import REFERENCE, Variant
-from moetrace.tracer.weights.derive import LayerState, layer_roles, tensor_types, variant_global, variant_layer_state
+from moetrace.tracer.weights.derive import (FLOAT_TYPES, LayerState, layer_roles, tensor_types, variant_global,
+                                            variant_layer_state)
 
 MODES = ("free", "teacher", "routing")
 
@@ -287,25 +288,42 @@ class _VariantWeights:
     """
 
     def __init__(self, source, variant: Variant, gguf_src=None):
-        from moetrace.kernels.compute import ROLES, role_of
+        from moetrace.kernels.compute import role_of
 
         self.variant = variant
         self.family = arch.family_of(source.config)
         path = variant.path
         self.gguf = gguf_src.get(variant.gguf_name) if variant.gguf_name is not None else None
         if self.gguf is not None:
-            if any(path.weight_form(r).blocks for r in ROLES):
-                raise MoetraceError(
-                    f"variant {variant.name}: compute path {variant.compute!r} takes GGUF block bytes, which gguf "
-                    f"variants do not provide yet; use a file type (e.g. q4_k_m-{variant.compute})"
-                )
             self.types = self.gguf.ggml_types()
-            dense = {hf: self.gguf.tensor(hf) for hf in self.gguf.family.global_names if self.gguf.has(hf)}
+            names = self.gguf.family.global_names
+            dense = {hf: self._gguf_global(hf, names[hf]) for hf in names if self.gguf.has(hf)}
         else:
             self.types = tensor_types(source, variant)
             dense = variant_global(source, variant, self.types)
         names = self.family.global_names  # HF name -> GGUF name
         self.globals = {hf: path.global_weight(role_of(names[hf]), w) for hf, w in dense.items()}
+
+    def _gguf_global(self, hf: str, g: str):
+        """A global tensor of the GGUF file: its block bytes where the path takes blocks for its role and
+        the file holds it quantized, else dense."""
+        from moetrace.kernels.compute import role_of
+
+        if self.variant.path.weight_form(role_of(g)).blocks and self.types.get(g) not in (None, *FLOAT_TYPES):
+            return self.gguf.blocks(g)
+        return self.gguf.tensor(hf)
+
+    def _gguf_blocks(self, L: int, key: str, g) -> bool:
+        """Whether layer L's ``key`` goes to the path as the file's block bytes (as
+        :func:`~moetrace.tracer.weights.derive.variant_layer_state` decides for a derived variant)."""
+        from moetrace.kernels.compute import role_of
+
+        parts = g if isinstance(g, tuple) else (g,)
+        if not self.variant.path.weight_form(role_of(parts[0])).blocks:
+            return False
+        if any(self.types.get(n) in (None, *FLOAT_TYPES) for n in parts):
+            return False
+        return not isinstance(g, tuple) or self.family.fuses_rows(key)
 
     def layer(self, L: int, ref_state, gguf_state) -> dict:
         """Layer L's weights in the path's form, not yet rounded (``ref_state``/``gguf_state``: callables, read once).
@@ -313,8 +331,13 @@ class _VariantWeights:
         The compute path's ``load`` rounds and casts them while copying into the module's tensors.
         """
         if self.gguf is not None:
-            out = LayerState(gguf_state())
+            names = self.family.gguf_layer_names(L, self.gguf.config)
+            blocks = {key: g for key, g in names.items() if self._gguf_blocks(L, key, g)}
+            out = LayerState(gguf_state() if not blocks else self.gguf.layer_state(L, only=set(names) - set(blocks)))
+            for key, g in blocks.items():  # a fused tensor: its parts' blocks, in its GGUF tensors' order
+                out[key] = tuple(self.gguf.blocks(n) for n in g) if isinstance(g, tuple) else self.gguf.blocks(g)
             out.roles = layer_roles(L, self.family)
+            out.fp32 = frozenset(self.family.fp32_tensors) & set(out)
             return out
         # Dequantized chunk by chunk into the module's tensors where the path's load can (no float32 layer copy).
         return variant_layer_state(ref_state(), L, self.variant, self.types, cast=False,

@@ -143,13 +143,15 @@ class GGUFSource:
         finally:
             self._drop_pages()
 
-    def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
-        """Every tensor of decoder layer ``layer`` under its HF name inside the layer."""
+    def layer_state(self, layer: int, only=None) -> dict[str, torch.Tensor]:
+        """Every tensor of decoder layer ``layer`` (or those named in ``only``) under its HF name inside the layer."""
         if not 0 <= layer < self.num_layers:
             raise MoetraceError(f"layer {layer} is outside {str(self.path)!r} (layers 0..{self.num_layers - 1})")
         out = {}
         try:
             for hf, g in self.family.gguf_layer_names(layer, self.config).items():
+                if only is not None and hf not in only:
+                    continue
                 if isinstance(g, tuple) and self._row_blocks(hf, g):  # concatenated along rows, expert by expert
                     out[hf] = self._read_experts(list(g))
                 elif isinstance(g, tuple) or hf in self.family.transposed:  # joined as transformers holds them
@@ -167,6 +169,28 @@ class GGUFSource:
         finally:
             self._drop_pages()
         return out
+
+    def blocks(self, name: str):
+        """A quantized tensor's GGUF block bytes, as a block-computing path takes them: a
+        :class:`~moetrace.kernels.compute.BlockWeight` with data uint8 (n_mat, rows, bytes_per_row).
+
+        The bytes are checked as the dense reads are (every block dequantizes to finite values), and
+        rows that llama.cpp's converter regrouped (``attn_q``/``attn_k`` of some families) are put
+        back in transformers' order, as a derived variant's blocks are: a block row is one
+        weight row, so reordering rows reorders whole rows of blocks.
+        """
+        from moetrace.kernels.compute import BlockWeight
+
+        t = self._get(name)
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        raw = np.asarray(t.data)
+        data = np.array(raw, copy=True).reshape(shape[0] if len(shape) == 3 else 1, -1, raw.shape[-1])
+        for i in range(data.shape[0]):  # the same check the dense reads make, one matrix at a time
+            _decode(self.path, t, data[i], shape[-2:], expert=i if len(shape) == 3 else None)
+        order = self.family.gguf_row_order(name, self.config)
+        if order is not None:
+            data = np.ascontiguousarray(data[:, np.argsort(order)])
+        return BlockWeight(data, t.tensor_type.name, shape)
 
     def _row_blocks(self, hf: str, names: tuple) -> bool:
         """Whether fused ``hf`` is its 3-D GGUF tensors stacked along rows as they are (Family.from_gguf's
