@@ -40,6 +40,11 @@ def blame(run_dir, variant, to, level, layers, budget, audit, threshold, top, as
     same layer is stopped early. Printed per part: the KL recovered (95% bootstrap interval over
     tokens), its share of the whole KL and of its layer's, and its size in bytes at the higher type.
     The result is saved as RUN/blame-VARIANT.json, which `moetrace report` shows.
+
+    A GGUF file's variant (gguf-bf16, traced with --gguf FILE) is blamed in the file's own tensors:
+    restored parts come from the model, the rest stays as the file holds it. Its parts are ranked
+    under dense compute paths; --budget and --audit are for file types, whose weights moetrace
+    derives.
     """
     from moetrace.cli.progress import Steps
     from moetrace.tracer.analysis import blame as B

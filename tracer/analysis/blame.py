@@ -160,7 +160,7 @@ def _routed(R: Restorer, L: int) -> dict[int, int]:
 
 
 def blame(source, ref_ds, var_ds, to: str = "ref", layers: int = 1, level: str = "expert",
-          n_resamples: int = stats.N_RESAMPLES, progress=None) -> BlameResult:
+          n_resamples: int = stats.N_RESAMPLES, progress=None, gguf=None) -> BlameResult:
     """Rank the parts of the variant of ``var_ds`` by the output KL restoring each recovers.
 
     Args:
@@ -170,6 +170,8 @@ def blame(source, ref_ds, var_ds, to: str = "ref", layers: int = 1, level: str =
         layers: how many of the best layers are searched at the tensor-kind level.
         level: the finest level searched: ``layer``, ``kind`` or ``expert``.
         progress: optional ``progress(level, layer, layers)``.
+        gguf: the GGUF file (a GGUFSource) of a ``gguf`` variant: its tensors are the variant's, and
+            restored parts come from the reference (or ``to``) as for any variant.
 
     Raises:
         MoetraceError: the variant's store has no free mode, or a level name is unknown.
@@ -179,7 +181,7 @@ def blame(source, ref_ds, var_ds, to: str = "ref", layers: int = 1, level: str =
     if "free" not in [str(m) for m in var_ds["mode"].values]:
         raise MoetraceError(f"{var_ds.attrs.get('variant')}: blame restores parts of the free-running variant; trace "
                             f"it with --mode free")
-    R = Restorer(source, ref_ds, var_ds)
+    R = Restorer(source, ref_ds, var_ds, gguf)
     parts = _Parts(R, to)
     kl_var = R.variant_kl()
     res = BlameResult(R.variant.name, to, float(np.mean(kl_var)), R.variant_error(R.n_layers - 1), len(kl_var),

@@ -34,7 +34,7 @@ def open_run(run_dir, variant: str):
     """(source, reference store, variant store) of ``variant`` in ``run_dir``.
 
     Raises:
-        MoetraceError: no such store, a GGUF variant (its types are the file's, not derived), no reference.
+        MoetraceError: no such store, a GGUF variant under a block-computing path, no reference.
     """
     from moetrace.tracer.sources.checkpoint import open_source
     from moetrace.tracer.store.reader import open_trace
@@ -47,9 +47,11 @@ def open_run(run_dir, variant: str):
         have = sorted(p.name[:-5] for p in run_dir.glob("*.zarr")) if run_dir.is_dir() else []
         raise MoetraceError(f"{str(run_dir)!r} holds no store of variant {v.name}; stores there: "
                             f"{', '.join(have) or 'none'}")
-    if v.gguf_name is not None:
-        raise MoetraceError(f"variant {v.name} takes its weights from a GGUF file; blame restores parts of a file "
-                            f"type (e.g. q4_k_m-bf16), whose types moetrace derives")
+    from moetrace.kernels.compute import ROLES
+
+    if v.gguf_name is not None and any(v.path.weight_form(r).blocks for r in ROLES):
+        raise MoetraceError(f"variant {v.name}: blame restores parts of a GGUF file's variant under a dense compute "
+                            f"path only (e.g. gguf-bf16), not under {v.compute!r}, which takes block bytes")
     var_ds = open_trace(path)
     cfg = var_ds.attrs.get("config") or {}
     cfg = json.loads(cfg) if isinstance(cfg, str) else cfg
@@ -62,6 +64,29 @@ def open_run(run_dir, variant: str):
     if source.model_hash != var_ds.attrs.get("model_hash"):
         raise MoetraceError(f"the model {source.model_id} no longer matches the one {path} was traced with")
     return source, ref_ds, var_ds, cfg
+
+
+def gguf_of_run(cfg: dict, source, variant: str):
+    """The GGUF file a ``gguf``/``gguf_NAME`` variant of a run was traced from, opened and checked
+    against the model (None for any other variant).
+
+    Raises:
+        MoetraceError: the run does not name the file, or the file is gone or no longer matches.
+    """
+    from moetrace.tracer.sources.gguf import open_gguf
+    from moetrace.tracer.variants import Variant
+
+    name = Variant.parse(variant).gguf_name
+    if name is None:
+        return None
+    file = cfg.get("gguf") if name == "" else (cfg.get("ggufs") or {}).get(name)
+    if not file:
+        raise MoetraceError(f"variant {variant}: the run does not record which GGUF file it traced")
+    if not Path(file).is_file():
+        raise MoetraceError(f"variant {variant}: the GGUF file {file!r} the run traced is no longer there")
+    gguf = open_gguf(file)
+    gguf.check_matches(source)
+    return gguf
 
 
 def _flagged(source, variant, threshold: float) -> list[dict]:
@@ -117,7 +142,12 @@ def run_blame(run_dir, variant: str, to: str = "ref", layers: int = 1, level: st
     """
     budget_bytes = parse_budget(budget) if budget is not None else None
     source, ref_ds, var_ds, cfg = open_run(run_dir, variant)
-    res = B.blame(source, ref_ds, var_ds, to=to, layers=layers, level=level, progress=progress)
+    gguf = gguf_of_run(cfg, source, variant)
+    if gguf is not None and (budget is not None or audit):
+        raise MoetraceError(f"variant {variant} comes from a GGUF file: blame ranks its parts, but --budget and "
+                            f"--audit derive the variant's weights from the model, which this file may not match; "
+                            f"leave them out")
+    res = B.blame(source, ref_ds, var_ds, to=to, layers=layers, level=level, progress=progress, gguf=gguf)
     out = {"result": res, "cross_check": [], "budget": None}
     if audit:
         from moetrace.tracer.variants import Variant

@@ -90,7 +90,7 @@ class Restorer:
         ref_ds, var_ds: the reference's and the variant's trace stores (the variant's with a free mode).
     """
 
-    def __init__(self, source, ref_ds, var_ds):
+    def __init__(self, source, ref_ds, var_ds, gguf=None):
         from moetrace.tracer.execution.executor import _Model, _VariantWeights
         from moetrace.tracer.variants import Variant
         from moetrace.tracer.weights.derive import tensor_types
@@ -100,7 +100,13 @@ class Restorer:
         self.family = self.model.family
         self.variant = Variant.parse(var_ds.attrs["variant"])
         self.types = tensor_types(source, self.variant)
-        self.weights = _VariantWeights(source, self.variant)
+        self.gguf = gguf  # a GGUF file's variant: its weights and types are the file's
+        if gguf is not None:
+            types = TensorTypes(gguf.ggml_types())
+            types.context, types.family, types.config = self.types.context, self.types.family, self.types.config
+            self.types = types
+        self.weights = _VariantWeights(source, self.variant,
+                                       {self.variant.gguf_name: gguf} if gguf is not None else None)
         self.ref_ds, self.var_ds = ref_ds, var_ds
         self.n_layers = int(source.num_layers)
         self.seq = var_ds["seq"].values
@@ -184,7 +190,11 @@ class Restorer:
         if self._held is None or self._held[0] != L:
             self._held = None  # free the layer before reading the next
             ref = self.source.layer_state(L)
-            self._held = (L, ref, variant_layer_state(ref, L, self.variant, self.types, cast=False))
+            if self.gguf is not None:
+                base = self.weights.layer(L, lambda: ref, lambda: self.gguf.layer_state(L))
+            else:
+                base = variant_layer_state(ref, L, self.variant, self.types, cast=False)
+            self._held = (L, ref, base)
         return self._held[1], self._held[2]
 
     def state(self, L: int, restore: dict[str, str] | None = None, expert: int | None = None) -> dict:
@@ -201,12 +211,30 @@ class Restorer:
         keys = [k for k, g in self.tensor_names(L).items()
                 if k in ref and any(n in restore for n in (g if isinstance(g, tuple) else (g,)))]
         part = variant_layer_state({k: ref[k] for k in keys}, L, self.variant, types, cast=False)
+        if self.gguf is not None:  # a fused tensor restored in part keeps the file's other parts, not re-derived ones
+            names = self.tensor_names(L)
+            for k in keys:
+                if isinstance(names[k], tuple) and not all(n in restore for n in names[k]):
+                    part[k] = self._merged(k, names[k], base[k], part[k], restore)
         if expert is not None:
             return self._one_expert(L, base, part, restore, expert)
         out = type(base)(base)
         out.roles = base.roles
         out.update(part)
         return out
+
+    def _merged(self, key: str, names: tuple, base: torch.Tensor, restored: torch.Tensor,
+                restore: dict) -> torch.Tensor:
+        """Fused ``key`` with the parts in ``restore`` from ``restored`` and the others from ``base`` (dense)."""
+        config = self.source.config
+        if not isinstance(base, torch.Tensor) or not isinstance(restored, torch.Tensor):
+            from moetrace.errors import InternalError
+
+            raise InternalError(f"{key}: a GGUF variant is blamed under dense compute paths only")
+        got = self.family.to_gguf(key, restored.to(torch.float32), config)
+        have = self.family.to_gguf(key, base.to(torch.float32), config)
+        parts = [g if n in restore else h for n, g, h in zip(names, got, have)]
+        return self.family.from_gguf(key, [p.clone() for p in parts], config)
 
     def _one_expert(self, L: int, base: dict, full: dict, restore: dict, expert: int) -> dict:
         """``base`` with expert ``expert``'s rows of the restored tensors taken from ``full``."""
