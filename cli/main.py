@@ -70,12 +70,12 @@ class _OneLineErrors(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-
 # One help text for every command that takes --plant.
 PLANT_HELP = ("Built-in models: plant a fault in LAYER:EXPERT:PROJ[:GAIN] (gate, up or down): the matrix's block "
               "scales are lost when quantized. GAIN: the planted expert's output over an ordinary one's, default 1. "
-              "At gain 1 the fault is often too small to matter at the output; q6_k-bf16 with gain 8 gives one that "
+              "At gain 1 the fault is often too small to matter at the output; with q6_k-bf16, gain 32 gives one that "
               "blame ranks first (docs/benchmarks.md, 'Planted faults'). Gains above 4 overflow fp16 weights.")
+
 
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="moetrace")

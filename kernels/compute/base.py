@@ -161,6 +161,10 @@ class ComputePath:
         """The form of the weights of ``role`` (one of :data:`ROLES`); default: dense, in the dequant dtype."""
         return WeightForm(dtype=torch_dtype(self.dequant))
 
+    def takes_blocks(self) -> bool:
+        """Whether the path takes GGUF block bytes for any role (then it needs the variant's block bytes)."""
+        return any(self.weight_form(r).blocks for r in ROLES)
+
     def round(self, role: str, w: torch.Tensor) -> torch.Tensor:
         """``w`` (dense, any float dtype) rounded to the role's dequant dtype, unless the cast to ``dtype`` does so.
 

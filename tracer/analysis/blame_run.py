@@ -47,9 +47,7 @@ def open_run(run_dir, variant: str):
         have = sorted(p.name[:-5] for p in run_dir.glob("*.zarr")) if run_dir.is_dir() else []
         raise MoetraceError(f"{str(run_dir)!r} holds no store of variant {v.name}; stores there: "
                             f"{', '.join(have) or 'none'}")
-    from moetrace.kernels.compute import ROLES
-
-    if v.gguf_name is not None and any(v.path.weight_form(r).blocks for r in ROLES):
+    if v.gguf_name is not None and v.path.takes_blocks():
         raise MoetraceError(f"variant {v.name}: blame restores parts of a GGUF file's variant under a dense compute "
                             f"path only (e.g. gguf-bf16), not under {v.compute!r}, which takes block bytes")
     var_ds = open_trace(path)

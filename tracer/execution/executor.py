@@ -42,7 +42,7 @@ from moetrace.tracer.execution.nonfinite import Findings
 from moetrace.tracer.store import location as store_loc
 from moetrace.tracer.store.zarr_store import Tokens, TraceWriter
 from moetrace.tracer.variants import REFERENCE, Variant
-from moetrace.tracer.weights.derive import (FLOAT_TYPES, LayerState, layer_roles, tensor_types, variant_global,
+from moetrace.tracer.weights.derive import (LayerState, layer_roles, takes_blocks, tensor_types, variant_global,
                                             variant_layer_state)
 
 MODES = ("free", "teacher", "routing")
@@ -305,25 +305,10 @@ class _VariantWeights:
         self.globals = {hf: path.global_weight(role_of(names[hf]), w) for hf, w in dense.items()}
 
     def _gguf_global(self, hf: str, g: str):
-        """A global tensor of the GGUF file: its block bytes where the path takes blocks for its role and
-        the file holds it quantized, else dense."""
-        from moetrace.kernels.compute import role_of
-
-        if self.variant.path.weight_form(role_of(g)).blocks and self.types.get(g) not in (None, *FLOAT_TYPES):
+        """A global tensor of the GGUF file: its block bytes where the path takes them, else dense."""
+        if takes_blocks(self.variant.path, self.family, hf, g, self.types):
             return self.gguf.blocks(g)
         return self.gguf.tensor(hf)
-
-    def _gguf_blocks(self, L: int, key: str, g) -> bool:
-        """Whether layer L's ``key`` goes to the path as the file's block bytes (as
-        :func:`~moetrace.tracer.weights.derive.variant_layer_state` decides for a derived variant)."""
-        from moetrace.kernels.compute import role_of
-
-        parts = g if isinstance(g, tuple) else (g,)
-        if not self.variant.path.weight_form(role_of(parts[0])).blocks:
-            return False
-        if any(self.types.get(n) in (None, *FLOAT_TYPES) for n in parts):
-            return False
-        return not isinstance(g, tuple) or self.family.fuses_rows(key)
 
     def layer(self, L: int, ref_state, gguf_state) -> dict:
         """Layer L's weights in the path's form, not yet rounded (``ref_state``/``gguf_state``: callables, read once).
@@ -332,7 +317,8 @@ class _VariantWeights:
         """
         if self.gguf is not None:
             names = self.family.gguf_layer_names(L, self.gguf.config)
-            blocks = {key: g for key, g in names.items() if self._gguf_blocks(L, key, g)}
+            path = self.variant.path
+            blocks = {key: g for key, g in names.items() if takes_blocks(path, self.family, key, g, self.types)}
             out = LayerState(gguf_state() if not blocks else self.gguf.layer_state(L, only=set(names) - set(blocks)))
             for key, g in blocks.items():  # a fused tensor: its parts' blocks, in its GGUF tensors' order
                 out[key] = tuple(self.gguf.blocks(n) for n in g) if isinstance(g, tuple) else self.gguf.blocks(g)

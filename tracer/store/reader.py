@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from moetrace.errors import MoetraceError
+from moetrace.hooks.sites import FINAL_SITES
 from moetrace.tracer.store import location as loc_
 from moetrace.tracer.store import schema as S
 from moetrace.tracer.store.schema import quiet
@@ -156,8 +157,8 @@ class _Checked:
         self.layer_axis = next((i for i, d in enumerate(self.dims) if d in ("layer", "moe_layer", "dense_layer")),
                                None)
         self.done = done if self.layer_axis is not None else None
-        # The output logits are written after the last layer: an incomplete store has none to trust.
-        self.unwritten = done is not None and name == "logits"
+        # The final sites (the logits) are written after the last layer: an incomplete store has none to trust.
+        self.unwritten = done is not None and name in FINAL_SITES
 
     def __getitem__(self, key):
         if self.unwritten:

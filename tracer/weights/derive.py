@@ -368,6 +368,22 @@ def layer_roles(layer: int, family) -> dict[str, str]:
     return {key: role_of(g[0] if isinstance(g, tuple) else g) for key, g in family.gguf_layer_names(layer).items()}
 
 
+def takes_blocks(path, family, key: str, g, types: dict) -> bool:
+    """Whether tensor ``key`` (GGUF name ``g``, or a fused tensor's names) goes to compute ``path`` as GGUF
+    block bytes: its role's form takes blocks, every part has a quantized type in ``types``, and a
+    fused tensor's parts are rows of it (else the path gets it dense)."""
+    from moetrace.kernels.compute import role_of
+
+    if g is None:
+        return False
+    parts = g if isinstance(g, tuple) else (g,)
+    if not path.weight_form(role_of(parts[0])).blocks:
+        return False
+    if any(types.get(n) in (None, *FLOAT_TYPES) for n in parts):
+        return False
+    return not isinstance(g, tuple) or family.fuses_rows(key)
+
+
 def _blocks(w: torch.Tensor, name: str, type_name: str, ctx):
     from moetrace.kernels.compute import BlockWeight
 
@@ -416,7 +432,7 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
             parts = family.to_gguf(key, w, config)  # in the GGUF tensors' layout ([out, in])
             # a block-computing path takes a fused tensor's parts only where they are rows of it;
             # DeepSeek's kv_b (attn_k_b, attn_v_b) comes to it dense, its parts dequantized and merged
-            if form.blocks and family.fuses_rows(key) and not any(t in FLOAT_TYPES for t in ts):
+            if takes_blocks(path, family, key, g, types):
                 out[key] = tuple(_blocks(part, n, t, ctx) for part, n, t in zip(parts, g, ts))
                 continue
             if all(t == "F32" for t in ts):
@@ -428,7 +444,7 @@ def variant_layer_state(ref: dict[str, torch.Tensor], layer: int, variant: Varia
         else:
             t = types.get(g) if g else None
             wg = family.to_gguf(key, w)[0] if key in family.transposed else w  # quantized along GGUF rows
-            if form.blocks and t is not None and t not in FLOAT_TYPES:
+            if takes_blocks(path, family, key, g, types):
                 out[key] = _blocks(wg, g, t, ctx)
                 continue
             if not cast and t in (None, "F32"):
@@ -466,7 +482,7 @@ def variant_global(source, variant: Variant, types: dict[str, str], *, context=N
             continue
         form = path.weight_form(role_of(g))
         t = types.get(g)
-        if form.blocks and t is not None and t not in FLOAT_TYPES:
+        if takes_blocks(path, None, hf, g, types):
             out[hf] = _blocks(source.tensor(hf), g, t, ctx)
             continue
         w = dequantized(source.tensor(hf), g, t, ctx)
